@@ -1,0 +1,95 @@
+"""Table specs -> torchrec configs, the feature layout of a batch, and id -> row mapping.
+
+A table whose features include a candidate/behaviour pair (`X` and `hist_X`) is a *sequence*
+table: it is looked up unpooled through an EmbeddingCollection, candidate and history alike, so
+that the candidate item and the behaviour items share one table as in the papers. Every other
+table is *pooled* (sum) through an EmbeddingBagCollection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torchrec import EmbeddingBagConfig, EmbeddingConfig
+
+from trainer.config import Config, TableConfig
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which feature goes where; the KJT of a batch holds `keys` in this order."""
+
+    seq_tables: tuple[TableConfig, ...]
+    pooled_tables: tuple[TableConfig, ...]
+    pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
+
+    @staticmethod
+    def from_config(cfg: Config) -> FeatureLayout:
+        seq, pooled, pairs = [], [], []
+        for t in cfg.tables:
+            tp = [(f[5:], f) for f in t.features if f.startswith("hist_") and f[5:] in t.features]
+            (seq if tp else pooled).append(t)
+            pairs.extend(tp)
+        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs))
+
+    @property
+    def seq_features(self) -> list[str]:
+        return [f for t in self.seq_tables for f in t.features]
+
+    @property
+    def pooled_features(self) -> list[str]:
+        return [f for t in self.pooled_tables for f in t.features]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.seq_features + self.pooled_features
+
+    @property
+    def seq_dim(self) -> int:
+        return self.seq_tables[0].dim if self.seq_tables else 0
+
+    @property
+    def behaviour_dim(self) -> int:
+        """Width of one behaviour (and of the candidate): its pairs' embeddings concatenated."""
+        return self.seq_dim * len(self.pairs)
+
+    @property
+    def pooled_dim(self) -> int:
+        return sum(t.dim * len(t.features) for t in self.pooled_tables)
+
+    def table_of(self, feature: str) -> TableConfig:
+        for t in self.seq_tables + self.pooled_tables:
+            if feature in t.features:
+                return t
+        raise KeyError(feature)
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return [
+            EmbeddingConfig(
+                name=t.name, embedding_dim=t.dim, num_embeddings=t.num_rows, feature_names=list(t.features)
+            )
+            for t in self.seq_tables
+        ]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(
+                name=t.name, embedding_dim=t.dim, num_embeddings=t.num_rows, feature_names=list(t.features)
+            )
+            for t in self.pooled_tables
+        ]
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def hash_ids(ids: np.ndarray, num_rows: int) -> np.ndarray:
+    """A fixed 64-bit mix of each id (splitmix64 finalizer), modulo num_rows."""
+    z = ids.astype(np.int64, copy=False).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(num_rows)).astype(np.int64)

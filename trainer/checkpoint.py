@@ -1,0 +1,62 @@
+"""Model checkpoints with torch.distributed.checkpoint (sharded, reshardable).
+
+A checkpoint is a directory: DCP shards of the model state, `config.yaml` (the run's merged
+config) and `meta.json` written last. It is written into `<dir>.tmp` and renamed into place, so
+a half-written checkpoint is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch import nn
+
+from trainer.config import Config, ConfigError, config_from_dict
+
+
+def save(path: str | Path, model: nn.Module, cfg: Config, meta: dict) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    if rank == 0:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def read_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"{path}: not a dinrec checkpoint (no meta.json)")
+    return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+
+
+def load(path: str | Path, model: nn.Module) -> dict:
+    """Load the model state in place (whatever its sharding now); return the checkpoint's meta."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"{path}: not a dinrec checkpoint (no meta.json)")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    return json.loads((path / "meta.json").read_text())

@@ -1,0 +1,281 @@
+"""Experiment configuration: a frozen dataclass tree loaded from YAML with `a.b=value` overrides.
+
+Unknown keys, wrong types and bad values fail at load with the dotted key path (ConfigError).
+All defaults live here, in one place; a YAML file states only what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: one line, with the dotted key path."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "data/synthetic/train/*.parquet"  # file, directory or glob
+    test: str = "data/synthetic/test/*.parquet"
+    batch_size: int = 256  # per rank
+    max_hist_len: int = 50  # longer histories keep their most recent behaviours
+    seed: int = 0  # row-group and row order per epoch
+    dense_features: list[str] = field(default_factory=list)  # float32 columns
+    prefetch: int = 4  # batches prepared ahead by the background reader
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    name: str
+    num_rows: int
+    dim: int
+    # Features that look the table up. `X` and `hist_X` in one table make a candidate/behaviour pair.
+    features: list[str]
+    id_map: Literal["identity", "hash"] = "identity"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["base", "din"] = "din"
+    attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
+    mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
+    activation: Literal["dice", "prelu"] = "prelu"
+
+
+@dataclass(frozen=True)
+class SparseOptimizerConfig:
+    type: Literal["sgd", "rowwise_adagrad"] = "rowwise_adagrad"
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class DenseOptimizerConfig:
+    type: Literal["adam", "sgd"] = "adam"
+    lr: float = 0.001
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    seed: int = 0  # parameter initialisation
+    out_dir: str = "runs/default"
+    log_every: int = 50  # steps between JSONL metric lines
+    limit_batches: int = 0  # stop each epoch after this many batches (0: no limit)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tables: list[TableConfig] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None
+) -> Config:
+    """Read a YAML file (or start from `base`, or from the defaults), apply `a.b=value` overrides."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}:{where} invalid YAML") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Config, raw, "")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return build(Config, raw, "")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = _child(node, part, ".".join(parts[: i + 1]))
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, key)
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: cannot set a key inside a {type(node).__name__}")
+    return node.get(part)
+
+
+def _index(node: list, part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{path}: list index {part!r} out of range (0..{len(node) - 1})")
+    return int(part)
+
+
+def build(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from plain data, checking keys and types; `path` names the node."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{where}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required key missing")
+    obj = cls(**kwargs)
+    check = getattr(_CHECKS, cls.__name__, None)
+    if check is not None:
+        check(obj, path)
+    return obj
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = "|".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{path}: {_show(value)} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is tp):
+        return value
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+
+
+class _CHECKS:
+    """Value checks beyond types, run after each section is built."""
+
+    @staticmethod
+    def DataConfig(c: DataConfig, path: str) -> None:
+        _positive(c.batch_size, f"{path}.batch_size")
+        _positive(c.max_hist_len, f"{path}.max_hist_len")
+        _positive(c.prefetch, f"{path}.prefetch")
+
+    @staticmethod
+    def TableConfig(c: TableConfig, path: str) -> None:
+        _positive(c.num_rows, f"{path}.num_rows")
+        _positive(c.dim, f"{path}.dim")
+        if not c.features:
+            raise ConfigError(f"{path}.features: a table needs at least one feature")
+
+    @staticmethod
+    def ModelConfig(c: ModelConfig, path: str) -> None:
+        for i, n in enumerate(c.attention_mlp):
+            _positive(n, f"{path}.attention_mlp.{i}")
+        for i, n in enumerate(c.mlp):
+            _positive(n, f"{path}.mlp.{i}")
+
+    @staticmethod
+    def SparseOptimizerConfig(c: SparseOptimizerConfig, path: str) -> None:
+        _positive(c.lr, f"{path}.lr")
+
+    @staticmethod
+    def DenseOptimizerConfig(c: DenseOptimizerConfig, path: str) -> None:
+        _positive(c.lr, f"{path}.lr")
+
+    @staticmethod
+    def TrainConfig(c: TrainConfig, path: str) -> None:
+        _positive(c.epochs, f"{path}.epochs")
+        _positive(c.log_every, f"{path}.log_every")
+        if c.limit_batches < 0:
+            raise ConfigError(f"{path}.limit_batches: must be >= 0, got {c.limit_batches}")
+
+    @staticmethod
+    def Config(c: Config, path: str) -> None:
+        if not c.tables:
+            raise ConfigError("tables: at least one table is required")
+        seen: dict[str, str] = {}
+        names: set[str] = set()
+        for i, t in enumerate(c.tables):
+            if t.name in names:
+                raise ConfigError(f"tables.{i}.name: duplicate table name {t.name!r}")
+            names.add(t.name)
+            for f in t.features:
+                if f in seen:
+                    raise ConfigError(
+                        f"tables.{i}.features: feature {f!r} already read by table {seen[f]!r}"
+                    )
+                seen[f] = t.name
+        for required in ("item_id", "hist_item_id"):
+            if required not in seen:
+                raise ConfigError(f"tables: no table reads the required feature {required!r}")
+        for i, t in enumerate(c.tables):
+            for f in t.features:
+                if f.startswith("hist_") and f[5:] not in t.features:
+                    raise ConfigError(
+                        f"tables.{i}.features: {f!r} needs its candidate feature {f[5:]!r} "
+                        "in the same table (candidate and behaviours share one table)"
+                    )
+        seq_dims = {t.dim for t in c.tables if any(f.startswith("hist_") for f in t.features)}
+        if len(seq_dims) > 1:
+            raise ConfigError(
+                f"tables: behaviour tables must share one dim (EmbeddingCollection), got {sorted(seq_dims)}"
+            )
+
+
+def _positive(value: float, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {value}")

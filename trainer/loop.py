@@ -1,0 +1,170 @@
+"""The worker function: build the sharded model, train it on the streamed Parquet data, evaluate,
+checkpoint. Embedding tables go through DistributedModelParallel (FBGEMM fused kernels, the
+sparse optimizer applied inside the backward pass); the dense tower is replicated under DDP with
+the dense optimizer of the config. Only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from embedding.planner import plan_on_the_fly
+from embedding.tables import FeatureLayout
+from trainer import checkpoint, metrics
+from trainer.config import Config
+from trainer.data import ParquetStream, stream_from_config
+from trainer.models import MODELS
+
+SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """The launcher's process group, or a 1-process gloo group on loopback for a local run."""
+    if dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield 0, 1
+    finally:
+        dist.destroy_process_group()
+
+
+def build_model(cfg: Config, world_size: int, device: torch.device) -> DistributedModelParallel:
+    """The config's model with its tables sharded by a plan; sparse optimizer fused in backward."""
+    layout = FeatureLayout.from_config(cfg)
+    torch.manual_seed(cfg.train.seed)
+    # Tables on meta (DMP allocates each rank's shards); the dense tower is built on the CPU.
+    model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
+    sopt = cfg.sparse_optimizer
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.type], model.sparse.parameters(), {"lr": sopt.lr})
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+
+
+def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return DENSE_OPTIMIZERS[cfg.dense_optimizer.type](params.values(), lr=cfg.dense_optimizer.lr)
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    """Train `cfg` on this process group's ranks; returns rank 0's final metrics."""
+    device = torch.device("cpu")
+    with process_group() as (rank, world):
+        out = Path(cfg.train.out_dir)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        model = build_model(cfg, world, device)
+        opt = dense_optimizer(cfg, model)
+        stream = stream_from_config(cfg, "train", rank, world)
+        log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+        step, samples, t0 = 0, 0, time.perf_counter()
+        loss_sum, loss_n = 0.0, 0
+        for epoch in range(cfg.train.epochs):
+            model.train()
+            total = stream.rows_for(epoch)
+            bar = tqdm(total=total, unit="samples", unit_scale=True, desc=f"epoch {epoch}",
+                       disable=not progress or rank != 0, mininterval=1.0)
+            for i, batch in enumerate(stream.epoch(epoch)):
+                if cfg.train.limit_batches and i >= cfg.train.limit_batches:
+                    break
+                batch = batch.to(device)
+                logits = model(batch)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # the fused sparse optimizer updates the tables here
+                opt.step()
+                step += 1
+                samples += len(batch)
+                loss_sum += loss.item()
+                loss_n += 1
+                bar.update(len(batch))
+                if log and step % cfg.train.log_every == 0:
+                    rate = samples / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
+                    _log(log, step=step, epoch=epoch, samples=samples, loss=loss_sum / loss_n,
+                         samples_per_s=rate)
+                    loss_sum, loss_n = 0.0, 0
+            bar.close()
+        train_seconds = time.perf_counter() - t0
+        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0)
+        result.update(
+            model=cfg.model.name,
+            steps=step,
+            train_samples=samples,
+            train_seconds=round(train_seconds, 2),
+            train_samples_per_s=round(samples / train_seconds, 1),
+        )
+        ckpt = checkpoint.save(out / "checkpoint", model, cfg, {"step": step, "epochs": cfg.train.epochs})
+        result["checkpoint"] = str(ckpt)
+        if log:
+            _log(log, step=step, eval=result)
+            log.close()
+        return result
+
+
+def _log(f, **record) -> None:
+    f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+    f.flush()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False) -> dict:
+    """Exact AUC, GAUC (Eq. 10) and logloss over every rank's share of the eval set."""
+    model.eval()
+    probs, labels, users, oracle = [], [], [], []
+    bar = tqdm(total=stream.rows_for(0), unit="samples", unit_scale=True, desc="eval",
+               disable=not progress, mininterval=1.0)
+    for batch in stream.epoch(0):
+        probs.append(torch.sigmoid(model(batch)).numpy())
+        labels.append(batch.labels.numpy())
+        users.append(batch.users.numpy())
+        if batch.p_click is not None:
+            oracle.append(batch.p_click.numpy())
+        bar.update(len(batch))
+    bar.close()
+    local = [np.concatenate(x) if x else np.zeros(0) for x in (probs, labels, users, oracle)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
+    p, y, u, o = local
+    result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.summarize(y, p, u).items()}
+    if o.size == y.size and y.size:
+        result["oracle_auc"] = round(metrics.auc(y, o), 6)
+    return result
+
+
+def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
+    """Rebuild the config's model, load a checkpoint into it (any sharding), evaluate the test set."""
+    with process_group() as (rank, world):
+        model = build_model(cfg, world, torch.device("cpu"))
+        meta = checkpoint.load(path, model)
+        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0)
+        result.update(model=cfg.model.name, checkpoint=str(path), step=meta.get("step"))
+        return result

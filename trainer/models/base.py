@@ -1,0 +1,32 @@
+"""BaseModel (Embedding&MLP), DIN paper §4.2: history sum-pooled (Eq. 1), everything concatenated,
+then an MLP to one click logit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embedding.tables import FeatureLayout
+from trainer.config import ModelConfig
+from trainer.data import Batch
+from trainer.models.layers import MLP, SparseArch
+
+
+def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+    """Eq. 1 with sum pooling: hist [N, D], lengths [B] -> [B, D]."""
+    seg = torch.repeat_interleave(torch.arange(batch, device=hist.device), lengths)
+    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, seg, hist)
+
+
+class BaseModel(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__()
+        self.sparse = SparseArch(layout, device)
+        d = layout.behaviour_dim
+        self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
+        cand, hist, lengths, pooled = self.sparse(batch.sparse)
+        user = sum_pool(hist, lengths, cand.shape[0])  # [B, D]
+        return self.mlp(torch.cat([cand, user, pooled, batch.dense], dim=1)).squeeze(1)

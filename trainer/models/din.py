@@ -1,0 +1,27 @@
+"""Deep Interest Network, DIN paper §4.3 (Fig. 2, right): BaseModel with the sum pooling of the
+history replaced by the local activation unit, so the user vector v_U(A) depends on the candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embedding.tables import FeatureLayout
+from trainer.config import ModelConfig
+from trainer.data import Batch
+from trainer.models.layers import MLP, LocalActivationUnit, SparseArch
+
+
+class DIN(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__()
+        self.sparse = SparseArch(layout, device)
+        d = layout.behaviour_dim
+        self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation)
+        self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
+        cand, hist, lengths, pooled = self.sparse(batch.sparse)  # [B, D], [N, D], [B], [B, P]
+        user = self.attention(hist, cand, lengths)  # v_U(A), Eq. 3: [B, D]
+        return self.mlp(torch.cat([cand, user, pooled, batch.dense], dim=1)).squeeze(1)

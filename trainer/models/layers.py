@@ -1,0 +1,122 @@
+"""Building blocks of the DIN paper (§4–§5): Dice, PReLU, MLP, the local activation unit, and the
+sparse front end that looks features up in torchrec embedding modules.
+
+Shape legend: B batch, N behaviours in the batch (sum of history lengths), D width of one
+behaviour (its features' embeddings concatenated), P pooled width, F dense features, H hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embedding.tables import FeatureLayout
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation, paper Eq. 9, per channel:
+
+        f(s) = p(s)·s + (1 − p(s))·α·s,   p(s) = sigmoid((s − E[s]) / (sqrt(Var[s]) + ε))
+
+    Training uses the mini-batch mean and (biased) variance; evaluation uses their moving
+    averages. Variance is floored at ε² before the square root: the value changes by at most ε
+    in the denominator, and a constant channel (e.g. a batch of one row) gives a zero gradient
+    instead of 0·∞ = NaN.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8, momentum: float = 0.01):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.alpha = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
+        if self.training:
+            mean = s.mean(0)
+            var = s.var(0, unbiased=False)
+            with torch.no_grad():
+                n = s.shape[0]
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        p = torch.sigmoid((s - mean) / (var.clamp_min(self.eps**2).sqrt() + self.eps))
+        return s * (p + (1 - p) * self.alpha)
+
+
+def activation(name: str, dim: int) -> nn.Module:
+    if name == "dice":
+        return Dice(dim)
+    if name == "prelu":
+        return nn.PReLU(dim, init=0.25)  # Eq. 8, one α per channel
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MLP(nn.Sequential):
+    """Linear → activation for each hidden size; `out` > 0 adds a final Linear to `out` units."""
+
+    def __init__(self, in_dim: int, hidden: list[int], act: str, out: int = 0):
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), activation(act, h)]
+            in_dim = h
+        if out:
+            layers.append(nn.Linear(in_dim, out))
+        super().__init__(*layers)
+
+
+class LocalActivationUnit(nn.Module):
+    """DIN's attention, Eq. 3 and Fig. 2: v_U(A) = Σ_j a(e_j, v_A)·e_j, with
+    a(e_j, v_A) = MLP([e_j, v_A, e_j − v_A, e_j ⊙ v_A]) a scalar, *not* softmax-normalised.
+
+    Works on the jagged behaviours directly: padded positions never exist, so they can neither
+    receive weight nor enter Dice's batch statistics.
+    """
+
+    def __init__(self, dim: int, hidden: list[int], act: str):
+        super().__init__()
+        self.mlp = MLP(4 * dim, hidden, act, out=1)
+
+    def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # hist [N, D], cand [B, D], lengths [B] -> [B, D]
+        seg = torch.repeat_interleave(torch.arange(cand.shape[0], device=cand.device), lengths)
+        c = cand.index_select(0, seg)  # [N, D]
+        w = self.mlp(torch.cat([hist, c, hist - c, hist * c], dim=1))  # [N, 1]
+        out = torch.zeros_like(cand)
+        return out.index_add_(0, seg, w * hist)
+
+
+class SparseArch(nn.Module):
+    """KJT → candidate, behaviours and pooled embeddings, through torchrec modules only, so that
+    DistributedModelParallel can shard them unchanged.
+    """
+
+    def __init__(self, layout: FeatureLayout, device: torch.device | None = None):
+        super().__init__()
+        self.layout = layout
+        self.ec = EmbeddingCollection(tables=layout.embedding_configs(), device=device)
+        self.ebc = (
+            EmbeddingBagCollection(tables=layout.embedding_bag_configs(), device=device)
+            if layout.pooled_tables
+            else None
+        )
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> cand [B, D], hist values [N, D], hist lengths [B], pooled [B, P]."""
+        n_seq = len(self.layout.seq_features)
+        if self.ebc is not None:
+            seq_kjt, pooled_kjt = kjt.split([n_seq, len(self.layout.pooled_features)])
+            pooled = self.ebc(pooled_kjt).values()
+        else:
+            seq_kjt, pooled = kjt, None
+        jts = self.ec(seq_kjt)
+        cand = torch.cat([jts[c].values() for c, _ in self.layout.pairs], dim=1)
+        hist = torch.cat([jts[h].values() for _, h in self.layout.pairs], dim=1)
+        lengths = jts[self.layout.pairs[0][1]].lengths()
+        if pooled is None:
+            pooled = cand.new_zeros(cand.shape[0], 0)
+        return cand, hist, lengths, pooled
