@@ -1,10 +1,184 @@
-"""Benchmarks, each printing one JSON object."""
+"""Benchmarks; each prints one JSON object (the CLI's last line).
+
+- `dinrec bench loader`: Parquet → Batch throughput of the streaming reader pinned to one core,
+  against the rate at which training consumes batches (measured in the same run, in memory).
+- `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
+  FBGEMM fused sparse optimizer, jagged attention) against a plain-PyTorch DIN of the same shape
+  (nn.Embedding with sparse gradients, padded histories), on the same batches, in the same run.
+"""
+
+from __future__ import annotations
+
 import argparse
+import os
+import platform
+import time
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from trainer.config import Config, ConfigError, load_config
 
 
-def add_parsers(sub, config_args) -> None:
-    pass
+def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
+    lo = sub.add_parser("loader", help="streaming reader throughput on one core vs training consumption")
+    config_args(lo)
+    lo.add_argument("--batches", type=int, default=2000, help="batches read (default: %(default)s)")
+    lo.add_argument("--train-steps", type=int, default=100, help="training steps timed (default: %(default)s)")
+    tr = sub.add_parser("train", help="DIN training step: dinrec vs a plain-PyTorch reference")
+    config_args(tr)
+    tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
+    tr.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> dict:
-    raise NotImplementedError
+    cfg = load_config(args.config, args.overrides)
+    if args.bench == "loader":
+        return bench_loader(cfg, args.batches, args.train_steps)
+    return bench_train(cfg, args.steps, args.warmup)
+
+
+def _machine() -> dict:
+    return {
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _take(cfg: Config, n: int) -> list:
+    from trainer.data import stream_from_config
+
+    batches = []
+    for b in stream_from_config(cfg, "train").epoch(0):
+        batches.append(b)
+        if len(batches) == n:
+            break
+    if len(batches) < n:
+        raise ConfigError(f"bench: the training data has only {len(batches)} batches, {n} needed")
+    return batches
+
+
+def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
+    from trainer.data import stream_from_config
+    from trainer.loop import build_model, dense_optimizer, process_group
+
+    machine = _machine()
+    # --- the reader alone, on one core, with Arrow's own thread pools at one thread
+    all_cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(all_cpus)})
+    cpu_count, io_count = pa.cpu_count(), pa.io_thread_count()
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    try:
+        stream = stream_from_config(cfg, "train")
+        n_rows, n_batches = 0, 0
+        t0 = time.perf_counter()
+        for b in stream.epoch(0):
+            n_rows += len(b)
+            n_batches += 1
+            if n_batches == batches:
+                break
+        loader_seconds = time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, all_cpus)
+        pa.set_cpu_count(cpu_count)
+        pa.set_io_thread_count(io_count)
+    loader_rate = n_rows / loader_seconds
+    # --- what training consumes: the training step on in-memory batches, all cores
+    data = _take(cfg, train_steps + 10)
+    with process_group() as (_, world):
+        model = build_model(cfg, world, torch.device("cpu"))
+        opt = dense_optimizer(cfg, model)
+        train_rate = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup=10)
+    return {
+        "bench": "loader",
+        **machine,
+        "loader_cores": 1,
+        "loader_batches": n_batches,
+        "loader_samples": n_rows,
+        "loader_seconds": round(loader_seconds, 3),
+        "loader_samples_per_s": round(loader_rate, 1),
+        "train_model": cfg.model.name,
+        "train_samples_per_s": round(train_rate, 1),
+        "loader_over_train": round(loader_rate / train_rate, 2),
+        "batch_size": cfg.data.batch_size,
+    }
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, logits: torch.Tensor, batch) -> None:
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _time_steps(step, data: list, warmup: int, size=len) -> float:
+    """Samples per second of `step` over data[warmup:], after running it on data[:warmup]."""
+    for b in data[:warmup]:
+        step(b)
+    timed = data[warmup:]
+    t0 = time.perf_counter()
+    for b in timed:
+        step(b)
+    seconds = time.perf_counter() - t0
+    return sum(size(b) for b in timed) / seconds
+
+
+def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
+    from embedding.tables import FeatureLayout
+    from tools.reference import ReferenceDIN, padded_inputs
+    from trainer.loop import build_model, dense_optimizer, process_group
+
+    if cfg.model.name != "din":
+        raise ConfigError(f"bench train: model.name must be din (the reference is a DIN), got {cfg.model.name}")
+    layout = FeatureLayout.from_config(cfg)
+    if layout.pooled_tables or cfg.data.dense_features:
+        raise ConfigError("bench train: the reference DIN takes behaviour tables only (no pooled tables, no dense features)")
+    if cfg.sparse_optimizer.type != "sgd":
+        raise ConfigError("bench train: set sparse_optimizer.type=sgd (the reference uses SGD on sparse gradients)")
+    if cfg.dense_optimizer.type != "adam":
+        raise ConfigError("bench train: set dense_optimizer.type=adam (as the reference)")
+    data = _take(cfg, warmup + steps)
+    lr = cfg.sparse_optimizer.lr
+    # --- ours
+    with process_group() as (_, world):
+        model = build_model(cfg, world, torch.device("cpu"))
+        opt = dense_optimizer(cfg, model)
+        ours = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup)
+    # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
+    torch.manual_seed(cfg.train.seed)
+    ref = ReferenceDIN(layout, cfg.model)
+    sparse_params = list(ref.tables.parameters())
+    dense_params = [p for n, p in ref.named_parameters() if not n.startswith("tables.")]
+    sparse_opt = torch.optim.SGD(sparse_params, lr=lr)
+    dense_opt = torch.optim.Adam(dense_params, lr=cfg.dense_optimizer.lr)
+    padded = [(padded_inputs(b, layout), b) for b in data]
+
+    def ref_step(item) -> None:
+        (cand, hist, mask), b = item
+        loss = nn.functional.binary_cross_entropy_with_logits(ref(cand, hist, mask), b.labels)
+        sparse_opt.zero_grad(set_to_none=True)
+        dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+    reference = _time_steps(ref_step, padded, warmup, size=lambda item: len(item[1]))
+    mean_hist = float(sum(b.sparse.lengths().sum() for b in data)) / sum(len(b) for b in data)
+    return {
+        "bench": "train",
+        **_machine(),
+        "model": "din",
+        "batch_size": cfg.data.batch_size,
+        "steps": steps,
+        "max_hist_len": cfg.data.max_hist_len,
+        "mean_ids_per_sample": round(mean_hist, 2),
+        "sparse_optimizer": "sgd",
+        "dense_optimizer": "adam",
+        "dinrec_samples_per_s": round(ours, 1),
+        "reference_samples_per_s": round(reference, 1),
+        "ratio_dinrec_over_reference": round(ours / reference, 3),
+    }

@@ -259,9 +259,6 @@ class _CHECKS:
                         f"tables.{i}.features: feature {f!r} already read by table {seen[f]!r}"
                     )
                 seen[f] = t.name
-        for required in ("item_id", "hist_item_id"):
-            if required not in seen:
-                raise ConfigError(f"tables: no table reads the required feature {required!r}")
         for i, t in enumerate(c.tables):
             for f in t.features:
                 if f.startswith("hist_") and f[5:] not in t.features:
@@ -269,6 +266,9 @@ class _CHECKS:
                         f"tables.{i}.features: {f!r} needs its candidate feature {f[5:]!r} "
                         "in the same table (candidate and behaviours share one table)"
                     )
+        for required in ("item_id", "hist_item_id"):
+            if required not in seen:
+                raise ConfigError(f"tables: no table reads the required feature {required!r}")
         seq_dims = {t.dim for t in c.tables if any(f.startswith("hist_") for f in t.features)}
         if len(seq_dims) > 1:
             raise ConfigError(

@@ -229,17 +229,17 @@ class ParquetStream:
         if bad.any():
             raise DataError(f"{where}: column 'label': value {label[bad][0]} not in {{0, 1}}")
         scalars["label"] = label.astype(np.float32)
-        scalars["user_id"] = table.column("user_id").to_numpy().astype(np.int64, copy=False)
+        scalars["user_id"] = table.column("user_id").to_numpy().astype(np.int64)
         for f in self.layout.keys:
             arr = table.column(f).combine_chunks()
             if pa.types.is_list(arr.type):
                 off = np.asarray(arr.offsets).astype(np.int64)
                 if arr.values.null_count:
                     raise DataError(f"{where}: column '{f}': null id inside a list")
-                val = arr.values.to_numpy().astype(np.int64, copy=False)[off[0] : off[-1]]
+                val = arr.values.to_numpy()[off[0] : off[-1]].astype(np.int64)  # a writable copy
                 off = off - off[0]
             else:
-                val = arr.to_numpy().astype(np.int64, copy=False)
+                val = arr.to_numpy().astype(np.int64)
                 off = np.arange(val.size + 1, dtype=np.int64)
             lists[f] = (off, self._map_ids(f, val, where))
         # The features of one behaviour (item, category, ...) must align step by step.
@@ -255,9 +255,9 @@ class ParquetStream:
             lists[h] = _keep_last(*lists[h], self.max_hist_len)
         if self.dense_features:
             dense = np.stack([table.column(f).to_numpy() for f in self.dense_features], 1)
-            scalars["dense"] = dense.astype(np.float32, copy=False)
+            scalars["dense"] = dense.astype(np.float32)
         if self.has_p_click:
-            scalars["p_click"] = table.column("p_click").to_numpy().astype(np.float32, copy=False)
+            scalars["p_click"] = table.column("p_click").to_numpy().astype(np.float32)
         chunk = _Chunk(scalars, lists, table.num_rows)
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch, unit_index]).permutation(chunk.n)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny synthetic data set written once per session by the real generator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, seed=3)
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+warnings.filterwarnings("ignore")
+logging.getLogger("torchrec").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from tools.generate import WorldSpec, generate
+
+    out = tmp_path_factory.mktemp("tiny")
+    generate(WorldSpec(**TINY), out, train_files=3, test_files=2, row_group_size=256, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tmp_path):
+    """The tiny config pointed at the session's data and a fresh output directory."""
+    from trainer.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}",
+             f"train.out_dir={tmp_path / 'run'}", *overrides],
+        )
+
+    return make
