@@ -1,0 +1,74 @@
+"""The synthetic generator: schema, determinism, and p_click recomputed row by row from the world."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tools.generate import World, WorldSpec, generate
+
+from tests.conftest import TINY
+
+
+def read(d, split):
+    return pq.read_table(sorted((d / split).glob("*.parquet")))
+
+
+def test_schema_files_and_row_groups(tiny_data):
+    t = read(tiny_data, "train")
+    s = t.schema
+    assert s.field("label").type == pa.int8()
+    for c in ("user_id", "item_id", "cate_id", "ts"):
+        assert s.field(c).type == pa.int64()
+    for c in ("hist_item_id", "hist_cate_id"):
+        assert s.field(c).type == pa.list_(pa.int64())
+    assert s.field("p_click").type == pa.float32()
+    files = sorted((tiny_data / "train").glob("*.parquet"))
+    assert len(files) == 3 and sum(pq.ParquetFile(f).num_row_groups for f in files) >= 6
+    n_users, n_imp, n_test = TINY["users"], TINY["impressions_per_user"], TINY["test_per_user"]
+    assert t.num_rows == n_users * (n_imp - n_test)
+    assert read(tiny_data, "test").num_rows == n_users * n_test
+    assert set(np.unique(t["label"].to_numpy())) <= {0, 1}
+
+
+def test_train_is_before_test_for_every_user(tiny_data):
+    tr, te = read(tiny_data, "train"), read(tiny_data, "test")
+    last_train = {}
+    for u, ts in zip(tr["user_id"].to_pylist(), tr["ts"].to_pylist()):
+        last_train[u] = max(ts, last_train.get(u, -1))
+    for u, ts in zip(te["user_id"].to_pylist(), te["ts"].to_pylist()):
+        assert ts > last_train[u]
+
+
+def test_deterministic_by_seed(tmp_path):
+    spec = WorldSpec(**{**TINY, "users": 50})
+    for d in ("a", "b"):
+        generate(spec, tmp_path / d, train_files=2, test_files=1, row_group_size=64, progress=False)
+    generate(WorldSpec(**{**TINY, "users": 50, "seed": 4}), tmp_path / "c", train_files=2, test_files=1,
+             row_group_size=64, progress=False)
+    assert read(tmp_path / "a", "train").equals(read(tmp_path / "b", "train"))
+    assert not read(tmp_path / "a", "train").equals(read(tmp_path / "c", "train"))
+
+
+def test_p_click_follows_the_documented_click_model(tiny_data):
+    spec = WorldSpec(**TINY)
+    w = World(spec)
+    t = read(tiny_data, "test").slice(0, 200).to_pylist()
+    for row in t:
+        a = row["item_id"]
+        assert row["cate_id"] == w.item_cate[a]
+        assert row["hist_cate_id"] == [int(w.item_cate[h]) for h in row["hist_item_id"]]
+        T = len(row["hist_item_id"])
+        assert 0 < T <= spec.hist_max
+        soft = sum(spec.recency ** (T - 1 - t) * math.exp(spec.beta * (float(w.item_vec[a] @ w.item_vec[h]) - 1))
+                   for t, h in enumerate(row["hist_item_id"]))
+        logit = spec.bias + w.item_quality[a] + spec.gamma * math.log1p(soft)
+        assert abs(row["p_click"] - 1 / (1 + math.exp(-logit))) < 1e-5
+
+
+def test_summary_reports_oracle_auc_and_speed(tiny_data):
+    import json
+
+    s = json.loads((tiny_data / "generate.json").read_text())
+    assert 0.5 < s["oracle_auc"]["test"] < 1 and s["rows_per_minute"] > 0

@@ -1,0 +1,152 @@
+"""Models against independent references: Dice vs a numpy Eq. 9, DIN vs a padded plain-PyTorch
+DIN with copied weights, attention without normalisation, BaseModel's sum pooling."""
+
+import numpy as np
+import pytest
+import torch
+
+from embedding.tables import FeatureLayout
+from tools.reference import ReferenceDIN, padded_inputs
+from trainer.data import stream_from_config
+from trainer.models import DIN, BaseModel
+from trainer.models.layers import Dice, LocalActivationUnit
+
+
+def numpy_dice(s, alpha, mean, var, eps=1e-8):
+    p = 1 / (1 + np.exp(-(s - mean) / (np.sqrt(var) + eps)))
+    return p * s + (1 - p) * alpha * s
+
+
+def test_dice_matches_eq9_in_train_and_eval_mode():
+    torch.manual_seed(0)
+    d = Dice(6, momentum=0.1)
+    d.alpha.data = torch.linspace(-0.5, 0.5, 6)
+    alpha = d.alpha.detach().numpy().astype(np.float64)
+    xs = [torch.randn(50, 6) * 3 + 1 for _ in range(3)]
+    run_mean, run_var = np.zeros(6), np.ones(6)
+    for x in xs:  # train mode: batch statistics (biased variance), running averages updated
+        a = x.numpy().astype(np.float64)
+        out = d(x).detach().numpy()
+        np.testing.assert_allclose(out, numpy_dice(a, alpha, a.mean(0), a.var(0)), rtol=1e-5, atol=1e-6)
+        run_mean = 0.9 * run_mean + 0.1 * a.mean(0)
+        run_var = 0.9 * run_var + 0.1 * a.var(0, ddof=1)
+    np.testing.assert_allclose(d.running_mean.numpy(), run_mean, rtol=1e-5)
+    np.testing.assert_allclose(d.running_var.numpy(), run_var, rtol=1e-5)
+    d.eval()  # eval mode: the moving averages, independent of the batch
+    x = torch.randn(7, 6)
+    out = d(x).detach().numpy()
+    np.testing.assert_allclose(out, numpy_dice(x.numpy().astype(np.float64), alpha, run_mean, run_var),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d(x[:1]).detach().numpy(), out[:1], rtol=1e-6)
+
+
+def test_dice_constant_channel_has_finite_gradient():
+    d = Dice(3)
+    x = torch.ones(1, 3, requires_grad=True)  # a batch of one: zero variance
+    d(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def _din(tiny_cfg, *overrides):
+    cfg = tiny_cfg(*overrides)
+    layout = FeatureLayout.from_config(cfg)
+    torch.manual_seed(1)
+    model = DIN(layout, cfg.model, 0)
+    for t in model.sparse.ec.embeddings.values():
+        torch.nn.init.normal_(t.weight, std=0.5)
+    return cfg, layout, model
+
+
+def test_din_equals_padded_reference_for_any_padding(tiny_cfg):
+    cfg, layout, din = _din(tiny_cfg, "model.activation=prelu", "tables=[{name: item, num_rows: 500, dim: 8, "
+                            "features: [item_id, hist_item_id]}, {name: cate, num_rows: 20, dim: 8, "
+                            "features: [cate_id, hist_cate_id]}]")
+    ref = ReferenceDIN(layout, cfg.model)
+    ref.load_from(din)
+    din.eval(), ref.eval()
+    batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
+    assert batch.sparse.lengths().min() < cfg.data.max_hist_len  # real padding happens
+    with torch.no_grad():
+        ours = din(batch)
+        for pad in (0, cfg.data.max_hist_len + 7, 60):
+            np.testing.assert_allclose(ref(*padded_inputs(batch, layout, pad)).numpy(), ours.numpy(),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_din_output_per_row_does_not_depend_on_batch_mates(tiny_cfg):
+    cfg, layout, din = _din(tiny_cfg)
+    din.eval()
+    batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
+    cfg1 = tiny_cfg("data.batch_size=1")
+    with torch.no_grad():
+        whole = din(batch)
+        singles = [din(b) for _, b in zip(range(5), stream_from_config(cfg1, "test").epoch(0))]
+    np.testing.assert_allclose(torch.cat(singles).numpy(), whole[:5].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_not_normalised():
+    torch.manual_seed(0)
+    lau = LocalActivationUnit(4, [8], "prelu").eval()
+    h = torch.randn(1, 4)
+    cand = torch.randn(1, 4)
+    once = lau(h, cand, torch.tensor([1]))
+    twice = lau(torch.cat([h, h]), cand, torch.tensor([2]))
+    w = lau.mlp(torch.cat([h, cand, h - cand, h * cand], 1))
+    torch.testing.assert_close(once, w * h)  # weight used as is, no softmax
+    torch.testing.assert_close(twice, 2 * once)  # a duplicated behaviour counts twice
+    assert not torch.allclose(twice, once)
+
+
+def test_attention_dice_statistics_cover_real_behaviours_only():
+    torch.manual_seed(0)
+    lau = LocalActivationUnit(3, [5], "dice")
+    hist, cand, lengths = torch.randn(6, 3), torch.randn(2, 3), torch.tensor([4, 2])
+    lau(hist, cand, lengths)
+    c = cand.repeat_interleave(lengths, 0)
+    first = lau.mlp[0](torch.cat([hist, c, hist - c, hist * c], 1)).detach()  # the 6 real rows
+    torch.testing.assert_close(lau.mlp[1].running_mean, 0.01 * first.mean(0))
+
+
+def test_din_changes_with_a_duplicated_relevant_behaviour(tiny_cfg):
+    cfg, layout, din = _din(tiny_cfg, "model.activation=prelu")
+    din.eval()
+    batch = next(iter(stream_from_config(cfg, "test", shuffle=False).epoch(0)))
+    jt = batch.sparse.to_dict()
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    # row 0's candidate appended to its own history once more
+    keys = batch.sparse.keys()
+    values, lengths = [], []
+    for k in keys:
+        v, ln = jt[k].values(), jt[k].lengths().clone()
+        if k.startswith("hist_"):
+            cand = jt[k[5:]].values()[0:1]
+            v = torch.cat([v[: ln[0]], cand, v[ln[0]:]])
+            ln[0] += 1
+        values.append(v), lengths.append(ln)
+    batch2 = type(batch)(KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)), batch.dense,
+                         batch.labels, batch.users)
+    with torch.no_grad():
+        a, b = din(batch), din(batch2)
+    assert abs(float(a[0] - b[0])) > 1e-4
+    torch.testing.assert_close(a[1:], b[1:])
+
+
+def test_base_model_sum_pools_the_history(tiny_cfg):
+    cfg = tiny_cfg("model.name=base")
+    layout = FeatureLayout.from_config(cfg)
+    model = BaseModel(layout, cfg.model, 0).eval()
+    batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
+    cand, hist, lengths, pooled = model.sparse(batch.sparse)
+    jt = batch.sparse.to_dict()
+    emb = model.sparse.ec.embeddings
+    rows = jt["hist_item_id"].to_dense()
+    rows_c = jt["hist_cate_id"].to_dense()
+    for r in range(len(batch)):
+        expect = torch.cat([emb["item"].weight[rows[r]].sum(0), emb["cate"].weight[rows_c[r]].sum(0)])
+        from trainer.models.base import sum_pool
+
+        torch.testing.assert_close(sum_pool(hist, lengths, len(batch))[r], expect)
+    user = model.sparse.ebc.embedding_bags["user"].weight
+    assert pooled.shape == (len(batch), 4)
+    torch.testing.assert_close(pooled[3], user[jt["user_id"].values()[3]])
