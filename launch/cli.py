@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def _quiet() -> None:
     """Keep library chatter (planner tables, deprecation notes) off the user's terminal."""
     warnings.filterwarnings("ignore")
-    for name in ("torchrec", "torch.distributed", "fbgemm_gpu"):
+    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class WorldSpec:
-    users: int = 20000
-    items: int = 20000
+    users: int = 40000
+    items: int = 5000
     cates: int = 100
     impressions_per_user: int = 30  # of which the last `test_per_user` go to the test set
     test_per_user: int = 5
@@ -51,13 +51,13 @@ class WorldSpec:
     interests: int = 3
     drift: float = 0.08
     explore: float = 0.1
-    item_sigma: float = 0.5
+    item_sigma: float = 0.18  # within-category cosine about 0.8
     zipf: float = 1.1
     quality_std: float = 0.5
-    bias: float = -2.0
-    gamma: float = 1.6
+    bias: float = -3.0
+    gamma: float = 2.0
     beta: float = 6.0
-    recency: float = 0.95
+    recency: float = 0.97
     seed: int = 0
 
 

@@ -1,0 +1,35 @@
+"""The benchmarks run on the tiny data and report what they claim (figures are not asserted)."""
+
+import json
+
+from launch.cli import main
+
+from tests.conftest import ROOT
+
+BEHAVIOUR_ONLY = ("tables=[{name: item, num_rows: 500, dim: 8, features: [item_id, hist_item_id]}, "
+                  "{name: cate, num_rows: 20, dim: 8, features: [cate_id, hist_cate_id]}]")
+
+
+def run(capsys, *args) -> dict:
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_loader(tiny_data, capsys):
+    r = run(capsys, "bench", "loader", "--config", str(ROOT / "configs/tiny.yaml"), "--batches", "20",
+            "--train-steps", "10", f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}")
+    assert r["loader_cores"] == 1 and r["loader_batches"] == 20 and r["loader_samples"] == 20 * 64
+    assert r["loader_samples_per_s"] > 0 and r["train_samples_per_s"] > 0
+    assert abs(r["loader_over_train"] - r["loader_samples_per_s"] / r["train_samples_per_s"]) < 0.02
+
+
+def test_bench_train_against_reference(tiny_data, capsys):
+    r = run(capsys, "bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), "--steps", "5", "--warmup", "2",
+            f"data.train={tiny_data / 'train'}", BEHAVIOUR_ONLY, "sparse_optimizer.type=sgd")
+    assert r["dinrec_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
+    assert abs(r["ratio_dinrec_over_reference"] - r["dinrec_samples_per_s"] / r["reference_samples_per_s"]) < 0.002
+
+
+def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):
+    assert main(["bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    assert "pooled" in capsys.readouterr().err
