@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean
+.PHONY: setup train test data clean lint
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,6 @@ test: setup
 
 clean:
 	rm -rf $(VENV) data runs
+
+lint: setup
+	$(BIN)/ruff check .

@@ -216,7 +216,7 @@ def generate(
     counts = {"train": 0, "test": 0}
     positives = {"train": 0, "test": 0}
     t0 = time.perf_counter()
-    for split, n_files in (("train", train_files), ("test", test_files)):
+    for split in ("train", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
         for old in (out / split).glob("part-*.parquet"):
             old.unlink()

@@ -46,7 +46,7 @@ class ReferenceDIN(nn.Module):
 
     def load_from(self, din: nn.Module) -> None:
         """Copy the weights of an unsharded trainer.models.DIN of the same layout."""
-        for table, cfg in zip(self.tables, self.layout.seq_tables):
+        for table, cfg in zip(self.tables, self.layout.seq_tables, strict=True):
             table.weight.data.copy_(din.sparse.ec.embeddings[cfg.name].weight.data)
         self.attention.load_state_dict(din.attention.mlp.state_dict())
         self.mlp.load_state_dict(din.mlp.state_dict())

@@ -16,9 +16,8 @@ import glob
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

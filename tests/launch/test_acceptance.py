@@ -9,7 +9,6 @@ import json
 import pytest
 
 from launch.cli import main
-
 from tests.conftest import ROOT
 
 

@@ -6,7 +6,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-
 from tests.conftest import ROOT
 
 

@@ -3,7 +3,6 @@
 import json
 
 from launch.cli import main
-
 from tests.conftest import ROOT
 
 BEHAVIOUR_ONLY = ("tables=[{name: item, num_rows: 500, dim: 8, features: [item_id, hist_item_id]}, "

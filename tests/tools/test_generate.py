@@ -6,9 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tools.generate import World, WorldSpec, generate
-
 from tests.conftest import TINY
+from tools.generate import World, WorldSpec, generate
 
 
 def read(d, split):
@@ -35,9 +34,9 @@ def test_schema_files_and_row_groups(tiny_data):
 def test_train_is_before_test_for_every_user(tiny_data):
     tr, te = read(tiny_data, "train"), read(tiny_data, "test")
     last_train = {}
-    for u, ts in zip(tr["user_id"].to_pylist(), tr["ts"].to_pylist()):
+    for u, ts in zip(tr["user_id"].to_pylist(), tr["ts"].to_pylist(), strict=True):
         last_train[u] = max(ts, last_train.get(u, -1))
-    for u, ts in zip(te["user_id"].to_pylist(), te["ts"].to_pylist()):
+    for u, ts in zip(te["user_id"].to_pylist(), te["ts"].to_pylist(), strict=True):
         assert ts > last_train[u]
 
 

@@ -1,8 +1,7 @@
 import pytest
 
-from trainer.config import ConfigError, load_config
-
 from tests.conftest import ROOT
+from trainer.config import ConfigError, load_config
 
 
 def write(tmp_path, text):

@@ -1,6 +1,5 @@
 """The Parquet stream: coverage, rank partition, determinism, Arrow -> KJT fidelity, one-line errors."""
 
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
