@@ -17,8 +17,11 @@ import warnings
 from trainer.config import ConfigError
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _config_args(p: argparse.ArgumentParser, required: bool = True, baseline: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML experiment config")
+    if baseline:
+        p.add_argument("--baseline", metavar="RUN_DIR",
+                       help="a finished run's out_dir: adds RelaImpr (DIN paper Eq. 11) against its AUC and GAUC")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides with dotted keys, e.g. train.epochs=2 tables.0.dim=8")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -35,11 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_arguments(g)
 
     t = sub.add_parser("train", help="train a config; last line: final metrics as JSON")
-    _config_args(t)
+    _config_args(t, baseline=True)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
-    _config_args(e, required=False)
+    _config_args(e, required=False, baseline=True)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = _run(args)
+        if getattr(args, "baseline", None) and result is not None:
+            result.update(_rela_impr(result, args.baseline))
     except (ConfigError, DataError) as e:
         print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -95,6 +100,29 @@ def _run(args: argparse.Namespace) -> dict | None:
 
         return bench.run(args)
     raise AssertionError(args.command)
+
+
+def _rela_impr(result: dict, run_dir: str) -> dict:
+    """RelaImpr of `result` against the final eval record of a finished run's metrics.jsonl."""
+    from pathlib import Path
+
+    from trainer.metrics import rela_impr
+
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--baseline {run_dir}: cannot read {path} ({e})") from None
+    evals = [r["eval"] for r in records if "eval" in r]
+    if not evals:
+        raise ConfigError(f"--baseline {run_dir}: {path} has no final eval record (unfinished run?)")
+    base = evals[-1]
+    return {
+        "baseline": str(run_dir),
+        "baseline_model": base.get("model"),
+        "rela_impr_auc": round(rela_impr(result["auc"], base["auc"]), 3),
+        "rela_impr_gauc": round(rela_impr(result["gauc"], base["gauc"]), 3),
+    }
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         dense_opt.step()
 
     reference = _time_steps(ref_step, padded, warmup, size=lambda item: len(item[1]))
-    mean_hist = float(sum(b.sparse.lengths().sum() for b in data)) / sum(len(b) for b in data)
+    hist_feature = layout.pairs[0][1]
+    mean_hist = sum(float(b.sparse[hist_feature].lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
         "bench": "train",
         **_machine(),
@@ -175,7 +176,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "batch_size": cfg.data.batch_size,
         "steps": steps,
         "max_hist_len": cfg.data.max_hist_len,
-        "mean_ids_per_sample": round(mean_hist, 2),
+        "mean_hist_len": round(mean_hist, 2),
         "sparse_optimizer": "sgd",
         "dense_optimizer": "adam",
         "dinrec_samples_per_s": round(ours, 1),
