@@ -12,13 +12,17 @@ from embedding.tables import FeatureLayout
 
 
 def constraints_for(layout: FeatureLayout) -> dict[str, ParameterConstraints]:
-    """Every table on FBGEMM's fused kernel, so that its optimizer runs inside the backward pass.
+    """Every table on FBGEMM's fused kernel, so that its optimizer runs inside the backward pass,
+    with the sharding types its config allows.
 
     (A data-parallel table would get the dense kernel, whose in-backward optimizer hooks do not
     survive sharding; the fused kernel keeps one update path for every table.)
     """
     fused = [EmbeddingComputeKernel.FUSED.value]
-    return {t.name: ParameterConstraints(compute_kernels=fused) for t in layout.seq_tables + layout.pooled_tables}
+    return {
+        t.name: ParameterConstraints(compute_kernels=fused, sharding_types=list(t.sharding_types) or None)
+        for t in layout.seq_tables + layout.pooled_tables
+    }
 
 
 def plan_on_the_fly(

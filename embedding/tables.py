@@ -8,9 +8,11 @@ table is *pooled* (sum) through an EmbeddingBagCollection.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torchrec import EmbeddingBagConfig, EmbeddingConfig
 
 from trainer.config import Config, TableConfig
@@ -93,3 +95,25 @@ def hash_ids(ids: np.ndarray, num_rows: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * _M2
         z = z ^ (z >> np.uint64(31))
     return (z % np.uint64(num_rows)).astype(np.int64)
+
+
+INIT_BLOCK_ROWS = 1 << 16
+
+
+def init_rows(table: TableConfig, seed: int, row_start: int, row_end: int) -> torch.Tensor:
+    """Initial weights of rows [row_start, row_end) of `table`: uniform(±1/sqrt(num_rows)), as
+    torchrec's default, drawn per block of 65,536 rows from a generator seeded by (seed, table
+    name, block). Any shard of the table can be initialised alone and gets the same values as in
+    any other sharding or world size.
+    """
+    bound = table.num_rows**-0.5
+    blocks = []
+    for block in range(row_start // INIT_BLOCK_ROWS, (row_end - 1) // INIT_BLOCK_ROWS + 1):
+        first = block * INIT_BLOCK_ROWS
+        rows = min(INIT_BLOCK_ROWS, table.num_rows - first)
+        key = zlib.crc32(f"{seed}/{table.name}/{block}".encode())
+        g = torch.Generator().manual_seed(key)
+        w = torch.rand(rows, table.dim, generator=g) * (2 * bound) - bound
+        lo, hi = max(row_start, first) - first, min(row_end, first + rows) - first
+        blocks.append(w[lo:hi])
+    return torch.cat(blocks) if blocks else torch.empty(0, table.dim)

@@ -41,6 +41,10 @@ class TableConfig:
     # Features that look the table up. `X` and `hist_X` in one table make a candidate/behaviour pair.
     features: list[str]
     id_map: Literal["identity", "hash"] = "identity"
+    # Sharding types the planner may choose for this table (empty: any that fits).
+    sharding_types: list[Literal["table_wise", "column_wise", "row_wise", "table_row_wise"]] = field(
+        default_factory=list
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    # ray: `dinrec train` starts a local Ray (127.0.0.1) and runs `workers` Ray Train workers;
+    # local: one process, no Ray (debugging). torchrun and `ray job submit` ignore this key.
+    launcher: Literal["ray", "local"] = "ray"
+    workers: int = 2
+    use_gpu: bool = False  # one worker per GPU, NCCL
+    ray_address: str | None = None  # an existing cluster for launcher=ray (None: start a local one)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tables: list[TableConfig] = field(default_factory=list)
@@ -80,6 +94,7 @@ class Config:
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +257,10 @@ class _CHECKS:
         _positive(c.log_every, f"{path}.log_every")
         if c.limit_batches < 0:
             raise ConfigError(f"{path}.limit_batches: must be >= 0, got {c.limit_batches}")
+
+    @staticmethod
+    def LaunchConfig(c: LaunchConfig, path: str) -> None:
+        _positive(c.workers, f"{path}.workers")
 
     @staticmethod
     def Config(c: Config, path: str) -> None:

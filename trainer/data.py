@@ -163,15 +163,25 @@ class ParquetStream:
     def num_rows(self) -> int:
         return sum(u[2] for u in self.units)
 
-    def units_for(self, epoch: int) -> list[tuple[str, int, int]]:
-        """This rank's row groups for `epoch`, in reading order."""
-        order = np.arange(len(self.units))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        return [self.units[i] for i in order[self.rank :: self.world_size]]
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.units))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+
+    def units_for(self, epoch: int, rank: int | None = None) -> list[tuple[str, int, int]]:
+        """A rank's row groups for `epoch` (this rank's by default), in reading order."""
+        rank = self.rank if rank is None else rank
+        return [self.units[i] for i in self._order(epoch)[rank :: self.world_size]]
+
+    def rows_per_rank(self, epoch: int) -> list[int]:
+        return [sum(u[2] for u in self.units_for(epoch, r)) for r in range(self.world_size)]
 
     def rows_for(self, epoch: int) -> int:
-        return sum(u[2] for u in self.units_for(epoch))
+        return self.rows_per_rank(epoch)[self.rank]
+
+    def steps_for(self, epoch: int) -> int:
+        """Batches every rank yields in `epoch` (the same on all ranks, see `epoch`)."""
+        return -(-max(self.rows_per_rank(epoch)) // self.batch_size)
 
     # -- validation
 
@@ -293,22 +303,46 @@ class ParquetStream:
             p_click=torch.from_numpy(c.scalars["p_click"]) if "p_click" in c.scalars else None,
         )
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        carry: _Chunk | None = None
-        for i, (path, rg, _) in enumerate(self.units_for(epoch)):
-            chunk = self._read_unit(path, rg, epoch, i)
-            if carry is not None:
-                chunk = _Chunk.concat(carry, chunk)
-            full = chunk.n - chunk.n % self.batch_size
-            for a in range(0, full, self.batch_size):
-                yield self._to_batch(chunk.slice(a, a + self.batch_size))
-            carry = chunk.slice(full, chunk.n) if full < chunk.n else None
-        if carry is not None:
-            yield self._to_batch(carry)
+    def _chunks(self, epoch: int, cycle: bool) -> Iterator[_Chunk]:
+        units = self.units_for(epoch)
+        if not units and cycle:
+            raise DataError(
+                f"{self.paths[0]}: {len(self.units)} row group(s) in {len(self.paths)} file(s) for "
+                f"{self.world_size} ranks: every rank needs at least one row group"
+            )
+        while True:
+            for i, (path, rg, _) in enumerate(units):
+                yield self._read_unit(path, rg, epoch, i)
+            if not cycle:
+                return
+
+    def _batches(self, epoch: int, total: int) -> Iterator[Batch]:
+        own = self.rows_for(epoch)
+        buf: _Chunk | None = None
+        left = total  # rows still to emit, buffered ones included
+        for chunk in self._chunks(epoch, cycle=total > own):
+            have = buf.n if buf is not None else 0
+            if have == left:
+                break
+            chunk = chunk.slice(0, min(chunk.n, left - have))
+            buf = chunk if buf is None else _Chunk.concat(buf, chunk)
+            while buf.n >= self.batch_size:
+                yield self._to_batch(buf.slice(0, self.batch_size))
+                buf = buf.slice(self.batch_size, buf.n)
+                left -= self.batch_size
+        if buf is not None and buf.n:
+            yield self._to_batch(buf)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches of `epoch`, prepared by a background thread `prefetch` batches ahead."""
-        return _prefetch(self._batches(epoch), self.prefetch)
+        """Batches of `epoch`, prepared by a background thread `prefetch` batches ahead.
+
+        Every rank yields the same number of batches of the same sizes, so that collectives line
+        up and the global batch is world_size x batch_size rows: ranks with fewer rows than the
+        largest rank's share continue from the start of their own share (padding; the first
+        `rows_for(epoch)` rows are this rank's real rows, each exactly once). With one rank there
+        is no padding.
+        """
+        return _prefetch(self._batches(epoch, max(self.rows_per_rank(epoch))), self.prefetch)
 
 
 _END = object()

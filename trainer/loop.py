@@ -27,7 +27,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from embedding.planner import plan_on_the_fly
-from embedding.tables import FeatureLayout
+from embedding.tables import FeatureLayout, init_rows
 from trainer import checkpoint, metrics
 from trainer.config import Config
 from trainer.data import ParquetStream, stream_from_config
@@ -63,7 +63,28 @@ def build_model(cfg: Config, world_size: int, device: torch.device) -> Distribut
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.type], model.sparse.parameters(), {"lr": sopt.lr})
     sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
     plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type)
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    init_tables(dmp, layout, cfg.train.seed)
+    return dmp
+
+
+def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:
+    """Give every local shard of every table its sharding-independent initial rows (see
+    embedding.tables.init_rows), so that runs on any world size and plan start from the same
+    weights."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    tables = {t.name: t for t in layout.seq_tables + layout.pooled_tables}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            name = key.rsplit(".", 2)[-2] if key.endswith(".weight") else None
+            if name not in tables or not key.startswith("sparse."):
+                continue
+            if not isinstance(value, ShardedTensor):
+                raise TypeError(f"{key}: expected a sharded table, got {type(value).__name__}")
+            for shard in value.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(init_rows(tables[name], seed, r0, r0 + nr)[:, c0 : c0 + nc])
 
 
 def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -87,23 +108,21 @@ def train(cfg: Config, progress: bool = True) -> dict:
         loss_sum, loss_n = 0.0, 0
         for epoch in range(cfg.train.epochs):
             model.train()
-            total = stream.rows_for(epoch)
+            total = stream.steps_for(epoch) * cfg.data.batch_size * world
             bar = tqdm(total=total, unit="samples", unit_scale=True, desc=f"epoch {epoch}",
                        disable=not progress or rank != 0, mininterval=1.0)
+            if log and world > 1:
+                rows = stream.rows_per_rank(epoch)
+                _log(log, epoch=epoch, rows_per_rank=rows, padding_rows=world * max(rows) - sum(rows))
             for i, batch in enumerate(stream.epoch(epoch)):
                 if cfg.train.limit_batches and i >= cfg.train.limit_batches:
                     break
-                batch = batch.to(device)
-                logits = model(batch)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # the fused sparse optimizer updates the tables here
-                opt.step()
+                loss = train_step(model, opt, batch.to(device))
                 step += 1
-                samples += len(batch)
-                loss_sum += loss.item()
+                samples += len(batch) * world
+                loss_sum += loss
                 loss_n += 1
-                bar.update(len(batch))
+                bar.update(len(batch) * world)
                 if log and step % cfg.train.log_every == 0:
                     rate = samples / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
@@ -125,7 +144,23 @@ def train(cfg: Config, progress: bool = True) -> dict:
         if log:
             _log(log, step=step, eval=result)
             log.close()
+            (out / "result.json").write_text(json.dumps(result))
         return result
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
+    """One step on this rank's part of the global batch; returns the local mean loss.
+
+    Each rank's loss is the mean over its local rows; DDP averages dense gradients over ranks and
+    torchrec's collectives divide embedding gradients by the world size, so with equal local
+    batch sizes (see ParquetStream.epoch) every update uses the global-batch mean gradient.
+    """
+    logits = model(batch)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # the fused sparse optimizer updates the tables here
+    opt.step()
+    return loss.item()
 
 
 def _log(f, **record) -> None:
@@ -148,7 +183,8 @@ def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False) ->
             oracle.append(batch.p_click.numpy())
         bar.update(len(batch))
     bar.close()
-    local = [np.concatenate(x) if x else np.zeros(0) for x in (probs, labels, users, oracle)]
+    own = stream.rows_for(0)  # rows after these are padding (repeats), see ParquetStream.epoch
+    local = [np.concatenate(x)[:own] if x else np.zeros(0) for x in (probs, labels, users, oracle)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
@@ -168,3 +204,22 @@ def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0)
         result.update(model=cfg.model.name, checkpoint=str(path), step=meta.get("step"))
         return result
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a whole tensor on rank 0 (sharded tables gathered); a
+    collective: all ranks call it, other ranks get {}."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        elif hasattr(value, "full_tensor"):  # DTensor
+            value = value.full_tensor()
+        if rank == 0:
+            out[key] = value.detach().clone()
+    return out

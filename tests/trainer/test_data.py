@@ -89,16 +89,34 @@ def test_every_row_exactly_once_with_its_own_values(tmp_path, batch_size):
             assert hc == [h % N_CATES for h in hi]
 
 
-def test_ranks_partition_the_rows_by_row_group(tmp_path):
-    write_files(tmp_path / "d")
-    single, _ = per_row(make_stream(tmp_path), epoch=3)
-    parts = [per_row(make_stream(tmp_path, rank=r, world_size=3), epoch=3)[0] for r in range(3)]
-    assert sum(len(p) for p in parts) == len(single)
-    merged = {k: v for p in parts for k, v in p.items()}
-    assert merged == single
-    # each rank reads whole row groups (100 rows each, by consecutive user ids)
-    for p in parts:
-        assert all(len({u // 100 for u in p if u < 500} & {g}) in (0, 1) for g in range(5))
+def test_ranks_partition_the_rows_by_row_group_and_pad_to_equal_batches(tmp_path):
+    write_files(tmp_path / "d")  # row groups of 100, 100, 100, 100, 100, 100, 100, 100, 33, 41 rows
+    single = [u for b in make_stream(tmp_path).epoch(3) for u in b.users.tolist()]
+    streams = [make_stream(tmp_path, rank=r, world_size=3) for r in range(3)]
+    rows = [s.rows_for(3) for s in streams]
+    assert sum(rows) == len(single) and rows == streams[0].rows_per_rank(3)
+    real, sizes = [], []
+    for s, n in zip(streams, rows, strict=True):
+        users = [u for b in s.epoch(3) for u in b.users.tolist()]
+        sizes.append([len(b) for b in s.epoch(3)])
+        assert len(users) == max(rows)  # padded to the largest share
+        assert len(set(users[:n])) == n  # own rows once ...
+        assert set(users[n:]) <= set(users[:n])  # ... then repeats of its own rows
+        assert users[n:] == users[: max(rows) - n]  # from the start of its share
+        real += users[:n]
+        # whole row groups: a rank holds all of a group's rows or none
+        groups = {}
+        for u in users[:n]:
+            groups.setdefault(u // 100 if u < 800 else (8 if u < 833 else 9), []).append(u)
+        assert all(len(g) in (100, 33, 41) for g in groups.values())
+    assert sorted(real) == sorted(single)
+    assert sizes[0] == sizes[1] == sizes[2] and len(sizes[0]) == streams[0].steps_for(3)
+
+
+def test_more_ranks_than_row_groups_is_an_error(tmp_path):
+    write_files(tmp_path / "d", sizes=(150,))
+    with pytest.raises(DataError, match="2 row group\\(s\\) in 1 file\\(s\\) for 3 ranks"):
+        list(make_stream(tmp_path, rank=2, world_size=3).epoch(0))
 
 
 def test_order_is_deterministic_per_seed_and_epoch(tmp_path):

@@ -1,0 +1,84 @@
+"""A k-rank run equals a 1-rank run on the same global batches (gloo, 2 processes)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.data import Batch, stream_from_config
+
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def concat(a: Batch, b: Batch) -> Batch:
+    """The global batch: a's rows then b's rows."""
+    ja, jb = a.sparse.to_dict(), b.sparse.to_dict()
+    keys = a.sparse.keys()
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat([torch.cat([ja[k].values(), jb[k].values()]) for k in keys]),
+        lengths=torch.cat([torch.cat([ja[k].lengths(), jb[k].lengths()]) for k in keys]),
+    )
+    return Batch(kjt, torch.cat([a.dense, b.dense]), torch.cat([a.labels, b.labels]), torch.cat([a.users, b.users]))
+
+
+def worker(rank, world, port, cfg, batches, out):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    from trainer.loop import build_model, dense_optimizer, full_state_dict, train_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = build_model(cfg, world, torch.device("cpu"))
+        plan = {k: v.sharding_type for m in model.plan.plan.values() for k, v in m.items()}
+        opt = dense_optimizer(cfg, model)
+        init = full_state_dict(model)
+        losses = [train_step(model, opt, b[rank] if world > 1 else b) for b in batches]
+        state = full_state_dict(model)
+        if rank == 0:
+            torch.save({"state": state, "init": init, "losses": losses, "plan": plan}, out)
+        else:
+            torch.save({"losses": losses}, out + f".{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world, cfg, batches, out):
+    mp.start_processes(worker, args=(world, free_port(), cfg, batches, out), nprocs=world, start_method="spawn")
+    res = torch.load(out, weights_only=False)
+    if world > 1:
+        res["losses_1"] = torch.load(out + ".1", weights_only=False)["losses"]
+    return res
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_two_ranks_equal_one_rank_on_the_same_global_batches(tiny_cfg, tmp_path, sharding, optimizer):
+    overrides = [f"tables.{i}.sharding_types=[{sharding}]" for i in range(3)]
+    cfg = tiny_cfg("model.activation=prelu", f"sparse_optimizer.type={optimizer}", "sparse_optimizer.lr=0.5",
+                   "dense_optimizer.lr=0.01", "data.batch_size=32", *overrides)
+    r0, r1 = (stream_from_config(cfg, "train", rank=r, world_size=2) for r in range(2))
+    per_rank = [pair for _, pair in zip(range(STEPS), zip(r0.epoch(0), r1.epoch(0), strict=True), strict=False)]
+    two = run(2, cfg, per_rank, str(tmp_path / "two.pt"))
+    one = run(1, cfg, [concat(a, b) for a, b in per_rank], str(tmp_path / "one.pt"))
+    assert set(two["plan"].values()) == {sharding}, two["plan"]
+    assert one["state"].keys() == two["state"].keys()
+    for key, w1 in one["state"].items():
+        torch.testing.assert_close(two["state"][key], w1, atol=1e-5, rtol=1e-5, msg=key)
+    # the global loss is the mean of the two local means
+    for l1, a, b in zip(one["losses"], two["losses"], two["losses_1"], strict=True):
+        assert abs(l1 - (a + b) / 2) < 1e-5
+    # both started from the same weights, and training moved every table
+    for key, w0 in one["init"].items():
+        torch.testing.assert_close(two["init"][key], w0, atol=0, rtol=0, msg=key)
+        if "embedding" in key:
+            assert not torch.equal(w0, one["state"][key]), key
