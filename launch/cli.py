@@ -52,17 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """Keep library chatter (planner tables, deprecation notes) off the user's terminal."""
     warnings.filterwarnings("ignore")
-    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
+    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu", ""):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet()
+    quiet_libraries()
+    from launch.ray_train import WorkerFailed
     from trainer.data import DataError
 
     try:
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if result is not None:
+    except WorkerFailed as e:
+        print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
+        return 2 if e.user_error else 1
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank runs main(); rank 0 prints
+    if result is not None and rank == 0:
         print(json.dumps(result), flush=True)
     return 0
 
@@ -85,9 +90,14 @@ def _run(args: argparse.Namespace) -> dict | None:
 
         return generate.run(args)
     if args.command == "train":
-        from trainer.loop import train
+        cfg = load_config(args.config, args.overrides)
+        if cfg.launch.launcher == "local":
+            from trainer.loop import train
 
-        return train(load_config(args.config, args.overrides), progress=not args.no_progress)
+            return train(cfg, progress=not args.no_progress)
+        from launch import ray_train
+
+        return ray_train.run(cfg, cfg.launch.ray_address, progress=not args.no_progress)
     if args.command == "eval":
         from trainer import checkpoint
         from trainer.loop import evaluate_checkpoint

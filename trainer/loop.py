@@ -7,6 +7,7 @@ the dense optimizer of the config. Only rank 0 logs and writes.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -38,15 +39,15 @@ DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """The launcher's process group, or a 1-process gloo group on loopback for a local run."""
+def process_group(backend: str = "gloo") -> Iterator[tuple[int, int]]:
+    """The launcher's process group, or a 1-process group on loopback for a local run."""
     if dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield 0, 1
     finally:
@@ -92,10 +93,19 @@ def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return DENSE_OPTIMIZERS[cfg.dense_optimizer.type](params.values(), lr=cfg.dense_optimizer.lr)
 
 
+def worker_device(cfg: Config) -> torch.device:
+    """cuda:LOCAL_RANK with launch.use_gpu (torchrun and Ray Train set LOCAL_RANK), else the CPU."""
+    if not cfg.launch.use_gpu:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def train(cfg: Config, progress: bool = True) -> dict:
-    """Train `cfg` on this process group's ranks; returns rank 0's final metrics."""
-    device = torch.device("cpu")
-    with process_group() as (rank, world):
+    """Train `cfg` on this process group's ranks; returns the final metrics (on every rank)."""
+    device = worker_device(cfg)
+    with process_group("nccl" if cfg.launch.use_gpu else "gloo") as (rank, world):
         out = Path(cfg.train.out_dir)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +141,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
                     loss_sum, loss_n = 0.0, 0
             bar.close()
         train_seconds = time.perf_counter() - t0
-        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0)
+        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
         result.update(
             model=cfg.model.name,
             steps=step,
@@ -169,14 +179,15 @@ def _log(f, **record) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False) -> dict:
+def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False,
+             device: torch.device = torch.device("cpu")) -> dict:
     """Exact AUC, GAUC (Eq. 10) and logloss over every rank's share of the eval set."""
     model.eval()
     probs, labels, users, oracle = [], [], [], []
     bar = tqdm(total=stream.rows_for(0), unit="samples", unit_scale=True, desc="eval",
                disable=not progress, mininterval=1.0)
     for batch in stream.epoch(0):
-        probs.append(torch.sigmoid(model(batch)).numpy())
+        probs.append(torch.sigmoid(model(batch.to(device))).cpu().numpy())
         labels.append(batch.labels.numpy())
         users.append(batch.users.numpy())
         if batch.p_click is not None:
@@ -198,10 +209,11 @@ def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False) ->
 
 def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
     """Rebuild the config's model, load a checkpoint into it (any sharding), evaluate the test set."""
-    with process_group() as (rank, world):
-        model = build_model(cfg, world, torch.device("cpu"))
+    with process_group("nccl" if cfg.launch.use_gpu else "gloo") as (rank, world):
+        device = worker_device(cfg)
+        model = build_model(cfg, world, device)
         meta = checkpoint.load(path, model)
-        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0)
+        result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
         result.update(model=cfg.model.name, checkpoint=str(path), step=meta.get("step"))
         return result
 

@@ -1,0 +1,107 @@
+"""The three launchers run the one worker function: local Ray (`dinrec train`), `ray job submit`
+against a head started by the test, and torchrun; a failing worker is one line naming its rank."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from launch.cli import main
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_args(tiny_data, out, *extra):
+    return ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
+            f"data.test={tiny_data / 'test'}", f"train.out_dir={out}", *extra]
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_local_ray_two_workers(tiny_data, tmp_path, capsys):
+    assert main(["train", *tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2")]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert r["samples"] == TEST_ROWS  # exact eval over both ranks, padding removed
+    assert r["model"] == "din" and 0 < r["auc"] < 1
+    log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["rows_per_rank"] and sum(log[0]["rows_per_rank"]) == 2100
+
+
+def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(tiny_data / "train" / "part-000.parquet", bad / "a.parquet")
+    t = pq.read_table(tiny_data / "train" / "part-001.parquet")
+    lab = t["label"].to_numpy().copy()
+    lab[-1] = 5
+    pq.write_table(t.set_column(0, "label", pa.array(lab)), bad / "x.parquet", row_group_size=100)
+    args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2", f"data.train={bad}")
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dinrec train: error: worker rank ")
+    assert "x.parquet: row group 6: column 'label': value 5 not in {0, 1}" in err
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "launch.torchrun",
+           *tiny_args(tiny_data, tmp_path / "t")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    json_lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    assert len(json_lines) == 1  # rank 0 prints
+    r = json.loads(json_lines[-1])
+    assert r["samples"] == TEST_ROWS and "auc" in r
+    assert (tmp_path / "t" / "checkpoint" / "meta.json").is_file()
+
+
+def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+    temp = Path("/tmp") / f"rayt{port}"  # short: Ray's socket paths must stay under 107 bytes
+    ray = str(BIN / "ray")
+    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--temp-dir={temp}", "--disable-usage-stats"]
+    p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                  "--", "python", "-m", "launch.ray_job", *tiny_args(tiny_data, tmp_path / "j", "launch.workers=2")]
+        t0 = time.time()
+        p = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "succeeded" in p.stdout
+        final = [x for x in p.stdout.splitlines() if x.startswith('{"auc"')]
+        assert final, p.stdout[-3000:]
+        r = json.loads(final[-1])
+        assert r["samples"] == TEST_ROWS and r["model"] == "din"
+        assert time.time() - t0 < 600
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("module", ["launch.ray_job", "launch.torchrun"])
+def test_entry_points_have_help(module):
+    p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and module in p.stdout
