@@ -26,6 +26,10 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(lo)
     lo.add_argument("--batches", type=int, default=2000, help="batches read (default: %(default)s)")
     lo.add_argument("--train-steps", type=int, default=100, help="training steps timed (default: %(default)s)")
+    wk = sub.add_parser("workers", help="training samples/s through local Ray with 1, 2, … workers")
+    config_args(wk)
+    wk.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default: %(default)s)")
+    wk.add_argument("--steps", type=int, default=600, help="steps per run (default: %(default)s)")
     tr = sub.add_parser("train", help="DIN training step: dinrec vs a plain-PyTorch reference")
     config_args(tr)
     tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
@@ -36,6 +40,12 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, args.overrides)
     if args.bench == "loader":
         return bench_loader(cfg, args.batches, args.train_steps)
+    if args.bench == "workers":
+        try:
+            counts = [int(w) for w in args.workers.split(",")]
+        except ValueError:
+            raise ConfigError(f"bench workers: --workers {args.workers!r}: expected e.g. 1,2") from None
+        return bench_workers(cfg, counts, args.steps)
     return bench_train(cfg, args.steps, args.warmup)
 
 
@@ -182,4 +192,34 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "dinrec_samples_per_s": round(ours, 1),
         "reference_samples_per_s": round(reference, 1),
         "ratio_dinrec_over_reference": round(ours / reference, 3),
+    }
+
+
+def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
+    """The config's training through local Ray at each worker count (same per-rank batch size,
+    `steps` steps each, then the full evaluation); global training samples/s of each run."""
+    import tempfile
+    from dataclasses import replace
+
+    from launch import ray_train
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in counts:
+            c = replace(
+                cfg,
+                launch=replace(cfg.launch, launcher="ray", workers=w),
+                train=replace(cfg.train, epochs=1, limit_batches=steps, out_dir=f"{tmp}/w{w}"),
+            )
+            r = ray_train.run(c, None, progress=False)
+            runs[str(w)] = {"train_samples_per_s": r["train_samples_per_s"], "steps": r["steps"],
+                            "train_samples": r["train_samples"], "auc": r["auc"]}
+    base = runs[str(counts[0])]["train_samples_per_s"]
+    return {
+        "bench": "workers",
+        **_machine(),
+        "model": cfg.model.name,
+        "batch_size_per_worker": cfg.data.batch_size,
+        "runs": runs,
+        "speedup_over_first": {w: round(r["train_samples_per_s"] / base, 3) for w, r in runs.items()},
     }

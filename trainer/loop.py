@@ -180,9 +180,10 @@ def _log(f, **record) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False,
-             device: torch.device = torch.device("cpu")) -> dict:
+             device: torch.device | None = None) -> dict:
     """Exact AUC, GAUC (Eq. 10) and logloss over every rank's share of the eval set."""
     model.eval()
+    device = device or torch.device("cpu")
     probs, labels, users, oracle = [], [], [], []
     bar = tqdm(total=stream.rows_for(0), unit="samples", unit_scale=True, desc="eval",
                disable=not progress, mininterval=1.0)
