@@ -54,14 +54,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     started = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(
-                num_cpus=max(cfg.launch.workers, os.cpu_count() or 1),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                runtime_env={"env_vars": env},
-                log_to_driver=True,
-                configure_logging=False,
-            )
+            start_local_ray(max(cfg.launch.workers, os.cpu_count() or 1), env)
         else:
             ray.init(address=address)
         started = True
@@ -87,6 +80,29 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:
+    """A local Ray whose every server listens on 127.0.0.1 only, without a dashboard.
+
+    `_node_ip_address` alone is not enough: Ray then still advertises the machine's outward
+    address and its gRPC servers listen on all interfaces. Turning off Ray's "cluster" mode
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by the driver and by the processes it starts)
+    keeps them all on loopback.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray may be imported already
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+        configure_logging=False,
+    )
 
 
 def _absolute_paths(cfg: Config) -> Config:

@@ -133,11 +133,12 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 loss_sum += loss
                 loss_n += 1
                 bar.update(len(batch) * world)
-                if log and step % cfg.train.log_every == 0:
-                    rate = samples / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
-                    _log(log, step=step, epoch=epoch, samples=samples, loss=loss_sum / loss_n,
-                         samples_per_s=rate)
+                if step % cfg.train.log_every == 0:  # the same steps on every rank
+                    mean = _mean_over_ranks(loss_sum / loss_n, world, device)
+                    if log:
+                        bar.set_postfix(loss=f"{mean:.4f}")
+                        _log(log, step=step, epoch=epoch, samples=samples, loss=mean,
+                             samples_per_s=samples / (time.perf_counter() - t0))
                     loss_sum, loss_n = 0.0, 0
             bar.close()
         train_seconds = time.perf_counter() - t0
@@ -154,8 +155,16 @@ def train(cfg: Config, progress: bool = True) -> dict:
         if log:
             _log(log, step=step, eval=result)
             log.close()
-            (out / "result.json").write_text(json.dumps(result))
         return result
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    """The global-batch mean of a per-rank mean (equal local batch sizes)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:

@@ -105,3 +105,38 @@ def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
 def test_entry_points_have_help(module):
     p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and module in p.stdout
+
+
+def test_local_ray_listens_on_loopback_only():
+    import ipaddress
+
+    import ray
+
+    from launch.ray_train import start_local_ray
+
+    def listeners():  # (address, port) of every listening TCP socket, from /proc/net/tcp{,6}
+        out = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state != "0A":
+                    continue
+                hexip, port = local.split(":")
+                raw = bytes.fromhex(hexip)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                out.add((getattr(ip, "ipv4_mapped", None) or ip, int(port, 16)))
+        return out
+
+    before = listeners()
+    start_local_ray(2, {})
+    try:
+        assert ray.get(ray.remote(lambda: 1).remote()) == 1
+        new = listeners() - before
+        assert new, "Ray started no listener?"
+        outward = sorted(str(a) for a in new if not a[0].is_loopback)
+        assert not outward, outward
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+    finally:
+        ray.shutdown()
