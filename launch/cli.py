@@ -57,7 +57,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu", ""):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def main(argv: list[str] | None = None) -> int:

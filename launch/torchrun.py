@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print("launch.torchrun: error: run me under torchrun (RANK/WORLD_SIZE not set)", file=sys.stderr)
         return 2
     use_gpu = any(a.replace(" ", "") in ("launch.use_gpu=true", "launch.use_gpu=True") for a in argv)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):  # one machine: stay on loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("nccl" if use_gpu else "gloo")
     try:
         return cli.main(["train", *argv, "launch.launcher=local"])
