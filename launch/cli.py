@@ -1,4 +1,4 @@
-"""The `dinrec` command: generate | train | eval | bench.
+"""The `dinrec` command: generate | count-features | train | eval | bench.
 
 Every subcommand takes `--help`. User errors (bad config, bad data, bad flags) print one line on
 stderr and exit with status 2, without a traceback. `train` and `eval` print one JSON object as
@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
     _config_args(e, required=False, baseline=True)
+
+    c = sub.add_parser("count-features", help="per-row sample counts n_j of every table (for MBA), next to the data")
+    _config_args(c)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -104,6 +107,10 @@ def _run(args: argparse.Namespace) -> dict | None:
         base = None if args.config else checkpoint.read_config(args.checkpoint).to_dict()
         cfg = load_config(args.config, args.overrides, base=base)
         return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    if args.command == "count-features":
+        from embedding.counts import write_counts
+
+        return write_counts(load_config(args.config, args.overrides), progress=not args.no_progress)
     if args.command == "bench":
         from tools import bench
 

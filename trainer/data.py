@@ -220,7 +220,7 @@ class ParquetStream:
         if "p_click" in schema.names and not pa.types.is_floating(schema.field("p_click").type):
             raise DataError(f"{path}: column 'p_click': type {schema.field('p_click').type}, expected float32")
 
-    def _read_unit(self, path: str, rg: int, epoch: int, unit_index: int) -> _Chunk:
+    def _read_unit(self, path: str, rg: int, epoch: int, unit_index: int, shuffle: bool | None = None) -> _Chunk:
         where = f"{path}: row group {rg}"
         try:
             table = pq.ParquetFile(path).read_row_group(rg, columns=self.columns)
@@ -268,7 +268,7 @@ class ParquetStream:
         if self.has_p_click:
             scalars["p_click"] = table.column("p_click").to_numpy().astype(np.float32)
         chunk = _Chunk(scalars, lists, table.num_rows)
-        if self.shuffle:
+        if self.shuffle if shuffle is None else shuffle:
             perm = np.random.default_rng([self.seed, epoch, unit_index]).permutation(chunk.n)
             chunk = chunk.take(perm)
         return chunk
@@ -315,6 +315,14 @@ class ParquetStream:
                 yield self._read_unit(path, rg, epoch, i)
             if not cycle:
                 return
+
+    def row_groups(self) -> Iterator[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+        """Every row group of the data set in file order (all ranks' shares), checked and
+        id-mapped like training data: (rows, {feature: (offsets, row ids)}) each, histories cut
+        to max_hist_len, rows in file order."""
+        for i, (path, rg, _) in enumerate(self.units):
+            chunk = self._read_unit(path, rg, epoch=0, unit_index=i, shuffle=False)
+            yield chunk.n, chunk.lists
 
     def _batches(self, epoch: int, total: int) -> Iterator[Batch]:
         own = self.rows_for(epoch)

@@ -1,0 +1,75 @@
+"""n_j from `dinrec count-features` against a per-sample Python count; missing and stale counts."""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embedding.counts import load_counts
+from embedding.tables import hash_ids
+from launch.cli import main
+from tests.conftest import ROOT
+from trainer.config import ConfigError
+from trainer.data import resolve_paths
+
+
+def python_counts(cfg):
+    """For each table, in how many samples each row occurs at least once (any of its features)."""
+    t = pq.read_table(resolve_paths(cfg.data.train)).to_pylist()
+    out = {}
+    for table in cfg.tables:
+        c = Counter()
+        for row in t:
+            ids = set()
+            for f in table.features:
+                v = row[f] if isinstance(row[f], list) else [row[f]]
+                if f.startswith("hist_"):
+                    v = v[-cfg.data.max_hist_len:]
+                if table.id_map == "hash":
+                    v = hash_ids(np.array(v, dtype=np.int64), table.num_rows).tolist()
+                ids.update(v)
+            c.update(ids)
+        out[table.name] = c
+    return out
+
+
+def test_counts_match_a_per_sample_count(tiny_cfg, tiny_data, tmp_path, capsys):
+    # a copy of the data, so that counts/ lands in this test's directory
+    data = tmp_path / "train"
+    data.mkdir()
+    for f in (tiny_data / "train").glob("*.parquet"):
+        (data / f.name).write_bytes(f.read_bytes())
+    cfg = tiny_cfg(f"data.train={data}", "data.max_hist_len=7")
+    args = ["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress",
+            f"data.train={data}", "data.max_hist_len=7"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 2100
+    expected = python_counts(cfg)
+    for table in cfg.tables:
+        n = load_counts(cfg, table)
+        assert n.dtype == np.uint32 and n.shape == (table.num_rows,)  # 4 bytes per row
+        want = np.zeros(table.num_rows, np.int64)
+        for row, k in expected[table.name].items():
+            want[row] = k
+        np.testing.assert_array_equal(n, want, err_msg=table.name)
+        assert summary["tables"][table.name]["rows_touched"] == int((want > 0).sum())
+    # stale: another table size, another history cut, a rewritten file
+    with pytest.raises(ConfigError, match="counts of table 'item' are stale"):
+        load_counts(tiny_cfg(f"data.train={data}", "data.max_hist_len=7", "tables.0.num_rows=600"),
+                    tiny_cfg(f"data.train={data}", "tables.0.num_rows=600").tables[0])
+    with pytest.raises(ConfigError, match="stale"):
+        load_counts(tiny_cfg(f"data.train={data}"), cfg.tables[1])
+    f = next(data.glob("*.parquet"))
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match="stale"):
+        load_counts(cfg, cfg.tables[0])
+
+
+def test_missing_counts_say_how_to_make_them(tiny_cfg, tiny_data):
+    cfg = tiny_cfg()
+    with pytest.raises(ConfigError, match="no feature counts .*dinrec count-features"):
+        load_counts(cfg, cfg.tables[0])
