@@ -44,18 +44,21 @@ def save(path: str | Path, model: nn.Module, cfg: Config, meta: dict) -> Path:
     return path
 
 
-def read_config(path: str | Path) -> Config:
+def _checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
-    if not (path / "meta.json").is_file():
+    if not (path / "meta.json").is_file():  # meta.json is written last: no meta, no checkpoint
         raise ConfigError(f"{path}: not a dinrec checkpoint (no meta.json)")
+    return path
+
+
+def read_config(path: str | Path) -> Config:
+    path = _checkpoint_dir(path)
     return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
 
 
 def load(path: str | Path, model: nn.Module) -> dict:
     """Load the model state in place (whatever its sharding now); return the checkpoint's meta."""
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"{path}: not a dinrec checkpoint (no meta.json)")
+    path = _checkpoint_dir(path)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])

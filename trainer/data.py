@@ -41,13 +41,10 @@ class Batch:
     p_click: torch.Tensor | None = None  # [B] float32, generator's true probability if present
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            **{
-                f.name: (v.to(device=device, non_blocking=non_blocking) if v is not None else None)
-                for f in fields(self)
-                for v in [getattr(self, f.name)]
-            }
-        )
+        def move(v):
+            return None if v is None else v.to(device=device, non_blocking=non_blocking)
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def __len__(self) -> int:
         return self.labels.numel()
