@@ -29,7 +29,7 @@ def test_update_matches_eq7_over_several_steps(adagrad, lam):
     weight, state = torch.tensor(w0), torch.zeros(R)
     ref_w, ref_s = w0.astype(np.float64), np.zeros(R)
     touched = set()
-    for step in range(5):
+    for _ in range(5):
         rows = rng.integers(0, 30, 40)  # rows >= 30 are never touched; repeats within the batch
         rows[:5] = rows[0]
         grads = rng.standard_normal((40, D)).astype(np.float32)
