@@ -27,9 +27,9 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
     import ray.train
 
     from launch.cli import quiet_libraries
-    from trainer.loop import train
 
-    quiet_libraries()
+    quiet_libraries()  # before torchrec and fbgemm are imported: they log at import
+    from trainer.loop import train
 
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
@@ -101,6 +101,7 @@ def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
         configure_logging=False,
     )
 
