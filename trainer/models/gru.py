@@ -1,0 +1,74 @@
+"""GRU cells of DIEN (dien-paper.md §4): the interest extractor's GRU (Eq. 2–5) and the interest
+evolving variants with attention (AIGRU Eq. 9, AGRU Eq. 10, AUGRU Eq. 11–13).
+
+Gate convention follows torch.nn.GRU, so that its weights load unchanged: z = σ(W_z x + U_z h),
+r = σ(W_r x + U_r h), h̃ = tanh(W_h x + r ∘ (U_h h)) (biases included), and the paper's update
+gate is u = 1 − z:
+
+    GRU:    h' = (1 − u) ∘ h + u ∘ h̃
+    AUGRU:  ũ = a · u,  h' = (1 − ũ) ∘ h + ũ ∘ h̃      (attention scales every dimension of u)
+    AGRU:   h' = (1 − a) · h + a · h̃                   (attention replaces u)
+    AIGRU:  the GRU on the input a · x
+
+Shape legend: B batch, T steps, I input size, H hidden size; a is one scalar per row and step.
+`run_sequence` is the plain step loop, the reference for the fused DIEN implementation to come.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("gru", "aigru", "agru", "augru")
+
+
+class AttentionGRUCell(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.x2h = nn.Linear(input_size, 3 * hidden_size)  # rows: r, z, h̃ (torch.nn.GRU order)
+        self.h2h = nn.Linear(hidden_size, 3 * hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor | None = None,
+                kind: str = "gru") -> torch.Tensor:
+        # x [B, I], h [B, H], att [B] -> h' [B, H]
+        if kind == "aigru":
+            x = att.unsqueeze(1) * x
+        xr, xz, xn = self.x2h(x).chunk(3, 1)
+        hr, hz, hn = self.h2h(h).chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        u = torch.sigmoid(-(xz + hz))  # = 1 − z
+        cand = torch.tanh(xn + r * hn)
+        if kind == "augru":
+            u = att.unsqueeze(1) * u
+        elif kind == "agru":
+            u = att.unsqueeze(1).expand_as(u)
+        return h + u * (cand - h)
+
+    def load_torch_gru(self, gru: nn.GRU) -> None:
+        """Copy the weights of a one-layer torch.nn.GRU (batch_first or not)."""
+        self.x2h.weight.data.copy_(gru.weight_ih_l0)
+        self.x2h.bias.data.copy_(gru.bias_ih_l0)
+        self.h2h.weight.data.copy_(gru.weight_hh_l0)
+        self.h2h.bias.data.copy_(gru.bias_hh_l0)
+
+
+def run_sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
+                 att: torch.Tensor | None = None, kind: str = "gru") -> tuple[torch.Tensor, torch.Tensor]:
+    """States of every step [B, T, H] and the state after each row's last real step [B, H].
+
+    Steps at or beyond a row's length leave its state unchanged (padding has no effect);
+    their entries in the first output are zeros.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown GRU kind {kind!r} (one of {', '.join(KINDS)})")
+    b, t, _ = x.shape
+    h = x.new_zeros(b, cell.hidden_size)
+    states = []
+    for step in range(t):
+        a = att[:, step] if att is not None else None
+        new = cell(x[:, step], h, a, kind)
+        real = (step < lengths).unsqueeze(1)
+        h = torch.where(real, new, h)
+        states.append(torch.where(real, new, torch.zeros_like(new)))
+    return torch.stack(states, 1) if states else x.new_zeros(b, 0, cell.hidden_size), h
