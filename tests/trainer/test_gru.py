@@ -65,3 +65,22 @@ def test_augru_cell_gradcheck_float64():
                                                              strict=True)), (x, h, a, "augru")),
         params,
     )
+
+
+def test_auxiliary_loss_equals_numpy_eq6():
+    import numpy as np
+
+    from trainer.models.dien import auxiliary_loss
+
+    rng = np.random.default_rng(0)
+    B, T, H = 3, 5, 4
+    h, e, e_neg = (rng.standard_normal((B, T, H)) for _ in range(3))
+    lengths = np.array([5, 2, 0])
+    total = 0.0
+    for i in range(B):
+        for t in range(lengths[i] - 1):  # h_t is supervised by behaviour t + 1
+            sig = lambda a, b: 1 / (1 + np.exp(-(a @ b)))  # noqa: E731
+            total += np.log(sig(h[i, t], e[i, t + 1])) + np.log(1 - sig(h[i, t], e_neg[i, t + 1]))
+    want = -total / B
+    got = auxiliary_loss(*(torch.tensor(a) for a in (h, e, e_neg)), torch.tensor(lengths))
+    assert abs(float(got) - want) < 1e-10
