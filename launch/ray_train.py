@@ -48,6 +48,8 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainer.loop import backend
+
     env = {"GLOO_SOCKET_IFNAME": "lo"} if address is None else {}
     if address is None:  # local workers need not share the driver's working directory
         cfg = _absolute_paths(cfg)
@@ -68,7 +70,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
                 use_gpu=cfg.launch.use_gpu,
                 resources_per_worker=None if cfg.launch.use_gpu else {"CPU": 1},
             ),
-            torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
+            torch_config=TorchConfig(backend=backend(cfg)),
             run_config=RunConfig(storage_path=str(storage), name="train"),
         )
         try:

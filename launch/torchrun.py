@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch.distributed as dist
-
 from launch import cli
 
 
@@ -24,14 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ:
         print("launch.torchrun: error: run me under torchrun (RANK/WORLD_SIZE not set)", file=sys.stderr)
         return 2
-    use_gpu = any(a.replace(" ", "") in ("launch.use_gpu=true", "launch.use_gpu=True") for a in argv)
-    if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):  # one machine: stay on loopback
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("nccl" if use_gpu else "gloo")
-    try:
-        return cli.main(["train", *argv, "launch.launcher=local"])
-    finally:
-        dist.destroy_process_group()
+    # The worker makes its process group from torchrun's environment (trainer.loop.process_group).
+    return cli.main(["train", *argv, "launch.launcher=local"])
 
 
 if __name__ == "__main__":

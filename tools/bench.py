@@ -99,7 +99,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
     loader_rate = n_rows / loader_seconds
     # --- what training consumes: the training step on in-memory batches, all cores
     data = _take(cfg, train_steps + 10)
-    with process_group() as (_, world):
+    with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
         train_rate = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup=10)
@@ -154,7 +154,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
     data = _take(cfg, warmup + steps)
     lr = cfg.sparse_optimizer.lr
     # --- ours
-    with process_group() as (_, world):
+    with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
         ours = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup)

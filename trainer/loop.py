@@ -38,19 +38,30 @@ SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
+def backend(cfg: Config) -> str:
+    return "nccl" if cfg.launch.use_gpu else "gloo"
+
+
 @contextmanager
-def process_group(backend: str = "gloo") -> Iterator[tuple[int, int]]:
-    """The launcher's process group, or a 1-process group on loopback for a local run."""
+def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
+    """The process group of this worker: the launcher's (Ray Train sets one up), one from
+    torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a 1-process group on
+    loopback for a local run. Groups made here are destroyed on exit."""
     if dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-process group stays on loopback
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):  # one machine: loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group(backend(cfg))
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-process group stays on loopback
+        dist.init_process_group(backend(cfg), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        yield 0, 1
+        yield dist.get_rank(), dist.get_world_size()
     finally:
         dist.destroy_process_group()
 
@@ -106,7 +117,7 @@ def worker_device(cfg: Config) -> torch.device:
 def train(cfg: Config, progress: bool = True) -> dict:
     """Train `cfg` on this process group's ranks; returns the final metrics (on every rank)."""
     device = worker_device(cfg)
-    with process_group("nccl" if cfg.launch.use_gpu else "gloo") as (rank, world):
+    with process_group(cfg) as (rank, world):
         out = Path(cfg.train.out_dir)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +231,7 @@ def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False,
 
 def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
     """Rebuild the config's model, load a checkpoint into it (any sharding), evaluate the test set."""
-    with process_group("nccl" if cfg.launch.use_gpu else "gloo") as (rank, world):
+    with process_group(cfg) as (rank, world):
         device = worker_device(cfg)
         model = build_model(cfg, world, device)
         meta = checkpoint.load(path, model)
