@@ -57,8 +57,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SparseOptimizerConfig:
-    type: Literal["sgd", "rowwise_adagrad"] = "rowwise_adagrad"
+    # *_mba: the same optimizer with mini-batch-aware L2 (DIN Eq. 7) on the rows each batch touches.
+    type: Literal["sgd", "rowwise_adagrad", "sgd_mba", "rowwise_adagrad_mba"] = "rowwise_adagrad"
     lr: float = 0.05
+    lam: float = field(default=0.0, metadata={"key": "lambda"})  # MBA λ (YAML key `lambda`)
+    # n_j: `online` counts the samples seen so far (this batch included); `static` reads the
+    # counts that `dinrec count-features` wrote next to the training data.
+    counts: Literal["online", "static"] = "online"
+    kernel: Literal["auto", "torch", "triton"] = "auto"  # MBA row update (auto: Triton on CUDA)
+
+    @property
+    def base(self) -> str:
+        """The FBGEMM optimizer underneath: sgd or rowwise_adagrad."""
+        return self.type.removesuffix("_mba")
+
+    @property
+    def mba(self) -> bool:
+        return self.type.endswith("_mba")
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,20 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in YAML (a Python keyword such as `lambda` is stored under another name)."""
+    return f.metadata.get("key", f.name)
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    return obj
 
 
 def load_config(
@@ -170,7 +198,7 @@ def build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -179,7 +207,7 @@ def build(cls: type, raw: Any, path: str) -> Any:
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
         if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], sub)
+            kwargs[f.name] = _convert(hints[f.name], raw[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required key missing")
     obj = cls(**kwargs)
@@ -246,6 +274,10 @@ class _CHECKS:
     @staticmethod
     def SparseOptimizerConfig(c: SparseOptimizerConfig, path: str) -> None:
         _positive(c.lr, f"{path}.lr")
+        if c.lam < 0:
+            raise ConfigError(f"{path}.lambda: must be >= 0, got {c.lam}")
+        if c.lam and not c.mba:
+            raise ConfigError(f"{path}.lambda: set, but type {c.type!r} has no MBA (use {c.type}_mba)")
 
     @staticmethod
     def DenseOptimizerConfig(c: DenseOptimizerConfig, path: str) -> None:

@@ -27,6 +27,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from embedding import mba_tbe
+from embedding.counts import load_counts
 from embedding.planner import plan_on_the_fly
 from embedding.tables import FeatureLayout, init_rows
 from trainer import checkpoint, metrics
@@ -73,12 +75,33 @@ def build_model(cfg: Config, world_size: int, device: torch.device) -> Distribut
     # Tables on meta (DMP allocates each rank's shards); the dense tower is built on the CPU.
     model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
     sopt = cfg.sparse_optimizer
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.type], model.sparse.parameters(), {"lr": sopt.lr})
-    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.base], model.sparse.parameters(), {"lr": sopt.lr})
+    fused = None
+    if sopt.mba:  # MBA rides on the base optimizer's fused kernel (embedding/mba_tbe.py)
+        mba_tbe.install()
+        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
+    sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
     plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     init_tables(dmp, layout, cfg.train.seed)
+    if sopt.mba and sopt.counts == "static":
+        load_static_counts(dmp, cfg)
     return dmp
+
+
+def load_static_counts(model: nn.Module, cfg: Config) -> None:
+    """Fill every MBA shard's n_j with its rows of the `dinrec count-features` counts."""
+    tables = {t.name: t for t in cfg.tables}
+    cache: dict[str, np.ndarray] = {}
+    for kernel, module in mba_tbe.mba_modules(model):
+        for table, counts in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True):
+            if table.name not in cache:
+                full = load_counts(cfg, tables[table.name])
+                if full.size and int(full.max()) >= 2**31:
+                    raise ValueError(f"table {table.name}: a count of {int(full.max())} exceeds int32")
+                cache[table.name] = full
+            r0 = table.local_metadata.shard_offsets[0]
+            counts.copy_(torch.from_numpy(cache[table.name][r0 : r0 + counts.numel()].astype(np.int32)))
 
 
 def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:

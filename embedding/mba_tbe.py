@@ -1,0 +1,285 @@
+"""The MBA fused optimizer inside torchrec's sharded embedding kernels.
+
+How it plugs in (one mechanism for every sharding type and both collection kinds):
+
+- The sparse optimizer of the config becomes torchrec `fused_params`: the base FBGEMM optimizer
+  (EXACT_SGD or EXACT_ROWWISE_ADAGRAD, learning rate, eps) plus an `mba` entry (`MBAParams`).
+- `install()` wraps the kernel factory of torchrec's two grouped lookups
+  (`GroupedPooledEmbeddingsLookup` for EmbeddingBagCollection, `GroupedEmbeddingsLookup` for
+  EmbeddingCollection): a FUSED group whose fused_params carry `mba` gets `MBAFusedEmbeddingBag` /
+  `MBAFusedEmbedding`; every other group gets torchrec's own kernel. The sharding classes,
+  input/output dists, planner, sharded state_dict and fused-optimizer plumbing are torchrec's.
+- Those kernels are torchrec's `BatchedFusedEmbeddingBag` / `BatchedFusedEmbedding` whose FBGEMM
+  module (the weights and the Adagrad state of the shard, on the device that torchrec chose) is
+  wrapped by `MBATableBatchedEmbedding`: its forward is the lookup, its backward is the fused MBA
+  update of embedding.mba on the touched rows. It owns `mba_count`, the per-row n_j (int32, 4
+  bytes per row), which the fused optimizer exposes as the row-wise state `<table>.mba_count`,
+  sharded like its table (column-wise shards each keep their rows' counts).
+
+Gradients: torchrec's collectives hand the kernel the gradient of the global-batch mean loss
+(they divide by the world size), so the per-row sum over occurrences is ḡ_j of Eq. 7 whatever the
+sharding; the 2-rank = 1-rank tests check this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from embedding import mba
+
+MBA_KEY = "mba"
+
+
+@dataclass(frozen=True)
+class MBAParams:
+    """The MBA part of a table group's fused_params (hashable: torchrec groups tables by it)."""
+
+    lam: float
+    counts: str = "online"  # online | static
+    eps: float = 1e-8  # row-wise Adagrad only
+    kernel: str = "auto"  # auto | torch | triton
+
+    def __post_init__(self) -> None:
+        if self.counts not in ("online", "static"):
+            raise ValueError(f"MBA counts must be 'online' or 'static', got {self.counts!r}")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"MBA kernel must be auto, torch or triton, got {self.kernel!r}")
+        if self.lam < 0:
+            raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
+
+
+def _optim_types():
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    return {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+
+
+def fused_params(base: str, lr: float, mba_params: MBAParams | None, eps: float = 1e-8) -> dict[str, Any]:
+    """torchrec fused_params for the base optimizer `base` (sgd | rowwise_adagrad), with MBA on top
+    when mba_params is given."""
+    params: dict[str, Any] = {"optimizer": _optim_types()[base], "learning_rate": lr}
+    if base == "rowwise_adagrad":
+        params["eps"] = eps
+    if mba_params is not None:
+        params[MBA_KEY] = mba_params
+    return params
+
+
+class _LookupWithMBA(torch.autograd.Function):
+    """Forward: the lookup. Backward: the MBA update on the touched rows; no gradient flows to the
+    weights (they are updated in place, as in FBGEMM's fused backward)."""
+
+    @staticmethod
+    def forward(ctx, placeholder: torch.Tensor, module: MBATableBatchedEmbedding, indices: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+        ctx.module = module
+        ctx.save_for_backward(indices, offsets)
+        return module.lookup(indices, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        indices, offsets = ctx.saved_tensors
+        ctx.module.apply_update(indices, offsets, grad_output.contiguous())
+        return None, None, None, None
+
+
+class MBATableBatchedEmbedding(nn.Module):
+    """An FBGEMM table-batched embedding module (pooled or not) whose optimizer is MBA.
+
+    The FBGEMM module `inner` keeps its storage, placement, Adagrad state, learning rate and
+    everything torchrec asks of it (attribute access falls through to it); this module replaces
+    its forward/backward.
+    """
+
+    def __init__(self, inner: nn.Module, params: MBAParams, pooled: bool) -> None:
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        if inner.optimizer not in (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD):
+            raise ValueError(f"MBA runs on top of EXACT_SGD or EXACT_ROWWISE_ADAGRAD, not {inner.optimizer}")
+        self.inner = inner
+        self.params = params
+        self.pooled = pooled
+        self.adagrad = inner.optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+        self.feature_table_map = list(inner.feature_table_map)
+        specs = [(int(s[0]), int(s[1])) for s in inner.embedding_specs]
+        self.table_rows = [r for r, _ in specs]
+        self.table_dims = [d for _, d in specs]
+        device = inner.split_embedding_weights()[0].device if specs else torch.device("cpu")
+        self.register_buffer("mba_count", torch.zeros(sum(self.table_rows), dtype=torch.int32, device=device))
+        self._lr = float(inner.get_learning_rate())
+        self._eps = float(getattr(inner.optimizer_args, "eps", params.eps))
+        # A parameter that requires grad so that autograd reaches our backward (FBGEMM does the same).
+        self.placeholder = nn.Parameter(torch.zeros(0, device=device), requires_grad=True)
+        if params.kernel == "triton" and not mba.triton_usable(device):
+            raise ValueError("MBA kernel 'triton' needs a CUDA device or TRITON_INTERPRET=1 with triton installed")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+    # ---- what torchrec asks of an FBGEMM module -------------------------------------------------
+    def counts_by_table(self) -> list[torch.Tensor]:
+        return list(torch.split(self.mba_count, self.table_rows))
+
+    def split_embedding_weights(self) -> list[torch.Tensor]:
+        return self.inner.split_embedding_weights()
+
+    def get_optimizer_state(self) -> list[dict[str, torch.Tensor]]:
+        states = self.inner.get_optimizer_state() if self.adagrad else [{} for _ in self.table_rows]
+        return [{**s, "mba_count": c} for s, c in zip(states, self.counts_by_table(), strict=True)]
+
+    def split_optimizer_states(self) -> list[list[torch.Tensor]]:
+        return [list(s.values()) for s in self.get_optimizer_state()]
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.inner.set_learning_rate(lr)
+        self._lr = float(lr)
+
+    def get_learning_rate(self) -> float:
+        return self._lr
+
+    # ---- forward / backward ---------------------------------------------------------------------
+    def _features(self, offsets: torch.Tensor) -> tuple[int, list[tuple[int, int, int]]]:
+        """Batch size and, per feature, (table, first bag, index range start/end bag)."""
+        n_features = len(self.feature_table_map)
+        bags = offsets.numel() - 1
+        if n_features == 0 or bags % n_features:
+            raise ValueError(f"MBA lookup: {bags} bags for {n_features} features (variable batch sizes are not supported)")
+        return bags // n_features, [(t, f) for f, t in enumerate(self.feature_table_map)]
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights=None, **kwargs) -> torch.Tensor:
+        if per_sample_weights is not None or kwargs:
+            raise ValueError("MBA embeddings do not support per-sample weights or variable batch sizes")
+        indices, offsets = indices.long(), offsets.long()
+        if not torch.is_grad_enabled():
+            return self.lookup(indices, offsets)
+        return _LookupWithMBA.apply(self.placeholder, self, indices, offsets)
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        weights = self.inner.split_embedding_weights()
+        b, feats = self._features(offsets)
+        bounds = offsets[:: b].tolist() if b else [0] * (len(feats) + 1)
+        outs = []
+        for t, f in feats:
+            ids = indices[bounds[f] : bounds[f + 1]]
+            w = weights[t]
+            if self.pooled:
+                off = offsets[f * b : (f + 1) * b + 1] - bounds[f]
+                outs.append(nn.functional.embedding_bag(ids, w, off, mode="sum", include_last_offset=True).float())
+            else:
+                outs.append(nn.functional.embedding(ids, w).float())
+        if not outs:
+            return torch.zeros(0, device=indices.device)
+        return torch.cat(outs, dim=1 if self.pooled else 0)
+
+    @torch.no_grad()
+    def apply_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor) -> None:
+        weights = self.inner.split_embedding_weights()
+        momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
+        counts = self.counts_by_table()
+        b, feats = self._features(offsets)
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths)
+        bounds = offsets[:: b].tolist() if b else [0] * (len(feats) + 1)
+        grad_flat = grad_output.reshape(-1)
+        width = grad_output.shape[1] if grad_output.dim() == 2 else 0
+        col = 0
+        per_table: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for t, f in feats:
+            lo, hi = bounds[f], bounds[f + 1]
+            ids = indices[lo:hi]
+            if self.pooled:  # the bag's row of the [B, ΣD] output, at this feature's columns
+                src = (bag[lo:hi] - f * b) * width + col
+                col += self.table_dims[t]
+            else:  # the lookup's own row of the [N, D] output
+                src = torch.arange(lo, hi, device=indices.device) * self.table_dims[t]
+            per_table.setdefault(t, []).append((ids, src, bag[lo:hi] % b if b else bag[lo:hi]))
+        update = {"auto": mba.update_rows, "torch": mba.update_rows_torch,
+                  "triton": mba.update_rows_triton}[self.params.kernel]
+        for t, parts in per_table.items():
+            ids = torch.cat([p[0] for p in parts])
+            src = torch.cat([p[1] for p in parts])
+            if self.params.counts == "online":
+                mba.count_samples_(counts[t], ids, torch.cat([p[2] for p in parts]))
+            seg = mba.segments(ids, src)
+            update(weights[t], momenta[t] if momenta else None, counts[t], seg, grad_flat,
+                   self._lr, self.params.lam, self._eps)
+
+
+def _strip_mba(config):
+    """The group config without our key, for torchrec/FBGEMM constructors that pass fused_params on."""
+    fp = dict(config.fused_params or {})
+    params = fp.pop(MBA_KEY)
+    return dataclasses.replace(config, fused_params=fp), params
+
+
+def _make_kernel_classes():
+    from torchrec.distributed.batched_embedding_kernel import (
+        BatchedFusedEmbedding,
+        BatchedFusedEmbeddingBag,
+        EmbeddingFusedOptimizer,
+    )
+
+    class MBAFusedEmbeddingBag(BatchedFusedEmbeddingBag):
+        """torchrec's fused pooled kernel with the MBA optimizer (see module docstring)."""
+
+        def __init__(self, config, pg=None, device=None, sharding_type=None, env=None) -> None:
+            config, params = _strip_mba(config)
+            super().__init__(config, pg, device, sharding_type, env)
+            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=True)
+            self._optim = EmbeddingFusedOptimizer(config, self._emb_module, pg)
+
+    class MBAFusedEmbedding(BatchedFusedEmbedding):
+        """torchrec's fused sequence kernel with the MBA optimizer (see module docstring)."""
+
+        def __init__(self, config, pg=None, device=None) -> None:
+            config, params = _strip_mba(config)
+            super().__init__(config, pg, device)
+            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=False)
+            self._optim = EmbeddingFusedOptimizer(config, self._emb_module, pg)
+
+    return MBAFusedEmbeddingBag, MBAFusedEmbedding
+
+
+@functools.cache
+def install() -> tuple[type, type]:
+    """Route FUSED table groups with `mba` fused_params to our kernels (idempotent)."""
+    from torchrec.distributed import embedding_lookup as el
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
+    bag_cls, seq_cls = _make_kernel_classes()
+
+    def wants_mba(config) -> bool:
+        return config.compute_kernel == EmbeddingComputeKernel.FUSED and MBA_KEY in (config.fused_params or {})
+
+    pooled_factory = el.GroupedPooledEmbeddingsLookup._create_embedding_kernel
+    seq_factory = el.GroupedEmbeddingsLookup._create_embedding_kernel
+
+    def pooled_kernel(self, config, device, pg, sharding_type, env=None):
+        if wants_mba(config):
+            return bag_cls(config=config, pg=pg, device=device, sharding_type=sharding_type, env=env)
+        return pooled_factory(self, config, device, pg, sharding_type, env)
+
+    def seq_kernel(self, config, pg, device, env=None):
+        if wants_mba(config):
+            return seq_cls(config=config, pg=pg, device=device)
+        return seq_factory(self, config, pg, device, env)
+
+    el.GroupedPooledEmbeddingsLookup._create_embedding_kernel = pooled_kernel
+    el.GroupedEmbeddingsLookup._create_embedding_kernel = seq_kernel
+    return bag_cls, seq_cls
+
+
+def mba_modules(model: nn.Module) -> list[tuple[Any, MBATableBatchedEmbedding]]:
+    """(torchrec kernel, its MBA module) for every MBA kernel in a sharded model."""
+    return [(m, m._emb_module) for m in model.modules()
+            if isinstance(getattr(m, "_emb_module", None), MBATableBatchedEmbedding)]
