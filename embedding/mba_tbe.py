@@ -13,8 +13,10 @@ How it plugs in (one mechanism for every sharding type and both collection kinds
   module (the weights and the Adagrad state of the shard, on the device that torchrec chose) is
   wrapped by `MBATableBatchedEmbedding`: its forward is the lookup, its backward is the fused MBA
   update of embedding.mba on the touched rows. It owns `mba_count`, the per-row n_j (int32, 4
-  bytes per row), which the fused optimizer exposes as the row-wise state `<table>.mba_count`,
-  sharded like its table (column-wise shards each keep their rows' counts).
+  bytes per row), which the fused optimizer exposes as a row-wise state sharded like its table
+  (column-wise shards each keep their rows' counts): `<table>.mba_count` after Adagrad's
+  `<table>.momentum1`, or, with SGD, `<table>.momentum1` itself (torchrec names a table's first
+  optimizer state momentum1 whatever it holds).
 
 Gradients: torchrec's collectives hand the kernel the gradient of the global-batch mean loss
 (they divide by the world size), so the per-row sum over occurrences is ḡ_j of Eq. 7 whatever the
@@ -280,6 +282,13 @@ def install() -> tuple[type, type]:
 
 
 def mba_modules(model: nn.Module) -> list[tuple[Any, MBATableBatchedEmbedding]]:
-    """(torchrec kernel, its MBA module) for every MBA kernel in a sharded model."""
-    return [(m, m._emb_module) for m in model.modules()
-            if isinstance(getattr(m, "_emb_module", None), MBATableBatchedEmbedding)]
+    """(torchrec kernel, its MBA module) for every MBA kernel in a sharded model (torchrec keeps
+    a sharded collection's lookups in a plain list, outside `modules()`)."""
+    found, seen = [], set()
+    for m in model.modules():
+        for lookup in getattr(m, "_lookups", None) or []:
+            for k in lookup.modules():
+                if isinstance(getattr(k, "_emb_module", None), MBATableBatchedEmbedding) and id(k) not in seen:
+                    seen.add(id(k))
+                    found.append((k, k._emb_module))
+    return found

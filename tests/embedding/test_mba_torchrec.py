@@ -1,0 +1,255 @@
+"""MBA inside torchrec's sharded kernels (DistributedModelParallel, gloo) against numpy Eq. 7.
+
+One model with a pooled EmbeddingBagCollection (table t1 read by two features, t2 by one) and a
+sequence EmbeddingCollection (table s read by a candidate and a history feature). The loss is
+Σ output ⊙ C with fixed random C, so d loss / d output = C and the numpy reference knows each
+lookup's gradient without autograd: a pooled lookup of sample b gets C_f[b], a sequence lookup i
+gets S_f[i]. Ids repeat within a sample, across samples and across the two features of a table.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.trainer.test_distributed import free_port
+
+POOLED = {"t1": (40, 8, ["a", "b"]), "t2": (30, 4, ["c"])}
+SEQ = {"s": (50, 8, ["x", "hist_x"])}
+TABLES = {**POOLED, **SEQ}
+B, STEPS, LR = 6, 4, 0.3
+
+
+def make_batches(seed, world=1):
+    """STEPS global batches: per feature, lengths [B*world] and ids."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(STEPS):
+        feats = {}
+        for name, (rows, dim, features) in TABLES.items():
+            hot = rng.integers(0, rows - 8, 6)  # rows >= rows-8 are never touched
+            for f in features:
+                lengths = rng.integers(0, 5, B * world) if f != "x" else np.ones(B * world, dtype=np.int64)
+                ids = rng.choice(hot, lengths.sum())  # few hot ids: repeats everywhere
+                feats[f] = (lengths, ids)
+        grads = {}
+        for name, (rows, dim, features) in TABLES.items():
+            for f in features:
+                n = B * world if name in POOLED else int(feats[f][0].sum())
+                grads[f] = rng.standard_normal((n, dim)).astype(np.float32)
+        batches.append((feats, grads))
+    return batches
+
+
+def initial_weights(seed):
+    rng = np.random.default_rng(seed + 100)
+    return {t: rng.standard_normal((rows, dim)).astype(np.float32) for t, (rows, dim, _) in TABLES.items()}
+
+
+def numpy_reference(batches, w0, lam, counts0, online, adagrad, eps=1e-8):
+    """Eq. 7 (or row-wise Adagrad + MBA) step by step, a loop over rows and samples."""
+    w = {t: v.astype(np.float64).copy() for t, v in w0.items()}
+    n = {t: c.astype(np.int64).copy() for t, c in counts0.items()}
+    s = {t: np.zeros(len(v)) for t, v in w0.items()}
+    for feats, grads in batches:
+        for t, (rows, dim, features) in TABLES.items():
+            g = np.zeros((rows, dim))
+            touched = set()
+            per_sample = {}
+            for f in features:
+                lengths, ids = feats[f]
+                pos = 0
+                for b, ln in enumerate(lengths):
+                    for k in range(ln):
+                        j = ids[pos]
+                        g[j] += grads[f][b] if t in POOLED else grads[f][pos]
+                        touched.add(j)
+                        per_sample.setdefault(b, set()).add(j)
+                        pos += 1
+            if online:
+                for rows_of_sample in per_sample.values():
+                    for j in rows_of_sample:
+                        n[t][j] += 1
+            for j in sorted(touched):
+                gj = g[j] + lam * w[t][j] / max(n[t][j], 1)
+                if adagrad:
+                    s[t][j] += (gj * gj).mean()
+                    w[t][j] -= LR * gj / (np.sqrt(s[t][j]) + eps)
+                else:
+                    w[t][j] -= LR * gj
+    return w, n
+
+
+def worker(rank, world, port, opts, batches, w0, counts0, out):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from embedding import mba_tbe
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        meta = torch.device("meta")
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ebc = EmbeddingBagCollection(device=meta, tables=[
+                    EmbeddingBagConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
+                    for t, (r, d, f) in POOLED.items()])
+                self.ec = EmbeddingCollection(device=meta, tables=[
+                    EmbeddingConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
+                    for t, (r, d, f) in SEQ.items()])
+
+            def forward(self, kjt_bag, kjt_seq, grads):
+                pooled = self.ebc(kjt_bag).to_dict()
+                seq = self.ec(kjt_seq)
+                loss = sum((pooled[f] * grads[f]).sum() for f in kjt_bag.keys())
+                return loss + sum((seq[f].values() * grads[f]).sum() for f in kjt_seq.keys())
+
+        model = Model()
+        base = torch.optim.SGD if opts["base"] == "sgd" else RowWiseAdagrad
+        apply_optimizer_in_backward(base, model.parameters(), {"lr": LR})
+        fused = None
+        if opts["lam"] is not None:
+            mba_tbe.install()
+            fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=opts["lam"], counts=opts["counts"], kernel=opts["kernel"])}
+        sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
+        constraints = {t: ParameterConstraints(sharding_types=[opts["sharding"]], compute_kernels=["fused"])
+                       for t in TABLES}
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
+                                           constraints=constraints)
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+        def shards():
+            for key, st in dmp.state_dict().items():
+                for shard in st.local_shards():
+                    yield key.split(".")[-2], shard
+
+        with torch.no_grad():
+            for t, shard in shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(torch.tensor(w0[t][r0 : r0 + nr, c0 : c0 + nc]))
+            for kernel, module in mba_tbe.mba_modules(dmp):
+                for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True):
+                    r0 = table.local_metadata.shard_offsets[0]
+                    c.copy_(torch.tensor(counts0[table.name][r0 : r0 + c.numel()]))
+
+        def kjt(feats, names, lo, hi):
+            lengths, values = [], []
+            for f in names:
+                ln, ids = feats[f]
+                start = ln[:lo].sum()
+                lengths.append(torch.tensor(ln[lo:hi]))
+                values.append(torch.tensor(ids[start : start + ln[lo:hi].sum()]))
+            return KeyedJaggedTensor(keys=names, values=torch.cat(values).long(), lengths=torch.cat(lengths).int())
+
+        bag_names = [f for _, _, fs in POOLED.values() for f in fs]
+        seq_names = [f for _, _, fs in SEQ.values() for f in fs]
+        for feats, grads in batches:
+            n = len(feats["a"][0]) // world
+            lo, hi = rank * n, (rank + 1) * n  # this rank's samples of the global batch
+            local = {}
+            for f in bag_names:
+                local[f] = torch.tensor(grads[f][lo:hi])
+            for f in seq_names:
+                ln = feats[f][0]
+                local[f] = torch.tensor(grads[f][ln[:lo].sum() : ln[:hi].sum()])
+            # torchrec hands the kernels the gradient of the global-batch mean (÷ world): × world
+            loss = dmp(kjt(feats, bag_names, lo, hi), kjt(feats, seq_names, lo, hi), local) * world
+            loss.backward()
+        weights = [(t, *shard.metadata.shard_offsets, shard.tensor.numpy().copy()) for t, shard in shards()]
+        counts = [(table.name, table.local_metadata.shard_offsets[0], c.numpy().copy())
+                  for kernel, module in mba_tbe.mba_modules(dmp)
+                  for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True)]
+        opt_state = dmp.fused_optimizer.state_dict()["state"]
+        opt_keys = sorted(f"{key}:{name}:{type(v).__name__}" for key, st in opt_state.items() for name, v in st.items())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"weights": weights, "counts": counts, "opt_keys": opt_keys})
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(tmp_path, world=1, data_world=None, **opts):
+    """Train STEPS steps on `world` gloo ranks; returns full weights, counts, optimizer state keys
+    and the inputs. The global batches hold B * data_world samples (default: B per rank)."""
+    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "torch", "sharding": "table_wise", **opts}
+    batches = make_batches(0, data_world or world)
+    w0 = initial_weights(0)
+    rng = np.random.default_rng(7)
+    counts0 = {t: rng.integers(0 if opts["counts"] == "online" else 1, 9, r).astype(np.int32)
+               for t, (r, _, _) in TABLES.items()}
+    out = str(tmp_path / f"out{world}.pt")
+    mp.start_processes(worker, args=(world, free_port(), opts, batches, w0, counts0, out), nprocs=world,
+                       start_method="spawn")
+    per_rank = torch.load(out, weights_only=False)
+    weights = {t: np.full((r, d), np.nan, np.float32) for t, (r, d, _) in TABLES.items()}
+    counts = {t: np.full(r, -1, np.int64) for t, (r, _, _) in TABLES.items()}
+    for res in per_rank:
+        for t, r0, c0, w in res["weights"]:
+            weights[t][r0 : r0 + w.shape[0], c0 : c0 + w.shape[1]] = w
+        for t, r0, c in res["counts"]:
+            counts[t][r0 : r0 + len(c)] = c
+    opt_keys = set().union(*(r["opt_keys"] for r in per_rank))
+    return dict(weights=weights, counts=counts, opt_keys=opt_keys, batches=batches, w0=w0, counts0=counts0)
+
+
+CASES = [
+    dict(base="sgd", counts="online"),
+    dict(base="sgd", counts="static"),
+    dict(base="rowwise_adagrad", counts="online"),
+    dict(base="sgd", counts="online", kernel="triton"),
+    dict(base="rowwise_adagrad", counts="static", kernel="triton"),
+]
+
+
+def check_against_numpy(res, base, online):
+    ref_w, ref_n = numpy_reference(res["batches"], res["w0"], 0.5, res["counts0"], online, base == "rowwise_adagrad")
+    for t, (rows, _, _) in TABLES.items():
+        np.testing.assert_allclose(res["weights"][t], ref_w[t], rtol=1e-5, atol=1e-5, err_msg=t)
+        assert np.array_equal(res["weights"][t][rows - 8 :], res["w0"][t][rows - 8 :]), f"{t}: untouched rows changed"
+        np.testing.assert_array_equal(res["counts"][t], ref_n[t], err_msg=t)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
+def test_mba_in_torchrec_matches_numpy_eq7(tmp_path, case):
+    res = run(tmp_path, **case)
+    check_against_numpy(res, case["base"], case["counts"] == "online")
+    # n_j is a row-wise state of the fused optimizer, sharded like its table (torchrec names a
+    # table's first state `momentum1` whatever it is: with SGD that first state is n_j)
+    name = "mba_count" if case["base"] == "rowwise_adagrad" else "momentum1"
+    assert {f"{p}.{t}.weight:{t}.{name}:ShardedTensor" for p, t in [
+        ("ebc.embedding_bags", "t1"), ("ebc.embedding_bags", "t2"), ("ec.embeddings", "s")]} <= res["opt_keys"], res["opt_keys"]
+
+
+@pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
+def test_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
+    ours = run(tmp_path, base=base, lam=0.0)["weights"]
+    fbgemm = run(tmp_path, base=base, lam=None)["weights"]  # torchrec's own FUSED kernel and optimizer
+    for t in TABLES:
+        np.testing.assert_allclose(ours[t], fbgemm[t], rtol=0, atol=1e-6, err_msg=t)
+
+
+@pytest.mark.parametrize("sharding,base", [("table_wise", "sgd"), ("column_wise", "rowwise_adagrad")])
+def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, sharding, base):
+    two = run(tmp_path, world=2, sharding=sharding, base=base)
+    one = run(tmp_path, world=1, data_world=2, sharding=sharding, base=base)
+    for t in TABLES:
+        np.testing.assert_allclose(two["weights"][t], one["weights"][t], rtol=1e-6, atol=1e-6, err_msg=t)
+        np.testing.assert_array_equal(two["counts"][t], one["counts"][t], err_msg=t)
+    check_against_numpy(two, base, online=True)
