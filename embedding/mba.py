@@ -10,21 +10,27 @@ global-batch mean, so this sum is the mean gradient of Eq. 7), taken at the weig
 step. Rows not touched are not written. λ = 0 is plain SGD / row-wise Adagrad (FBGEMM's
 EXACT_SGD / EXACT_ROWWISE_ADAGRAD).
 
-The gradients are never materialized per lookup on the GPU: an occurrence is an element offset
-`src` into the flattened upstream gradient (`grad_output`), and the Triton kernel sums the
-occurrences of its row straight from there. Two implementations of the same contract:
+The gradient is never materialized per lookup: an occurrence is a row index `src` into a [M, D]
+gradient matrix (a pooled table: one row per sample and feature; a sequence table: one row per
+lookup), and the occurrences of a row are summed straight from there. Three implementations of
+the same contract:
 
-- `update_rows_torch`: vectorized torch ops (CPU, and the GPU fallback without Triton);
-- `update_rows_triton`: one Triton program per touched row (GPU; on the CPU under
-  TRITON_INTERPRET=1, which is how CI checks its exactness).
+- `update_rows_cpp`: a C++ loop over the touched rows split over the CPU threads (the CPU default);
+- `update_rows_torch`: the sums as one CSR × dense product, then the row update in vectorized
+  torch ops (CPU, and CUDA without Triton);
+- `update_rows_triton`: one Triton program per touched row that sums its occurrences and updates
+  it (GPU; on the CPU under TRITON_INTERPRET=1, which is how CI checks its exactness).
 
 Weights may be stored in fp32, fp16 or bf16; the math is fp32 in both.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,10 +43,10 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 @dataclass(frozen=True)
 class Segments:
-    """The touched rows of one table in a batch and where their occurrences are.
+    """The touched rows of one table in a batch and where their gradients are.
 
-    rows [U] (sorted, unique), offsets [U+1] into `src` [N]: occurrence k of row rows[u] reads the
-    gradient at grad_output.flatten()[src[offsets[u] + k] : ... + D].
+    rows [U] (sorted, unique) and offsets [U+1] into src [N]: the occurrences of rows[u] read the
+    gradient rows grad[src[offsets[u]:offsets[u+1]]] of a [M, D] gradient matrix.
     """
 
     rows: torch.Tensor
@@ -48,36 +54,47 @@ class Segments:
     src: torch.Tensor
 
 
-def segments(ids: torch.Tensor, src: torch.Tensor) -> Segments:
-    """Group the occurrences (ids [N], src [N]) by row: one sort, no per-row Python."""
-    ids_sorted, perm = torch.sort(ids, stable=True)
+def segments(ids: torch.Tensor, src: torch.Tensor, num_rows: int) -> Segments:
+    """Group the occurrences (ids [N] < num_rows, src [N]) by row: one sort, no per-row Python."""
+    # A table shard has < 2^31 rows in practice: sorting int32 keys is twice as fast.
+    keys = ids.to(torch.int32) if num_rows < 2**31 else ids
+    ids_sorted, perm = torch.sort(keys, stable=True)
     rows, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return Segments(rows, offsets, src.index_select(0, perm))
+    return Segments(rows.to(torch.int64), offsets, src.index_select(0, perm))
+
+
+def summed_gradients(seg: Segments, grad: torch.Tensor) -> torch.Tensor:
+    """[U, D] fp32: for each touched row the sum of its occurrences' gradient rows, as one sparse
+    (CSR, U × M) by dense (M × D) product, without materializing a per-occurrence gradient."""
+    ones = torch.ones(seg.src.numel(), dtype=torch.float32, device=grad.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        s = torch.sparse_csr_tensor(seg.offsets, seg.src, ones, size=(seg.rows.numel(), grad.shape[0]),
+                                    check_invariants=False)
+        return s @ grad.float()
 
 
 def update_rows_torch(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor,
-                      seg: Segments, grad_flat: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """MBA SGD (momentum None) or row-wise Adagrad on the rows of `seg`, in place."""
-    d = weight.shape[1]
+                      seg: Segments, grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
+    """MBA SGD (momentum None) or row-wise Adagrad on the rows of `seg`, in place; grad [M, D].
+
+    In-place ops on [U, D] buffers (fresh large temporaries cost more than the arithmetic on CPU).
+    """
     if seg.rows.numel() == 0:
         return
-    n_occ = seg.offsets[1:] - seg.offsets[:-1]
-    which = torch.repeat_interleave(torch.arange(seg.rows.numel(), device=weight.device), n_occ)
-    cols = torch.arange(d, device=weight.device)
-    g_occ = grad_flat[seg.src.unsqueeze(1) + cols].float()
-    g = torch.zeros(seg.rows.numel(), d, dtype=torch.float32, device=weight.device).index_add_(0, which, g_occ)
+    g = summed_gradients(seg, grad)  # [U, D] fp32, ḡ
     w = weight.index_select(0, seg.rows).float()
     if lam:
-        n = counts.index_select(0, seg.rows).float().clamp_min(1.0).unsqueeze(1)
-        g = g + lam * w / n
+        decay = counts.index_select(0, seg.rows).float().clamp_min_(1.0).reciprocal_().mul_(lam).unsqueeze(1)
+        g.addcmul_(w, decay)  # g' = ḡ + λ·w/n
     if momentum is None:
-        w = w - lr * g
+        w.add_(g, alpha=-lr)
     else:
-        s = momentum.index_select(0, seg.rows) + (g * g).mean(1)
+        s = momentum.index_select(0, seg.rows).add_(g.square().mean(1))
         momentum.index_copy_(0, seg.rows, s)
-        w = w - lr * g / (s.sqrt().unsqueeze(1) + eps)
+        w.addcmul_(g, s.sqrt_().add_(eps).reciprocal_().mul_(-lr).unsqueeze(1))
     weight.index_copy_(0, seg.rows, w.to(weight.dtype))
 
 
@@ -94,8 +111,8 @@ if triton is not None:
         mask = cols < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for k in range(start, end):
-            s = tl.load(src_ptr + k)
-            acc += tl.load(grad_ptr + s + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(src_ptr + k).to(tl.int64)
+            acc += tl.load(grad_ptr + s * D + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         n = tl.maximum(tl.load(counts_ptr + row).to(tl.float32), 1.0)
         g = acc + lam * w / n
@@ -117,25 +134,51 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def update_rows_triton(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor,
-                       seg: Segments, grad_flat: torch.Tensor, lr: float, lam: float, eps: float) -> None:
+                       seg: Segments, grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
     """Same contract as update_rows_torch: one Triton program per touched row."""
     if seg.rows.numel() == 0:
         return
-    if not weight.is_contiguous() or not grad_flat.is_contiguous():
-        raise ValueError("MBA Triton update: weight and grad_output must be contiguous")
+    if not weight.is_contiguous() or not grad.is_contiguous():
+        raise ValueError("MBA Triton update: weight and gradient must be contiguous")
     d = weight.shape[1]
     mom = momentum if momentum is not None else counts  # unused pointer when not ADAGRAD
     _mba_rows_kernel[(seg.rows.numel(),)](
-        weight, mom, counts, seg.rows, seg.offsets, seg.src, grad_flat, float(lr), float(lam), float(eps),
+        weight, mom, counts, seg.rows, seg.offsets, seg.src, grad, float(lr), float(lam), float(eps),
         D=d, BLOCK_D=triton.next_power_of_2(d), ADAGRAD=momentum is not None)
 
 
+@functools.cache
+def cpu_extension():
+    """The C++ CPU kernel (embedding/csrc/mba_cpu.cpp), compiled on first use and cached by torch
+    (`make setup` builds it ahead: `python -m embedding.mba`)."""
+    from torch.utils import cpp_extension
+
+    src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
+    return cpp_extension.load(name="dinrec_mba_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def update_rows_cpp(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor, seg: Segments,
+                    grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
+    """Same contract: one pass per touched row in C++, rows split over the CPU threads."""
+    if seg.rows.numel() == 0:
+        return
+    cpu_extension().update_rows(weight, momentum, counts, seg.rows, seg.offsets, seg.src,
+                                grad.float().contiguous(), lr, lam, eps)
+
+
 def update_rows(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor, seg: Segments,
-                grad_flat: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """The fused update on the device's best implementation: Triton on CUDA, else torch ops (the
-    Triton interpreter on the CPU is for exactness checks, not for speed)."""
-    fn = update_rows_triton if weight.device.type == "cuda" and triton is not None else update_rows_torch
-    fn(weight, momentum, counts, seg, grad_flat, lr, lam, eps)
+                grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
+    """The fused update on the device's best implementation: Triton on CUDA (torch ops without
+    Triton), the C++ kernel on the CPU. The Triton interpreter on the CPU is for exactness
+    checks, not for speed."""
+    if weight.device.type == "cuda":
+        fn = update_rows_triton if triton is not None else update_rows_torch
+    else:
+        fn = update_rows_cpp
+    fn(weight, momentum, counts, seg, grad, lr, lam, eps)
+
+
+KERNELS = {"auto": update_rows, "torch": update_rows_torch, "triton": update_rows_triton, "cpp": update_rows_cpp}
 
 
 def count_samples_(counts: torch.Tensor, ids: torch.Tensor, samples: torch.Tensor) -> None:
@@ -146,3 +189,8 @@ def count_samples_(counts: torch.Tensor, ids: torch.Tensor, samples: torch.Tenso
     rows = counts.numel()
     pairs = torch.unique(samples.to(torch.int64) * rows + ids)
     counts.index_add_(0, pairs % rows, torch.ones_like(pairs, dtype=counts.dtype))
+
+
+if __name__ == "__main__":  # `python -m embedding.mba`: build the C++ kernel ahead of the first run
+    cpu_extension()
+    print("embedding.mba: C++ CPU kernel built")

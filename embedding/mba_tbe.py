@@ -45,13 +45,13 @@ class MBAParams:
     lam: float
     counts: str = "online"  # online | static
     eps: float = 1e-8  # row-wise Adagrad only
-    kernel: str = "auto"  # auto | torch | triton
+    kernel: str = "auto"  # auto | cpp | torch | triton
 
     def __post_init__(self) -> None:
         if self.counts not in ("online", "static"):
             raise ValueError(f"MBA counts must be 'online' or 'static', got {self.counts!r}")
-        if self.kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"MBA kernel must be auto, torch or triton, got {self.kernel!r}")
+        if self.kernel not in ("auto", "cpp", "torch", "triton"):
+            raise ValueError(f"MBA kernel must be auto, cpp, torch or triton, got {self.kernel!r}")
         if self.lam < 0:
             raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
 
@@ -150,8 +150,8 @@ class MBATableBatchedEmbedding(nn.Module):
         return self._lr
 
     # ---- forward / backward ---------------------------------------------------------------------
-    def _features(self, offsets: torch.Tensor) -> tuple[int, list[tuple[int, int, int]]]:
-        """Batch size and, per feature, (table, first bag, index range start/end bag)."""
+    def _features(self, offsets: torch.Tensor) -> tuple[int, list[tuple[int, int]]]:
+        """Batch size and (table, feature) for every feature of the group, in input order."""
         n_features = len(self.feature_table_map)
         bags = offsets.numel() - 1
         if n_features == 0 or bags % n_features:
@@ -185,6 +185,7 @@ class MBATableBatchedEmbedding(nn.Module):
 
     @torch.no_grad()
     def apply_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor) -> None:
+        """The fused MBA step of every table of the group for one batch (see embedding.mba)."""
         weights = self.inner.split_embedding_weights()
         momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
         counts = self.counts_by_table()
@@ -192,28 +193,32 @@ class MBATableBatchedEmbedding(nn.Module):
         lengths = offsets[1:] - offsets[:-1]
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths)
         bounds = offsets[:: b].tolist() if b else [0] * (len(feats) + 1)
-        grad_flat = grad_output.reshape(-1)
-        width = grad_output.shape[1] if grad_output.dim() == 2 else 0
         col = 0
-        per_table: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # per table: its lookups' ids, their samples, and their gradient rows in a [M, D] matrix
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        cols: dict[int, list[torch.Tensor]] = {}
         for t, f in feats:
             lo, hi = bounds[f], bounds[f + 1]
-            ids = indices[lo:hi]
-            if self.pooled:  # the bag's row of the [B, ΣD] output, at this feature's columns
-                src = (bag[lo:hi] - f * b) * width + col
+            sample = bag[lo:hi] - f * b
+            if self.pooled:  # the sample's row of this feature's columns of the [B, ΣD] output
+                cols.setdefault(t, []).append(grad_output[:, col : col + self.table_dims[t]])
+                src = sample + (len(cols[t]) - 1) * b
                 col += self.table_dims[t]
             else:  # the lookup's own row of the [N, D] output
-                src = torch.arange(lo, hi, device=indices.device) * self.table_dims[t]
-            per_table.setdefault(t, []).append((ids, src, bag[lo:hi] % b if b else bag[lo:hi]))
-        update = {"auto": mba.update_rows, "torch": mba.update_rows_torch,
-                  "triton": mba.update_rows_triton}[self.params.kernel]
-        for t, parts in per_table.items():
-            ids = torch.cat([p[0] for p in parts])
-            src = torch.cat([p[1] for p in parts])
+                src = torch.arange(lo, hi, device=indices.device)
+            parts.setdefault(t, []).append((indices[lo:hi], sample, src))
+        update = mba.KERNELS[self.params.kernel]
+        for t, p in parts.items():
+            ids = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
+            src = p[0][2] if len(p) == 1 else torch.cat([x[2] for x in p])
             if self.params.counts == "online":
-                mba.count_samples_(counts[t], ids, torch.cat([p[2] for p in parts]))
-            seg = mba.segments(ids, src)
-            update(weights[t], momenta[t] if momenta else None, counts[t], seg, grad_flat,
+                mba.count_samples_(counts[t], ids, torch.cat([x[1] for x in p]))
+            if self.pooled:
+                grad = cols[t][0] if len(cols[t]) == 1 else torch.cat(cols[t])
+            else:
+                grad = grad_output
+            seg = mba.segments(ids, src, self.table_rows[t])
+            update(weights[t], momenta[t] if momenta else None, counts[t], seg, grad.contiguous(),
                    self._lr, self.params.lam, self._eps)
 
 

@@ -5,6 +5,8 @@
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
   FBGEMM fused sparse optimizer, jagged attention) against a plain-PyTorch DIN of the same shape
   (nn.Embedding with sparse gradients, padded histories), on the same batches, in the same run.
+- `dinrec bench embedding`: the MBA embedding step against FBGEMM's fused SGD and torch's sparse
+  SGD (tools/bench_embedding.py).
 """
 
 from __future__ import annotations
@@ -34,9 +36,16 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(tr)
     tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
     tr.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    from tools import bench_embedding
+
+    bench_embedding.add_parser(sub)
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.bench == "embedding":
+        from tools import bench_embedding
+
+        return bench_embedding.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.bench == "loader":
         return bench_loader(cfg, args.batches, args.train_steps)

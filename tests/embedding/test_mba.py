@@ -21,19 +21,18 @@ def numpy_step(w, s, n, rows, grads, lr, lam, adagrad, eps=1e-8):
 
 
 def run_update(kernel, weight, state, n, rows, grads, lr, lam, adagrad):
-    """Hand the kernel its contract: occurrences as offsets into a flat upstream gradient, here a
-    [N, D] gradient stored in a shuffled order to check the indirection."""
-    d = grads.shape[1]
+    """Hand the kernel its contract: each occurrence names its row of a gradient matrix, here the
+    [N, D] gradients stored in a shuffled order to check the indirection."""
     perm = np.random.default_rng(1).permutation(len(rows))
     stored = torch.tensor(grads[perm])  # stored[k] = grads[perm[k]]
     where = np.empty_like(perm)
     where[perm] = np.arange(len(perm))
-    seg = mba.segments(torch.tensor(rows), torch.tensor(where * d))
-    kernel(weight, state if adagrad else None, torch.tensor(n), seg, stored.reshape(-1), lr, lam, 1e-8)
+    seg = mba.segments(torch.tensor(rows), torch.tensor(where), weight.shape[0])
+    kernel(weight, state if adagrad else None, torch.tensor(n), seg, stored, lr, lam, 1e-8)
 
 
 # Triton is a test dependency: its kernel runs here in the interpreter (tests/conftest.py).
-KERNELS = {"torch": mba.update_rows_torch, "triton": mba.update_rows_triton}
+KERNELS = {"torch": mba.update_rows_torch, "triton": mba.update_rows_triton, "cpp": mba.update_rows_cpp}
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))

@@ -29,14 +29,14 @@ def make_batches(seed, world=1):
     batches = []
     for _ in range(STEPS):
         feats = {}
-        for name, (rows, dim, features) in TABLES.items():
+        for rows, _, features in TABLES.values():
             hot = rng.integers(0, rows - 8, 6)  # rows >= rows-8 are never touched
             for f in features:
                 lengths = rng.integers(0, 5, B * world) if f != "x" else np.ones(B * world, dtype=np.int64)
                 ids = rng.choice(hot, lengths.sum())  # few hot ids: repeats everywhere
                 feats[f] = (lengths, ids)
         grads = {}
-        for name, (rows, dim, features) in TABLES.items():
+        for name, (_, dim, features) in TABLES.items():
             for f in features:
                 n = B * world if name in POOLED else int(feats[f][0].sum())
                 grads[f] = rng.standard_normal((n, dim)).astype(np.float32)
@@ -63,7 +63,7 @@ def numpy_reference(batches, w0, lam, counts0, online, adagrad, eps=1e-8):
                 lengths, ids = feats[f]
                 pos = 0
                 for b, ln in enumerate(lengths):
-                    for k in range(ln):
+                    for _ in range(ln):
                         j = ids[pos]
                         g[j] += grads[f][b] if t in POOLED else grads[f][pos]
                         touched.add(j)
@@ -92,7 +92,11 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -188,7 +192,7 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
 def run(tmp_path, world=1, data_world=None, **opts):
     """Train STEPS steps on `world` gloo ranks; returns full weights, counts, optimizer state keys
     and the inputs. The global batches hold B * data_world samples (default: B per rank)."""
-    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "torch", "sharding": "table_wise", **opts}
+    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "auto", "sharding": "table_wise", **opts}
     batches = make_batches(0, data_world or world)
     w0 = initial_weights(0)
     rng = np.random.default_rng(7)
@@ -209,10 +213,11 @@ def run(tmp_path, world=1, data_world=None, **opts):
     return dict(weights=weights, counts=counts, opt_keys=opt_keys, batches=batches, w0=w0, counts0=counts0)
 
 
-CASES = [
-    dict(base="sgd", counts="online"),
-    dict(base="sgd", counts="static"),
-    dict(base="rowwise_adagrad", counts="online"),
+CASES = [  # kernel auto is the C++ kernel on the CPU
+    dict(base="sgd", counts="online", kernel="auto"),
+    dict(base="sgd", counts="static", kernel="torch"),
+    dict(base="rowwise_adagrad", counts="online", kernel="auto"),
+    dict(base="rowwise_adagrad", counts="static", kernel="torch"),
     dict(base="sgd", counts="online", kernel="triton"),
     dict(base="rowwise_adagrad", counts="static", kernel="triton"),
 ]
