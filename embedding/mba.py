@@ -102,17 +102,23 @@ if triton is not None:
 
     @triton.jit
     def _mba_rows_kernel(weight_ptr, momentum_ptr, counts_ptr, rows_ptr, offsets_ptr, src_ptr, grad_ptr,
-                         lr, lam, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, ADAGRAD: tl.constexpr):
+                         lr, lam, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ADAGRAD: tl.constexpr):
         u = tl.program_id(0)
         row = tl.load(rows_ptr + u).to(tl.int64)
         start = tl.load(offsets_ptr + u)
         end = tl.load(offsets_ptr + u + 1)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for k in range(start, end):
-            s = tl.load(src_ptr + k).to(tl.int64)
-            acc += tl.load(grad_ptr + s * D + cols, mask=mask, other=0.0).to(tl.float32)
+        # occurrences BLOCK_K at a time: a hot (Zipf head) row gathers many gradient rows at once
+        acc2 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < end
+            s = tl.load(src_ptr + ks, mask=kmask, other=0).to(tl.int64)
+            g = tl.load(grad_ptr + s[:, None] * D + cols[None, :], mask=kmask[:, None] & mask[None, :], other=0.0)
+            acc2 += g.to(tl.float32)
+        acc = tl.sum(acc2, axis=0)
         w = tl.load(weight_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         n = tl.maximum(tl.load(counts_ptr + row).to(tl.float32), 1.0)
         g = acc + lam * w / n
@@ -141,10 +147,11 @@ def update_rows_triton(weight: torch.Tensor, momentum: torch.Tensor | None, coun
     if not weight.is_contiguous() or not grad.is_contiguous():
         raise ValueError("MBA Triton update: weight and gradient must be contiguous")
     d = weight.shape[1]
+    block_d = triton.next_power_of_2(d)
     mom = momentum if momentum is not None else counts  # unused pointer when not ADAGRAD
     _mba_rows_kernel[(seg.rows.numel(),)](
         weight, mom, counts, seg.rows, seg.offsets, seg.src, grad, float(lr), float(lam), float(eps),
-        D=d, BLOCK_D=triton.next_power_of_2(d), ADAGRAD=momentum is not None)
+        D=d, BLOCK_D=block_d, BLOCK_K=max(1, min(32, 2048 // block_d)), ADAGRAD=momentum is not None)
 
 
 @functools.cache

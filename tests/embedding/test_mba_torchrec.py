@@ -103,7 +103,11 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
 
     from embedding import mba_tbe
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = torch.device(opts["device"], rank) if opts["device"] == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         meta = torch.device("meta")
 
@@ -133,10 +137,10 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
         constraints = {t: ParameterConstraints(sharding_types=[opts["sharding"]], compute_kernels=["fused"])
                        for t in TABLES}
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
                                            constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
 
         def shards():
             for key, st in dmp.state_dict().items():
@@ -146,11 +150,11 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         with torch.no_grad():
             for t, shard in shards():
                 (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(torch.tensor(w0[t][r0 : r0 + nr, c0 : c0 + nc]))
+                shard.tensor.copy_(torch.tensor(w0[t][r0 : r0 + nr, c0 : c0 + nc], device=device))
             for kernel, module in mba_tbe.mba_modules(dmp):
                 for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True):
                     r0 = table.local_metadata.shard_offsets[0]
-                    c.copy_(torch.tensor(counts0[table.name][r0 : r0 + c.numel()]))
+                    c.copy_(torch.tensor(counts0[table.name][r0 : r0 + c.numel()], device=device))
 
         def kjt(feats, names, lo, hi):
             lengths, values = [], []
@@ -159,7 +163,8 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
                 start = ln[:lo].sum()
                 lengths.append(torch.tensor(ln[lo:hi]))
                 values.append(torch.tensor(ids[start : start + ln[lo:hi].sum()]))
-            return KeyedJaggedTensor(keys=names, values=torch.cat(values).long(), lengths=torch.cat(lengths).int())
+            return KeyedJaggedTensor(keys=names, values=torch.cat(values).long(),
+                                     lengths=torch.cat(lengths).int()).to(device)
 
         bag_names = [f for _, _, fs in POOLED.values() for f in fs]
         seq_names = [f for _, _, fs in SEQ.values() for f in fs]
@@ -168,15 +173,15 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
             lo, hi = rank * n, (rank + 1) * n  # this rank's samples of the global batch
             local = {}
             for f in bag_names:
-                local[f] = torch.tensor(grads[f][lo:hi])
+                local[f] = torch.tensor(grads[f][lo:hi], device=device)
             for f in seq_names:
                 ln = feats[f][0]
-                local[f] = torch.tensor(grads[f][ln[:lo].sum() : ln[:hi].sum()])
+                local[f] = torch.tensor(grads[f][ln[:lo].sum() : ln[:hi].sum()], device=device)
             # torchrec hands the kernels the gradient of the global-batch mean (÷ world): × world
             loss = dmp(kjt(feats, bag_names, lo, hi), kjt(feats, seq_names, lo, hi), local) * world
             loss.backward()
-        weights = [(t, *shard.metadata.shard_offsets, shard.tensor.numpy().copy()) for t, shard in shards()]
-        counts = [(table.name, table.local_metadata.shard_offsets[0], c.numpy().copy())
+        weights = [(t, *shard.metadata.shard_offsets, shard.tensor.cpu().numpy().copy()) for t, shard in shards()]
+        counts = [(table.name, table.local_metadata.shard_offsets[0], c.cpu().numpy().copy())
                   for kernel, module in mba_tbe.mba_modules(dmp)
                   for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True)]
         opt_state = dmp.fused_optimizer.state_dict()["state"]
@@ -192,7 +197,8 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
 def run(tmp_path, world=1, data_world=None, **opts):
     """Train STEPS steps on `world` gloo ranks; returns full weights, counts, optimizer state keys
     and the inputs. The global batches hold B * data_world samples (default: B per rank)."""
-    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "auto", "sharding": "table_wise", **opts}
+    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "auto", "sharding": "table_wise",
+            "device": "cpu", **opts}
     batches = make_batches(0, data_world or world)
     w0 = initial_weights(0)
     rng = np.random.default_rng(7)
@@ -258,3 +264,24 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, sharding, base):
         np.testing.assert_allclose(two["weights"][t], one["weights"][t], rtol=1e-6, atol=1e-6, err_msg=t)
         np.testing.assert_array_equal(two["counts"][t], one["counts"][t], err_msg=t)
     check_against_numpy(two, base, online=True)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@CUDA
+@pytest.mark.parametrize("sharding,base", [("table_wise", "sgd"), ("row_wise", "rowwise_adagrad"),
+                                           ("column_wise", "sgd"), ("table_row_wise", "rowwise_adagrad")])
+def test_cuda_nccl_mba_matches_numpy_eq7(tmp_path, sharding, base):
+    """On the GPU: NCCL, world size 1, the Triton kernel (kernel auto), every GPU sharding type."""
+    res = run(tmp_path, device="cuda", sharding=sharding, base=base)
+    check_against_numpy(res, base, online=True)
+
+
+@CUDA
+@pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
+def test_cuda_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
+    ours = run(tmp_path, device="cuda", base=base, lam=0.0)["weights"]
+    fbgemm = run(tmp_path, device="cuda", base=base, lam=None)["weights"]
+    for t in TABLES:
+        np.testing.assert_allclose(ours[t], fbgemm[t], rtol=0, atol=1e-6, err_msg=t)
