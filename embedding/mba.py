@@ -10,25 +10,27 @@ global-batch mean, so this sum is the mean gradient of Eq. 7), taken at the weig
 step. Rows not touched are not written. λ = 0 is plain SGD / row-wise Adagrad (FBGEMM's
 EXACT_SGD / EXACT_ROWWISE_ADAGRAD).
 
-The gradient is never materialized per lookup: an occurrence is a row index `src` into a [M, D]
-gradient matrix (a pooled table: one row per sample and feature; a sequence table: one row per
-lookup), and the occurrences of a row are summed straight from there. Three implementations of
-the same contract:
+Layout (as in FBGEMM's table-batched modules): the tables of a group share one flat weight
+storage, one flat row-wise Adagrad state and one flat count array; their rows are numbered in one
+linear space (`TableLayout`). A batch is a list of occurrences: the linear row, and the element
+offset `src` of its gradient (its D_t values) in the flat upstream gradient (pooled: the sample's
+row of the feature's columns; sequence: the lookup's own row). The gradient is never
+materialized per lookup. Two kernels, one contract:
 
-- `update_rows_cpp`: a C++ loop over the touched rows split over the CPU threads (the CPU default);
-- `update_rows_torch`: the sums as one CSR × dense product, then the row update in vectorized
-  torch ops (CPU, and CUDA without Triton);
-- `update_rows_triton`: one Triton program per touched row that sums its occurrences and updates
-  it (GPU; on the CPU under TRITON_INTERPRET=1, which is how CI checks its exactness).
+- `update_rows_cpp` (CPU): C++, the touched rows split over the threads, each row summed and
+  updated in one pass (embedding/csrc/mba_cpu.cpp);
+- `update_rows_triton` (GPU; on the CPU under TRITON_INTERPRET=1, which is how CI checks it): a
+  first kernel sums the occurrences in chunks of at most CHUNK (so that a Zipf-head row with
+  thousands of occurrences is summed by many programs, deterministically), a second kernel, one
+  program per touched row, adds its chunk sums and applies the update.
 
-Weights may be stored in fp32, fp16 or bf16; the math is fp32 in both.
+Weights may be stored in fp32, fp16 or bf16; the math is fp32.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,95 +42,161 @@ try:  # Triton is optional on the CPU (tests run it under TRITON_INTERPRET=1).
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
+CHUNK = 128  # occurrences summed by one program of the Triton kernel's first pass
+
+
+@dataclass
+class TableLayout:
+    """A group of tables in flat storages. Per table t (int64 tensors on the tables' device):
+    linear rows row_off[t] .. row_off[t+1]-1, dim dims[t], row 0 at element w_off[t] of `weight`
+    and at m_off[t] of `momentum` (row-wise Adagrad, or None for SGD). `counts` (int32, n_j)
+    is indexed by linear row."""
+
+    weight: torch.Tensor
+    momentum: torch.Tensor | None
+    counts: torch.Tensor
+    row_off: torch.Tensor
+    w_off: torch.Tensor
+    m_off: torch.Tensor
+    dims: torch.Tensor
+    max_dim: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.counts.numel()
+
+    @staticmethod
+    def of(weights: list[torch.Tensor], momenta: list[torch.Tensor] | None, counts: torch.Tensor) -> TableLayout:
+        """From per-table views [rows_t, D_t] (and [rows_t]) that share one storage each, as
+        FBGEMM's split_embedding_weights() / get_optimizer_state() return them."""
+        dev = weights[0].device
+        for w in weights:
+            if w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr() or not w.is_contiguous():
+                raise ValueError("MBA: the tables of a group must be contiguous views of one storage")
+        rows = [w.shape[0] for w in weights]
+        row_off = torch.tensor([0] + rows, dtype=torch.int64).cumsum(0)
+        if int(row_off[-1]) != counts.numel():
+            raise ValueError(f"MBA: {counts.numel()} counts for {int(row_off[-1])} rows")
+        flat = weights[0].new_empty(0).set_(weights[0].untyped_storage())
+        mom = None
+        m_off = [0] * len(weights)
+        if momenta is not None:
+            mom = momenta[0].new_empty(0).set_(momenta[0].untyped_storage())
+            m_off = [m.storage_offset() for m in momenta]
+
+        def dev_tensor(x):
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        return TableLayout(weight=flat, momentum=mom, counts=counts, row_off=row_off.to(dev),
+                           w_off=dev_tensor([w.storage_offset() for w in weights]), m_off=dev_tensor(m_off),
+                           dims=dev_tensor([w.shape[1] for w in weights]), max_dim=max(w.shape[1] for w in weights))
+
 
 @dataclass(frozen=True)
 class Segments:
-    """The touched rows of one table in a batch and where their gradients are.
-
-    rows [U] (sorted, unique) and offsets [U+1] into src [N]: the occurrences of rows[u] read the
-    gradient rows grad[src[offsets[u]:offsets[u+1]]] of a [M, D] gradient matrix.
-    """
+    """The touched rows of a batch: rows [U] (linear, sorted, unique), the table of each row
+    tab [U], and offsets [U+1] into src [N] (the occurrences' gradient offsets, grouped by row)."""
 
     rows: torch.Tensor
+    tab: torch.Tensor
     offsets: torch.Tensor
     src: torch.Tensor
 
 
-def segments(ids: torch.Tensor, src: torch.Tensor, num_rows: int) -> Segments:
-    """Group the occurrences (ids [N] < num_rows, src [N]) by row: one sort, no per-row Python."""
-    # A table shard has < 2^31 rows in practice: sorting int32 keys is twice as fast.
-    keys = ids.to(torch.int32) if num_rows < 2**31 else ids
-    ids_sorted, perm = torch.sort(keys, stable=True)
-    rows, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
-    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
+def segments(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> Segments:
+    """Group the occurrences (linear rows lin [N], gradient offsets src [N]) by row: one sort."""
+    # A group has < 2^31 rows in practice: sorting int32 keys is about twice as fast.
+    keys = lin.to(torch.int32) if layout.num_rows < 2**31 else lin
+    lin_sorted, perm = torch.sort(keys, stable=True)
+    rows, counts = torch.unique_consecutive(lin_sorted, return_counts=True)
+    rows = rows.to(torch.int64)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=lin.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return Segments(rows.to(torch.int64), offsets, src.index_select(0, perm))
+    tab = torch.searchsorted(layout.row_off, rows, right=True) - 1
+    return Segments(rows, tab, offsets, src.index_select(0, perm))
 
 
-def summed_gradients(seg: Segments, grad: torch.Tensor) -> torch.Tensor:
-    """[U, D] fp32: for each touched row the sum of its occurrences' gradient rows, as one sparse
-    (CSR, U × M) by dense (M × D) product, without materializing a per-occurrence gradient."""
-    ones = torch.ones(seg.src.numel(), dtype=torch.float32, device=grad.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        s = torch.sparse_csr_tensor(seg.offsets, seg.src, ones, size=(seg.rows.numel(), grad.shape[0]),
-                                    check_invariants=False)
-        return s @ grad.float()
+def count_samples_(counts: torch.Tensor, lin: torch.Tensor, samples: torch.Tensor) -> None:
+    """Online n_j: add, for every row, the number of distinct samples of this batch that look it up
+    (rows lin [N] with the sample of each lookup in samples [N]; repeats within a sample count once)."""
+    if lin.numel() == 0:
+        return
+    rows = counts.numel()
+    pairs = torch.unique(samples.to(torch.int64) * rows + lin)
+    counts.index_add_(0, pairs % rows, torch.ones_like(pairs, dtype=counts.dtype))
 
 
-def update_rows_torch(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor,
-                      seg: Segments, grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """MBA SGD (momentum None) or row-wise Adagrad on the rows of `seg`, in place; grad [M, D].
+# ---- CPU: C++ ------------------------------------------------------------------------------------
+@functools.cache
+def cpu_extension():
+    """The C++ CPU kernel (embedding/csrc/mba_cpu.cpp), compiled on first use and cached by torch
+    (`make setup` builds it ahead: `python -m embedding.mba`)."""
+    from torch.utils import cpp_extension
 
-    In-place ops on [U, D] buffers (fresh large temporaries cost more than the arithmetic on CPU).
-    """
+    src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
+    return cpp_extension.load(name="dinrec_mba_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def update_rows_cpp(layout: TableLayout, seg: Segments, grad: torch.Tensor, lr: float, lam: float,
+                    eps: float) -> None:
     if seg.rows.numel() == 0:
         return
-    g = summed_gradients(seg, grad)  # [U, D] fp32, ḡ
-    w = weight.index_select(0, seg.rows).float()
-    if lam:
-        decay = counts.index_select(0, seg.rows).float().clamp_min_(1.0).reciprocal_().mul_(lam).unsqueeze(1)
-        g.addcmul_(w, decay)  # g' = ḡ + λ·w/n
-    if momentum is None:
-        w.add_(g, alpha=-lr)
-    else:
-        s = momentum.index_select(0, seg.rows).add_(g.square().mean(1))
-        momentum.index_copy_(0, seg.rows, s)
-        w.addcmul_(g, s.sqrt_().add_(eps).reciprocal_().mul_(-lr).unsqueeze(1))
-    weight.index_copy_(0, seg.rows, w.to(weight.dtype))
+    cpu_extension().update_rows(layout.weight, layout.momentum, layout.counts, layout.row_off, layout.w_off,
+                                layout.m_off, layout.dims, seg.rows, seg.tab, seg.offsets, seg.src,
+                                grad.float().contiguous().reshape(-1), lr, lam, eps)
 
 
+# ---- GPU: Triton ---------------------------------------------------------------------------------
 if triton is not None:
 
     @triton.jit
-    def _mba_rows_kernel(weight_ptr, momentum_ptr, counts_ptr, rows_ptr, offsets_ptr, src_ptr, grad_ptr,
-                         lr, lam, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ADAGRAD: tl.constexpr):
-        u = tl.program_id(0)
-        row = tl.load(rows_ptr + u).to(tl.int64)
-        start = tl.load(offsets_ptr + u)
+    def _chunk_sums_kernel(partial_ptr, chunk_row_ptr, chunk_off_ptr, offsets_ptr, tab_ptr, dims_ptr, src_ptr,
+                           grad_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        c = tl.program_id(0)
+        u = tl.load(chunk_row_ptr + c)
+        j = c - tl.load(chunk_off_ptr + u)
         end = tl.load(offsets_ptr + u + 1)
+        start = tl.load(offsets_ptr + u) + j * CHUNK
+        stop = tl.minimum(start + CHUNK, end)
+        d = tl.load(dims_ptr + tl.load(tab_ptr + u))
         cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        # occurrences BLOCK_K at a time: a hot (Zipf head) row gathers many gradient rows at once
-        acc2 = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for k0 in range(start, end, BLOCK_K):
+        cmask = cols < d
+        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for k0 in range(start, stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < end
-            s = tl.load(src_ptr + ks, mask=kmask, other=0).to(tl.int64)
-            g = tl.load(grad_ptr + s[:, None] * D + cols[None, :], mask=kmask[:, None] & mask[None, :], other=0.0)
-            acc2 += g.to(tl.float32)
-        acc = tl.sum(acc2, axis=0)
-        w = tl.load(weight_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            kmask = ks < stop
+            s = tl.load(src_ptr + ks, mask=kmask, other=0)
+            g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc += g.to(tl.float32)
+        tl.store(partial_ptr + c.to(tl.int64) * BLOCK_D + cols, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _update_rows_kernel(weight_ptr, momentum_ptr, counts_ptr, rows_ptr, tab_ptr, chunk_off_ptr, partial_ptr,
+                            row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, lr, lam, eps, BLOCK_D: tl.constexpr,
+                            ADAGRAD: tl.constexpr):
+        u = tl.program_id(0)
+        row = tl.load(rows_ptr + u)
+        t = tl.load(tab_ptr + u)
+        local = row - tl.load(row_off_ptr + t)
+        d = tl.load(dims_ptr + t)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < d
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c in range(tl.load(chunk_off_ptr + u), tl.load(chunk_off_ptr + u + 1)):  # int64 bounds
+            acc += tl.load(partial_ptr + c * BLOCK_D + cols)
+        base = tl.load(w_off_ptr + t) + local * d
+        w = tl.load(weight_ptr + base + cols, mask=cmask, other=0.0).to(tl.float32)
         n = tl.maximum(tl.load(counts_ptr + row).to(tl.float32), 1.0)
         g = acc + lam * w / n
         if ADAGRAD:
-            m = tl.load(momentum_ptr + row) + tl.sum(g * g, axis=0) / D
-            tl.store(momentum_ptr + row, m)
+            m_idx = tl.load(m_off_ptr + t) + local
+            m = tl.load(momentum_ptr + m_idx) + tl.sum(tl.where(cmask, g * g, 0.0), axis=0) / d.to(tl.float32)
+            tl.store(momentum_ptr + m_idx, m)
             w = w - lr * g / (tl.sqrt(m) + eps)
         else:
             w = w - lr * g
-        tl.store(weight_ptr + row * D + cols, w.to(weight_ptr.dtype.element_ty), mask=mask)
+        tl.store(weight_ptr + base + cols, w.to(weight_ptr.dtype.element_ty), mask=cmask)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -139,63 +207,37 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def update_rows_triton(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor,
-                       seg: Segments, grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """Same contract as update_rows_torch: one Triton program per touched row."""
-    if seg.rows.numel() == 0:
+def update_rows_triton(layout: TableLayout, seg: Segments, grad: torch.Tensor, lr: float, lam: float,
+                       eps: float) -> None:
+    u = seg.rows.numel()
+    if u == 0:
         return
-    if not weight.is_contiguous() or not grad.is_contiguous():
-        raise ValueError("MBA Triton update: weight and gradient must be contiguous")
-    d = weight.shape[1]
-    block_d = triton.next_power_of_2(d)
-    mom = momentum if momentum is not None else counts  # unused pointer when not ADAGRAD
-    _mba_rows_kernel[(seg.rows.numel(),)](
-        weight, mom, counts, seg.rows, seg.offsets, seg.src, grad, float(lr), float(lam), float(eps),
-        D=d, BLOCK_D=block_d, BLOCK_K=max(1, min(32, 2048 // block_d)), ADAGRAD=momentum is not None)
+    if not grad.is_contiguous():
+        raise ValueError("MBA Triton update: the gradient must be contiguous")
+    dev = seg.rows.device
+    n_chunks = (seg.offsets[1:] - seg.offsets[:-1] + CHUNK - 1) // CHUNK
+    chunk_off = torch.zeros(u + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(n_chunks, 0, out=chunk_off[1:])
+    # at most one chunk per row plus one per CHUNK occurrences: no host sync for the grid size
+    grid = u + seg.src.numel() // CHUNK
+    chunk_row = (torch.searchsorted(chunk_off, torch.arange(grid, device=dev), right=True) - 1).clamp_(max=u - 1)
+    block_d = triton.next_power_of_2(layout.max_dim)
+    partial = torch.empty(grid, block_d, dtype=torch.float32, device=dev)
+    _chunk_sums_kernel[(grid,)](partial, chunk_row, chunk_off, seg.offsets, seg.tab, layout.dims, seg.src, grad,
+                                CHUNK=CHUNK, BLOCK_K=max(1, min(32, 4096 // block_d)), BLOCK_D=block_d)
+    mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
+    _update_rows_kernel[(u,)](layout.weight, mom, layout.counts, seg.rows, seg.tab, chunk_off, partial,
+                              layout.row_off, layout.w_off, layout.m_off, layout.dims, float(lr), float(lam),
+                              float(eps), BLOCK_D=block_d, ADAGRAD=layout.momentum is not None)
 
 
-@functools.cache
-def cpu_extension():
-    """The C++ CPU kernel (embedding/csrc/mba_cpu.cpp), compiled on first use and cached by torch
-    (`make setup` builds it ahead: `python -m embedding.mba`)."""
-    from torch.utils import cpp_extension
-
-    src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
-    return cpp_extension.load(name="dinrec_mba_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+def update_rows(layout: TableLayout, seg: Segments, grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
+    """The fused update on the tables' device: Triton on CUDA, C++ on the CPU."""
+    fn = update_rows_triton if layout.weight.device.type == "cuda" else update_rows_cpp
+    fn(layout, seg, grad, lr, lam, eps)
 
 
-def update_rows_cpp(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor, seg: Segments,
-                    grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """Same contract: one pass per touched row in C++, rows split over the CPU threads."""
-    if seg.rows.numel() == 0:
-        return
-    cpu_extension().update_rows(weight, momentum, counts, seg.rows, seg.offsets, seg.src,
-                                grad.float().contiguous(), lr, lam, eps)
-
-
-def update_rows(weight: torch.Tensor, momentum: torch.Tensor | None, counts: torch.Tensor, seg: Segments,
-                grad: torch.Tensor, lr: float, lam: float, eps: float) -> None:
-    """The fused update on the device's best implementation: Triton on CUDA (torch ops without
-    Triton), the C++ kernel on the CPU. The Triton interpreter on the CPU is for exactness
-    checks, not for speed."""
-    if weight.device.type == "cuda":
-        fn = update_rows_triton if triton is not None else update_rows_torch
-    else:
-        fn = update_rows_cpp
-    fn(weight, momentum, counts, seg, grad, lr, lam, eps)
-
-
-KERNELS = {"auto": update_rows, "torch": update_rows_torch, "triton": update_rows_triton, "cpp": update_rows_cpp}
-
-
-def count_samples_(counts: torch.Tensor, ids: torch.Tensor, samples: torch.Tensor) -> None:
-    """Online n_j: add, for every row, the number of distinct samples of this batch that look it up
-    (ids [N] with the sample of each lookup in samples [N]; repeats within a sample count once)."""
-    if ids.numel() == 0:
-        return
-    rows = counts.numel()
-    pairs = torch.unique(samples.to(torch.int64) * rows + ids)
-    counts.index_add_(0, pairs % rows, torch.ones_like(pairs, dtype=counts.dtype))
+KERNELS = {"auto": update_rows, "cpp": update_rows_cpp, "triton": update_rows_triton}
 
 
 if __name__ == "__main__":  # `python -m embedding.mba`: build the C++ kernel ahead of the first run

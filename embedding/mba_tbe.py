@@ -45,13 +45,13 @@ class MBAParams:
     lam: float
     counts: str = "online"  # online | static
     eps: float = 1e-8  # row-wise Adagrad only
-    kernel: str = "auto"  # auto | cpp | torch | triton
+    kernel: str = "auto"  # auto | cpp | triton
 
     def __post_init__(self) -> None:
         if self.counts not in ("online", "static"):
             raise ValueError(f"MBA counts must be 'online' or 'static', got {self.counts!r}")
-        if self.kernel not in ("auto", "cpp", "torch", "triton"):
-            raise ValueError(f"MBA kernel must be auto, cpp, torch or triton, got {self.kernel!r}")
+        if self.kernel not in mba.KERNELS:
+            raise ValueError(f"MBA kernel must be one of {', '.join(mba.KERNELS)}, got {self.kernel!r}")
         if self.lam < 0:
             raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
 
@@ -150,13 +150,30 @@ class MBATableBatchedEmbedding(nn.Module):
         return self._lr
 
     # ---- forward / backward ---------------------------------------------------------------------
-    def _features(self, offsets: torch.Tensor) -> tuple[int, list[tuple[int, int]]]:
-        """Batch size and (table, feature) for every feature of the group, in input order."""
+    def layout(self) -> mba.TableLayout:
+        """The group's flat storages and offsets (built once; rebuilt if FBGEMM's storage moved)."""
+        weights = self.inner.split_embedding_weights()
+        key = weights[0].untyped_storage().data_ptr()
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached[0] != key:
+            momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
+            self.__dict__["_layout"] = (key, mba.TableLayout.of(weights, momenta, self.mba_count))
+            self.__dict__["_features_dev"] = self._feature_tensors(weights[0].device)
+        return self.__dict__["_layout"][1]
+
+    def _feature_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per feature: its table, and its first column in the pooled [B, ΣD] output."""
+        ftm = torch.tensor(self.feature_table_map, dtype=torch.int64, device=device)
+        dims = [self.table_dims[t] for t in self.feature_table_map]
+        col = torch.tensor([0] + dims[:-1], dtype=torch.int64).cumsum(0).to(device)
+        return ftm, col
+
+    def _batch_size(self, offsets: torch.Tensor) -> int:
         n_features = len(self.feature_table_map)
         bags = offsets.numel() - 1
         if n_features == 0 or bags % n_features:
             raise ValueError(f"MBA lookup: {bags} bags for {n_features} features (variable batch sizes are not supported)")
-        return bags // n_features, [(t, f) for f, t in enumerate(self.feature_table_map)]
+        return bags // n_features
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights=None, **kwargs) -> torch.Tensor:
         if per_sample_weights is not None or kwargs:
@@ -168,58 +185,52 @@ class MBATableBatchedEmbedding(nn.Module):
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         weights = self.inner.split_embedding_weights()
-        b, feats = self._features(offsets)
-        bounds = offsets[:: b].tolist() if b else [0] * (len(feats) + 1)
+        b = self._batch_size(offsets)
+        n_features = len(self.feature_table_map)
+        # where each feature's ids start and end (known without a device sync for one feature)
+        bounds = [0, indices.numel()] if n_features == 1 else offsets[::b].tolist()
         outs = []
-        for t, f in feats:
+        for f, t in enumerate(self.feature_table_map):
             ids = indices[bounds[f] : bounds[f + 1]]
-            w = weights[t]
             if self.pooled:
-                off = offsets[f * b : (f + 1) * b + 1] - bounds[f]
-                outs.append(nn.functional.embedding_bag(ids, w, off, mode="sum", include_last_offset=True).float())
+                off = offsets[f * b : (f + 1) * b + 1]
+                if f:
+                    off = off - bounds[f]
+                outs.append(nn.functional.embedding_bag(ids, weights[t], off, mode="sum",
+                                                        include_last_offset=True).float())
             else:
-                outs.append(nn.functional.embedding(ids, w).float())
-        if not outs:
-            return torch.zeros(0, device=indices.device)
+                outs.append(nn.functional.embedding(ids, weights[t]).float())
+        if len(outs) == 1:
+            return outs[0]
         return torch.cat(outs, dim=1 if self.pooled else 0)
 
     @torch.no_grad()
     def apply_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor) -> None:
-        """The fused MBA step of every table of the group for one batch (see embedding.mba)."""
-        weights = self.inner.split_embedding_weights()
-        momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
-        counts = self.counts_by_table()
-        b, feats = self._features(offsets)
-        lengths = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths)
-        bounds = offsets[:: b].tolist() if b else [0] * (len(feats) + 1)
-        col = 0
-        # per table: its lookups' ids, their samples, and their gradient rows in a [M, D] matrix
-        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        cols: dict[int, list[torch.Tensor]] = {}
-        for t, f in feats:
-            lo, hi = bounds[f], bounds[f + 1]
-            sample = bag[lo:hi] - f * b
-            if self.pooled:  # the sample's row of this feature's columns of the [B, ΣD] output
-                cols.setdefault(t, []).append(grad_output[:, col : col + self.table_dims[t]])
-                src = sample + (len(cols[t]) - 1) * b
-                col += self.table_dims[t]
-            else:  # the lookup's own row of the [N, D] output
-                src = torch.arange(lo, hi, device=indices.device)
-            parts.setdefault(t, []).append((indices[lo:hi], sample, src))
-        update = mba.KERNELS[self.params.kernel]
-        for t, p in parts.items():
-            ids = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
-            src = p[0][2] if len(p) == 1 else torch.cat([x[2] for x in p])
-            if self.params.counts == "online":
-                mba.count_samples_(counts[t], ids, torch.cat([x[1] for x in p]))
-            if self.pooled:
-                grad = cols[t][0] if len(cols[t]) == 1 else torch.cat(cols[t])
-            else:
-                grad = grad_output
-            seg = mba.segments(ids, src, self.table_rows[t])
-            update(weights[t], momenta[t] if momenta else None, counts[t], seg, grad.contiguous(),
-                   self._lr, self.params.lam, self._eps)
+        """The fused MBA step of every table of the group for one batch (see embedding.mba): every
+        lookup becomes an occurrence (linear row, gradient offset, sample), vectorized."""
+        layout = self.layout()
+        ftm, first_col = self.__dict__["_features_dev"]
+        b = self._batch_size(offsets)
+        n = indices.numel()
+        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=indices.device),
+                                      offsets[1:] - offsets[:-1], output_size=n)
+        if len(self.feature_table_map) == 1:  # one feature: the bag is the sample, one table
+            sample, lin, col = bag, indices, 0
+        else:
+            feature = bag // b
+            sample = bag - feature * b
+            lin = indices
+            if len(self.table_rows) > 1:
+                lin = lin + layout.row_off.index_select(0, ftm.index_select(0, feature))
+            col = first_col.index_select(0, feature)
+        if self.pooled:  # the sample's row of the feature's columns of the [B, ΣD] output
+            src = sample * grad_output.shape[1] + col
+        else:  # the lookup's own row of the [N, D] output
+            src = torch.arange(n, device=indices.device) * grad_output.shape[1]
+        if self.params.counts == "online":
+            mba.count_samples_(layout.counts, lin, sample)
+        seg = mba.segments(lin, src, layout)
+        mba.KERNELS[self.params.kernel](layout, seg, grad_output, self._lr, self.params.lam, self._eps)
 
 
 def _strip_mba(config):

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--lam", type=float, default=0.01, help="MBA λ for b and c (default: %(default)s)")
     p.add_argument("--kernels", default="auto",
-                   help="MBA kernels to time for b, comma-separated from auto,cpp,torch,triton; the first gives "
+                   help="MBA kernels to time for b, comma-separated from auto,cpp,triton; the first gives "
                         "the ratios (default: %(default)s = Triton on CUDA, C++ on the CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="(default: cuda when available)")
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench embedding: --device cuda but no CUDA device is visible")
     kernels = tuple(args.kernels.split(","))
-    bad = [k for k in kernels if k not in ("auto", "cpp", "torch", "triton")]
+    bad = [k for k in kernels if k not in ("auto", "cpp", "triton")]
     if bad:
-        raise ConfigError(f"bench embedding: --kernels: unknown kernel {bad[0]!r} (auto, cpp, torch, triton)")
+        raise ConfigError(f"bench embedding: --kernels: unknown kernel {bad[0]!r} (auto, cpp, triton)")
     return bench_embedding(args.rows, dims, args.batch, args.ids, args.zipf, args.steps, args.warmup, args.lam,
                            torch.device(args.device), kernels)
 

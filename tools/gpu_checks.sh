@@ -15,16 +15,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python3 -c "import torch, triton, torchrec, fbgemm_gpu; print('torch', torch.__version__, 'triton', triton.__version__, 'torchrec', torchrec.__version__, 'fbgemm_gpu', fbgemm_gpu.__version__)" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout 300 python3 -m pytest -q -p no:cacheprovider -k cuda \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
   tests/embedding/test_mba.py tests/embedding/test_mba_torchrec.py > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
 tail -5 "$OUT/pytest_gpu.txt"
 
-timeout 200 python3 -m tools.bench_embedding embedding --device cuda --kernels auto,torch --steps 50 --warmup 5 \
+timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto,torch --steps 50 --warmup 5 \
   > "$OUT/bench_embedding.json" 2> "$OUT/bench_embedding.err"
 cat "$OUT/bench_embedding.json"; tail -3 "$OUT/bench_embedding.err"
 
-timeout 200 python3 - > "$OUT/din_mba_gpu.json" 2> "$OUT/din_mba_gpu.err" <<'EOF'
+timeout 100 python3 - > "$OUT/din_mba_gpu.json" 2> "$OUT/din_mba_gpu.err" <<'EOF'
 import json, os
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 from pathlib import Path

@@ -64,8 +64,8 @@ class SparseOptimizerConfig:
     # n_j: `online` counts the samples seen so far (this batch included); `static` reads the
     # counts that `dinrec count-features` wrote next to the training data.
     counts: Literal["online", "static"] = "online"
-    # MBA row update: auto = Triton on CUDA, the C++ kernel on the CPU; torch = vectorized torch ops
-    kernel: Literal["auto", "cpp", "torch", "triton"] = "auto"
+    # MBA row update: auto = Triton on CUDA, the C++ kernel on the CPU
+    kernel: Literal["auto", "cpp", "triton"] = "auto"
 
     @property
     def base(self) -> str:

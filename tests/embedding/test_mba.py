@@ -1,5 +1,9 @@
-"""The MBA row update (torch ops and Triton) against a numpy loop over rows implementing DIN Eq. 7
-(and row-wise Adagrad + MBA), and the online sample counts against a per-sample Python count."""
+"""The MBA row update (C++ and Triton kernels) against a numpy loop over rows implementing DIN
+Eq. 7 (and row-wise Adagrad + MBA), and the online sample counts against a per-sample count.
+
+The kernels see a group of two tables of different dims in one flat storage (as FBGEMM lays them
+out, here with a gap before each table), their Adagrad state in another, and gradients as
+element offsets into a flat upstream gradient."""
 
 import numpy as np
 import pytest
@@ -7,36 +11,62 @@ import torch
 
 from embedding import mba
 
+DIMS = [12, 4]  # 12: not a power of two, the Triton kernels mask their columns
+ROWS = [30, 20]
+
 
 def numpy_step(w, s, n, rows, grads, lr, lam, adagrad, eps=1e-8):
-    w, s = w.astype(np.float64).copy(), s.astype(np.float64).copy()
-    for j in sorted(set(rows.tolist())):
-        g = grads[rows == j].astype(np.float64).sum(0) + lam * w[j] / max(n[j], 1)
+    """w, s: per table; rows: (table, row) per occurrence; grads: per occurrence."""
+    w = [x.astype(np.float64).copy() for x in w]
+    s = [x.astype(np.float64).copy() for x in s]
+    for t, j in sorted(set(rows)):
+        g = sum(grads[k].astype(np.float64) for k, r in enumerate(rows) if r == (t, j))
+        g = g + lam * w[t][j] / max(n[t][j], 1)
         if adagrad:
-            s[j] += (g * g).mean()
-            w[j] = w[j] - lr * g / (np.sqrt(s[j]) + eps)
+            s[t][j] += (g * g).mean()
+            w[t][j] = w[t][j] - lr * g / (np.sqrt(s[t][j]) + eps)
         else:
-            w[j] = w[j] - lr * g
+            w[t][j] = w[t][j] - lr * g
     return w, s
 
 
-def run_update(kernel, weight, state, n, rows, grads, lr, lam, adagrad):
-    """Hand the kernel its contract: each occurrence names its row of a gradient matrix, here the
-    [N, D] gradients stored in a shuffled order to check the indirection."""
-    dev = weight.device
+def make_group(w0, dtype, device):
+    """The tables as views into one flat storage (5 elements of gap before each)."""
+    size = sum(r * d + 5 for r, d in zip(ROWS, DIMS, strict=True))
+    flat = torch.full((size,), 7.0, dtype=dtype, device=device)
+    mflat = torch.zeros(sum(ROWS) + 6, device=device)
+    views, mviews, at, mat = [], [], 5, 3
+    for t, (r, d) in enumerate(zip(ROWS, DIMS, strict=True)):
+        views.append(flat[at : at + r * d].view(r, d))
+        views[-1].copy_(torch.tensor(w0[t], dtype=dtype))
+        mviews.append(mflat[mat : mat + r])
+        at, mat = at + r * d + 5, mat + r
+    return flat, views, mviews
+
+
+def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad):
+    """The contract: occurrences as linear rows, their gradients scattered at element offsets of a
+    flat buffer (here in a shuffled order, each D_t long, with gaps)."""
+    dev = views[0].device
+    layout = mba.TableLayout.of(views, mviews if adagrad else None, counts)
+    lin = torch.tensor([sum(ROWS[:t]) + j for t, j in rows], device=dev)
     perm = np.random.default_rng(1).permutation(len(rows))
-    stored = torch.tensor(grads[perm], device=dev)  # stored[k] = grads[perm[k]]
-    where = np.empty_like(perm)
-    where[perm] = np.arange(len(perm))
-    seg = mba.segments(torch.tensor(rows, device=dev), torch.tensor(where, device=dev), weight.shape[0])
-    kernel(weight, state if adagrad else None, torch.tensor(n, device=dev), seg, stored, lr, lam, 1e-8)
+    width = max(DIMS) + 3
+    flat_grad = torch.zeros(len(rows) * width, device=dev)
+    src = torch.zeros(len(rows), dtype=torch.int64)
+    for slot, k in enumerate(perm):
+        d = DIMS[rows[k][0]]
+        flat_grad[slot * width : slot * width + d] = torch.tensor(grads[k][:d])
+        src[k] = slot * width
+    seg = mba.segments(lin, src.to(dev), layout)
+    kernel(layout, seg, flat_grad, lr, lam, 1e-8)
 
 
-# Triton is a test dependency: its kernel runs here in the interpreter (tests/conftest.py); on a
-# GPU machine (TRITON_INTERPRET=0) the cuda cases run it compiled.
-KERNELS = {"torch": mba.update_rows_torch, "triton": mba.update_rows_triton, "cpp": mba.update_rows_cpp}
+# Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
+# GPU machine (TRITON_INTERPRET=0) the cuda cases run them compiled.
+KERNELS = {"cpp": mba.update_rows_cpp, "triton": mba.update_rows_triton}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-CASES = [("cpu", k) for k in sorted(KERNELS)] + [pytest.param("cuda", k, marks=CUDA) for k in ("torch", "triton")]
+CASES = [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)]
 
 
 @pytest.mark.parametrize("device,kernel", CASES)
@@ -44,26 +74,34 @@ CASES = [("cpu", k) for k in sorted(KERNELS)] + [pytest.param("cuda", k, marks=C
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_update_matches_eq7_over_several_steps(device, kernel, adagrad, lam):
     rng = np.random.default_rng(0)
-    R, D = 50, 12  # D not a power of two: the Triton kernel masks its columns
-    w0 = rng.standard_normal((R, D)).astype(np.float32)
-    n = rng.integers(1, 20, R).astype(np.int32)
-    n[3] = 0  # a row never counted (e.g. stale counts) is divided by 1, not 0
-    weight, state = torch.tensor(w0, device=device), torch.zeros(R, device=device)
-    ref_w, ref_s = w0.astype(np.float64), np.zeros(R)
+    w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
+    n = [rng.integers(1, 20, r).astype(np.int32) for r in ROWS]
+    n[0][3] = 0  # a row never counted (e.g. stale counts) is divided by 1, not 0
+    flat, views, mviews = make_group(w0, torch.float32, device)
+    counts = torch.tensor(np.concatenate(n), device=device)
+    ref_w, ref_s = w0, [np.zeros(r) for r in ROWS]
     touched = set()
-    for step in range(4):
-        rows = rng.integers(0, 30, 40 if step else 400)  # rows >= 30 are never touched
-        rows[:5] = rows[0]  # repeats within the batch; the first batch has rows with > 32 occurrences
-        rows[5] = 3
-        grads = rng.standard_normal((len(rows), D)).astype(np.float32)
-        touched |= set(rows.tolist())
-        run_update(KERNELS[kernel], weight, state, n, rows, grads, 0.1, lam, adagrad)
-        ref_w, ref_s = numpy_step(ref_w, ref_s, n, rows, grads, 0.1, lam, adagrad)
-        np.testing.assert_allclose(weight.cpu().numpy(), ref_w, rtol=1e-5, atol=1e-5)
-        if adagrad:
-            np.testing.assert_allclose(state.cpu().numpy(), ref_s, rtol=1e-5, atol=1e-6)
-    untouched = sorted(set(range(R)) - touched)
-    assert untouched and np.array_equal(weight.cpu().numpy()[untouched], w0[untouched])  # bit-identical
+    for step in range(3):
+        size = 300 if step == 0 else 40  # the first batch has rows with more than CHUNK occurrences
+        rows = [(int(t), int(rng.integers(0, ROWS[t] - 5))) for t in rng.integers(0, 2, size)]
+        rows[:5] = [rows[0]] * 5
+        rows[5] = (0, 3)
+        if step == 0:
+            rows += [(1, 2)] * (mba.CHUNK * 2 + 7)
+        grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
+        touched |= set(rows)
+        run_update(KERNELS[kernel], views, mviews, counts, rows, grads, 0.1, lam, adagrad)
+        ref_w, ref_s = numpy_step(ref_w, ref_s, n, rows, [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)],
+                                  0.1, lam, adagrad)
+        for t in range(2):
+            np.testing.assert_allclose(views[t].cpu().numpy(), ref_w[t], rtol=1e-5, atol=1e-5)
+            if adagrad:
+                np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-5, atol=1e-6)
+    for t in range(2):  # untouched rows bit-identical
+        untouched = sorted(set(range(ROWS[t])) - {j for tt, j in touched if tt == t})
+        assert untouched and np.array_equal(views[t].cpu().numpy()[untouched], w0[t][untouched])
+    # the gaps between tables were never written
+    assert (flat[:5] == 7).all() and (flat[5 + ROWS[0] * DIMS[0] : 10 + ROWS[0] * DIMS[0]] == 7).all()
 
 
 @pytest.mark.parametrize("device,kernel", CASES)
@@ -71,17 +109,20 @@ def test_update_matches_eq7_over_several_steps(device, kernel, adagrad, lam):
 def test_half_storage_fp32_math(device, kernel, dtype):
     """fp16/bf16 rows: the update is computed in fp32 from the stored value and rounded once."""
     rng = np.random.default_rng(2)
-    R, D = 20, 8
-    w0 = torch.tensor(rng.standard_normal((R, D)), dtype=dtype, device=device)
-    n = rng.integers(1, 5, R).astype(np.int32)
-    rows = rng.integers(0, R, 30)
-    grads = rng.standard_normal((30, D)).astype(np.float32)
-    weight = w0.clone()
-    run_update(KERNELS[kernel], weight, None, n, rows, grads, 0.1, 0.3, False)
-    ref, _ = numpy_step(w0.float().cpu().numpy(), np.zeros(R), n, rows, grads, 0.1, 0.3, False)
-    np.testing.assert_allclose(weight.float().cpu().numpy(), torch.tensor(ref).to(dtype).float().numpy(),
-                               rtol=1e-2, atol=1e-2)
-    assert weight.dtype == dtype
+    w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
+    _, views, mviews = make_group(w0, dtype, device)
+    stored = [v.float().cpu().numpy() for v in views]
+    n = [rng.integers(1, 5, r).astype(np.int32) for r in ROWS]
+    rows = [(int(t), int(rng.integers(0, ROWS[t]))) for t in rng.integers(0, 2, 30)]
+    grads = rng.standard_normal((30, max(DIMS))).astype(np.float32)
+    run_update(KERNELS[kernel], views, mviews, torch.tensor(np.concatenate(n), device=device), rows, grads,
+               0.1, 0.3, False)
+    ref, _ = numpy_step(stored, [np.zeros(r) for r in ROWS], n, rows,
+                        [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.3, False)
+    for t in range(2):
+        assert views[t].dtype == dtype
+        np.testing.assert_allclose(views[t].float().cpu().numpy(), torch.tensor(ref[t]).to(dtype).float().numpy(),
+                                   rtol=1e-2, atol=1e-2)
 
 
 def test_online_counts_count_samples_not_occurrences():

@@ -135,8 +135,10 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
             mba_tbe.install()
             fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=opts["lam"], counts=opts["counts"], kernel=opts["kernel"])}
         sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
-        constraints = {t: ParameterConstraints(sharding_types=[opts["sharding"]], compute_kernels=["fused"])
-                       for t in TABLES}
+        # torchrec shards sequence tables (EmbeddingCollection) every way but table-row-wise
+        constraints = {t: ParameterConstraints(sharding_types=["row_wise" if t in SEQ and opts["sharding"] ==
+                                                               "table_row_wise" else opts["sharding"]],
+                                               compute_kernels=["fused"]) for t in TABLES}
         planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
                                            constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
@@ -221,9 +223,9 @@ def run(tmp_path, world=1, data_world=None, **opts):
 
 CASES = [  # kernel auto is the C++ kernel on the CPU
     dict(base="sgd", counts="online", kernel="auto"),
-    dict(base="sgd", counts="static", kernel="torch"),
+    dict(base="sgd", counts="static", kernel="cpp"),
     dict(base="rowwise_adagrad", counts="online", kernel="auto"),
-    dict(base="rowwise_adagrad", counts="static", kernel="torch"),
+    dict(base="rowwise_adagrad", counts="static", kernel="cpp"),
     dict(base="sgd", counts="online", kernel="triton"),
     dict(base="rowwise_adagrad", counts="static", kernel="triton"),
 ]
