@@ -20,7 +20,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
 tail -5 "$OUT/pytest_gpu.txt"
 
-timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto,torch --steps 50 --warmup 5 \
+timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 \
   > "$OUT/bench_embedding.json" 2> "$OUT/bench_embedding.err"
 cat "$OUT/bench_embedding.json"; tail -3 "$OUT/bench_embedding.err"
 

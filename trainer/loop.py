@@ -81,7 +81,7 @@ def build_model(cfg: Config, world_size: int, device: torch.device) -> Distribut
         mba_tbe.install()
         fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
     sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
-    plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type)
+    plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type, mba=sopt.mba)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     init_tables(dmp, layout, cfg.train.seed)
     if sopt.mba and sopt.counts == "static":

@@ -73,3 +73,35 @@ def test_missing_counts_say_how_to_make_them(tiny_cfg, tiny_data):
     cfg = tiny_cfg()
     with pytest.raises(ConfigError, match="no feature counts .*dinrec count-features"):
         load_counts(cfg, cfg.tables[0])
+
+
+def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_data, tmp_path, capsys):
+    """`counts: static` puts each shard's rows of the count-features file into its MBA state."""
+    import torch
+
+    from embedding import mba_tbe
+    from trainer.loop import build_model, process_group
+
+    data = tmp_path / "train"
+    data.mkdir()
+    for f in (tiny_data / "train").glob("*.parquet"):
+        (data / f.name).write_bytes(f.read_bytes())
+    overrides = [f"data.train={data}", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",
+                 "sparse_optimizer.counts=static", "tables.1.sharding_types=[column_wise]"]
+    cfg = tiny_cfg(*overrides)
+    # without the counts: one line that says how to make them, exit code 2
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), *overrides,
+                 f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dinrec count-features" in err[0]
+    assert main(["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", *overrides]) == 0
+    with process_group(cfg):
+        model = build_model(cfg, 1, torch.device("cpu"))
+    seen = set()
+    for kernel, module in mba_tbe.mba_modules(model):
+        for table, counts in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True):
+            r0 = table.local_metadata.shard_offsets[0]
+            full = load_counts(cfg, next(t for t in cfg.tables if t.name == table.name))
+            np.testing.assert_array_equal(counts.numpy(), full[r0 : r0 + counts.numel()].astype(np.int32))
+            seen.add(table.name)
+    assert seen == {t.name for t in cfg.tables}
