@@ -1,4 +1,4 @@
-"""The `dinrec` command: generate | count-features | train | eval | bench.
+"""The `dinrec` command: generate | count-features | train | eval | bench | experiment.
 
 Every subcommand takes `--help`. User errors (bad config, bad data, bad flags) print one line on
 stderr and exit with status 2, without a traceback. `train` and `eval` print one JSON object as
@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     from tools import bench
 
     bench.add_parsers(bsub, _config_args)
+
+    x = sub.add_parser("experiment", help="multi-seed experiments from the papers (JSON output)")
+    xsub = x.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    from tools import regularization
+
+    regularization.add_parser(xsub, _config_args)
     return p
 
 
@@ -115,6 +121,10 @@ def _run(args: argparse.Namespace) -> dict | None:
         from tools import bench
 
         return bench.run(args)
+    if args.command == "experiment":
+        from tools import regularization
+
+        return regularization.run(args)
     raise AssertionError(args.command)
 
 

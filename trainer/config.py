@@ -53,6 +53,9 @@ class ModelConfig:
     attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
     mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
     activation: Literal["dice", "prelu"] = "prelu"
+    # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
+    # id of the hist_* features is dropped with this probability.
+    id_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class SparseOptimizerConfig:
     counts: Literal["online", "static"] = "online"
     # MBA row update: auto = Triton on CUDA, the C++ kernel on the CPU
     kernel: Literal["auto", "cpp", "triton"] = "auto"
+    # Plain L2 on every row of every table at every step (the cost MBA avoids; a baseline):
+    # w ← w − lr·(g + l2_all·w) for all rows, touched or not.
+    l2_all: float = 0.0
 
     @property
     def base(self) -> str:
@@ -81,6 +87,7 @@ class SparseOptimizerConfig:
 class DenseOptimizerConfig:
     type: Literal["adam", "sgd"] = "adam"
     lr: float = 0.001
+    weight_decay: float = 0.0  # L2 on the dense parameters (coupled, as torch.optim's weight_decay)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 50  # steps between JSONL metric lines
     limit_batches: int = 0  # stop each epoch after this many batches (0: no limit)
+    eval_every_epoch: bool = False  # test metrics after every epoch (metrics.jsonl, result "epochs")
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,8 @@ class _CHECKS:
 
     @staticmethod
     def ModelConfig(c: ModelConfig, path: str) -> None:
+        if not 0 <= c.id_dropout < 1:
+            raise ConfigError(f"{path}.id_dropout: must be in [0, 1), got {c.id_dropout}")
         for i, n in enumerate(c.attention_mlp):
             _positive(n, f"{path}.attention_mlp.{i}")
         for i, n in enumerate(c.mlp):
@@ -279,10 +289,16 @@ class _CHECKS:
             raise ConfigError(f"{path}.lambda: must be >= 0, got {c.lam}")
         if c.lam and not c.mba:
             raise ConfigError(f"{path}.lambda: set, but type {c.type!r} has no MBA (use {c.type}_mba)")
+        if c.l2_all < 0:
+            raise ConfigError(f"{path}.l2_all: must be >= 0, got {c.l2_all}")
+        if c.l2_all and c.base != "sgd":
+            raise ConfigError(f"{path}.l2_all: plain L2 is implemented on SGD only, got type {c.type!r}")
 
     @staticmethod
     def DenseOptimizerConfig(c: DenseOptimizerConfig, path: str) -> None:
         _positive(c.lr, f"{path}.lr")
+        if c.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay: must be >= 0, got {c.weight_decay}")
 
     @staticmethod
     def TrainConfig(c: TrainConfig, path: str) -> None:

@@ -50,6 +50,21 @@ class Batch:
         return self.labels.numel()
 
 
+def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.Generator) -> KeyedJaggedTensor:
+    """Dropout on feature ids (DIN paper §6.5): each id of the features in `keys` is discarded with
+    probability p; the other features, and every sample, stay."""
+    values, lengths = kjt.values(), kjt.lengths()
+    n_keys = len(kjt.keys())
+    b = lengths.numel() // n_keys if n_keys else 0
+    key_of_value = torch.repeat_interleave(torch.arange(n_keys).repeat_interleave(b), lengths.long(),
+                                           output_size=values.numel())
+    targeted = torch.tensor([k in keys for k in kjt.keys()])[key_of_value]
+    keep = ~targeted | (torch.rand(values.numel(), generator=generator) >= p)
+    bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long(), output_size=values.numel())
+    new_lengths = torch.zeros_like(lengths).index_add_(0, bag[keep], torch.ones_like(bag[keep], dtype=lengths.dtype))
+    return KeyedJaggedTensor(keys=kjt.keys(), values=values[keep], lengths=new_lengths)
+
+
 def resolve_paths(spec: str) -> list[str]:
     """A file, a directory (its *.parquet) or a glob -> sorted file list; DataError if empty."""
     if os.path.isdir(spec):

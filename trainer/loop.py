@@ -33,7 +33,7 @@ from embedding.planner import plan_on_the_fly
 from embedding.tables import FeatureLayout, init_rows
 from trainer import checkpoint, metrics
 from trainer.config import Config
-from trainer.data import ParquetStream, stream_from_config
+from trainer.data import ParquetStream, drop_ids, stream_from_config
 from trainer.models import MODELS
 
 SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}
@@ -125,7 +125,30 @@ def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:
 
 def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     params = dict(in_backward_optimizer_filter(model.named_parameters()))
-    return DENSE_OPTIMIZERS[cfg.dense_optimizer.type](params.values(), lr=cfg.dense_optimizer.lr)
+    d = cfg.dense_optimizer
+    return DENSE_OPTIMIZERS[d.type](params.values(), lr=d.lr, weight_decay=d.weight_decay)
+
+
+def all_rows_decay(cfg: Config, model: nn.Module):
+    """Plain L2 on every row (sparse_optimizer.l2_all), or None: scales every local shard by
+    (1 − lr·l2_all). Run between the forward pass and the fused backward step, it makes the step
+    w − lr·(g + l2_all·w) exactly (the gradient was taken at the old weights)."""
+    sopt = cfg.sparse_optimizer
+    if not sopt.l2_all:
+        return None
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    shards = [shard.tensor for key, v in model.state_dict().items()
+              if key.startswith("sparse.") and isinstance(v, ShardedTensor) for shard in v.local_shards()]
+    factor = 1.0 - sopt.lr * sopt.l2_all
+
+    def decay() -> None:
+        # .data: FBGEMM's autograd node holds the weights only to update them in its backward, so
+        # scaling them in between is the intended semantics, not a stale-gradient hazard
+        for t in shards:
+            t.data.mul_(factor)
+
+    return decay
 
 
 def worker_device(cfg: Config) -> torch.device:
@@ -147,6 +170,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         model = build_model(cfg, world, device)
         opt = dense_optimizer(cfg, model)
+        decay = all_rows_decay(cfg, model)
+        dropout_keys = {k for k in FeatureLayout.from_config(cfg).keys if k.startswith("hist_")}
+        dropout_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        epoch_evals = []
         stream = stream_from_config(cfg, "train", rank, world)
         log = open(out / "metrics.jsonl", "a") if rank == 0 else None
         step, samples, t0 = 0, 0, time.perf_counter()
@@ -162,7 +189,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
             for i, batch in enumerate(stream.epoch(epoch)):
                 if cfg.train.limit_batches and i >= cfg.train.limit_batches:
                     break
-                loss = train_step(model, opt, batch.to(device))
+                if cfg.model.id_dropout:
+                    batch.sparse = drop_ids(batch.sparse, dropout_keys, cfg.model.id_dropout, dropout_gen)
+                loss = train_step(model, opt, batch.to(device), decay)
                 step += 1
                 samples += len(batch) * world
                 loss_sum += loss
@@ -176,8 +205,15 @@ def train(cfg: Config, progress: bool = True) -> dict:
                              samples_per_s=samples / (time.perf_counter() - t0))
                     loss_sum, loss_n = 0.0, 0
             bar.close()
+            if cfg.train.eval_every_epoch and epoch < cfg.train.epochs - 1:
+                r = evaluate(model, stream_from_config(cfg, "test", rank, world), False, device)
+                epoch_evals.append({"epoch": epoch, **r})
+                if log:
+                    _log(log, step=step, epoch=epoch, eval=r)
         train_seconds = time.perf_counter() - t0
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
+        if cfg.train.eval_every_epoch:
+            result["epochs"] = [*epoch_evals, {"epoch": cfg.train.epochs - 1, **result}]
         result.update(
             model=cfg.model.name,
             steps=step,
@@ -202,7 +238,7 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(t) / world
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, before_backward=None) -> float:
     """One step on this rank's part of the global batch; returns the local mean loss.
 
     Each rank's loss is the mean over its local rows; DDP averages dense gradients over ranks and
@@ -211,6 +247,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
     """
     logits = model(batch)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    if before_backward is not None:
+        before_backward()
     opt.zero_grad(set_to_none=True)
     loss.backward()  # the fused sparse optimizer updates the tables here
     opt.step()

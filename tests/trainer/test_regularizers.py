@@ -1,0 +1,69 @@
+"""The baselines of the regularization experiment: id dropout and plain L2 on every row."""
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.config import ConfigError
+from trainer.data import drop_ids, stream_from_config
+
+
+def test_drop_ids_drops_only_targeted_ids_per_sample():
+    rng = np.random.default_rng(0)
+    keys = ["item_id", "hist_item_id", "hist_cate_id"]
+    b = 50
+    lengths = {"item_id": np.ones(b, int), "hist_item_id": rng.integers(0, 30, b), "hist_cate_id": rng.integers(0, 30, b)}
+    values = {k: rng.integers(0, 1000, lengths[k].sum()) for k in keys}
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.tensor(np.concatenate([values[k] for k in keys])),
+                            lengths=torch.tensor(np.concatenate([lengths[k] for k in keys]), dtype=torch.int32))
+    out = drop_ids(kjt, {"hist_item_id"}, 0.5, torch.Generator().manual_seed(1)).to_dict()
+    src = kjt.to_dict()
+    per_sample = {k: (src[k].to_dense(), out[k].to_dense()) for k in src}
+    for k in ("item_id", "hist_cate_id"):  # untouched features
+        assert torch.equal(out[k].values(), src[k].values()) and torch.equal(out[k].lengths(), src[k].lengths())
+    kept = total = 0
+    for s in range(b):  # each sample keeps a subsequence of its own ids
+        before, after = (x[s].tolist() for x in per_sample["hist_item_id"])
+        it = iter(before)
+        assert all(any(x == y for y in it) for x in after)
+        kept, total = kept + len(after), total + len(before)
+    assert abs(kept / total - 0.5) < 4 * np.sqrt(0.25 / total)  # binomial, 4 sigma
+    assert torch.equal(drop_ids(kjt, {"hist_item_id"}, 0.0, torch.Generator()).values(), kjt.values())
+
+
+def test_l2_all_decays_every_row_exactly(tiny_cfg):
+    """One SGD step with plain L2: w1 = w0 − lr·(g + l2·w0) for every row; with l2 = 0 the same
+    step gives w0 − lr·g, so the two differ by exactly lr·l2·w0 (untouched rows: only the decay)."""
+    from trainer.loop import (
+        all_rows_decay,
+        build_model,
+        dense_optimizer,
+        full_state_dict,
+        process_group,
+        train_step,
+    )
+
+    lr, l2 = 0.5, 0.1
+    states = []
+    for coef in (0.0, l2):
+        cfg = tiny_cfg("sparse_optimizer.type=sgd", f"sparse_optimizer.lr={lr}", f"sparse_optimizer.l2_all={coef}")
+        batch = next(iter(stream_from_config(cfg, "train", 0, 1).epoch(0)))
+        with process_group(cfg):
+            model = build_model(cfg, 1, torch.device("cpu"))
+            w0 = full_state_dict(model)
+            train_step(model, dense_optimizer(cfg, model), batch, all_rows_decay(cfg, model))
+            states.append(full_state_dict(model))
+    tables = [k for k in w0 if k.startswith("sparse.") and k.endswith(".weight")]
+    assert tables
+    for k in tables:
+        torch.testing.assert_close(states[1][k], states[0][k] - lr * l2 * w0[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_regularizer_config_errors(tiny_cfg):
+    with pytest.raises(ConfigError, match="id_dropout: must be in"):
+        tiny_cfg("model.id_dropout=1.0")
+    with pytest.raises(ConfigError, match="l2_all: plain L2 is implemented on SGD only"):
+        tiny_cfg("sparse_optimizer.type=rowwise_adagrad", "sparse_optimizer.l2_all=0.1")
+    with pytest.raises(ConfigError, match="lambda: set, but type 'sgd' has no MBA"):
+        tiny_cfg("sparse_optimizer.type=sgd", "sparse_optimizer.lambda=0.1")
