@@ -289,6 +289,10 @@ class _CHECKS:
             raise ConfigError(f"{path}.lambda: must be >= 0, got {c.lam}")
         if c.lam and not c.mba:
             raise ConfigError(f"{path}.lambda: set, but type {c.type!r} has no MBA (use {c.type}_mba)")
+        if c.type == "sgd_mba" and c.lr * c.lam >= 1:
+            raise ConfigError(
+                f"{path}.lambda: lr·lambda = {c.lr * c.lam:g} >= 1: Eq. 7 scales a row seen in one sample by "
+                f"1 − lr·lambda/n_j <= 0 (choose lambda < {1 / c.lr:g})")
         if c.l2_all < 0:
             raise ConfigError(f"{path}.l2_all: must be >= 0, got {c.l2_all}")
         if c.l2_all and c.base != "sgd":

@@ -65,5 +65,7 @@ def test_regularizer_config_errors(tiny_cfg):
         tiny_cfg("model.id_dropout=1.0")
     with pytest.raises(ConfigError, match="l2_all: plain L2 is implemented on SGD only"):
         tiny_cfg("sparse_optimizer.type=rowwise_adagrad", "sparse_optimizer.l2_all=0.1")
+    with pytest.raises(ConfigError, match=r"lr·lambda = 8 >= 1.*choose lambda < 0.125"):
+        tiny_cfg("sparse_optimizer.type=sgd_mba", "sparse_optimizer.lr=8", "sparse_optimizer.lambda=1")
     with pytest.raises(ConfigError, match="lambda: set, but type 'sgd' has no MBA"):
         tiny_cfg("sparse_optimizer.type=sgd", "sparse_optimizer.lambda=0.1")
