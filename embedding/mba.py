@@ -131,11 +131,17 @@ def count_samples_(counts: torch.Tensor, lin: torch.Tensor, samples: torch.Tenso
 def cpu_extension():
     """The C++ CPU kernel (embedding/csrc/mba_cpu.cpp), compiled on first use and cached by torch
     (`make setup` builds it ahead: `python -m embedding.mba`)."""
+    import hashlib
+
     from torch.utils import cpp_extension
 
     src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
-    return cpp_extension.load(name="dinrec_mba_cpu", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
+    # The name carries a hash of the source and flags: an edited kernel builds into its own
+    # directory instead of rewriting a library that running processes have loaded.
+    digest = hashlib.sha256(src.read_bytes() + repr((cflags, ldflags)).encode()).hexdigest()[:12]
+    return cpp_extension.load(name=f"dinrec_mba_cpu_{digest}", sources=[str(src)], extra_cflags=cflags,
+                              extra_ldflags=ldflags, verbose=False)
 
 
 def update_rows_cpp(layout: TableLayout, seg: Segments, grad: torch.Tensor, lr: float, lam: float,
