@@ -248,6 +248,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return _convert(inner, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is tp):
         return value
     raise ConfigError(f"{path}: expected {tp.__name__}, got {_show(value)}")

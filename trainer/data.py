@@ -51,18 +51,26 @@ class Batch:
 
 
 def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.Generator) -> KeyedJaggedTensor:
-    """Dropout on feature ids (DIN paper §6.5): each id of the features in `keys` is discarded with
-    probability p; the other features, and every sample, stay."""
-    values, lengths = kjt.values(), kjt.lengths()
-    n_keys = len(kjt.keys())
-    b = lengths.numel() // n_keys if n_keys else 0
-    key_of_value = torch.repeat_interleave(torch.arange(n_keys).repeat_interleave(b), lengths.long(),
-                                           output_size=values.numel())
-    targeted = torch.tensor([k in keys for k in kjt.keys()])[key_of_value]
-    keep = ~targeted | (torch.rand(values.numel(), generator=generator) >= p)
-    bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long(), output_size=values.numel())
-    new_lengths = torch.zeros_like(lengths).index_add_(0, bag[keep], torch.ones_like(bag[keep], dtype=lengths.dtype))
-    return KeyedJaggedTensor(keys=kjt.keys(), values=values[keep], lengths=new_lengths)
+    """Dropout on feature ids (DIN paper §6.5): each behaviour of a sample is discarded with
+    probability p, from every feature in `keys` at once (hist_item_id and hist_cate_id describe the
+    same behaviours and must stay aligned); other features, and every sample, stay."""
+    jts = kjt.to_dict()
+    targeted = [k for k in kjt.keys() if k in keys]
+    if not targeted:
+        return kjt
+    lengths = jts[targeted[0]].lengths()
+    for k in targeted[1:]:
+        if not torch.equal(jts[k].lengths(), lengths):
+            raise ValueError(f"id dropout: {k} and {targeted[0]} have different lengths per sample")
+    keep = torch.rand(int(lengths.sum()), generator=generator) >= p
+    sample = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long(), output_size=keep.numel())
+    new_lengths = torch.zeros_like(lengths).index_add_(0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype))
+    values, out_lengths = [], []
+    for k in kjt.keys():
+        jt = jts[k]
+        values.append(jt.values()[keep] if k in keys else jt.values())
+        out_lengths.append(new_lengths if k in keys else jt.lengths())
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(out_lengths))
 
 
 def resolve_paths(spec: str) -> list[str]:

@@ -9,27 +9,30 @@ from trainer.config import ConfigError
 from trainer.data import drop_ids, stream_from_config
 
 
-def test_drop_ids_drops_only_targeted_ids_per_sample():
+def test_drop_ids_drops_whole_behaviours_per_sample():
     rng = np.random.default_rng(0)
     keys = ["item_id", "hist_item_id", "hist_cate_id"]
     b = 50
-    lengths = {"item_id": np.ones(b, int), "hist_item_id": rng.integers(0, 30, b), "hist_cate_id": rng.integers(0, 30, b)}
-    values = {k: rng.integers(0, 1000, lengths[k].sum()) for k in keys}
+    hist = rng.integers(0, 30, b)
+    lengths = {"item_id": np.ones(b, int), "hist_item_id": hist, "hist_cate_id": hist}
+    values = {"item_id": rng.integers(0, 1000, b), "hist_item_id": rng.integers(0, 1000, hist.sum())}
+    values["hist_cate_id"] = values["hist_item_id"] % 7  # the category of each behaviour
     kjt = KeyedJaggedTensor(keys=keys, values=torch.tensor(np.concatenate([values[k] for k in keys])),
                             lengths=torch.tensor(np.concatenate([lengths[k] for k in keys]), dtype=torch.int32))
-    out = drop_ids(kjt, {"hist_item_id"}, 0.5, torch.Generator().manual_seed(1)).to_dict()
+    out = drop_ids(kjt, {"hist_item_id", "hist_cate_id"}, 0.5, torch.Generator().manual_seed(1)).to_dict()
     src = kjt.to_dict()
-    per_sample = {k: (src[k].to_dense(), out[k].to_dense()) for k in src}
-    for k in ("item_id", "hist_cate_id"):  # untouched features
-        assert torch.equal(out[k].values(), src[k].values()) and torch.equal(out[k].lengths(), src[k].lengths())
+    assert torch.equal(out["item_id"].values(), src["item_id"].values())  # untouched feature
+    items = (src["hist_item_id"].to_dense(), out["hist_item_id"].to_dense())
+    cates = out["hist_cate_id"].to_dense()
     kept = total = 0
-    for s in range(b):  # each sample keeps a subsequence of its own ids
-        before, after = (x[s].tolist() for x in per_sample["hist_item_id"])
+    for s in range(b):  # each sample keeps a subsequence of its own behaviours, item and cate aligned
+        before, after = items[0][s].tolist(), items[1][s].tolist()
         it = iter(before)
         assert all(any(x == y for y in it) for x in after)
+        assert cates[s].tolist() == [x % 7 for x in after]
         kept, total = kept + len(after), total + len(before)
     assert abs(kept / total - 0.5) < 4 * np.sqrt(0.25 / total)  # binomial, 4 sigma
-    assert torch.equal(drop_ids(kjt, {"hist_item_id"}, 0.0, torch.Generator()).values(), kjt.values())
+    assert torch.equal(drop_ids(kjt, {"hist_item_id", "hist_cate_id"}, 0.0, torch.Generator()).values(), kjt.values())
 
 
 def test_l2_all_decays_every_row_exactly(tiny_cfg):
