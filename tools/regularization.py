@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(p)
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="(default: %(default)s)")
-    p.add_argument("--lam", type=float, default=0.1, help="MBA λ (default: %(default)s)")
+    p.add_argument("--lam", type=float, default=0.12, help="MBA λ (default: %(default)s)")
     p.add_argument("--l2", type=float, default=1e-4, help="plain L2 coefficient (default: %(default)s)")
     p.add_argument("--dropout", type=float, default=0.5, help="id dropout probability (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-mba.md)")
