@@ -2,8 +2,9 @@
 
 How it plugs in (one mechanism for every sharding type and both collection kinds):
 
-- The sparse optimizer of the config becomes torchrec `fused_params`: the base FBGEMM optimizer
-  (EXACT_SGD or EXACT_ROWWISE_ADAGRAD, learning rate, eps) plus an `mba` entry (`MBAParams`).
+- The base optimizer (SGD or row-wise Adagrad, FBGEMM's EXACT_SGD / EXACT_ROWWISE_ADAGRAD) is
+  given to torchrec as usual (apply_optimizer_in_backward); the sharders' `fused_params` add an
+  `mba` entry (`MBAParams`), which torchrec merges into every table group's fused_params.
 - `install()` wraps the kernel factory of torchrec's two grouped lookups
   (`GroupedPooledEmbeddingsLookup` for EmbeddingBagCollection, `GroupedEmbeddingsLookup` for
   EmbeddingCollection): a FUSED group whose fused_params carry `mba` gets `MBAFusedEmbeddingBag` /
@@ -44,7 +45,6 @@ class MBAParams:
 
     lam: float
     counts: str = "online"  # online | static
-    eps: float = 1e-8  # row-wise Adagrad only
     kernel: str = "auto"  # auto | cpp | triton
 
     def __post_init__(self) -> None:
@@ -54,23 +54,6 @@ class MBAParams:
             raise ValueError(f"MBA kernel must be one of {', '.join(mba.KERNELS)}, got {self.kernel!r}")
         if self.lam < 0:
             raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
-
-
-def _optim_types():
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
-    return {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
-
-
-def fused_params(base: str, lr: float, mba_params: MBAParams | None, eps: float = 1e-8) -> dict[str, Any]:
-    """torchrec fused_params for the base optimizer `base` (sgd | rowwise_adagrad), with MBA on top
-    when mba_params is given."""
-    params: dict[str, Any] = {"optimizer": _optim_types()[base], "learning_rate": lr}
-    if base == "rowwise_adagrad":
-        params["eps"] = eps
-    if mba_params is not None:
-        params[MBA_KEY] = mba_params
-    return params
 
 
 class _LookupWithMBA(torch.autograd.Function):
@@ -116,7 +99,7 @@ class MBATableBatchedEmbedding(nn.Module):
         device = inner.split_embedding_weights()[0].device if specs else torch.device("cpu")
         self.register_buffer("mba_count", torch.zeros(sum(self.table_rows), dtype=torch.int32, device=device))
         self._lr = float(inner.get_learning_rate())
-        self._eps = float(getattr(inner.optimizer_args, "eps", params.eps))
+        self._eps = float(inner.optimizer_args.eps)  # row-wise Adagrad's ε, as FBGEMM was given it
         # A parameter that requires grad so that autograd reaches our backward (FBGEMM does the same).
         self.placeholder = nn.Parameter(torch.zeros(0, device=device), requires_grad=True)
         if params.kernel == "triton" and not mba.triton_usable(device):
