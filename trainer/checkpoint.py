@@ -1,7 +1,8 @@
 """Model checkpoints with torch.distributed.checkpoint (sharded, reshardable).
 
-A checkpoint is a directory: DCP shards of the model state, `config.yaml` (the run's merged
-config) and `meta.json` written last. It is written into `<dir>.tmp` and renamed into place, so
+A checkpoint is a directory: DCP shards of the model state and of the fused sparse optimizer's
+per-row state (row-wise Adagrad sums, MBA counts n_j; sharded like their tables), `config.yaml`
+(the run's merged config) and `meta.json` written last. It is written into `<dir>.tmp` and renamed into place, so
 a half-written checkpoint is never picked up.
 """
 
@@ -20,6 +21,16 @@ from torch import nn
 from trainer.config import Config, ConfigError, config_from_dict
 
 
+def sparse_optimizer_state(model: nn.Module) -> dict:
+    """The fused optimizer's tensor states, flat ("<param>/<state>" -> sharded tensor). They wrap
+    the live buffers, so loading into them restores the optimizer in place."""
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is None:
+        return {}
+    return {f"{param}/{name}": value for param, states in fused.state_dict()["state"].items()
+            for name, value in states.items()}
+
+
 def save(path: str | Path, model: nn.Module, cfg: Config, meta: dict) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -29,7 +40,8 @@ def save(path: str | Path, model: nn.Module, cfg: Config, meta: dict) -> Path:
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({"model": model.state_dict(), "sparse_optimizer": sparse_optimizer_state(model)},
+             checkpoint_id=str(tmp))
     if rank == 0:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -60,6 +72,10 @@ def load(path: str | Path, model: nn.Module) -> dict:
     """Load the model state in place (whatever its sharding now); return the checkpoint's meta."""
     path = _checkpoint_dir(path)
     state = {"model": model.state_dict()}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    opt = sparse_optimizer_state(model)
+    if opt and any(k.startswith("sparse_optimizer.") for k in saved):
+        state["sparse_optimizer"] = opt  # loaded in place into the live optimizer buffers
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     return json.loads((path / "meta.json").read_text())
