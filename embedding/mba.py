@@ -137,9 +137,10 @@ def cpu_extension():
 
     src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
     cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
-    # The name carries a hash of the source and flags: an edited kernel builds into its own
-    # directory instead of rewriting a library that running processes have loaded.
-    digest = hashlib.sha256(src.read_bytes() + repr((cflags, ldflags)).encode()).hexdigest()[:12]
+    # The name carries a hash of the source, its path and the flags: an edited kernel, or another
+    # checkout, builds into its own directory instead of rewriting a library that running
+    # processes have loaded.
+    digest = hashlib.sha256(src.read_bytes() + repr((str(src.resolve()), cflags, ldflags)).encode()).hexdigest()[:12]
     return cpp_extension.load(name=f"dinrec_mba_cpu_{digest}", sources=[str(src)], extra_cflags=cflags,
                               extra_ldflags=ldflags, verbose=False)
 

@@ -19,15 +19,15 @@ from embedding.tables import FeatureLayout
 
 
 def constraints_for(layout: FeatureLayout) -> dict[str, ParameterConstraints]:
-    """Every table on FBGEMM's fused kernel, so that its optimizer runs inside the backward pass,
-    with the sharding types its config allows.
+    """Every table on an FBGEMM fused kernel (the config's `compute_kernel`), so that its optimizer
+    runs inside the backward pass, with the sharding types and min partition its config gives.
 
     (A data-parallel table would get the dense kernel, whose in-backward optimizer hooks do not
     survive sharding; the fused kernel keeps one update path for every table.)
     """
-    fused = [EmbeddingComputeKernel.FUSED.value]
     return {
-        t.name: ParameterConstraints(compute_kernels=fused, sharding_types=list(t.sharding_types) or None)
+        t.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel(t.compute_kernel).value],
+                                     sharding_types=list(t.sharding_types) or None, min_partition=t.min_partition)
         for t in layout.seq_tables + layout.pooled_tables
     }
 

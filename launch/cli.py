@@ -1,4 +1,4 @@
-"""The `dinrec` command: generate | count-features | train | eval | bench | experiment.
+"""The `dinrec` command: generate | count-features | plan | train | eval | bench | experiment.
 
 Every subcommand takes `--help`. User errors (bad config, bad data, bad flags) print one line on
 stderr and exit with status 2, without a traceback. `train` and `eval` print one JSON object as
@@ -39,6 +39,21 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a config; last line: final metrics as JSON")
     _config_args(t, baseline=True)
+    t.add_argument("--plan", metavar="PLAN_JSON", help="shard the tables by this plan file from `dinrec plan` "
+                   "(checked against the config and world size; default: plan on the fly)")
+
+    pl = sub.add_parser("plan", help="plan the tables' sharding offline (torchrec planner, no GPU needed)",
+                        description="Runs torchrec's EmbeddingShardingPlanner on meta-device tables for a "
+                        "topology; prints per table and per rank, writes a plan file for `train --plan`.")
+    _config_args(pl)
+    pl.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs or CPU workers)")
+    pl.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda", help="(default: %(default)s)")
+    pl.add_argument("--hbm", help="HBM per GPU, e.g. 80GiB (default: torchrec's)")
+    pl.add_argument("--ddr", help="host memory per rank, e.g. 512GiB (default: torchrec's)")
+    pl.add_argument("--local-world-size", type=int, help="ranks per host (default: torchrec's)")
+    pl.add_argument("--batch-size", type=int, help="per-rank batch size (default: the config's data.batch_size)")
+    pl.add_argument("--out", help="write the plan file here")
+    pl.add_argument("--json", action="store_true", help="print only the JSON plan document")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
@@ -97,8 +112,28 @@ def _run(args: argparse.Namespace) -> dict | None:
         from tools import generate
 
         return generate.run(args)
-    if args.command == "train":
+    if args.command == "plan":
+        from embedding.plan import parse_size, plan_offline, print_plan
+
+        if args.world_size < 1:
+            raise ConfigError(f"plan: --world-size must be >= 1, got {args.world_size}")
         cfg = load_config(args.config, args.overrides)
+        doc = plan_offline(cfg, args.world_size, args.compute_device,
+                           hbm=parse_size(args.hbm) if args.hbm else None,
+                           ddr=parse_size(args.ddr) if args.ddr else None,
+                           batch_size=args.batch_size, local_world_size=args.local_world_size)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1)
+        if args.json:
+            return doc
+        print_plan(doc)
+        return {"plan": args.out, "world_size": doc["world_size"], "fingerprint": doc["fingerprint"],
+                "max_hbm_bytes": max(r["hbm_bytes"] for r in doc["ranks"]),
+                "max_ddr_bytes": max(r["ddr_bytes"] for r in doc["ranks"])}
+    if args.command == "train":
+        overrides = [*args.overrides, f"train.plan={args.plan}"] if args.plan else args.overrides
+        cfg = load_config(args.config, overrides)
         if cfg.launch.launcher == "local":
             from trainer.loop import train
 

@@ -45,6 +45,10 @@ class TableConfig:
     sharding_types: list[Literal["table_wise", "column_wise", "row_wise", "table_row_wise"]] = field(
         default_factory=list
     )
+    # FBGEMM kernel: fused (weights in HBM on a GPU, DDR on the CPU); fused_uvm / fused_uvm_caching
+    # keep the table in host memory (GPU only; MBA needs fused).
+    compute_kernel: Literal["fused", "fused_uvm", "fused_uvm_caching"] = "fused"
+    min_partition: int | None = None  # the planner's smallest column-wise shard width
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class TrainConfig:
     log_every: int = 50  # steps between JSONL metric lines
     limit_batches: int = 0  # stop each epoch after this many batches (0: no limit)
     eval_every_epoch: bool = False  # test metrics after every epoch (metrics.jsonl, result "epochs")
+    plan: str | None = None  # a plan file from `dinrec plan` (None: plan on the fly); `train --plan`
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,8 @@ class _CHECKS:
         _positive(c.dim, f"{path}.dim")
         if not c.features:
             raise ConfigError(f"{path}.features: a table needs at least one feature")
+        if c.min_partition is not None:
+            _positive(c.min_partition, f"{path}.min_partition")
 
     @staticmethod
     def ModelConfig(c: ModelConfig, path: str) -> None:
@@ -346,6 +353,10 @@ class _CHECKS:
         for required in ("item_id", "hist_item_id"):
             if required not in seen:
                 raise ConfigError(f"tables: no table reads the required feature {required!r}")
+        for i, t in enumerate(c.tables):
+            if c.sparse_optimizer.mba and t.compute_kernel != "fused":
+                raise ConfigError(f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
+                                  "the MBA optimizer runs on the fused kernel only")
         seq_dims = {t.dim for t in c.tables if any(f.startswith("hist_") for f in t.features)}
         if len(seq_dims) > 1:
             raise ConfigError(

@@ -20,23 +20,18 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.optim import RowWiseAdagrad
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from embedding import mba_tbe
 from embedding.counts import load_counts
+from embedding.plan import load_plan, plan_inputs
 from embedding.planner import plan_on_the_fly
 from embedding.tables import FeatureLayout, init_rows
 from trainer import checkpoint, metrics
 from trainer.config import Config
 from trainer.data import ParquetStream, drop_ids, stream_from_config
-from trainer.models import MODELS
 
-SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -70,21 +65,17 @@ def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
 
 def build_model(cfg: Config, world_size: int, device: torch.device) -> DistributedModelParallel:
     """The config's model with its tables sharded by a plan; sparse optimizer fused in backward."""
-    layout = FeatureLayout.from_config(cfg)
     torch.manual_seed(cfg.train.seed)
     # Tables on meta (DMP allocates each rank's shards); the dense tower is built on the CPU.
-    model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
-    sopt = cfg.sparse_optimizer
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.base], model.sparse.parameters(), {"lr": sopt.lr})
-    fused = None
-    if sopt.mba:  # MBA rides on the base optimizer's fused kernel (embedding/mba_tbe.py)
-        mba_tbe.install()
-        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
-    sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
-    plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type, mba=sopt.mba)
+    model, sharders, layout = plan_inputs(cfg)
+    if cfg.train.plan:  # a plan file from `dinrec plan`, checked against this run
+        plan = load_plan(cfg.train.plan, cfg, world_size, device.type)
+    else:
+        plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type,
+                               mba=cfg.sparse_optimizer.mba)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     init_tables(dmp, layout, cfg.train.seed)
-    if sopt.mba and sopt.counts == "static":
+    if cfg.sparse_optimizer.mba and cfg.sparse_optimizer.counts == "static":
         load_static_counts(dmp, cfg)
     return dmp
 
