@@ -212,6 +212,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
             train_seconds=round(train_seconds, 2),
             train_samples_per_s=round(samples / train_seconds, 1),
         )
+        if device.type == "cuda":  # against the planner's HBM estimate (`dinrec plan`)
+            result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
         ckpt = checkpoint.save(out / "checkpoint", model, cfg, {"step": step, "epochs": cfg.train.epochs})
         result["checkpoint"] = str(ckpt)
         if log:
