@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace) -> dict | None:
                 "max_hbm_bytes": max(r["hbm_bytes"] for r in doc["ranks"]),
                 "max_ddr_bytes": max(r["ddr_bytes"] for r in doc["ranks"])}
     if args.command == "train":
-        overrides = [*args.overrides, f"train.plan={args.plan}"] if args.plan else args.overrides
+        # absolute: Ray workers may start in another directory
+        overrides = [*args.overrides, f"train.plan={os.path.abspath(args.plan)}"] if args.plan else args.overrides
         cfg = load_config(args.config, overrides)
         if cfg.launch.launcher == "local":
             from trainer.loop import train

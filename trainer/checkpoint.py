@@ -2,8 +2,8 @@
 
 A checkpoint is a directory: DCP shards of the model state and of the fused sparse optimizer's
 per-row state (row-wise Adagrad sums, MBA counts n_j; sharded like their tables), `config.yaml`
-(the run's merged config) and `meta.json` written last. It is written into `<dir>.tmp` and renamed into place, so
-a half-written checkpoint is never picked up.
+(the run's merged config) and `meta.json` written last. It is written into `<dir>.tmp` and
+renamed into place, so a half-written checkpoint is never picked up.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from embedding.plan import load_plan, plan_inputs
 from embedding.planner import plan_on_the_fly
 from embedding.tables import FeatureLayout, init_rows
 from trainer import checkpoint, metrics
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, drop_ids, stream_from_config
 
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -89,7 +89,7 @@ def load_static_counts(model: nn.Module, cfg: Config) -> None:
             if table.name not in cache:
                 full = load_counts(cfg, tables[table.name])
                 if full.size and int(full.max()) >= 2**31:
-                    raise ValueError(f"table {table.name}: a count of {int(full.max())} exceeds int32")
+                    raise ConfigError(f"table {table.name}: a count of {int(full.max())} exceeds MBA's int32 n_j")
                 cache[table.name] = full
             r0 = table.local_metadata.shard_offsets[0]
             counts.copy_(torch.from_numpy(cache[table.name][r0 : r0 + counts.numel()].astype(np.int32)))
