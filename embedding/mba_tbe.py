@@ -212,8 +212,7 @@ class MBATableBatchedEmbedding(nn.Module):
             src = torch.arange(n, device=indices.device) * grad_output.shape[1]
         if self.params.counts == "online":
             mba.count_samples_(layout.counts, lin, sample)
-        seg = mba.segments(lin, src, layout)
-        mba.KERNELS[self.params.kernel](layout, seg, grad_output, self._lr, self.params.lam, self._eps)
+        mba.KERNELS[self.params.kernel](layout, lin, src, grad_output, self._lr, self.params.lam, self._eps)
 
 
 def _strip_mba(config):

@@ -58,8 +58,7 @@ def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad):
         d = DIMS[rows[k][0]]
         flat_grad[slot * width : slot * width + d] = torch.tensor(grads[k][:d])
         src[k] = slot * width
-    seg = mba.segments(lin, src.to(dev), layout)
-    kernel(layout, seg, flat_grad, lr, lam, 1e-8)
+    kernel(layout, lin, src.to(dev), flat_grad, lr, lam, 1e-8)
 
 
 # Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
