@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernels", default="auto",
                    help="MBA kernels to time for b, comma-separated from auto,cpp,triton; the first gives "
                         "the ratios (default: %(default)s = Triton on CUDA, C++ on the CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's table of 10 MBA steps (first dim) to stderr")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="(default: cuda when available)")
 
@@ -83,8 +85,25 @@ def _timed(step, batches, warmup: int, steps: int, device: torch.device) -> floa
     return float(np.median(times))
 
 
+def _profile(step, batches, device: torch.device) -> None:
+    """torch.profiler's per-operator table of 10 steps, to stderr (where a step's time goes)."""
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(10):
+            step(*batches[i % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
+
+
 def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: float, steps: int, warmup: int,
-                    lam: float, device: torch.device, kernels: tuple[str, ...] = ("auto",)) -> dict:
+                    lam: float, device: torch.device, kernels: tuple[str, ...] = ("auto",),
+                    profile: bool = False) -> dict:
     from embedding.mba_tbe import MBAParams, MBATableBatchedEmbedding
 
     rng = np.random.default_rng(0)
@@ -117,6 +136,8 @@ def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: floa
                 m(idx, offsets).backward(g)
 
             t_b[kernel] = _timed(step_b, batches, warmup, steps, device)
+            if profile and dim == dims[0] and kernel == kernels[0]:
+                _profile(step_b, batches, device)
             del b, inner
 
         c = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
@@ -160,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     if bad:
         raise ConfigError(f"bench embedding: --kernels: unknown kernel {bad[0]!r} (auto, cpp, triton)")
     return bench_embedding(args.rows, dims, args.batch, args.ids, args.zipf, args.steps, args.warmup, args.lam,
-                           torch.device(args.device), kernels)
+                           torch.device(args.device), kernels, profile=args.profile)
 
 
 if __name__ == "__main__":  # the GPU machine runs it without the console script

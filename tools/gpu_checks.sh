@@ -5,7 +5,7 @@
 #   gpu.txt               the device
 #   pytest_gpu.txt        the CUDA tests: Triton MBA kernel vs numpy Eq. 7, MBA inside torchrec
 #                         (NCCL, world size 1, table/row/column/table-row-wise), λ=0 vs FBGEMM
-#   bench_embedding.json  dinrec bench embedding on the GPU (Triton and torch kernels)
+#   bench_embedding.json  dinrec bench embedding on the GPU (Triton kernel); .err: its profile
 #   din_mba_gpu.json      a tiny DIN run with sgd_mba on the GPU, end to end
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -20,7 +20,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
 tail -5 "$OUT/pytest_gpu.txt"
 
-timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 \
+timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 --profile \
   > "$OUT/bench_embedding.json" 2> "$OUT/bench_embedding.err"
 cat "$OUT/bench_embedding.json"; tail -3 "$OUT/bench_embedding.err"
 
