@@ -106,11 +106,15 @@ class Segments:
     src: torch.Tensor
 
 
+def sort_rows(lin: torch.Tensor, layout: TableLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The occurrences' linear rows sorted (stable), and the permutation that sorts them."""
+    # A group has < 2^31 rows in practice: sorting int32 keys is about twice as fast.
+    return torch.sort(lin.to(torch.int32) if layout.num_rows < 2**31 else lin, stable=True)
+
+
 def segments(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> Segments:
     """Group the occurrences (linear rows lin [N], gradient offsets src [N]) by row: one sort."""
-    # A group has < 2^31 rows in practice: sorting int32 keys is about twice as fast.
-    keys = lin.to(torch.int32) if layout.num_rows < 2**31 else lin
-    lin_sorted, perm = torch.sort(keys, stable=True)
+    lin_sorted, perm = sort_rows(lin, layout)
     rows, counts = torch.unique_consecutive(lin_sorted, return_counts=True)
     rows = rows.to(torch.int64)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=lin.device)
@@ -262,8 +266,7 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     if not grad.is_contiguous():
         raise ValueError("MBA Triton update: the gradient must be contiguous")
     dev = lin.device
-    keys = lin.to(torch.int32) if layout.num_rows < 2**31 else lin
-    keys, perm = torch.sort(keys, stable=True)
+    keys, perm = sort_rows(lin, layout)
     block = 1024
     flags = torch.empty(2, n, dtype=torch.int32, device=dev)
     _flags_kernel[(triton.cdiv(n, block),)](keys, flags, n, CHUNK=CHUNK, BLOCK=block)

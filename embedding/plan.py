@@ -90,19 +90,12 @@ def _topology(world_size: int, compute_device: str, hbm: int | None, ddr: int | 
     return Topology(**kwargs)
 
 
-def _planner(layout, topology, batch_size: int, mba: bool):
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-
-    from embedding.planner import constraints_for, make_enumerator
-
-    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints_for(layout),
-                                    enumerator=make_enumerator(layout, topology, batch_size, mba))
-
-
 def _try_plan(model, sharders, layout, topology, batch_size, mba):
     from torchrec.distributed.planner.types import PlannerError
 
-    planner = _planner(layout, topology, batch_size, mba)
+    from embedding.planner import make_planner
+
+    planner = make_planner(layout, topology, batch_size, mba)
     try:
         return planner.plan(model, sharders), planner
     except PlannerError:
@@ -125,33 +118,34 @@ def plan_offline(cfg: Config, world_size: int, compute_device: str = "cuda", hbm
 def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size) -> str:
     """One line: the biggest table against the memory the topology has, and the smallest world
     size at which the planner does find a plan."""
-    from embedding.planner import constraints_for, make_enumerator
+    from embedding.planner import constraints_for, make_enumerator, make_planner
 
+    mba = cfg.sparse_optimizer.mba
     mem = "hbm" if topology.compute_device == "cuda" else "ddr"
-    options = make_enumerator(layout, topology, batch, cfg.sparse_optimizer.mba).enumerate(model, sharders)
+    options = make_enumerator(layout, topology, batch, mba).enumerate(model, sharders)
     need: dict[str, int] = {}
     for o in options:  # the cheapest way to store each table
         total = sum(getattr(s.storage, mem) for s in o.shards)
         need[o.name] = min(need.get(o.name, total), total)
     cap = getattr(topology.devices[0].storage, mem)
     world = topology.world_size
+
+    def plans_at(w: int) -> bool:
+        t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
+        return _try_plan(model, sharders, layout, t, batch, mba)[0] is not None
+
     fits = None
     w = world * 2
     while w <= MAX_WORLD and fits is None:  # double until it fits, then the smallest in between
-        t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
-        if _try_plan(model, sharders, layout, t, batch, cfg.sparse_optimizer.mba)[0] is not None:
+        if plans_at(w):
             lo, hi = w // 2, w
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                t = _topology(mid, topology.compute_device, hbm, ddr, local_world_size)
-                if _try_plan(model, sharders, layout, t, batch, cfg.sparse_optimizer.mba)[0] is not None:
-                    hi = mid
-                else:
-                    lo = mid
+                lo, hi = (lo, mid) if plans_at(mid) else (mid, hi)
             fits = hi
         w *= 2
     try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
-        reserved = _planner(layout, topology, batch, cfg.sparse_optimizer.mba)._storage_reservation.reserve(
+        reserved = make_planner(layout, topology, batch, mba)._storage_reservation.reserve(
             topology, batch, model, sharders, constraints_for(layout))
         usable = sum(getattr(d.storage, mem) for d in reserved.devices)
         avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense parameters, inputs, 15%)"

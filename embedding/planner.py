@@ -68,10 +68,9 @@ def make_enumerator(layout: FeatureLayout, topology: Topology, batch_size: int,
                                estimator=estimators)
 
 
-def make_planner(layout: FeatureLayout, world_size: int, batch_size: int, compute_device: str = "cpu",
+def make_planner(layout: FeatureLayout, topology: Topology, batch_size: int,
                  mba: bool = False) -> EmbeddingShardingPlanner:
     """torchrec's planner with our constraints, and the MBA counts in its storage estimate."""
-    topology = Topology(world_size=world_size, compute_device=compute_device)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints_for(layout),
                                     enumerator=make_enumerator(layout, topology, batch_size, mba))
 
@@ -87,5 +86,5 @@ def plan_on_the_fly(
     mba: bool = False,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast the plan to every rank."""
-    planner = make_planner(layout, world_size, batch_size, compute_device, mba)
-    return planner.collective_plan(model, sharders, pg)
+    topology = Topology(world_size=world_size, compute_device=compute_device)
+    return make_planner(layout, topology, batch_size, mba).collective_plan(model, sharders, pg)

@@ -41,3 +41,14 @@ def tiny_cfg(tiny_data, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def tiny_train_copy(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny training files, so that `count-features` writes its counts/
+    into this test's directory."""
+    data = tmp_path / "train"
+    data.mkdir()
+    for f in (tiny_data / "train").glob("*.parquet"):
+        (data / f.name).write_bytes(f.read_bytes())
+    return data

@@ -36,12 +36,8 @@ def python_counts(cfg):
     return out
 
 
-def test_counts_match_a_per_sample_count(tiny_cfg, tiny_data, tmp_path, capsys):
-    # a copy of the data, so that counts/ lands in this test's directory
-    data = tmp_path / "train"
-    data.mkdir()
-    for f in (tiny_data / "train").glob("*.parquet"):
-        (data / f.name).write_bytes(f.read_bytes())
+def test_counts_match_a_per_sample_count(tiny_cfg, tiny_train_copy, capsys):
+    data = tiny_train_copy
     cfg = tiny_cfg(f"data.train={data}", "data.max_hist_len=7")
     args = ["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress",
             f"data.train={data}", "data.max_hist_len=7"]
@@ -75,17 +71,14 @@ def test_missing_counts_say_how_to_make_them(tiny_cfg, tiny_data):
         load_counts(cfg, cfg.tables[0])
 
 
-def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_data, tmp_path, capsys):
+def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tmp_path, capsys):
     """`counts: static` puts each shard's rows of the count-features file into its MBA state."""
     import torch
 
     from embedding import mba_tbe
     from trainer.loop import build_model, process_group
 
-    data = tmp_path / "train"
-    data.mkdir()
-    for f in (tiny_data / "train").glob("*.parquet"):
-        (data / f.name).write_bytes(f.read_bytes())
+    data = tiny_train_copy
     overrides = [f"data.train={data}", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",
                  "sparse_optimizer.counts=static", "tables.1.sharding_types=[column_wise]"]
     cfg = tiny_cfg(*overrides)

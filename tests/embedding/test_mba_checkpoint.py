@@ -11,15 +11,12 @@ from launch.cli import main
 from tests.conftest import ROOT
 
 
-def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tmp_path):
+def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tiny_train_copy, tmp_path):
     from trainer import checkpoint
     from trainer.config import load_config
     from trainer.loop import build_model, process_group, train
 
-    data = tmp_path / "train"
-    data.mkdir()
-    for f in (tiny_data / "train").glob("*.parquet"):
-        (data / f.name).write_bytes(f.read_bytes())
+    data = tiny_train_copy
     overrides = [f"data.train={data}", f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'run'}",
                  "train.epochs=1", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",
                  "sparse_optimizer.counts=online", "tables.1.sharding_types=[column_wise]"]
