@@ -138,18 +138,9 @@ def count_samples_(counts: torch.Tensor, lin: torch.Tensor, samples: torch.Tenso
 def cpu_extension():
     """The C++ CPU kernel (embedding/csrc/mba_cpu.cpp), compiled on first use and cached by torch
     (`make setup` builds it ahead: `python -m embedding.mba`)."""
-    import hashlib
+    from trainer import cpp
 
-    from torch.utils import cpp_extension
-
-    src = Path(__file__).with_name("csrc") / "mba_cpu.cpp"
-    cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
-    # The name carries a hash of the source, its path and the flags: an edited kernel, or another
-    # checkout, builds into its own directory instead of rewriting a library that running
-    # processes have loaded.
-    digest = hashlib.sha256(src.read_bytes() + repr((str(src.resolve()), cflags, ldflags)).encode()).hexdigest()[:12]
-    return cpp_extension.load(name=f"dinrec_mba_cpu_{digest}", sources=[str(src)], extra_cflags=cflags,
-                              extra_ldflags=ldflags, verbose=False)
+    return cpp.load(Path(__file__).with_name("csrc") / "mba_cpu.cpp", "dinrec_mba_cpu", ("-fopenmp",))
 
 
 # ---- GPU: Triton ---------------------------------------------------------------------------------

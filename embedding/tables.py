@@ -4,10 +4,15 @@ A table whose features include a candidate/behaviour pair (`X` and `hist_X`) is 
 table: it is looked up unpooled through an EmbeddingCollection, candidate and history alike, so
 that the candidate item and the behaviour items share one table as in the papers. Every other
 table is *pooled* (sum) through an EmbeddingBagCollection.
+
+DIEN with an auxiliary loss also looks up a negative behaviour for every behaviour: the feature
+`neg_hist_X` joins the table of `hist_X` (read from the file when it has the column, else sampled
+by the reader), so negatives share the behaviours' rows as the paper's Eq. 6 wants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -25,15 +30,21 @@ class FeatureLayout:
     seq_tables: tuple[TableConfig, ...]
     pooled_tables: tuple[TableConfig, ...]
     pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
+    negatives: tuple[tuple[str, str], ...] = ()  # (behaviour feature, its negative), pair order
 
     @staticmethod
     def from_config(cfg: Config) -> FeatureLayout:
-        seq, pooled, pairs = [], [], []
+        with_negatives = cfg.model.name == "dien" and cfg.model.aux_loss > 0
+        seq, pooled, pairs, negatives = [], [], [], []
         for t in cfg.tables:
             tp = [(f[5:], f) for f in t.features if f.startswith("hist_") and f[5:] in t.features]
+            if tp and with_negatives:
+                tn = [(h, "neg_" + h) for _, h in tp]
+                t = dataclasses.replace(t, features=[*t.features, *(n for _, n in tn)])
+                negatives.extend(tn)
             (seq if tp else pooled).append(t)
             pairs.extend(tp)
-        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs))
+        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives))
 
     @property
     def seq_features(self) -> list[str]:

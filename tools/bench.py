@@ -5,6 +5,8 @@
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
   FBGEMM fused sparse optimizer, jagged attention) against a plain-PyTorch DIN of the same shape
   (nn.Embedding with sparse gradients, padded histories), on the same batches, in the same run.
+- `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
+  DIEN's C++ sequence kernel against the Python step loop.
 - `dinrec bench embedding`: the MBA embedding step against FBGEMM's fused SGD and torch's sparse
   SGD (tools/bench_embedding.py).
 """
@@ -36,6 +38,10 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(tr)
     tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
     tr.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's C++ GRU kernel vs the step loop")
+    config_args(dn)
+    dn.add_argument("--steps", type=int, default=60, help="timed steps per model (default: %(default)s)")
+    dn.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
     from tools import bench_embedding
 
     bench_embedding.add_parser(sub)
@@ -55,6 +61,8 @@ def run(args: argparse.Namespace) -> dict:
         except ValueError:
             raise ConfigError(f"bench workers: --workers {args.workers!r}: expected e.g. 1,2") from None
         return bench_workers(cfg, counts, args.steps)
+    if args.bench == "dien":
+        return bench_dien(cfg, args.steps, args.warmup)
     return bench_train(cfg, args.steps, args.warmup)
 
 
@@ -82,7 +90,7 @@ def _take(cfg: Config, n: int) -> list:
 
 def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
     from trainer.data import stream_from_config
-    from trainer.loop import build_model, dense_optimizer, process_group
+    from trainer.loop import build_model, dense_optimizer, process_group, train_step
 
     machine = _machine()
     # --- the reader alone, on one core, with Arrow's own thread pools at one thread
@@ -111,7 +119,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        train_rate = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup=10)
+        train_rate = _time_steps(lambda b: train_step(model, opt, b), data, warmup=10)
     return {
         "bench": "loader",
         **machine,
@@ -125,13 +133,6 @@ def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
         "loader_over_train": round(loader_rate / train_rate, 2),
         "batch_size": cfg.data.batch_size,
     }
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, logits: torch.Tensor, batch) -> None:
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
 
 
 def _time_steps(step, data: list, warmup: int, size=len) -> float:
@@ -149,7 +150,7 @@ def _time_steps(step, data: list, warmup: int, size=len) -> float:
 def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
     from embedding.tables import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
-    from trainer.loop import build_model, dense_optimizer, process_group
+    from trainer.loop import build_model, dense_optimizer, process_group, train_step
 
     if cfg.model.name != "din":
         raise ConfigError(f"bench train: model.name must be din (the reference is a DIN), got {cfg.model.name}")
@@ -166,7 +167,7 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        ours = _time_steps(lambda b: _step(model, opt, model(b), b), data, warmup)
+        ours = _time_steps(lambda b: train_step(model, opt, b), data, warmup)
     # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
     torch.manual_seed(cfg.train.seed)
     ref = ReferenceDIN(layout, cfg.model)
@@ -231,4 +232,45 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
         "batch_size_per_worker": cfg.data.batch_size,
         "runs": runs,
         "speedup_over_first": {w: round(r["train_samples_per_s"] / base, 3) for w, r in runs.items()},
+    }
+
+
+def bench_dien(cfg: Config, steps: int, warmup: int) -> dict:
+    """Training samples/s, one process, on the first batches of the training data: DIN, DIEN
+    (the config's evolution variant, C++ GRU kernel) and the same DIEN with the Python step loop.
+    Each model reads its own copy of the same batches (DIEN's carry sampled negatives)."""
+    from dataclasses import replace
+
+    from trainer.loop import build_model, dense_optimizer, process_group, train_step
+
+    if cfg.model.name != "dien":
+        raise ConfigError(f"bench dien: model.name must be dien, got {cfg.model.name}")
+    variants = {
+        "din": replace(cfg, model=replace(cfg.model, name="din")),
+        "dien": cfg,
+        "dien_step_loop": replace(cfg, model=replace(cfg.model, gru_kernel="loop")),
+    }
+    rates, mean_hist = {}, 0.0
+    for name, c in variants.items():
+        data = _take(c, warmup + steps)
+        with process_group(c) as (_, world):
+            torch.manual_seed(c.train.seed)
+            model = build_model(c, world, torch.device("cpu"))
+            opt = dense_optimizer(c, model)
+            model.train()
+            rates[name] = _time_steps(lambda b, model=model, opt=opt: train_step(model, opt, b), data, warmup)
+        hist = next(f for t in c.tables for f in t.features if f.startswith("hist_"))
+        mean_hist = sum(float(b.sparse[hist].lengths().sum()) for b in data) / sum(len(b) for b in data)
+    return {
+        "bench": "dien",
+        **_machine(),
+        "batch_size": cfg.data.batch_size,
+        "steps": steps,
+        "max_hist_len": cfg.data.max_hist_len,
+        "mean_hist_len": round(mean_hist, 2),
+        "evolution": cfg.model.evolution,
+        "aux_loss": cfg.model.aux_loss,
+        "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "dien_over_din": round(rates["dien"] / rates["din"], 3),
+        "cpp_kernel_over_step_loop": round(rates["dien"] / rates["dien_step_loop"], 3),
     }

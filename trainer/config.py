@@ -31,6 +31,12 @@ class DataConfig:
     seed: int = 0  # row-group and row order per epoch
     dense_features: list[str] = field(default_factory=list)  # float32 columns
     prefetch: int = 4  # batches prepared ahead by the background reader
+    # DIEN's auxiliary-loss negatives when the files have no neg_hist_* columns, drawn per row
+    # group for every behaviour from its other behaviours (never the behaviour's own item, unless
+    # the row group has one item only): `frequency` picks a behaviour position uniformly, so
+    # items come in proportion to how often they were clicked; `uniform` picks among the distinct
+    # items equally.
+    negatives: Literal["frequency", "uniform"] = "frequency"
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,20 @@ class TableConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["base", "din"] = "din"
+    name: Literal["base", "din", "dien"] = "din"
     attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
     mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
     activation: Literal["dice", "prelu"] = "prelu"
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.
     id_dropout: float = 0.0
+    # DIEN (dien-paper.md §4): the interest evolving layer's GRU, and α of Eq. 7, the weight of
+    # the interest extractor's auxiliary loss (0: no auxiliary loss, no negatives looked up).
+    evolution: Literal["augru", "agru", "aigru"] = "augru"
+    aux_loss: float = 1.0
+    # DIEN's two GRUs: `cpp`, the sequence kernel with its time loop in C++; `loop`, the Python
+    # step loop through the cell (the reference; slower, see `dinrec bench dien`).
+    gru_kernel: Literal["cpp", "loop"] = "cpp"
 
 
 @dataclass(frozen=True)
@@ -289,6 +302,8 @@ class _CHECKS:
     def ModelConfig(c: ModelConfig, path: str) -> None:
         if not 0 <= c.id_dropout < 1:
             raise ConfigError(f"{path}.id_dropout: must be in [0, 1), got {c.id_dropout}")
+        if c.aux_loss < 0:
+            raise ConfigError(f"{path}.aux_loss: must be >= 0, got {c.aux_loss}")
         for i, n in enumerate(c.attention_mlp):
             _positive(n, f"{path}.attention_mlp.{i}")
         for i, n in enumerate(c.mlp):
@@ -345,6 +360,9 @@ class _CHECKS:
                 seen[f] = t.name
         for i, t in enumerate(c.tables):
             for f in t.features:
+                if f.startswith("neg_"):
+                    raise ConfigError(f"tables.{i}.features: {f!r}: DIEN's negatives are added to the table of "
+                                      f"their behaviours by themselves (model.aux_loss > 0); do not list them")
                 if f.startswith("hist_") and f[5:] not in t.features:
                     raise ConfigError(
                         f"tables.{i}.features: {f!r} needs its candidate feature {f[5:]!r} "

@@ -8,6 +8,10 @@ last short batch of an epoch is kept: every row is seen exactly once per epoch.
 Arrow list offsets become KJT lengths directly: no per-row Python anywhere. A background thread
 reads and converts ahead of the trainer. A bad file stops the stream with a `DataError` naming the
 file, row group and column.
+
+DIEN's negatives (`neg_hist_*`, see embedding.tables) come from the file when it has them, aligned
+with the history, or are drawn by `sample_negatives` per row group, seeded by (seed, epoch, row
+group): the same negatives whatever the world size.
 """
 
 from __future__ import annotations
@@ -136,6 +140,31 @@ def _keep_last(off: np.ndarray, val: np.ndarray, max_len: int) -> tuple[np.ndarr
     return _offsets(np.minimum(lengths, max_len)), val[keep]
 
 
+def sample_negatives(lists: dict[str, tuple[np.ndarray, np.ndarray]], negatives: list[tuple[str, str]],
+                     how: str, rng: np.random.Generator, tries: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A negative behaviour for every behaviour of a row group, aligned with the history.
+
+    Each negative is another behaviour position of the row group, and every feature of the
+    behaviour (item, category, ...) is taken from that one position, so a negative is a real
+    (item, category) pair. `frequency`: positions uniformly (items in proportion to their clicks);
+    `uniform`: one position per distinct item of the first behaviour feature, uniformly. A draw
+    that hits the behaviour's own item is redrawn, up to `tries` times (DIEN: "the item set
+    except the clicked item"; only a row group with a single item keeps some).
+    """
+    first = negatives[0][0]
+    off, val = lists[first]
+    if val.size == 0:
+        return {n: (off, lists[h][1][:0].copy()) for h, n in negatives}
+    pool = np.arange(val.size) if how == "frequency" else np.unique(val, return_index=True)[1]
+    src = pool[rng.integers(0, pool.size, val.size)]
+    for _ in range(tries):
+        same = np.flatnonzero(val[src] == val)
+        if same.size == 0:
+            break
+        src[same] = pool[rng.integers(0, pool.size, same.size)]
+    return {n: (off, lists[h][1][src]) for h, n in negatives}
+
+
 def _is_int(t: pa.DataType) -> bool:
     return pa.types.is_integer(t)
 
@@ -153,6 +182,7 @@ class ParquetStream:
         batch_size: int,
         max_hist_len: int,
         dense_features: list[str] = (),
+        negatives: str = "frequency",
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -164,18 +194,23 @@ class ParquetStream:
         self.batch_size = batch_size
         self.max_hist_len = max_hist_len
         self.dense_features = list(dense_features)
+        self.negatives = negatives
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle = shuffle
         self.prefetch = prefetch
         self.units: list[tuple[str, int, int]] = []  # (file, row group, rows)
         self.has_p_click = True
+        self.file_negatives: dict[str, bool] = {}  # file -> it has the neg_hist_* columns
         for path in self.paths:
             pf = self._open(path)
             self._check_schema(path, pf.schema_arrow)
             self.has_p_click &= "p_click" in pf.schema_arrow.names
+            self.file_negatives[path] = bool(layout.negatives) and layout.negatives[0][1] in pf.schema_arrow.names
             md = pf.metadata
             self.units += [(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
-        self.columns = ["label", "user_id", *layout.keys, *self.dense_features]
+        self._unit_id = {(path, rg): i for i, (path, rg, _) in enumerate(self.units)}
+        neg = {n for _, n in layout.negatives}
+        self.columns = ["label", "user_id", *(k for k in layout.keys if k not in neg), *self.dense_features]
         if self.has_p_click:
             self.columns.append("p_click")
 
@@ -224,10 +259,18 @@ class ParquetStream:
         need("label", _is_int, "int8 (0/1)")
         need("user_id", _is_int, "int64")
         candidates = {c for c, _ in self.layout.pairs}
+        negatives = [n for _, n in self.layout.negatives]
+        present = [n for n in negatives if n in schema.names]
+        if present and len(present) < len(negatives):
+            missing = next(n for n in negatives if n not in schema.names)
+            raise DataError(f"{path}: column '{missing}': missing (the file has '{present[0]}': DIEN's negatives "
+                            "come from the file for every behaviour feature or for none)")
         for f in self.layout.keys:
+            if f in negatives and not present:
+                continue  # sampled by the reader
             if f in candidates:
                 need(f, _is_int, "int64 (one candidate per row)")
-            elif f.startswith("hist_"):
+            elif f.startswith(("hist_", "neg_hist_")):
                 need(f, lambda t: pa.types.is_list(t) and _is_int(t.value_type), "list<int64>")
             else:
                 need(
@@ -242,12 +285,14 @@ class ParquetStream:
 
     def _read_unit(self, path: str, rg: int, epoch: int, unit_index: int, shuffle: bool | None = None) -> _Chunk:
         where = f"{path}: row group {rg}"
+        from_file = self.file_negatives[path]
+        columns = self.columns + [n for _, n in self.layout.negatives] * from_file
         try:
-            table = pq.ParquetFile(path).read_row_group(rg, columns=self.columns)
+            table = pq.ParquetFile(path).read_row_group(rg, columns=columns)
         except (OSError, pa.ArrowException) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{where}: unreadable ({msg})") from None
-        for name in self.columns:
+        for name in columns:
             col = table.column(name)
             if col.null_count:
                 raise DataError(f"{where}: column '{name}': {col.null_count} null value(s)")
@@ -260,6 +305,8 @@ class ParquetStream:
         scalars["label"] = label.astype(np.float32)
         scalars["user_id"] = table.column("user_id").to_numpy().astype(np.int64)
         for f in self.layout.keys:
+            if f not in table.column_names:
+                continue  # a negative to sample, below
             arr = table.column(f).combine_chunks()
             if pa.types.is_list(arr.type):
                 off = np.asarray(arr.offsets).astype(np.int64)
@@ -272,7 +319,7 @@ class ParquetStream:
                 off = np.arange(val.size + 1, dtype=np.int64)
             lists[f] = (off, self._map_ids(f, val, where))
         # The features of one behaviour (item, category, ...) must align step by step.
-        hist_feats = [h for _, h in self.layout.pairs]
+        hist_feats = [h for _, h in self.layout.pairs] + [n for _, n in self.layout.negatives] * from_file
         for h in hist_feats[1:]:
             if not np.array_equal(lists[h][0], lists[hist_feats[0]][0]):
                 row = int(np.flatnonzero(np.diff(lists[h][0]) != np.diff(lists[hist_feats[0]][0]))[0])
@@ -282,6 +329,9 @@ class ParquetStream:
                 )
         for h in hist_feats:
             lists[h] = _keep_last(*lists[h], self.max_hist_len)
+        if self.layout.negatives and not from_file:
+            rng = np.random.default_rng([self.seed, epoch, self._unit_id[(path, rg)], 1])
+            lists.update(sample_negatives(lists, list(self.layout.negatives), self.negatives, rng))
         if self.dense_features:
             dense = np.stack([table.column(f).to_numpy() for f in self.dense_features], 1)
             scalars["dense"] = dense.astype(np.float32)
@@ -424,6 +474,7 @@ def stream_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, shuf
         batch_size=cfg.data.batch_size,
         max_hist_len=cfg.data.max_hist_len,
         dense_features=cfg.data.dense_features,
+        negatives=cfg.data.negatives,
         seed=cfg.data.seed,
         rank=rank,
         world_size=world_size,

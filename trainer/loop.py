@@ -162,7 +162,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
         model = build_model(cfg, world, device)
         opt = dense_optimizer(cfg, model)
         decay = all_rows_decay(cfg, model)
-        dropout_keys = {k for k in FeatureLayout.from_config(cfg).keys if k.startswith("hist_")}
+        # every feature of a behaviour, its DIEN negative included, so that dropout keeps them aligned
+        dropout_keys = {k for k in FeatureLayout.from_config(cfg).keys if k.startswith(("hist_", "neg_hist_"))}
         dropout_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
         epoch_evals = []
         stream = stream_from_config(cfg, "train", rank, world)
@@ -231,6 +232,15 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(t) / world
 
 
+def training_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The loss to minimise on a batch: the click log loss, plus the model's own training term
+    when its forward returns (logits, term) (DIEN: L = L_target + α·L_aux, Eq. 7)."""
+    out = model(batch)
+    logits, extra = out if isinstance(out, tuple) else (out, None)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    return loss if extra is None else loss + extra
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, before_backward=None) -> float:
     """One step on this rank's part of the global batch; returns the local mean loss.
 
@@ -238,8 +248,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, before_backw
     torchrec's collectives divide embedding gradients by the world size, so with equal local
     batch sizes (see ParquetStream.epoch) every update uses the global-batch mean gradient.
     """
-    logits = model(batch)
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    loss = training_loss(model, batch)
     if before_backward is not None:
         before_backward()
     opt.zero_grad(set_to_none=True)

@@ -36,11 +36,13 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def test_local_ray_two_workers(tiny_data, tmp_path, capsys):
-    assert main(["train", *tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2")]) == 0
+@pytest.mark.parametrize("model", ["din", "dien"])
+def test_local_ray_two_workers(tiny_data, tmp_path, capsys, model):
+    args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2", f"model.name={model}")
+    assert main(["train", *args]) == 0
     r = last_json(capsys.readouterr().out)
     assert r["samples"] == TEST_ROWS  # exact eval over both ranks, padding removed
-    assert r["model"] == "din" and 0 < r["auc"] < 1
+    assert r["model"] == model and 0 < r["auc"] < 1
     log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["rows_per_rank"] and sum(log[0]["rows_per_rank"]) == 2100
 

@@ -47,3 +47,14 @@ def test_bench_embedding_small(capsys):
 def test_bench_embedding_refuses_bad_dims(capsys):
     assert main(["bench", "embedding", "--dims", "6"]) == 2
     assert "divisible by 4" in capsys.readouterr().err
+
+
+def test_bench_dien_against_din_and_the_step_loop(tiny_data, capsys):
+    r = run(capsys, "bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), "--steps", "4", "--warmup", "1",
+            f"data.train={tiny_data / 'train'}", "model.name=dien")
+    rates = r["samples_per_s"]
+    assert set(rates) == {"din", "dien", "dien_step_loop"} and min(rates.values()) > 0
+    assert abs(r["dien_over_din"] - rates["dien"] / rates["din"]) < 0.01
+    assert r["evolution"] == "augru" and r["steps"] == 4
+    assert main(["bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    assert "model.name must be dien" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_base_model_sum_pools_the_history(tiny_cfg):
     layout = FeatureLayout.from_config(cfg)
     model = BaseModel(layout, cfg.model, 0).eval()
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
-    cand, hist, lengths, pooled = model.sparse(batch.sparse)
+    cand, hist, lengths, pooled, _ = model.sparse(batch.sparse)
     jt = batch.sparse.to_dict()
     emb = model.sparse.ec.embeddings
     rows = jt["hist_item_id"].to_dense()

@@ -27,6 +27,6 @@ class BaseModel(nn.Module):
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
-        cand, hist, lengths, pooled = self.sparse(batch.sparse)
-        user = sum_pool(hist, lengths, cand.shape[0])  # [B, D]
-        return self.mlp(torch.cat([cand, user, pooled, batch.dense], dim=1)).squeeze(1)
+        x = self.sparse(batch.sparse)
+        user = sum_pool(x.hist, x.lengths, x.cand.shape[0])  # [B, D]
+        return self.mlp(torch.cat([x.cand, user, x.pooled, batch.dense], dim=1)).squeeze(1)

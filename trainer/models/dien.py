@@ -1,11 +1,69 @@
-"""Deep Interest Evolution Network (dien-paper.md §4). So far: the auxiliary loss of the
-interest extractor layer; the model itself is still to come (issue 7).
+"""Deep Interest Evolution Network (dien-paper.md §4, Fig. 1).
+
+    behaviours e[1..T] --GRU--> interest states h[1..T]            (interest extractor, Eq. 2–5)
+                                 + α·L_aux with next behaviours and negatives     (Eq. 6–7)
+    a_t = softmax_t(h_t W e_a) over the real steps                 (Eq. 8)
+    h[1..T], a --AUGRU | AGRU | AIGRU--> final interest h'[T]      (interest evolving, Eq. 9–12)
+    MLP([e_a, h'[T], pooled features, dense features]) -> click logit
+
+The interest state has the width of a behaviour (H = D), so that Eq. 6 can take the inner product
+of h_t and e[t+1]. Both GRUs run through the C++ sequence kernel (trainer.models.gru.sequence) by default.
+In training with α > 0 the model returns (logits, α·L_aux); otherwise logits.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+
+from embedding.tables import FeatureLayout
+from trainer.config import ModelConfig
+from trainer.data import Batch
+from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
+from trainer.models.layers import MLP, SparseArch
+
+
+def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """Jagged rows [N, D] with `lengths` [B] -> [B, steps, D], zeros after each row's length."""
+    b = lengths.numel()
+    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths, output_size=values.shape[0])
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(values.shape[0], device=values.device) - starts.index_select(0, row)
+    out = values.new_zeros(b, steps, values.shape[1])
+    return out.index_put((row, pos), values)
+
+
+class DIEN(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__()
+        self.sparse = SparseArch(layout, device)
+        d = layout.behaviour_dim
+        self.extractor = AttentionGRUCell(d, d)
+        self.attention = nn.Linear(d, d, bias=False)  # W of Eq. 8, applied to e_a
+        self.evolution = AttentionGRUCell(d, d)
+        self.kind = cfg.evolution
+        self.alpha = cfg.aux_loss
+        self.run = sequence if cfg.gru_kernel == "cpp" else run_sequence
+        self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
+
+    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.sparse(batch.sparse)
+        lengths = x.lengths.long()
+        steps = int(lengths.max()) if lengths.numel() else 0
+        e = padded(x.hist, lengths, steps)  # [B, T, D]
+        states, _ = self.run(self.extractor, e, lengths)  # h_t, zero after the length
+        real = torch.arange(steps, device=e.device).unsqueeze(0) < lengths.unsqueeze(1)
+        scores = torch.bmm(states, self.attention(x.cand).unsqueeze(2)).squeeze(2)  # h_t W e_a: [B, T]
+        # softmax over the real steps only; a row without behaviours gets no attention at all
+        att = F.softmax(scores.masked_fill(~real, torch.finfo(scores.dtype).min), dim=1).masked_fill(~real, 0.0)
+        _, final = self.run(self.evolution, states, lengths, att, self.kind)
+        logits = self.mlp(torch.cat([x.cand, final, x.pooled, batch.dense], dim=1)).squeeze(1)
+        if self.training and self.alpha > 0:
+            if x.neg is None:
+                raise ValueError("DIEN with an auxiliary loss needs the neg_hist_* features in the batch")
+            return logits, self.alpha * auxiliary_loss(states, e, padded(x.neg, lengths, steps), lengths)
+        return logits
 
 
 def auxiliary_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,

@@ -22,6 +22,6 @@ class DIN(nn.Module):
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
-        cand, hist, lengths, pooled = self.sparse(batch.sparse)  # [B, D], [N, D], [B], [B, P]
-        user = self.attention(hist, cand, lengths)  # v_U(A), Eq. 3: [B, D]
-        return self.mlp(torch.cat([cand, user, pooled, batch.dense], dim=1)).squeeze(1)
+        x = self.sparse(batch.sparse)
+        user = self.attention(x.hist, x.cand, x.lengths)  # v_U(A), Eq. 3: [B, D]
+        return self.mlp(torch.cat([x.cand, user, x.pooled, batch.dense], dim=1)).squeeze(1)

@@ -11,15 +11,22 @@ gate is u = 1 − z:
     AIGRU:  the GRU on the input a · x
 
 Shape legend: B batch, T steps, I input size, H hidden size; a is one scalar per row and step.
-`run_sequence` is the plain step loop, the reference for the fused DIEN implementation to come.
+
+`sequence` is what the models run: the input projection of every step in one matmul, then the
+time loop in C++ (csrc/attgru.cpp) with a hand-written backward, one autograd node for the
+whole sequence. `run_sequence` is the plain Python step loop through the cell: the reference the
+tests hold `sequence` to.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 KINDS = ("gru", "aigru", "agru", "augru")
+_MODE = {"gru": 0, "aigru": 0, "agru": 1, "augru": 2}  # the C++ kernel's modes; AIGRU = GRU on a·x
 
 
 class AttentionGRUCell(nn.Module):
@@ -72,3 +79,47 @@ def run_sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
         h = torch.where(real, new, h)
         states.append(torch.where(real, new, torch.zeros_like(new)))
     return torch.stack(states, 1) if states else x.new_zeros(b, 0, cell.hidden_size), h
+
+
+def kernel():
+    """The C++ sequence kernel (built on first use, cached; `make setup` builds it ahead)."""
+    from trainer import cpp
+
+    return cpp.load(Path(__file__).with_name("csrc") / "attgru.cpp", "dinrec_attgru", ("-ffast-math", "-fopenmp-simd"))
+
+
+class _Sequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, w_hh, b_hh, att, lengths, mode, fused):
+        states, last, *saved = kernel().forward(xg, w_hh, b_hh, att, lengths, mode, fused)
+        ctx.mode, ctx.fused = mode, fused
+        ctx.save_for_backward(w_hh, att, *saved)
+        return states, last
+
+    @staticmethod
+    def backward(ctx, grad_states, grad_last):
+        w_hh, att, *saved = ctx.saved_tensors
+        dxg, dw, db, datt = kernel().backward(grad_states, grad_last, w_hh, att, ctx.mode, *saved, ctx.fused)
+        return dxg, dw, db, datt if ctx.needs_input_grad[3] else None, None, None, None
+
+
+def sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
+             att: torch.Tensor | None = None, kind: str = "gru", fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run_sequence`'s result (states [B, T, H], zero at padding; last real state [B, H]) by the
+    C++ kernel: no Python loop, one autograd node for the whole sequence. On the CPU each step's
+    elementwise work is one fused pass (`fused=False`: the ATen composition that other devices
+    run, kept testable here)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown GRU kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind != "gru" and att is None:
+        raise ValueError(f"{kind} needs attention scores")
+    if kind == "aigru":
+        x = att.unsqueeze(2) * x
+    xg = cell.x2h(x)  # every step's input gates in one matmul
+    a = att if kind in ("agru", "augru") else x.new_empty(0)
+    return _Sequence.apply(xg, cell.h2h.weight, cell.h2h.bias, a, lengths.to(torch.int64), _MODE[kind], fused)
+
+
+if __name__ == "__main__":  # `python -m trainer.models.gru`: build the C++ kernel ahead of the first run
+    kernel()
+    print("trainer.models.gru: C++ sequence kernel built")

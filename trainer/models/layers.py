@@ -7,6 +7,8 @@ behaviour (its features' embeddings concatenated), P pooled width, F dense featu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
@@ -90,6 +92,14 @@ class LocalActivationUnit(nn.Module):
         return out.index_add_(0, seg, w * hist)
 
 
+class Lookups(NamedTuple):
+    cand: torch.Tensor  # [B, D] candidate
+    hist: torch.Tensor  # [N, D] behaviours, jagged
+    lengths: torch.Tensor  # [B] behaviours per row
+    pooled: torch.Tensor  # [B, P]
+    neg: torch.Tensor | None  # [N, D] DIEN's negative behaviours, aligned with hist (or None)
+
+
 class SparseArch(nn.Module):
     """KJT → candidate, behaviours and pooled embeddings, through torchrec modules only, so that
     DistributedModelParallel can shard them unchanged.
@@ -105,8 +115,7 @@ class SparseArch(nn.Module):
             else None
         )
 
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> cand [B, D], hist values [N, D], hist lengths [B], pooled [B, P]."""
+    def forward(self, kjt: KeyedJaggedTensor) -> Lookups:
         n_seq = len(self.layout.seq_features)
         if self.ebc is not None:
             seq_kjt, pooled_kjt = kjt.split([n_seq, len(self.layout.pooled_features)])
@@ -117,6 +126,7 @@ class SparseArch(nn.Module):
         cand = torch.cat([jts[c].values() for c, _ in self.layout.pairs], dim=1)
         hist = torch.cat([jts[h].values() for _, h in self.layout.pairs], dim=1)
         lengths = jts[self.layout.pairs[0][1]].lengths()
+        neg = torch.cat([jts[n].values() for _, n in self.layout.negatives], dim=1) if self.layout.negatives else None
         if pooled is None:
             pooled = cand.new_zeros(cand.shape[0], 0)
-        return cand, hist, lengths, pooled
+        return Lookups(cand, hist, lengths, pooled, neg)
