@@ -70,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="multi-seed experiments from the papers (JSON output)")
     xsub = x.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    from tools import regularization
+    from tools import dien_experiment, regularization
 
     regularization.add_parser(xsub, _config_args)
+    dien_experiment.add_parser(xsub, _config_args)
     return p
 
 
@@ -134,14 +135,7 @@ def _run(args: argparse.Namespace) -> dict | None:
     if args.command == "train":
         # absolute: Ray workers may start in another directory
         overrides = [*args.overrides, f"train.plan={os.path.abspath(args.plan)}"] if args.plan else args.overrides
-        cfg = load_config(args.config, overrides)
-        if cfg.launch.launcher == "local":
-            from trainer.loop import train
-
-            return train(cfg, progress=not args.no_progress)
-        from launch import ray_train
-
-        return ray_train.run(cfg, cfg.launch.ray_address, progress=not args.no_progress)
+        return train_with_launcher(load_config(args.config, overrides), progress=not args.no_progress)
     if args.command == "eval":
         from trainer import checkpoint
         from trainer.loop import evaluate_checkpoint
@@ -158,10 +152,21 @@ def _run(args: argparse.Namespace) -> dict | None:
 
         return bench.run(args)
     if args.command == "experiment":
-        from tools import regularization
+        from tools import dien_experiment, regularization
 
-        return regularization.run(args)
+        return {"regularization": regularization, "dien": dien_experiment}[args.experiment].run(args)
     raise AssertionError(args.command)
+
+
+def train_with_launcher(cfg, progress: bool = False) -> dict:
+    """Train `cfg` through its launcher (launch.launcher: local Ray, or this process)."""
+    if cfg.launch.launcher == "local":
+        from trainer.loop import train
+
+        return train(cfg, progress=progress)
+    from launch import ray_train
+
+    return ray_train.run(cfg, cfg.launch.ray_address, progress=progress)
 
 
 def _rela_impr(result: dict, run_dir: str) -> dict:

@@ -26,3 +26,24 @@ def test_experiment_regularization_tiny(tiny_data, tmp_path, capsys):
     assert "MBA (λ=0.5)" in text and "dinrec experiment regularization" in text
     # the runs really differ: MBA and plain L2 change the weights
     assert len({json.dumps(out["runs"][v][0]["final_auc"]) for v in out["runs"]}) > 1
+
+
+def test_experiment_dien_runs_every_variant_and_writes_its_table(tiny_data, tmp_path, capsys):
+    import json
+
+    from launch.cli import main
+    from tests.conftest import ROOT
+
+    out = tmp_path / "dien.md"
+    args = ["experiment", "dien", "--config", str(ROOT / "configs/tiny.yaml"), "--seeds", "0,1",
+            "--variants", "din,dien,dien_no_aux", "--out", str(out), "model.name=dien", "train.epochs=1",
+            f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'r'}"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(r["summary"]) == {"din", "dien", "dien_no_aux"} and r["seeds"] == [0, 1]
+    assert all(len(v) == 2 for v in r["runs"].values())
+    aucs = [x["auc"] for x in r["runs"]["dien"]]
+    assert abs(r["summary"]["dien"]["auc"][0] - sum(aucs) / 2) < 1e-9
+    assert r["summary"]["din"]["rela_impr_auc"] == 0
+    assert r["runs"]["dien"][0]["auc"] != r["runs"]["dien_no_aux"][0]["auc"]  # the variants differ
+    assert "| DIEN (AUGRU) without auxiliary loss |" in out.read_text()

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -23,11 +24,11 @@ at::Tensor update_gate(const at::Tensor& u, const at::Tensor& a, int64_t mode) {
 }
 
 // The elementwise part of one step on the CPU, one pass over [B, H] (the ATen composition below
-// is the same math for other devices). Row pointers: x [B, 3H] input gates, g [B, 3H] hidden gates.
+// is the same math for other devices). x [B, 3H] input gates, g [B, 3H] W_hh h (bias added here).
 template <typename T, int64_t MODE>
-void step_cpu(const T* __restrict x, const T* __restrict g, const T* __restrict h, const T* __restrict a,
-              const T* __restrict m, T* __restrict r, T* __restrict z, T* __restrict n, T* __restrict hn,
-              T* __restrict out, int64_t B, int64_t H) {
+void step_cpu(const T* __restrict x, const T* __restrict g, const T* __restrict bias, const T* __restrict h,
+              const T* __restrict a, const T* __restrict m, T* __restrict r, T* __restrict z, T* __restrict n,
+              T* __restrict hn, T* __restrict out, int64_t B, int64_t H) {
   for (int64_t b = 0; b < B; ++b) {
     const T* xb = x + b * 3 * H;
     const T* gb = g + b * 3 * H;
@@ -35,41 +36,45 @@ void step_cpu(const T* __restrict x, const T* __restrict g, const T* __restrict 
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const int64_t i = b * H + j;
-      const T rj = T(1) / (T(1) + std::exp(-(xb[j] + gb[j])));
-      const T zj = T(1) / (T(1) + std::exp(-(xb[H + j] + gb[H + j])));
-      const T nj = std::tanh(xb[2 * H + j] + rj * gb[2 * H + j]);
+      const T hnj = gb[2 * H + j] + bias[2 * H + j];
+      const T rj = T(1) / (T(1) + std::exp(-(xb[j] + gb[j] + bias[j])));
+      const T zj = T(1) / (T(1) + std::exp(-(xb[H + j] + gb[H + j] + bias[H + j])));
+      const T nj = std::tanh(xb[2 * H + j] + rj * hnj);
       const T gate = (MODE == AGRU ? ab : (MODE == AUGRU ? ab * (T(1) - zj) : T(1) - zj)) * mb;
-      r[i] = rj, z[i] = zj, n[i] = nj, hn[i] = gb[2 * H + j];
+      r[i] = rj, z[i] = zj, n[i] = nj, hn[i] = hnj;
       out[i] = h[i] + gate * (nj - h[i]);
     }
   }
 }
 
-// Backward of one step: g [B, H] the gradient of the state after the step (masked rows pass it on
-// through `direct`); writes dx, dhg [B, 3H], da [B] and direct = g ∘ (1 − gate).
-template <typename T>
-void step_back_cpu(const T* g, const T* h, const T* a, const T* m, const T* r, const T* z, const T* n,
-                   const T* hn, T* dx, T* dhg, T* da, T* direct, int64_t B, int64_t H, int64_t mode) {
+// Backward of one step. gh [B, H]: the gradient of the state after the step from later steps;
+// gs [B, H] or null: that of this step's output. Writes dx, dhg [B, 3H], da [B] and
+// direct = g ∘ (1 − gate), the gradient of the state before the step except through W_hh.
+template <typename T, int64_t MODE>
+void step_back_cpu(const T* __restrict gh, const T* __restrict gs, const T* __restrict h, const T* __restrict a,
+                   const T* __restrict m, const T* __restrict r, const T* __restrict z, const T* __restrict n,
+                   const T* __restrict hn, T* __restrict dx, T* __restrict dhg, T* __restrict da,
+                   T* __restrict direct, int64_t B, int64_t H) {
   for (int64_t b = 0; b < B; ++b) {
-    const T ab = mode == GRU ? T(1) : a[b], mb = m[b];
+    const T ab = MODE == GRU ? T(1) : a[b], mb = m[b];
     T dab = 0;
+#pragma omp simd reduction(+ : dab)
     for (int64_t j = 0; j < H; ++j) {
       const int64_t i = b * H + j, o = b * 3 * H + j;
+      const T g = gs ? gh[i] + gs[i] * mb : gh[i];  // the step's output is m·h_{t+1}
       const T u = T(1) - z[i];
-      const T gate = (mode == AGRU ? ab : (mode == AUGRU ? ab * u : u)) * mb;
-      const T d_gate = g[i] * (n[i] - h[i]) * mb;
-      T du = 0;
-      if (mode == AUGRU) du = d_gate * ab, dab += d_gate * u;
-      else if (mode == AGRU) dab += d_gate;
-      else du = d_gate;
-      const T dn = g[i] * gate * (T(1) - n[i] * n[i]);
+      const T gate = (MODE == AGRU ? ab : (MODE == AUGRU ? ab * u : u)) * mb;
+      const T d_gate = g * (n[i] - h[i]) * mb;
+      const T du = MODE == AUGRU ? d_gate * ab : (MODE == AGRU ? T(0) : d_gate);
+      dab += MODE == AUGRU ? d_gate * u : d_gate;
+      const T dn = g * gate * (T(1) - n[i] * n[i]);
       const T dz = -du * z[i] * (T(1) - z[i]);
       const T dr = dn * hn[i] * r[i] * (T(1) - r[i]);
       dx[o] = dr, dx[o + H] = dz, dx[o + 2 * H] = dn;
       dhg[o] = dr, dhg[o + H] = dz, dhg[o + 2 * H] = dn * r[i];
-      direct[i] = g[i] * (T(1) - gate);
+      direct[i] = g * (T(1) - gate);
     }
-    if (mode != GRU) da[b] = dab;
+    if (MODE != GRU) da[b] = dab;
   }
 }
 
@@ -89,17 +94,19 @@ std::vector<at::Tensor> forward(const at::Tensor& xg, const at::Tensor& w_hh, co
        hn = at::empty_like(r);
   const auto w_t = w_hh.t();
   const bool cpu = fused && xg.device().is_cpu();
+  const auto bias = b_hh.contiguous();
+  auto hg_buf = cpu ? at::empty({B, 3 * H}, xg.options()) : at::Tensor();
   for (int64_t t = 0; t < T; ++t) {
     const auto h = hs[t];
     if (cpu) {
+      at::mm_out(hg_buf, h, w_t);
       AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "attgru_step", [&] {
-        const auto gc = at::addmm(b_hh, h, w_t);
         const auto step = mode == AUGRU ? step_cpu<scalar_t, AUGRU>
                           : mode == AGRU ? step_cpu<scalar_t, AGRU> : step_cpu<scalar_t, GRU>;
-        step(x[t].data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-             mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(), mask[t].data_ptr<scalar_t>(),
-             r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(), n[t].data_ptr<scalar_t>(),
-             hn[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(), B, H);
+        step(x[t].data_ptr<scalar_t>(), hg_buf.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+             h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
+             mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
+             n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(), B, H);
       });
       continue;
     }
@@ -125,29 +132,33 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_states, const at::Tensor
   at::NoGradGuard no_grad;
   const int64_t T = r.size(0), B = r.size(1), H = r.size(2);
   const auto a = mode == GRU ? at::Tensor() : att.t().contiguous().to(r.dtype());
+  const bool cpu = fused && r.device().is_cpu();
   const auto gs = grad_states.defined() ? grad_states.transpose(0, 1) : at::Tensor();  // [T, B, H]
-  auto gh = grad_last.defined() ? grad_last.clone() : at::zeros({B, H}, r.options());
+  const auto gs_c = cpu && gs.defined() ? gs.contiguous() : at::Tensor();
+  auto gh = grad_last.defined() ? grad_last.contiguous().clone() : at::zeros({B, H}, r.options());
+  auto next = cpu ? at::empty({B, H}, r.options()) : at::Tensor();
   auto dhg = at::empty({T, B, 3 * H}, r.options());  // gradients of the hidden gates (pre-activation)
   auto dxg = at::empty({T, B, 3 * H}, r.options());
   auto datt = mode == GRU ? at::Tensor() : at::zeros({T, B}, r.options());
   for (int64_t t = T - 1; t >= 0; --t) {
-    const auto m = mask[t].unsqueeze(1);
-    const auto g = gs.defined() ? at::addcmul(gh, gs[t], m) : gh;  // states[t] = m·h_{t+1}
     const auto h = hs[t];
-    if (fused && r.device().is_cpu()) {
-      const auto gc = g.contiguous();
-      auto direct = at::empty_like(gc);
+    if (cpu) {
       AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "attgru_step_back", [&] {
-        step_back_cpu<scalar_t>(gc.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(), mask[t].data_ptr<scalar_t>(),
-                                r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(), n[t].data_ptr<scalar_t>(),
-                                hn[t].data_ptr<scalar_t>(), dxg[t].data_ptr<scalar_t>(), dhg[t].data_ptr<scalar_t>(),
-                                mode == GRU ? nullptr : datt[t].data_ptr<scalar_t>(), direct.data_ptr<scalar_t>(),
-                                B, H, mode);
+        const auto step = mode == AUGRU ? step_back_cpu<scalar_t, AUGRU>
+                          : mode == AGRU ? step_back_cpu<scalar_t, AGRU> : step_back_cpu<scalar_t, GRU>;
+        step(gh.data_ptr<scalar_t>(), gs_c.defined() ? gs_c[t].data_ptr<scalar_t>() : nullptr,
+             h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
+             mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
+             n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), dxg[t].data_ptr<scalar_t>(),
+             dhg[t].data_ptr<scalar_t>(), mode == GRU ? nullptr : datt[t].data_ptr<scalar_t>(),
+             next.data_ptr<scalar_t>(), B, H);
       });
-      gh = at::addmm(direct, dhg[t], w_hh);
+      next.addmm_(dhg[t], w_hh);
+      std::swap(gh, next);
       continue;
     }
+    const auto m = mask[t].unsqueeze(1);
+    const auto g = gs.defined() ? at::addcmul(gh, gs[t], m) : gh;  // states[t] = m·h_{t+1}
     const auto u = 1 - z[t];
     const auto gate = update_gate(u, mode == GRU ? at::Tensor() : a[t], mode) * m;
     const auto d_gate = g * (n[t] - h) * m;  // through gate = m·ũ
