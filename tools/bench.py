@@ -42,6 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(dn)
     dn.add_argument("--steps", type=int, default=60, help="timed steps per model (default: %(default)s)")
     dn.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    dn.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)")
     from tools import bench_embedding
 
     bench_embedding.add_parser(sub)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ConfigError(f"bench workers: --workers {args.workers!r}: expected e.g. 1,2") from None
         return bench_workers(cfg, counts, args.steps)
     if args.bench == "dien":
-        return bench_dien(cfg, args.steps, args.warmup)
+        return bench_dien(cfg, args.steps, args.warmup, args.device)
     return bench_train(cfg, args.steps, args.warmup)
 
 
@@ -235,7 +237,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
     }
 
 
-def bench_dien(cfg: Config, steps: int, warmup: int) -> dict:
+def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dict:
     """Training samples/s, one process, on the first batches of the training data: DIN, DIEN
     (the config's evolution variant, C++ GRU kernel) and the same DIEN with the Python step loop.
     Each model reads its own copy of the same batches (DIEN's carry sampled negatives)."""
@@ -245,6 +247,10 @@ def bench_dien(cfg: Config, steps: int, warmup: int) -> dict:
 
     if cfg.model.name != "dien":
         raise ConfigError(f"bench dien: model.name must be dien, got {cfg.model.name}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("bench dien: --device cuda, but torch sees no GPU")
+        cfg = replace(cfg, launch=replace(cfg.launch, use_gpu=True))
     variants = {
         "din": replace(cfg, model=replace(cfg.model, name="din")),
         "dien": cfg,
@@ -252,10 +258,10 @@ def bench_dien(cfg: Config, steps: int, warmup: int) -> dict:
     }
     rates, mean_hist = {}, 0.0
     for name, c in variants.items():
-        data = _take(c, warmup + steps)
+        data = [b.to(device) for b in _take(c, warmup + steps)]
         with process_group(c) as (_, world):
             torch.manual_seed(c.train.seed)
-            model = build_model(c, world, torch.device("cpu"))
+            model = build_model(c, world, torch.device(device))
             opt = dense_optimizer(c, model)
             model.train()
             rates[name] = _time_steps(lambda b, model=model, opt=opt: train_step(model, opt, b), data, warmup)
@@ -264,6 +270,7 @@ def bench_dien(cfg: Config, steps: int, warmup: int) -> dict:
     return {
         "bench": "dien",
         **_machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "batch_size": cfg.data.batch_size,
         "steps": steps,
         "max_hist_len": cfg.data.max_hist_len,

@@ -7,6 +7,8 @@
 #                         (NCCL, world size 1, table/row/column/table-row-wise), λ=0 vs FBGEMM
 #   bench_embedding.json  dinrec bench embedding on the GPU (Triton kernel); .err: its profile
 #   din_mba_gpu.json      a tiny DIN run with sgd_mba on the GPU, end to end
+#   pytest_dien_gpu.txt   DIEN's GRU kernel on CUDA against the step loop
+#   bench_dien_gpu.json   dinrec bench dien --device cuda at batch 4096
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -39,3 +41,13 @@ cfg = load_config("configs/tiny.yaml", ["data.train=/tmp/tiny/train", "data.test
 print(json.dumps(train(cfg, progress=False)))
 EOF
 cat "$OUT/din_mba_gpu.json"; tail -3 "$OUT/din_mba_gpu.err"
+
+# DIEN: the GRU sequence kernel's ATen path on CUDA against the step loop, then the training step
+# at batch 4096 (DIN, DIEN, DIEN with the step loop) on the default synthetic data
+timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/trainer/test_dien.py > "$OUT/pytest_dien_gpu.txt" 2>&1
+echo "pytest rc=$?" >> "$OUT/pytest_dien_gpu.txt"
+tail -3 "$OUT/pytest_dien_gpu.txt"
+timeout 60 python3 -m launch.cli generate --out /tmp/synthetic --no-progress > /dev/null 2>&1
+timeout 240 python3 -m launch.cli bench dien --config configs/dien_synthetic.yaml --device cuda --steps 30 --warmup 3 \
+  data.batch_size=4096 "data.train=/tmp/synthetic/train/*.parquet" > "$OUT/bench_dien_gpu.json" 2> "$OUT/bench_dien_gpu.err"
+tail -1 "$OUT/bench_dien_gpu.json"

@@ -68,8 +68,14 @@ class ModelConfig:
     id_dropout: float = 0.0
     # DIEN (dien-paper.md §4): the interest evolving layer's GRU, and α of Eq. 7, the weight of
     # the interest extractor's auxiliary loss (0: no auxiliary loss, no negatives looked up).
+    # L_aux (Eq. 6) sums over the steps of a history, so it is about (mean history length) × a
+    # per-step loss: 0.05 weighs it about like the click loss at 20–30 behaviours.
     evolution: Literal["augru", "agru", "aigru"] = "augru"
-    aux_loss: float = 1.0
+    aux_loss: float = 0.05
+    # Also feed DIEN's MLP the sum-pooled history and its product with the candidate, as the
+    # authors' released DIEN code does (its MLP input: user, item, Σ history, item ⊙ Σ history,
+    # final interest state); the paper's text names the final state only (false).
+    history_sum: bool = True
     # DIEN's two GRUs: `cpp`, the sequence kernel with its time loop in C++; `loop`, the Python
     # step loop through the cell (the reference; slower, see `dinrec bench dien`).
     gru_kernel: Literal["cpp", "loop"] = "cpp"

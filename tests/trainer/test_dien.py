@@ -40,6 +40,24 @@ def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gru", "agru", "augru"])
+def test_sequence_kernel_on_cuda_equals_step_loop(kind):
+    torch.manual_seed(0)
+    cell = AttentionGRUCell(16, 16).double().cuda()
+    x = torch.randn(64, 20, 16, dtype=torch.float64, device="cuda", requires_grad=True)
+    att = torch.rand(64, 20, dtype=torch.float64, device="cuda", requires_grad=True)
+    lengths = torch.randint(0, 21, (64,), device="cuda")
+    want = run_sequence(cell, x, lengths, att, kind)
+    got = sequence(cell, x, lengths, att, kind)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    gw = torch.autograd.grad(sum(t.sum() for t in want), [x, *cell.parameters()])
+    gg = torch.autograd.grad(sum(t.sum() for t in got), [x, *cell.parameters()])
+    for w, g in zip(gw, gg, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
 def test_sequence_kernel_gradcheck_augru():
     torch.manual_seed(1)
     cell = AttentionGRUCell(2, 3).double()
@@ -234,7 +252,13 @@ def test_negatives_from_the_file_are_used_as_given(tiny_cfg, tmp_path):
 
 
 def test_dien_trains_in_one_process(tiny_cfg):
+    import json
+
     from trainer.loop import train
 
-    r = train(tiny_cfg("model.name=dien", "train.epochs=1"), progress=False)
-    assert r["model"] == "dien" and 0.5 < r["auc"] < 1 and np.isfinite(r["logloss"])
+    cfg = tiny_cfg("model.name=dien", "train.epochs=3", "model.aux_loss=0.05")
+    r = train(cfg, progress=False)
+    assert r["model"] == "dien" and 0 < r["auc"] < 1 and np.isfinite(r["logloss"])
+    log = [json.loads(x) for x in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in log if "loss" in x]
+    assert len(losses) > 10 and np.mean(losses[-3:]) < np.mean(losses[:3])  # training lowers L = L_target + α·L_aux

@@ -4,7 +4,10 @@
                                  + α·L_aux with next behaviours and negatives     (Eq. 6–7)
     a_t = softmax_t(h_t W e_a) over the real steps                 (Eq. 8)
     h[1..T], a --AUGRU | AGRU | AIGRU--> final interest h'[T]      (interest evolving, Eq. 9–12)
-    MLP([e_a, h'[T], pooled features, dense features]) -> click logit
+    MLP([e_a, h'[T], (Σ e, e_a ⊙ Σ e), pooled features, dense features]) -> click logit
+
+The sum-pooled history and its product with the candidate (`model.history_sum`) are inputs of
+the MLP in the authors' released code, not in the paper's text.
 
 The interest state has the width of a behaviour (H = D), so that Eq. 6 can take the inner product
 of h_t and e[t+1]. Both GRUs run through the C++ sequence kernel (trainer.models.gru.sequence) by default.
@@ -20,6 +23,7 @@ from torch.nn import functional as F
 from embedding.tables import FeatureLayout
 from trainer.config import ModelConfig
 from trainer.data import Batch
+from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
 from trainer.models.layers import MLP, SparseArch
 
@@ -45,7 +49,9 @@ class DIEN(nn.Module):
         self.kind = cfg.evolution
         self.alpha = cfg.aux_loss
         self.run = sequence if cfg.gru_kernel == "cpp" else run_sequence
-        self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
+        self.history_sum = cfg.history_sum
+        self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation,
+                       out=1)
 
     def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.sparse(batch.sparse)
@@ -58,7 +64,11 @@ class DIEN(nn.Module):
         # softmax over the real steps only; a row without behaviours gets no attention at all
         att = F.softmax(scores.masked_fill(~real, torch.finfo(scores.dtype).min), dim=1).masked_fill(~real, 0.0)
         _, final = self.run(self.evolution, states, lengths, att, self.kind)
-        logits = self.mlp(torch.cat([x.cand, final, x.pooled, batch.dense], dim=1)).squeeze(1)
+        parts = [x.cand, final]
+        if self.history_sum:
+            total = sum_pool(x.hist, lengths, x.cand.shape[0])
+            parts += [total, x.cand * total]
+        logits = self.mlp(torch.cat([*parts, x.pooled, batch.dense], dim=1)).squeeze(1)
         if self.training and self.alpha > 0:
             if x.neg is None:
                 raise ValueError("DIEN with an auxiliary loss needs the neg_hist_* features in the batch")
