@@ -1,4 +1,4 @@
-"""The `dinrec` command: generate | count-features | plan | train | eval | bench | experiment.
+"""The `dinrec` command: generate | convert | count-features | plan | train | eval | bench | experiment.
 
 Every subcommand takes `--help`. User errors (bad config, bad data, bad flags) print one line on
 stderr and exit with status 2, without a traceback. `train` and `eval` print one JSON object as
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write synthetic click logs (train/test Parquet)",
                        description=generate.__doc__.split("\n\n")[0])
     generate.add_arguments(g)
+
+    from tools import convert
+
+    convert.add_parser(sub)
 
     t = sub.add_parser("train", help="train a config; last line: final metrics as JSON")
     _config_args(t, baseline=True)
@@ -143,6 +147,10 @@ def _run(args: argparse.Namespace) -> dict | None:
         base = None if args.config else checkpoint.read_config(args.checkpoint).to_dict()
         cfg = load_config(args.config, args.overrides, base=base)
         return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    if args.command == "convert":
+        from tools import convert
+
+        return convert.run(args)
     if args.command == "count-features":
         from embedding.counts import write_counts
 
