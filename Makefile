@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean lint
+.PHONY: setup train test data clean lint reproduce-movielens
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,21 @@ $(DATA)/train/_SUCCESS:
 
 train: data
 	$(BIN)/dinrec train --config $(CONFIG)
+
+# DIN paper Table 3 on MovieLens-100K: RecBole's copy from the recbole wheel (downloaded, never
+# installed), converted, then BaseModel / DIN / DIN+Dice over 3 seeds -> docs/results-movielens.md
+ML_WHEEL := data/downloads/recbole-1.2.1-py3-none-any.whl
+
+reproduce-movielens: setup data/movielens/convert.json
+	$(BIN)/dinrec experiment movielens --data data/movielens --seeds 0,1,2 --out docs/results-movielens.md --plot docs/movielens-gauc.png
+
+data/movielens/convert.json: $(ML_WHEEL)
+	$(BIN)/python -m tools.convert.movielens $(ML_WHEEL) data/ml-100k
+	$(BIN)/dinrec convert movielens --inter data/ml-100k/ml-100k.inter --item data/ml-100k/ml-100k.item \
+		--user data/ml-100k/ml-100k.user --out data/movielens
+
+$(ML_WHEEL):
+	$(VENV)/bin/pip download -q --no-deps recbole==1.2.1 -d data/downloads
 
 test: setup
 	$(BIN)/python -m pytest -q

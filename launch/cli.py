@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from trainer.config import ConfigError
 
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
+    e.add_argument("--attention-plot", metavar="PNG", help="instead of the metrics: a PNG of one user's attention "
+                   "weights over their history for a few candidates (DIN, DIEN)")
+    e.add_argument("--user", type=int, help="with --attention-plot: the user_id (as in the data; default: the "
+                   "first test row with 8+ behaviours)")
+    e.add_argument("--candidates", type=int, default=4, help="with --attention-plot: candidates shown (default: 4)")
     _config_args(e, required=False, baseline=True)
 
     c = sub.add_parser("count-features", help="per-row sample counts n_j of every table (for MBA), next to the data")
@@ -74,10 +80,11 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="multi-seed experiments from the papers (JSON output)")
     xsub = x.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    from tools import dien_experiment, regularization
+    from tools import dien_experiment, movielens_experiment, regularization
 
     regularization.add_parser(xsub, _config_args)
     dien_experiment.add_parser(xsub, _config_args)
+    movielens_experiment.add_parser(xsub, _config_args)
     return p
 
 
@@ -146,6 +153,10 @@ def _run(args: argparse.Namespace) -> dict | None:
 
         base = None if args.config else checkpoint.read_config(args.checkpoint).to_dict()
         cfg = load_config(args.config, args.overrides, base=base)
+        if args.attention_plot:
+            from tools.attention_plot import attention_plot
+
+            return attention_plot(cfg, args.checkpoint, Path(args.attention_plot), args.user, args.candidates)
         return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
     if args.command == "convert":
         from tools import convert
@@ -160,9 +171,10 @@ def _run(args: argparse.Namespace) -> dict | None:
 
         return bench.run(args)
     if args.command == "experiment":
-        from tools import dien_experiment, regularization
+        from tools import dien_experiment, movielens_experiment, regularization
 
-        return {"regularization": regularization, "dien": dien_experiment}[args.experiment].run(args)
+        experiments = {"regularization": regularization, "dien": dien_experiment, "movielens": movielens_experiment}
+        return experiments[args.experiment].run(args)
     raise AssertionError(args.command)
 
 

@@ -5,6 +5,7 @@ naming file:line."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -263,3 +264,25 @@ def test_taobao_bad_label_and_header_are_one_line(tmp_path, capsys):
 
 def test_converter_errors_are_input_errors():
     assert issubclass(InputError, ValueError)
+
+
+def test_experiment_movielens_trains_three_models_and_writes_table_and_plot(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    d.mkdir()
+    users, items = 80, 30
+    lines = [f"u{u}\tm{rng.integers(items)}\t{rng.integers(1, 6)}\t{t}\n" for u in range(users) for t in range(15)]
+    (d / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
+    (d / "x.item").write_text("item_id:token\tclass:token_seq\n" + "".join(
+        f"m{i}\t{['Action', 'Drama', 'Comedy'][i % 3]}\n" for i in range(items)))
+    convert_ml({"inter": d / "x.inter", "item": d / "x.item"}, tmp_path / "ml")
+    capsys.readouterr()
+    md, png = tmp_path / "r.md", tmp_path / "g.png"
+    assert main(["experiment", "movielens", "--data", str(tmp_path / "ml"), "--seeds", "0", "--out", str(md),
+                 "--plot", str(png), "--runs", str(tmp_path / "runs"), "train.epochs=2", "data.batch_size=64", "tables.0.dim=4",
+                 "tables.1.dim=4"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(r["summary"]) == {"base", "din", "din_dice"}
+    assert all(len(run["curve"]) == 2 for runs in r["runs"].values() for run in runs)
+    assert r["summary"]["base"]["rela_impr_gauc"] == 0
+    assert "| DIN with Dice |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"

@@ -250,3 +250,28 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
 def run(args: argparse.Namespace) -> dict:
     return convert(Path(args.inter), Path(args.item), Path(args.user) if args.user else None, Path(args.out),
                    args.max_hist_len, args.test_fraction, args.seed, progress=not args.no_progress)
+
+
+def extract_recbole_ml100k(wheel: Path, out: Path) -> list[Path]:
+    """Only MovieLens-100K's .inter/.item/.user files out of the recbole wheel (never installed)."""
+    import zipfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with zipfile.ZipFile(wheel) as z:
+        for ext in ("inter", "item", "user"):
+            name = f"recbole/dataset_example/ml-100k/ml-100k.{ext}"
+            try:
+                data = z.read(name)
+            except KeyError:
+                raise InputError(f"{wheel}: no {name} inside") from None
+            (out / f"ml-100k.{ext}").write_bytes(data)
+            written.append(out / f"ml-100k.{ext}")
+    return written
+
+
+if __name__ == "__main__":  # python -m tools.convert.movielens WHEEL DIR (used by `make reproduce-movielens`)
+    import sys
+
+    for p in extract_recbole_ml100k(Path(sys.argv[1]), Path(sys.argv[2])):
+        print(p)

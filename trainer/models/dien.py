@@ -53,8 +53,9 @@ class DIEN(nn.Module):
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation,
                        out=1)
 
-    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x = self.sparse(batch.sparse)
+    def _interests(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> behaviours e [B, T, D], interest states h [B, T, D], attention a [B, T] (Eq. 8), the
+        real steps [B, T] and lengths [B]."""
         lengths = x.lengths.long()
         steps = int(lengths.max()) if lengths.numel() else 0
         e = padded(x.hist, lengths, steps)  # [B, T, D]
@@ -63,6 +64,17 @@ class DIEN(nn.Module):
         scores = torch.bmm(states, self.attention(x.cand).unsqueeze(2)).squeeze(2)  # h_t W e_a: [B, T]
         # softmax over the real steps only; a row without behaviours gets no attention at all
         att = F.softmax(scores.masked_fill(~real, torch.finfo(scores.dtype).min), dim=1).masked_fill(~real, 0.0)
+        return e, states, att, real, lengths
+
+    def attention_weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_t of Eq. 8 for every behaviour, [N] (jagged, oldest first), and the lengths [B]."""
+        x = self.sparse(batch.sparse)
+        _, _, att, real, lengths = self._interests(x)
+        return att[real], lengths
+
+    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.sparse(batch.sparse)
+        e, states, att, _, lengths = self._interests(x)
         _, final = self.run(self.evolution, states, lengths, att, self.kind)
         parts = [x.cand, final]
         if self.history_sum:
@@ -72,7 +84,7 @@ class DIEN(nn.Module):
         if self.training and self.alpha > 0:
             if x.neg is None:
                 raise ValueError("DIEN with an auxiliary loss needs the neg_hist_* features in the batch")
-            return logits, self.alpha * auxiliary_loss(states, e, padded(x.neg, lengths, steps), lengths)
+            return logits, self.alpha * auxiliary_loss(states, e, padded(x.neg, lengths, e.shape[1]), lengths)
         return logits
 
 

@@ -25,3 +25,8 @@ class DIN(nn.Module):
         x = self.sparse(batch.sparse)
         user = self.attention(x.hist, x.cand, x.lengths)  # v_U(A), Eq. 3: [B, D]
         return self.mlp(torch.cat([x.cand, user, x.pooled, batch.dense], dim=1)).squeeze(1)
+
+    def attention_weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local activation unit's weight of every behaviour, [N], and the lengths [B]."""
+        x = self.sparse(batch.sparse)
+        return self.attention.weights(x.hist, x.cand, x.lengths).squeeze(1), x.lengths

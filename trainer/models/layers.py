@@ -83,13 +83,17 @@ class LocalActivationUnit(nn.Module):
         super().__init__()
         self.mlp = MLP(4 * dim, hidden, act, out=1)
 
+    def weights(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """a(e_j, v_A) of every behaviour: hist [N, D], cand [B, D], lengths [B] -> [N, 1]."""
+        seg = torch.repeat_interleave(torch.arange(cand.shape[0], device=cand.device), lengths)
+        c = cand.index_select(0, seg)  # [N, D]
+        return self.mlp(torch.cat([hist, c, hist - c, hist * c], dim=1))
+
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
         seg = torch.repeat_interleave(torch.arange(cand.shape[0], device=cand.device), lengths)
-        c = cand.index_select(0, seg)  # [N, D]
-        w = self.mlp(torch.cat([hist, c, hist - c, hist * c], dim=1))  # [N, 1]
         out = torch.zeros_like(cand)
-        return out.index_add_(0, seg, w * hist)
+        return out.index_add_(0, seg, self.weights(hist, cand, lengths) * hist)
 
 
 class Lookups(NamedTuple):

@@ -1,0 +1,143 @@
+"""`dinrec eval --attention-plot PNG`: one user's attention weights over their history, for a few
+candidates (the DIN paper's Fig. 5/6 idea): DIN's local activation unit a(e_j, v_A) (not
+normalised), or DIEN's a_t of Eq. 8 (a softmax over the history).
+
+The user: `--user` (a user_id row of the test data) or the first test row with at least 8
+behaviours. Candidates: that row's own candidate, then the candidates of other test rows with
+categories not shown yet. Behaviours and candidates are labelled with their original ids and
+category names when the data directory has `dinrec convert`'s vocab/ beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.config import Config, ConfigError
+from trainer.data import Batch, resolve_paths, stream_from_config
+
+
+def _vocab(cfg: Config, name: str) -> list | None:
+    import pyarrow.parquet as pq
+
+    path = Path(resolve_paths(cfg.data.test)[0]).parent.parent / "vocab" / f"{name}.parquet"
+    return pq.read_table(path).column("id").to_pylist() if path.is_file() else None
+
+
+def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) -> tuple[Batch, int]:
+    """A batch of K rows sharing one test row's history and other features, each with another
+    candidate; -> (batch, the user's row id)."""
+    rows = []  # (kjt dict per row)
+    chosen = None
+    for batch in stream_from_config(cfg, "test").epoch(0):
+        jts = batch.sparse.to_dict()
+        hist_key = next(k for k in batch.sparse.keys() if k.startswith("hist_"))
+        lengths = jts[hist_key].lengths()
+        for r in range(len(batch)):
+            rows.append((batch, r))
+            if chosen is None and (int(batch.users[r]) == user if user is not None else int(lengths[r]) >= min_hist):
+                chosen = (batch, r)
+        if chosen is not None and len(rows) > 50 * n_candidates:
+            break
+    if chosen is None:
+        what = f"user_id {user}" if user is not None else f"a row with at least {min_hist} behaviours"
+        raise ConfigError(f"attention plot: no test row of {what} in {cfg.data.test}")
+    base, r0 = chosen
+    cand_keys = {c for c, _ in _pairs(cfg)}
+    per_key = {k: [] for k in base.sparse.keys()}
+    seen_cates: set[int] = set()
+    candidates = [(base, r0)] + [(b, r) for b, r in rows if (b, r) != (base, r0)]
+    picked = 0
+    for b, r in candidates:
+        j = b.sparse.to_dict()
+        cate = int(_row(j["cate_id"], r)[0]) if "cate_id" in j else picked
+        if picked and cate in seen_cates:
+            continue
+        seen_cates.add(cate)
+        jb = base.sparse.to_dict()
+        for k in per_key:
+            per_key[k].append(_row((j if k in cand_keys else jb)[k], r if k in cand_keys else r0))
+        picked += 1
+        if picked == n_candidates:
+            break
+    keys = list(base.sparse.keys())
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([v for k in keys for v in per_key[k]]),
+                            lengths=torch.tensor([len(v) for k in keys for v in per_key[k]], dtype=torch.int32))
+    n = picked
+    batch = Batch(kjt, base.dense[r0 : r0 + 1].expand(n, -1).contiguous(), torch.zeros(n), base.users[r0].repeat(n))
+    return batch, int(base.users[r0])
+
+
+def _pairs(cfg: Config):
+    from embedding.tables import FeatureLayout
+
+    return FeatureLayout.from_config(cfg).pairs
+
+
+def _row(jt, r: int) -> torch.Tensor:
+    off = jt.offsets()
+    return jt.values()[int(off[r]) : int(off[r + 1])]
+
+
+def attention_plot(cfg: Config, checkpoint_dir: str, path: Path, user: int | None = None,
+                   n_candidates: int = 4) -> dict:
+    from trainer import checkpoint
+    from trainer.loop import build_model, process_group, worker_device
+
+    if cfg.model.name not in ("din", "dien"):
+        raise ConfigError(f"attention plot: model {cfg.model.name!r} has no attention (din or dien)")
+    if n_candidates < 1:
+        raise ConfigError(f"attention plot: --candidates must be >= 1, got {n_candidates}")
+    with process_group(cfg) as (_, world):
+        if world != 1:
+            raise ConfigError("attention plot: run it in one process (launch.launcher=local)")
+        device = worker_device(cfg)
+        model = build_model(cfg, world, device)
+        checkpoint.load(checkpoint_dir, model)
+        model.eval()
+        batch, user_row = pick(cfg, user, n_candidates)
+        inner = getattr(model, "module", model)
+        with torch.no_grad():
+            weights, lengths = inner.attention_weights(batch.to(device))
+    w = weights.float().cpu().numpy().reshape(len(lengths), -1)  # every row has the same history
+    jts = batch.sparse.to_dict()
+    hist_items, hist_cates = _row(jts["hist_item_id"], 0).tolist(), _row(jts["hist_cate_id"], 0).tolist()
+    cand_items = jts["item_id"].values().tolist()
+    cand_cates = jts["cate_id"].values().tolist()
+    items, cates, users = _vocab(cfg, "item_id"), _vocab(cfg, "cate_id"), _vocab(cfg, "user_id")
+
+    def name(i, c):
+        return f"{items[i] if items else i} · {cates[c] if cates else c}"
+
+    _draw(w, [name(i, c) for i, c in zip(hist_items, hist_cates, strict=True)],
+          [name(i, c) for i, c in zip(cand_items, cand_cates, strict=True)],
+          f"user {users[user_row] if users else user_row}", cfg.model.name, path)
+    return {"attention_plot": str(path), "model": cfg.model.name, "user_id": user_row,
+            "behaviours": len(hist_items), "candidates": [name(i, c) for i, c in zip(cand_items, cand_cates,
+                                                                                        strict=True)],
+            "weights": np.round(w, 4).tolist()}
+
+
+def _draw(w: np.ndarray, behaviours: list[str], candidates: list[str], who: str, model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = len(behaviours)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * t + 2.5), 1.2 + 0.55 * len(candidates) + 1.6), dpi=120)
+    im = ax.imshow(w, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(candidates)), candidates)
+    ax.set_xticks(range(t), behaviours, rotation=75, ha="right", fontsize=7)
+    ax.set_xlabel("behaviours of the user, oldest → most recent (item · category)")
+    ax.set_ylabel("candidate (item · category)")
+    what = "local activation weight a(e_j, v_A)" if model == "din" else "attention a_t (Eq. 8, softmax over steps)"
+    ax.set_title(f"{model.upper()}: {what}, {who}")
+    fig.colorbar(im, ax=ax, label="weight")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
