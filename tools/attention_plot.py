@@ -21,10 +21,17 @@ from trainer.data import Batch, resolve_paths, stream_from_config
 
 
 def _vocab(cfg: Config, name: str) -> list | None:
+    """Names of the rows of an id column from `dinrec convert`'s vocab/ (a title where it has one)."""
     import pyarrow.parquet as pq
 
     path = Path(resolve_paths(cfg.data.test)[0]).parent.parent / "vocab" / f"{name}.parquet"
-    return pq.read_table(path).column("id").to_pylist() if path.is_file() else None
+    if not path.is_file():
+        return None
+    t = pq.read_table(path)
+    ids = [str(x) for x in t.column("id").to_pylist()]
+    if "title" in t.column_names:
+        return [title or i for i, title in zip(ids, t.column("title").to_pylist(), strict=True)]
+    return ids
 
 
 def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) -> tuple[Batch, int]:
@@ -128,7 +135,7 @@ def _draw(w: np.ndarray, behaviours: list[str], candidates: list[str], who: str,
     import matplotlib.pyplot as plt
 
     t = len(behaviours)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * t + 2.5), 1.2 + 0.55 * len(candidates) + 1.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * t + 4.0), 1.2 + 0.55 * len(candidates) + 1.6), dpi=120)
     im = ax.imshow(w, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(candidates)), candidates)
     ax.set_xticks(range(t), behaviours, rotation=75, ha="right", fontsize=7)
@@ -139,5 +146,5 @@ def _draw(w: np.ndarray, behaviours: list[str], candidates: list[str], who: str,
     fig.colorbar(im, ax=ax, label="weight")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -86,12 +86,12 @@ def markdown(out: dict) -> str:
         "# DIN vs DIEN on the synthetic click logs (DIEN paper §5, Table 2 / Table 5 design)",
         "",
         f"Regenerate: `{cmd}` ({out['minutes']} min on the machine that wrote this file). "
-        f"{len(out['seeds'])} seeds (parameter init and row order), {out['epochs']} epoch(s), launcher "
-        f"{out['launcher']} with {out['workers']} worker(s); test metrics after training, mean ± std over seeds. "
-        "RelaImpr of the AUC against DIN.",
+        f"{len(out['seeds'])} seeds (parameter init and row order), {out['epochs']} epoch(s), "
+        f"{'one process' if out['launcher'] == 'local' else str(out['workers']) + ' Ray workers'}; test metrics after "
+        "training, mean ± std over seeds. RelaImpr of the AUC against DIN. Training speed: `dinrec bench dien`.",
         "",
-        "| model | test AUC | GAUC | logloss | RelaImpr vs DIN | train samples/s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | test AUC | GAUC | logloss | RelaImpr vs DIN |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for v, s in out["summary"].items():
         def f(key, digits=4, s=s):
@@ -100,7 +100,7 @@ def markdown(out: dict) -> str:
 
         ri = s.get("rela_impr_auc")
         lines.append(f"| {NAMES[v]} | {f('auc')} | {f('gauc')} | {f('logloss')} | "
-                     f"{'' if ri is None else f'{ri:+.1f} %'} | {s['train_samples_per_s'][0]:,.0f} |")
+                     f"{'' if ri is None else f'{ri:+.1f} %'} |")
     oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
     if oracle:
         lines += ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]

@@ -284,5 +284,5 @@ def test_experiment_movielens_trains_three_models_and_writes_table_and_plot(tmp_
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(r["summary"]) == {"base", "din", "din_dice"}
     assert all(len(run["curve"]) == 2 for runs in r["runs"].values() for run in runs)
-    assert r["summary"]["base"]["rela_impr_gauc"] == 0
+    assert r["summary"]["base"]["epochs"][0]["rela_impr_gauc"] == 0 and len(r["summary"]["din"]["epochs"]) == 2
     assert "| DIN with Dice |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"

@@ -155,10 +155,11 @@ class Writer:
         return out
 
 
-def write_vocab(out: Path, name: str, dictionary: pa.Array) -> None:
+def write_vocab(out: Path, name: str, dictionary: pa.Array, extra: dict[str, pa.Array] | None = None) -> None:
+    """DIR/vocab/<name>.parquet: row, original id (and extra columns such as a title)."""
     (Path(out) / "vocab").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"row": pa.array(np.arange(len(dictionary), dtype=np.int64)), "id": dictionary}),
-                   Path(out) / "vocab" / f"{name}.parquet")
+    cols = {"row": pa.array(np.arange(len(dictionary), dtype=np.int64)), "id": dictionary, **(extra or {})}
+    pq.write_table(pa.table(cols), Path(out) / "vocab" / f"{name}.parquet")
 
 
 def list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:

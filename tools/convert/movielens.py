@@ -123,17 +123,18 @@ def read_ratings(path: Path) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray
     return (t["u"].combine_chunks(), t["i"].combine_chunks(), t["r"].to_numpy(), t["t"].to_numpy())
 
 
-def read_genres(path: Path) -> tuple[pa.Array, list[str]]:
-    """-> item ids (strings), the first genre of each item (or NO_GENRE)."""
+def read_genres(path: Path) -> tuple[pa.Array, list[str], list[str]]:
+    """-> item ids (strings), the first genre of each item (or NO_GENRE), titles."""
     path = Path(path)
     name = path.name
     if _is_recbole(path):
         t, fields = _recbole(path)
         col = "class" if "class" in fields else "genre"
         _need(path, t, "item_id", col)
-        return t["item_id"].combine_chunks(), [(g.split() or [NO_GENRE])[0] for g in t[col].to_pylist()]
+        titles = t["movie_title"].to_pylist() if "movie_title" in fields else [""] * t.num_rows
+        return t["item_id"].combine_chunks(), [(g.split() or [NO_GENRE])[0] for g in t[col].to_pylist()], titles
     if name.endswith(".dat") or name.endswith(".csv"):
-        ids, first = [], []
+        ids, first, titles = [], [], []
         sep = "::" if name.endswith(".dat") else ","
         import csv
 
@@ -145,11 +146,12 @@ def read_genres(path: Path) -> tuple[pa.Array, list[str]]:
                 if len(row) != 3:
                     raise InputError(f"{path}:{n}: expected 3 fields (id, title, genres), got {len(row)}")
                 ids.append(row[0])
+                titles.append(row[1])
                 g = row[2].split("|")[0]
                 first.append(NO_GENRE if g in ("", "(no genres listed)") else g)
-        return pa.array(ids, pa.string()), first
+        return pa.array(ids, pa.string()), first, titles
     # u.item: id|title|release|video release|url|19 genre flags, latin-1
-    ids, first = [], []
+    ids, first, titles = [], [], []
     with open(path, encoding="latin-1") as f:
         for n, line in enumerate(f, 1):
             row = line.rstrip("\n").split("|")
@@ -159,8 +161,9 @@ def read_genres(path: Path) -> tuple[pa.Array, list[str]]:
             if any(x not in ("0", "1") for x in flags):
                 raise InputError(f"{path}:{n}: genre flags must be 0 or 1")
             ids.append(row[0])
+            titles.append(row[1])
             first.append(next((g for g, x in zip(U_ITEM_GENRES, flags, strict=True) if x == "1"), NO_GENRE))
-    return pa.array(ids, pa.string()), first
+    return pa.array(ids, pa.string()), first, titles
 
 
 def read_users(path: Path) -> tuple[pa.Array, dict[str, pa.Array]]:
@@ -194,7 +197,7 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
     users_raw, items_raw, rating, ts = read_ratings(inter)
     if not np.isfinite(rating).all() or not np.isfinite(ts).all():
         raise InputError(f"{inter}: a rating or timestamp is not a finite number")
-    item_ids, first_genre = read_genres(item)
+    item_ids, first_genre, titles = read_genres(item)
     user_row, user_dict = reindex(users_raw)
     item_row, item_dict = reindex(pa.concat_arrays([items_raw, item_ids.cast(items_raw.type)]))
     item_row = item_row[: len(items_raw)]  # movies never rated keep rows too (the table covers the item file)
@@ -230,7 +233,10 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
         w.write("train", table.filter(pc.invert(test)))
         w.write("test", table.filter(test))
     write_vocab(out, "user_id", user_dict)
-    write_vocab(out, "item_id", item_dict)
+    title_of_item = [""] * len(item_dict)
+    for row, title in zip(lookup(item_ids.cast(items_raw.type), item_dict), titles, strict=True):
+        title_of_item[row] = title
+    write_vocab(out, "item_id", item_dict, {"title": pa.array(title_of_item, pa.string())})
     write_vocab(out, "cate_id", genre_dict)
     for c, d in profile_dicts.items():
         write_vocab(out, c, d)

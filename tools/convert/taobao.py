@@ -16,8 +16,8 @@ taobao-din-application.md) -> impressions:
   raw_sample) are the test set.
 
 "NULL" or empty ids are kept as their own row. All ids are re-indexed to contiguous rows. The
-behaviour log is read in blocks (only the users of raw_sample and the chosen btags are kept) and
-sorted in memory: 16 bytes per kept behaviour.
+behaviour log is read in blocks (only the users of raw_sample and the chosen btags are kept, as
+Arrow columns) and sorted in memory.
 """
 
 from __future__ import annotations
