@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.regularization import mean_std
+from tools.experiments import mean_std, parse_seeds, parse_variants
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -45,14 +45,8 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
 def run(args: argparse.Namespace) -> dict:
     from launch.cli import train_with_launcher
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"experiment: --seeds {args.seeds!r}: expected e.g. 0,1,2") from None
-    variants = args.variants.split(",")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise ConfigError(f"experiment: --variants: unknown {bad[0]!r} (choose from {', '.join(VARIANTS)})")
+    seeds = parse_seeds(args.seeds)
+    variants = parse_variants(args.variants, VARIANTS)
     base = load_config(args.config, args.overrides)
     if base.model.name != "dien":
         raise ConfigError(f"experiment dien: model.name must be dien, got {base.model.name}")

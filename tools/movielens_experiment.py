@@ -2,8 +2,9 @@
 convert movielens`): BaseModel, DIN and DIN with Dice (configs/movielens_{base,din,din_dice}.yaml),
 several seeds (parameter init and row order), test metrics after every epoch.
 
-Reports the final epoch's test GAUC, AUC and logloss, mean ± std over seeds, RelaImpr (DIN Eq. 11)
-against BaseModel, and plots the test-GAUC curves (mean ± std band over seeds) to a PNG.
+Reports the test GAUC after every epoch and the AUC and logloss after the first, mean ± std over
+seeds, RelaImpr (DIN Eq. 11) against BaseModel at the same epoch, and plots the test-GAUC curves
+(mean ± std band over seeds) to a PNG.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.regularization import mean_std
+from tools.experiments import mean_std, parse_seeds
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -35,10 +36,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
 def run(args: argparse.Namespace) -> dict:
     from trainer.loop import train
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"experiment: --seeds {args.seeds!r}: expected e.g. 0,1,2") from None
+    seeds = parse_seeds(args.seeds)
     data = Path(args.data)
     meta = data / "convert.json"
     if not meta.is_file():

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
+from tools.experiments import mean_std, parse_seeds, parse_variants
+from trainer.config import load_config
 from trainer.metrics import rela_impr
 
 VARIANTS = ("none", "dropout", "l2_all", "mba")
@@ -55,21 +55,11 @@ def score(result: dict) -> dict:
             "gauc_at_best": best["gauc"], "oracle_auc": result.get("oracle_auc")}
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def run(args: argparse.Namespace) -> dict:
     from trainer.loop import train
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"experiment: --seeds {args.seeds!r}: expected e.g. 0,1,2") from None
-    variants = args.variants.split(",")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise ConfigError(f"experiment: --variants: unknown {bad[0]!r} (choose from {', '.join(VARIANTS)})")
+    seeds = parse_seeds(args.seeds)
+    variants = parse_variants(args.variants, VARIANTS)
     base = load_config(args.config, args.overrides)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     t0 = time.perf_counter()

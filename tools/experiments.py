@@ -1,0 +1,26 @@
+"""What the `dinrec experiment …` runners share: seed and variant lists, mean ± std."""
+
+from __future__ import annotations
+
+import statistics
+
+from trainer.config import ConfigError
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"experiment: --seeds {text!r}: expected e.g. 0,1,2") from None
+
+
+def parse_variants(text: str, known) -> list[str]:
+    variants = text.split(",")
+    bad = [v for v in variants if v not in known]
+    if bad:
+        raise ConfigError(f"experiment: --variants: unknown {bad[0]!r} (choose from {', '.join(known)})")
+    return variants
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
