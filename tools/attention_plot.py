@@ -37,43 +37,39 @@ def _vocab(cfg: Config, name: str) -> list | None:
 def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) -> tuple[Batch, int]:
     """A batch of K rows sharing one test row's history and other features, each with another
     candidate; -> (batch, the user's row id)."""
-    rows = []  # (kjt dict per row)
-    chosen = None
+    rows = []  # (features of the row's batch by key, row) of the test rows read so far
+    chosen = None  # (batch, its features by key, row)
     for batch in stream_from_config(cfg, "test").epoch(0):
         jts = batch.sparse.to_dict()
-        hist_key = next(k for k in batch.sparse.keys() if k.startswith("hist_"))
-        lengths = jts[hist_key].lengths()
+        lengths = jts[next(k for k in jts if k.startswith("hist_"))].lengths()
         for r in range(len(batch)):
-            rows.append((batch, r))
             if chosen is None and (int(batch.users[r]) == user if user is not None else int(lengths[r]) >= min_hist):
-                chosen = (batch, r)
+                chosen = (batch, jts, r)
+            else:
+                rows.append((jts, r))
         if chosen is not None and len(rows) > 50 * n_candidates:
             break
     if chosen is None:
         what = f"user_id {user}" if user is not None else f"a row with at least {min_hist} behaviours"
         raise ConfigError(f"attention plot: no test row of {what} in {cfg.data.test}")
-    base, r0 = chosen
+    base, base_jts, r0 = chosen
     cand_keys = {c for c, _ in _pairs(cfg)}
-    per_key = {k: [] for k in base.sparse.keys()}
+    per_key = {k: [] for k in base_jts}
     seen_cates: set[int] = set()
-    candidates = [(base, r0)] + [(b, r) for b, r in rows if (b, r) != (base, r0)]
-    picked = 0
-    for b, r in candidates:
-        j = b.sparse.to_dict()
-        cate = int(_row(j["cate_id"], r)[0]) if "cate_id" in j else picked
-        if picked and cate in seen_cates:
-            continue
-        seen_cates.add(cate)
-        jb = base.sparse.to_dict()
+    for jts, r in [(base_jts, r0), *rows]:  # the row's own candidate first
+        if "cate_id" in jts:
+            cate = int(_row(jts["cate_id"], r)[0])
+            if cate in seen_cates:
+                continue
+            seen_cates.add(cate)
         for k in per_key:
-            per_key[k].append(_row((j if k in cand_keys else jb)[k], r if k in cand_keys else r0))
-        picked += 1
-        if picked == n_candidates:
+            per_key[k].append(_row(jts[k], r) if k in cand_keys else _row(base_jts[k], r0))
+        if len(per_key[next(iter(per_key))]) == n_candidates:
             break
     keys = list(base.sparse.keys())
+    n = len(per_key[keys[0]])
     kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([v for k in keys for v in per_key[k]]),
                             lengths=torch.tensor([len(v) for k in keys for v in per_key[k]], dtype=torch.int32))
-    n = picked
     batch = Batch(kjt, base.dense[r0 : r0 + 1].expand(n, -1).contiguous(), torch.zeros(n), base.users[r0].repeat(n))
     return batch, int(base.users[r0])
 

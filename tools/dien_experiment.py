@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, parse_seeds, parse_variants
+from tools.experiments import mean_std, oracle_lines, parse_seeds, parse_variants, pm
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -88,14 +88,8 @@ def markdown(out: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for v, s in out["summary"].items():
-        def f(key, digits=4, s=s):
-            m, sd = s[key]
-            return f"{m:.{digits}f} ± {sd:.{digits}f}"
-
         ri = s.get("rela_impr_auc")
-        lines.append(f"| {NAMES[v]} | {f('auc')} | {f('gauc')} | {f('logloss')} | "
+        lines.append(f"| {NAMES[v]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | "
                      f"{'' if ri is None else f'{ri:+.1f} %'} |")
-    oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
-    if oracle:
-        lines += ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]
+    lines += oracle_lines(out)
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""What the `dinrec experiment …` runners share: seed and variant lists, mean ± std."""
+"""What the `dinrec experiment …` runners share: seed and variant lists, mean ± std and its
+Markdown, the oracle line."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def parse_variants(text: str, known) -> list[str]:
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pm(pair: tuple[float, float], digits: int = 4) -> str:
+    """A (mean, std) pair as Markdown: "0.7705 ± 0.0038"."""
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def oracle_lines(out: dict) -> list[str]:
+    """The generator's oracle AUC (from the first run), when the data has one."""
+    oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
+    return ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."] if oracle else []

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, parse_seeds
+from tools.experiments import mean_std, parse_seeds, pm
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -126,13 +126,9 @@ def markdown(out: dict, plot_path: str | None) -> str:
         "| --- |" + " --- |" * (n_epochs + 4),
     ]
     for m, s in out["summary"].items():
-        def f(st, key, digits=4):
-            mean, sd = st[key]
-            return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
         e1 = s["epochs"][0]
-        lines.append(f"| {MODELS[m]} | " + " | ".join(f(st, "gauc") for st in s["epochs"])
-                     + f" | {f(e1, 'auc')} | {f(e1, 'logloss')} | {e1['rela_impr_gauc']:+.2f} % / "
+        lines.append(f"| {MODELS[m]} | " + " | ".join(pm(st["gauc"]) for st in s["epochs"])
+                     + f" | {pm(e1['auc'])} | {pm(e1['logloss'])} | {e1['rela_impr_gauc']:+.2f} % / "
                      f"{e1['rela_impr_auc']:+.2f} % | {PAPER[m]:.4f} |")
     order = sorted(first, key=lambda m: first[m]["gauc"][0])
     lines += ["", f"The best test GAUC of every model is at epoch {best + 1}; ML-100K is about 200 times smaller "

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, parse_seeds, parse_variants
+from tools.experiments import mean_std, oracle_lines, parse_seeds, parse_variants, pm
 from trainer.config import load_config
 from trainer.metrics import rela_impr
 
@@ -103,14 +103,8 @@ def markdown(out: dict) -> str:
     names = {"none": "none", "dropout": f"dropout (ids, p={out['dropout']})",
              "l2_all": f"plain L2 on all parameters ({out['l2']})", "mba": f"MBA (λ={out['lambda']})"}
     for v, s in out["summary"].items():
-        def f(key, digits=4, s=s):
-            m, sd = s[key]
-            return f"{m:.{digits}f} ± {sd:.{digits}f}"
-
         ri = s.get("rela_impr_best_auc")
-        lines.append(f"| {names[v]} | {f('best_auc')} | {f('logloss_at_best')} | "
-                     f"{'' if ri is None else f'{ri:+.1f} %'} | {f('final_auc')} | {f('final_logloss')} |")
-    oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
-    if oracle:
-        lines += ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]
+        lines.append(f"| {names[v]} | {pm(s['best_auc'])} | {pm(s['logloss_at_best'])} | "
+                     f"{'' if ri is None else f'{ri:+.1f} %'} | {pm(s['final_auc'])} | {pm(s['final_logloss'])} |")
+    lines += oracle_lines(out)
     return "\n".join(lines) + "\n"

@@ -30,6 +30,8 @@ import pyarrow.compute as pc
 from tools.convert.common import (
     InputError,
     Writer,
+    add_output_arguments,
+    check_max_hist_len,
     histories,
     impressions_table,
     reindex,
@@ -44,10 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reviews", required=True, help="reviews JSON lines (e.g. reviews_Electronics_5.json)")
     p.add_argument("--meta", required=True, help="metadata lines (e.g. meta_Electronics.json)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--max-hist-len", type=int, default=100, help="behaviours kept per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="negative sampling seed (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, max_hist_len=100)
 
 
 def _lines(path: Path):
@@ -110,8 +110,7 @@ def read_categories(path: Path) -> dict[str, str]:
 
 def convert(reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed: int = 0,
             progress: bool = True) -> dict:
-    if max_hist_len < 1:
-        raise InputError(f"convert amazon: --max-hist-len must be >= 1, got {max_hist_len}")
+    check_max_hist_len("amazon", max_hist_len)
     t0 = time.perf_counter()
     users, items, times = read_reviews(Path(reviews))
     if not users:
@@ -119,7 +118,8 @@ def convert(reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed:
     categories = read_categories(Path(meta))
     user_row, user_dict = reindex(pa.array(users, pa.string()))
     item_row, item_dict = reindex(pa.array(items, pa.string()))
-    cate_names = [categories.get(a, NO_CATEGORY) for a in item_dict.to_pylist()]
+    asins = item_dict.to_pylist()
+    cate_names = [categories.get(a, NO_CATEGORY) for a in asins]
     cate_of_item, cate_dict = reindex(pa.array(cate_names, pa.string()))
     order, offsets, positions = histories(user_row, times, max_hist_len)
     u, it, t = user_row[order], item_row[order], times[order]
@@ -156,7 +156,7 @@ def convert(reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed:
         "protocol": "DIN paper §6.1: per user, each review after the first is a positive with the earlier "
                     "reviews as history, plus one uniform negative; each user's last review is the test set",
         "num_rows": {"user_id": len(user_dict), "item_id": n_items, "cate_id": len(cate_dict)},
-        "reviews": len(users), "items_without_metadata": int(sum(a not in categories for a in item_dict.to_pylist())),
+        "reviews": len(users), "items_without_metadata": int(sum(a not in categories for a in asins)),
         "max_hist_len": max_hist_len, "seed": seed, "seconds": round(time.perf_counter() - t0, 2),
     })
 

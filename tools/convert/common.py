@@ -21,6 +21,19 @@ class InputError(ConfigError):
     """A malformed input file: one line naming file:line and what is wrong."""
 
 
+def add_output_arguments(p, max_hist_len: int) -> None:
+    """The arguments every converter takes: --out, --max-hist-len, --no-progress."""
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-hist-len", type=int, default=max_hist_len,
+                   help="behaviours kept per row (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def check_max_hist_len(converter: str, max_hist_len: int) -> None:
+    if max_hist_len < 1:
+        raise InputError(f"convert {converter}: --max-hist-len must be >= 1, got {max_hist_len}")
+
+
 def read_delimited(path: Path, delimiter: str, names: list[str] | None, types: dict[str, pa.DataType],
                    skip_header: bool = False, encoding: str = "utf8") -> pa.Table:
     """A delimited text file with pyarrow's CSV reader; the first malformed line (wrong number of

@@ -29,6 +29,8 @@ import pyarrow.compute as pc
 from tools.convert.common import (
     InputError,
     Writer,
+    add_output_arguments,
+    check_max_hist_len,
     histories,
     impressions_table,
     lookup,
@@ -50,12 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inter", required=True, help="ratings: *.inter, u.data, ratings.dat or ratings.csv")
     p.add_argument("--item", required=True, help="movies: *.item, u.item, movies.dat or movies.csv")
     p.add_argument("--user", help="optional user profiles: *.user, u.user or users.dat")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--max-hist-len", type=int, default=100, help="behaviours kept per row (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=0.278,
                    help="share of users in the test set (default: %(default)s, as 38,493 of 138,493 in the paper)")
     p.add_argument("--seed", type=int, default=0, help="the user split's hash seed (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, max_hist_len=100)
 
 
 # ---- readers: each returns plain columns ------------------------------------------------------
@@ -189,8 +189,7 @@ def read_users(path: Path) -> tuple[pa.Array, dict[str, pa.Array]]:
 
 def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len: int = 100,
             test_fraction: float = 0.278, seed: int = 0, progress: bool = True) -> dict:
-    if max_hist_len < 1:
-        raise InputError(f"convert movielens: --max-hist-len must be >= 1, got {max_hist_len}")
+    check_max_hist_len("movielens", max_hist_len)
     if not 0 < test_fraction < 1:
         raise InputError(f"convert movielens: --test-fraction must be in (0, 1), got {test_fraction}")
     t0 = time.perf_counter()
@@ -199,11 +198,12 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
         raise InputError(f"{inter}: a rating or timestamp is not a finite number")
     item_ids, first_genre, titles = read_genres(item)
     user_row, user_dict = reindex(users_raw)
-    item_row, item_dict = reindex(pa.concat_arrays([items_raw, item_ids.cast(items_raw.type)]))
-    item_row = item_row[: len(items_raw)]  # movies never rated keep rows too (the table covers the item file)
+    # one id space for the ratings' items and the item file's (movies never rated keep rows too)
+    rows, item_dict = reindex(pa.concat_arrays([items_raw, item_ids.cast(items_raw.type)]))
+    item_row, item_file_row = rows[: len(items_raw)], rows[len(items_raw) :]
     genre_of_item = np.full(len(item_dict), -1, np.int64)
     genre_row, genre_dict = reindex(pa.array([*first_genre, NO_GENRE], pa.string()))
-    genre_of_item[lookup(item_ids.cast(items_raw.type), item_dict)] = genre_row[:-1]
+    genre_of_item[item_file_row] = genre_row[:-1]
     missing = genre_of_item < 0
     genre_of_item[missing] = genre_row[-1]
     profile: dict[str, np.ndarray] = {}
@@ -234,7 +234,7 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
         w.write("test", table.filter(test))
     write_vocab(out, "user_id", user_dict)
     title_of_item = [""] * len(item_dict)
-    for row, title in zip(lookup(item_ids.cast(items_raw.type), item_dict), titles, strict=True):
+    for row, title in zip(item_file_row, titles, strict=True):
         title_of_item[row] = title
     write_vocab(out, "item_id", item_dict, {"title": pa.array(title_of_item, pa.string())})
     write_vocab(out, "cate_id", genre_dict)

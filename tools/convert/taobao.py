@@ -34,6 +34,8 @@ import pyarrow.csv as pacsv
 from tools.convert.common import (
     InputError,
     Writer,
+    add_output_arguments,
+    check_max_hist_len,
     impressions_table,
     read_delimited,
     reindex,
@@ -52,11 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ad-feature", required=True, help="ad_feature.csv")
     p.add_argument("--behavior-log", required=True, help="behavior_log.csv")
     p.add_argument("--user-profile", help="user_profile.csv (optional)")
-    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--btags", default="pv,cart,fav,buy", help="behaviour types kept (default: %(default)s)")
-    p.add_argument("--max-hist-len", type=int, default=50, help="behaviours kept per row (default: %(default)s)")
     p.add_argument("--test-from", type=int, help="first test time_stamp (default: the last 24 h of raw_sample)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, max_hist_len=50)
 
 
 def _header(path: Path, want: list[str]) -> None:
@@ -100,8 +100,7 @@ def read_behaviours(path: Path, users: pa.Array, btags: list[str]) -> dict[str, 
 
 def convert(raw_sample: Path, ad_feature: Path, behavior_log: Path, user_profile: Path | None, out: Path,
             btags: list[str], max_hist_len: int = 50, test_from: int | None = None, progress: bool = True) -> dict:
-    if max_hist_len < 1:
-        raise InputError(f"convert taobao-ad: --max-hist-len must be >= 1, got {max_hist_len}")
+    check_max_hist_len("taobao-ad", max_hist_len)
     bad = [b for b in btags if b not in ("pv", "cart", "fav", "buy")]
     if bad or not btags:
         raise InputError(f"convert taobao-ad: --btags: {bad[0] if bad else '(empty)'!r} is not one of pv, cart, fav, buy")
