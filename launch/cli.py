@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(t, baseline=True)
     t.add_argument("--plan", metavar="PLAN_JSON", help="shard the tables by this plan file from `dinrec plan` "
                    "(checked against the config and world size; default: plan on the fly)")
+    t.add_argument("--resume", nargs="?", const="latest", metavar="DIR|latest",
+                   help="continue from a checkpoint: 'latest' (the default) of train.out_dir, a checkpoint "
+                   "directory or a run directory; the same batches follow in the same order")
 
     pl = sub.add_parser("plan", help="plan the tables' sharding offline (torchrec planner, no GPU needed)",
                         description="Runs torchrec's EmbeddingShardingPlanner on meta-device tables for a "
@@ -61,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print only the JSON plan document")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint directory written by train, or a run "
+                   "directory (train.out_dir: its newest checkpoint)")
     e.add_argument("--attention-plot", metavar="PNG", help="instead of the metrics: a PNG of one user's attention "
                    "weights over their history for a few candidates (DIN, DIEN)")
     e.add_argument("--user", type=int, help="with --attention-plot: the user_id (as in the data; default: the "
@@ -95,11 +99,30 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, KEY=VALUE overrides accepted anywhere after the command (argparse takes
+    positionals in one run only), and `--resume KEY=VALUE` read as `--resume` then an override."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):
+        args.overrides, args.resume = [*args.overrides, resume], "latest"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     quiet_libraries()
     from launch.ray_train import WorkerFailed
     from trainer.data import DataError
+    from trainer.loop import NonFiniteLoss
 
     try:
         result = _run(args)
@@ -111,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailed as e:
         print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
         return 2 if e.user_error else 1
+    except NonFiniteLoss as e:
+        print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
+        return 1
     rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank runs main(); rank 0 prints
     if result is not None and rank == 0:
         print(json.dumps(result), flush=True)
@@ -146,6 +172,9 @@ def _run(args: argparse.Namespace) -> dict | None:
     if args.command == "train":
         # absolute: Ray workers may start in another directory
         overrides = [*args.overrides, f"train.plan={os.path.abspath(args.plan)}"] if args.plan else args.overrides
+        if args.resume:
+            resume = args.resume if args.resume == "latest" else os.path.abspath(args.resume)
+            overrides = [*overrides, f"train.resume={resume}"]
         return train_with_launcher(load_config(args.config, overrides), progress=not args.no_progress)
     if args.command == "eval":
         from trainer import checkpoint

@@ -2,7 +2,10 @@
 127.0.0.1, no dashboard) or on an existing cluster (`ray job submit`, see launch/ray_job.py).
 
 Rank 0 reports the final metrics with a small checkpoint (result.json), which is how they reach
-the driver. A worker failure ends the run with one line naming the rank and the cause.
+the driver. With `launch.max_failures` = N, Ray Train restarts the worker group up to N times after
+a worker dies; the restarted workers continue from the newest checkpoint this run wrote (the run
+id passed to every worker tags them, see trainer.loop.run_identity). A failure beyond that ends
+the run with one line naming the rank and the cause.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
     from launch.cli import quiet_libraries
 
     quiet_libraries()  # before torchrec and fbgemm are imported: they log at import
-    from trainer.loop import train
+    from trainer.loop import NonFiniteLoss, train
 
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
-    result = train(cfg, progress=config.get("progress", True) and rank == 0)
+    try:
+        result = train(cfg, progress=config.get("progress", True) and rank == 0, run_id=config["run_id"])
+    except NonFiniteLoss as e:  # every rank stops at the same step: an answer, not a failure to retry
+        result = {"error": str(e)}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             Path(d, "result.json").write_text(json.dumps(result))
@@ -44,8 +50,10 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
 
 def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     """Train `cfg` with cfg.launch.workers Ray Train workers; return rank 0's final metrics."""
+    import uuid
+
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import backend
@@ -64,21 +72,27 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         storage = Path(cfg.train.out_dir).resolve() / "ray"
         trainer = TorchTrainer(
             train_fn,
-            train_loop_config={"cfg": cfg.to_dict(), "progress": progress},
+            train_loop_config={"cfg": cfg.to_dict(), "progress": progress, "run_id": uuid.uuid4().hex},
             scaling_config=ScalingConfig(
                 num_workers=cfg.launch.workers,
                 use_gpu=cfg.launch.use_gpu,
                 resources_per_worker=None if cfg.launch.use_gpu else {"CPU": 1},
             ),
             torch_config=TorchConfig(backend=backend(cfg)),
-            run_config=RunConfig(storage_path=str(storage), name="train"),
+            run_config=RunConfig(storage_path=str(storage), name="train",
+                                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures)),
         )
         try:
             result = trainer.fit()
         except Exception as e:  # noqa: BLE001 - turned into one line below
             raise _worker_failure(e) from None
         with result.checkpoint.as_directory() as d:
-            return json.loads(Path(d, "result.json").read_text())
+            out = json.loads(Path(d, "result.json").read_text())
+        if "error" in out:
+            from trainer.loop import NonFiniteLoss
+
+            raise NonFiniteLoss(out["error"])
+        return out
     finally:
         if started:
             ray.shutdown()

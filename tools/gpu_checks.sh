@@ -1,53 +1,112 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on the device machine (see ../shared/device/README.md for bringing
 # torchrec 1.6.1 + fbgemm-gpu 1.6.0 there). Run from the project root with PYTHONPATH set to the
-# bundle and the project; results go to $OUT (default /tmp/gpu-out):
-#   gpu.txt               the device
-#   pytest_gpu.txt        the CUDA tests: Triton MBA kernel vs numpy Eq. 7, MBA inside torchrec
-#                         (NCCL, world size 1, table/row/column/table-row-wise), λ=0 vs FBGEMM
-#   bench_embedding.json  dinrec bench embedding on the GPU (Triton kernel); .err: its profile
-#   din_mba_gpu.json      a tiny DIN run with sgd_mba on the GPU, end to end
-#   pytest_dien_gpu.txt   DIEN's GRU kernel on CUDA against the step loop
-#   bench_dien_gpu.json   dinrec bench dien --device cuda at batch 4096
+# bundle and the project: `bash tools/gpu_checks.sh [SECTION ...]` (default: all, in this order);
+# results go to $OUT (default /tmp/gpu-out):
+#   dien:        pytest_dien_gpu.txt   DIEN's GRU kernel on CUDA against the step loop
+#                bench_dien_gpu.json   dinrec bench dien --device cuda at batch 4096
+#   checkpoint:  checkpoint_gpu.json   exact resume after a kill on the GPU (tensors compared with the
+#                                      uninterrupted run), a checkpoint loaded under another plan
+#                                      (same eval), write/load time and size with a 1e8-row table
+#   mba:         pytest_gpu.txt        the CUDA tests: Triton MBA kernel vs numpy Eq. 7, MBA inside
+#                                      torchrec (NCCL, world size 1, table/row/column/table-row-wise)
+#                bench_embedding.json  dinrec bench embedding on the GPU (Triton kernel); .err: profile
+#                din_mba_gpu.json      a tiny DIN run with sgd_mba on the GPU, end to end
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 GLOO_SOCKET_IFNAME=lo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton, torchrec, fbgemm_gpu; print('torch', torch.__version__, 'triton', triton.__version__, 'torchrec', torchrec.__version__, 'fbgemm_gpu', fbgemm_gpu.__version__)" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-
-timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
-  tests/embedding/test_mba.py tests/embedding/test_mba_torchrec.py > "$OUT/pytest_gpu.txt" 2>&1
-echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
-tail -5 "$OUT/pytest_gpu.txt"
-
-timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 --profile \
-  > "$OUT/bench_embedding.json" 2> "$OUT/bench_embedding.err"
-cat "$OUT/bench_embedding.json"; tail -3 "$OUT/bench_embedding.err"
-
-timeout 100 python3 - > "$OUT/din_mba_gpu.json" 2> "$OUT/din_mba_gpu.err" <<'EOF'
-import json, os
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+TINY=/tmp/tiny
+python3 -c "
 from pathlib import Path
 from tools.generate import WorldSpec, generate
-from trainer.config import load_config
-from trainer.loop import train
 generate(WorldSpec(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, seed=3),
-         Path("/tmp/tiny"), train_files=3, test_files=2, row_group_size=256, progress=False)
-cfg = load_config("configs/tiny.yaml", ["data.train=/tmp/tiny/train", "data.test=/tmp/tiny/test", "launch.use_gpu=true",
-                                        "train.out_dir=/tmp/runs/gpu_mba", "sparse_optimizer.type=sgd_mba",
-                                        "sparse_optimizer.lambda=0.01"])
-print(json.dumps(train(cfg, progress=False)))
-EOF
-cat "$OUT/din_mba_gpu.json"; tail -3 "$OUT/din_mba_gpu.err"
+         Path('$TINY'), train_files=3, test_files=2, row_group_size=256, progress=False)"
 
-# DIEN: the GRU sequence kernel's ATen path on CUDA against the step loop, then the training step
-# at batch 4096 (DIN, DIEN, DIEN with the step loop) on the default synthetic data
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/trainer/test_dien.py > "$OUT/pytest_dien_gpu.txt" 2>&1
-echo "pytest rc=$?" >> "$OUT/pytest_dien_gpu.txt"
-tail -3 "$OUT/pytest_dien_gpu.txt"
-timeout 60 python3 -m launch.cli generate --out /tmp/synthetic --no-progress > /dev/null 2>&1
-timeout 240 python3 -m launch.cli bench dien --config configs/dien_synthetic.yaml --device cuda --steps 30 --warmup 3 \
-  data.batch_size=4096 "data.train=/tmp/synthetic/train/*.parquet" > "$OUT/bench_dien_gpu.json" 2> "$OUT/bench_dien_gpu.err"
-tail -1 "$OUT/bench_dien_gpu.json"
+dien() {  # the GRU sequence kernel's ATen path on CUDA against the step loop; the training step at batch 4096
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/trainer/test_dien.py > "$OUT/pytest_dien_gpu.txt" 2>&1
+  echo "pytest rc=$?" >> "$OUT/pytest_dien_gpu.txt"
+  tail -3 "$OUT/pytest_dien_gpu.txt"
+  timeout 60 python3 -m launch.cli generate --out /tmp/synthetic --no-progress > /dev/null 2>&1
+  timeout 200 python3 -m launch.cli bench dien --config configs/dien_synthetic.yaml --device cuda --steps 20 --warmup 3 \
+    data.batch_size=4096 "data.train=/tmp/synthetic/train/*.parquet" > "$OUT/bench_dien_gpu.json" 2> "$OUT/bench_dien_gpu.err"
+  tail -1 "$OUT/bench_dien_gpu.json"; tail -2 "$OUT/bench_dien_gpu.err"
+}
+
+checkpoint() {  # see the header; one GPU, NCCL world size 1
+  timeout 280 python3 - > "$OUT/checkpoint_gpu.json" 2> "$OUT/checkpoint_gpu.err" <<'PY'
+import json, os, subprocess, sys, tempfile
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+base = ["--config", "configs/tiny.yaml", "--no-progress", "data.train=/tmp/tiny/train", "data.test=/tmp/tiny/test",
+        "launch.use_gpu=true", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.01",
+        "sparse_optimizer.counts=online", "model.id_dropout=0.1", "train.checkpoint_every=5", "train.keep_checkpoints=0"]
+
+def dinrec(argv, fault=None):
+    env = {**os.environ, **({"DINREC_FAULT": fault} if fault else {})}
+    p = subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, capture_output=True, text=True, timeout=200)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    return p.returncode, (json.loads(lines[-1]) if lines else p.stderr[-800:])
+
+def tensors(path):
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(path, f"{d}/a.pt")
+        nested = torch.load(f"{d}/a.pt", weights_only=True)
+    def flat(x, pre=""):
+        out = {}
+        for k, v in x.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+    return flat(nested)
+
+out = {}
+rc, ref = dinrec(["train", *base, "train.out_dir=/tmp/ck/ref"])
+out["reference"] = ref
+rc_kill, _ = dinrec(["train", *base, "train.out_dir=/tmp/ck/killed"], fault="kill:0:12")
+rc, res = dinrec(["train", *base, "train.out_dir=/tmp/ck/killed", "--resume"])
+out["killed_rc"], out["resumed"] = rc_kill, res
+if isinstance(ref, dict) and isinstance(res, dict):
+    a, b = tensors(ref["checkpoint"]), tensors(res["checkpoint"])
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    out["resume_tensors"] = len(a)
+    out["resume_differing"] = diff
+# the same checkpoint evaluated under another plan: every table row-wise (reference: FBGEMM's choice)
+rc, ev = dinrec(["eval", "--checkpoint", "/tmp/ck/ref", "--no-progress", *base[3:],
+                 "tables.0.sharding_types=[row_wise]", "tables.1.sharding_types=[row_wise]", "tables.2.sharding_types=[row_wise]"])
+out["eval_row_wise"] = ev
+# a 1e8-row item table (dim 16, fp32: 6.4 GB plus its Adagrad state and MBA counts)
+big = [*base, "tables.0.num_rows=100000000", "tables.0.dim=16", "tables.1.dim=16", "train.epochs=1", "train.limit_batches=10"]
+rc, r = dinrec(["train", *big, "train.out_dir=/tmp/ck/big"])
+out["big_train"] = r
+if isinstance(r, dict):
+    m = json.load(open(os.path.join(r["checkpoint"], "manifest.json")))
+    out["big_checkpoint"] = {"write_seconds": m["write_seconds"], "bytes": m["bytes"]}
+    rc, r2 = dinrec(["train", *big, "train.out_dir=/tmp/ck/big", "train.epochs=2", "--resume"])
+    log = [json.loads(x) for x in open("/tmp/ck/big/metrics.jsonl")]
+    out["big_resume"] = {"rc": rc, "load_seconds": [x["load_seconds"] for x in log if "load_seconds" in x]}
+print(json.dumps(out))
+PY
+  tail -c 3000 "$OUT/checkpoint_gpu.json"; tail -3 "$OUT/checkpoint_gpu.err"
+}
+
+mba() {
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
+    tests/embedding/test_mba.py tests/embedding/test_mba_torchrec.py > "$OUT/pytest_gpu.txt" 2>&1
+  echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
+  tail -5 "$OUT/pytest_gpu.txt"
+  timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 --profile \
+    > "$OUT/bench_embedding.json" 2> "$OUT/bench_embedding.err"
+  cat "$OUT/bench_embedding.json"; tail -3 "$OUT/bench_embedding.err"
+  timeout 100 python3 -m launch.cli train --config configs/tiny.yaml --no-progress data.train=$TINY/train \
+    data.test=$TINY/test launch.use_gpu=true train.out_dir=/tmp/runs/gpu_mba sparse_optimizer.type=sgd_mba \
+    sparse_optimizer.lambda=0.01 > "$OUT/din_mba_gpu.json" 2> "$OUT/din_mba_gpu.err"
+  tail -1 "$OUT/din_mba_gpu.json"; tail -3 "$OUT/din_mba_gpu.err"
+}
+
+for section in "${@:-dien checkpoint mba}"; do
+  for s in $section; do echo "== $s"; "$s"; done
+done

@@ -1,24 +1,142 @@
-"""Model checkpoints with torch.distributed.checkpoint (sharded, reshardable).
+"""Training checkpoints with torch.distributed.checkpoint (sharded, reshardable, resumable).
 
-A checkpoint is a directory: DCP shards of the model state and of the fused sparse optimizer's
-per-row state (row-wise Adagrad sums, MBA counts n_j; sharded like their tables), `config.yaml`
-(the run's merged config) and `meta.json` written last. It is written into `<dir>.tmp` and
-renamed into place, so a half-written checkpoint is never picked up.
+A run's checkpoints live in `<out_dir>/checkpoints/step-<step>/`, each one directory holding
+
+- the DCP shards of the model (tables in whatever sharding they had, dense tower, Dice
+  statistics), of the fused sparse optimizer's per-row state (row-wise Adagrad sums, MBA counts
+  n_j: sharded like their tables), of the dense optimizer's state (replicated, written once), and
+  of every rank's random generator states;
+- `config.yaml`, the run's merged config;
+- `manifest.json`, written last: the step, every rank's data position (epoch, batches done, and
+  the file, row group and row offset the next batch starts at), the world size, the config and
+  plan fingerprints and the run id of the launcher that wrote it.
+
+A checkpoint is written into `step-<step>.tmp/` and renamed into place after its manifest, so a
+directory named `step-<step>` is always complete; a `.tmp` left by a crash is never read and is
+removed by the next save. The last `train.keep_checkpoints` are kept. Rank 0 renames and prunes:
+on several machines `out_dir` must be a shared file system.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 
+from trainer import faults
 from trainer.config import Config, ConfigError, config_from_dict
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{9})$")
+
+# Keys that do not change the weights a run produces (where it writes, how often it logs or saves,
+# how it is launched, how many epochs it runs in all): a checkpoint resumes under other values.
+_FREE = {"launch", "train.out_dir", "train.plan", "train.resume", "train.log_every", "train.checkpoint_every",
+         "train.keep_checkpoints", "train.epochs", "train.eval_every_epoch", "data.prefetch"}
+
+
+def root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if key in _FREE:
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """sha256 of the config keys that determine the weights (all but `_FREE`)."""
+    return hashlib.sha256(json.dumps(_flat(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_config(path: Path, cfg: Config) -> dict:
+    """The checkpoint's manifest, if it was written under a config with the same weight-relevant
+    keys as `cfg`; otherwise a one-line ConfigError naming the first keys that differ."""
+    manifest = read_manifest(path)
+    if manifest["config_fingerprint"] == config_fingerprint(cfg):
+        return manifest
+    saved, now = _flat(read_config(path).to_dict()), _flat(cfg.to_dict())
+    diff = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    shown = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in diff[:3])
+    more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+    raise ConfigError(f"{path}: checkpoint of another config: {shown}{more}")
+
+
+# -- finding checkpoints
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """The complete checkpoints (manifest present) under a `checkpoints/` directory, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(directory: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint under `directory` (of launcher run `run_id` if given)."""
+    found = list_checkpoints(directory)
+    if run_id is not None:
+        found = [p for p in found if read_manifest(p).get("run_id") == run_id]
+    return found[-1] if found else None
+
+
+def resolve(spec: str | Path, out_dir: str | Path | None = None) -> Path:
+    """A checkpoint directory from `spec`: 'latest' (of `out_dir`), a checkpoint, a run's
+    `checkpoints/` directory or a run directory (their newest checkpoint)."""
+    if str(spec) == "latest":
+        if out_dir is None:
+            raise ConfigError("--resume latest: no train.out_dir to look in")
+        spec = out_dir
+    path = Path(spec)
+    if (path / MANIFEST).is_file():
+        return path
+    for directory in (path, root(path)):
+        found = latest(directory)
+        if found is not None:
+            return found
+    if path.name.endswith(".tmp") or (path.is_dir() and path.name.startswith("step-")):
+        raise ConfigError(f"{path}: incomplete checkpoint (no {MANIFEST}: its write did not finish)")
+    raise ConfigError(f"{path}: no dinrec checkpoint there (nor under {root(path)})")
+
+
+def read_manifest(path: str | Path) -> dict:
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable checkpoint manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{file}: checkpoint format {manifest.get('format')!r}, this dinrec reads {FORMAT}")
+    return manifest
+
+
+def read_config(path: str | Path) -> Config:
+    path = resolve(path)
+    return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+
+
+# -- state
 
 
 def sparse_optimizer_state(model: nn.Module) -> dict:
@@ -31,51 +149,136 @@ def sparse_optimizer_state(model: nn.Module) -> dict:
             for name, value in states.items()}
 
 
-def save(path: str | Path, model: nn.Module, cfg: Config, meta: dict) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+def _dense_params(model: nn.Module) -> list[str]:
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    return [name for name, _ in in_backward_optimizer_filter(model.named_parameters())]
+
+
+def dense_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The dense optimizer's per-parameter state by parameter name ("<param>/<state>" -> tensor);
+    the same on every rank (DDP), so DCP writes it once."""
+    names = _dense_params(model)
+    state = opt.state_dict()["state"]
+    return {f"{names[i]}/{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+def _load_dense_optimizer(path: Path, model: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
+    names = _dense_params(model)
+    index = {n: i for i, n in enumerate(names)}
+    target: dict[str, torch.Tensor] = {}
+    for key, meta in saved.items():
+        if key.startswith("dense_optimizer."):
+            target[key.removeprefix("dense_optimizer.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not target:
+        return
+    dcp.load({"dense_optimizer": target}, checkpoint_id=str(path))
+    state: dict[int, dict] = {}
+    for key, value in target.items():
+        name, k = key.rsplit("/", 1)
+        if name not in index:
+            raise ConfigError(f"{path}: dense optimizer state for unknown parameter {name}")
+        state.setdefault(index[name], {})[k] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def _rank_state(rank: int, generators: dict[str, torch.Generator]) -> dict:
+    out = {f"{rank}.{name}": g.get_state() for name, g in generators.items()}
+    out[f"{rank}.torch"] = torch.get_rng_state()
+    return out
+
+
+# -- save and load
+
+
+def save(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    cfg: Config,
+    manifest: dict,
+    dense_opt: torch.optim.Optimizer | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    position: dict | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` of this process group (a collective: every rank calls it).
+
+    `manifest`: what rank 0 records (the same on all ranks); `position`: this rank's data position
+    (gathered into the manifest's `ranks`); `keep` > 0 prunes all but the newest `keep`.
+    """
+    t0 = time.perf_counter()
+    base = root(out_dir)
+    final = base / f"step-{step:09d}"
+    tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    exists = (final / MANIFEST).is_file()  # saved already (the last periodic one is the final one)
+    if rank == 0 and not exists:
+        base.mkdir(parents=True, exist_ok=True)
+        for stale in base.glob("step-*.tmp"):  # a write that a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    positions: list = [position]
+    if world > 1:
+        positions = [None] * world
+        dist.all_gather_object(positions, position)
+    if exists:
+        return final
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"model": model.state_dict(), "sparse_optimizer": sparse_optimizer_state(model)},
-             checkpoint_id=str(tmp))
+    state = {"model": model.state_dict(), "sparse_optimizer": sparse_optimizer_state(model),
+             "rng": _rank_state(rank, generators or {})}
+    if dense_opt is not None:
+        state["dense_optimizer"] = dense_optimizer_state(model, dense_opt)
+    dcp.save(state, checkpoint_id=str(tmp))
+    faults.point("checkpoint", rank, step, out_dir)
     if rank == 0:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        full = {"format": FORMAT, "step": step, "world_size": world, "config_fingerprint": config_fingerprint(cfg),
+                **manifest, "ranks": positions, "write_seconds": round(time.perf_counter() - t0, 3),
+                "bytes": sum(f.stat().st_size for f in tmp.iterdir())}
+        _write_synced(tmp / MANIFEST, json.dumps(full, indent=1))
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in list_checkpoints(base)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    return path
+    return final
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "meta.json").is_file():  # meta.json is written last: no meta, no checkpoint
-        raise ConfigError(f"{path}: not a dinrec checkpoint (no meta.json)")
-    return path
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def read_config(path: str | Path) -> Config:
-    path = _checkpoint_dir(path)
-    return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-
-
-def load(path: str | Path, model: nn.Module) -> dict:
-    """Load the model state in place (whatever its sharding now); return the checkpoint's meta."""
-    path = _checkpoint_dir(path)
-    state = {"model": model.state_dict()}
+def load(
+    path: str | Path,
+    model: nn.Module,
+    dense_opt: torch.optim.Optimizer | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+) -> dict:
+    """Load a checkpoint into `model` in place, whatever its sharding now (and into the dense
+    optimizer and this rank's generators when given: same world size only); return the manifest."""
+    path = resolve(path)
+    manifest = read_manifest(path)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state: dict = {"model": model.state_dict()}
     opt = sparse_optimizer_state(model)
     if opt and any(k.startswith("sparse_optimizer.") for k in saved):
         state["sparse_optimizer"] = opt  # loaded in place into the live optimizer buffers
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if generators is not None:
+        state["rng"] = _rank_state(rank, generators)
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
-    return json.loads((path / "meta.json").read_text())
+    if generators is not None:
+        for name, g in generators.items():
+            g.set_state(state["rng"][f"{rank}.{name}"])
+        torch.set_rng_state(state["rng"][f"{rank}.torch"])
+    if dense_opt is not None:
+        _load_dense_optimizer(path, model, dense_opt, saved)
+    return manifest

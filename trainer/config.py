@@ -122,6 +122,9 @@ class TrainConfig:
     limit_batches: int = 0  # stop each epoch after this many batches (0: no limit)
     eval_every_epoch: bool = False  # test metrics after every epoch (metrics.jsonl, result "epochs")
     plan: str | None = None  # a plan file from `dinrec plan` (None: plan on the fly); `train --plan`
+    checkpoint_every: int = 1000  # steps between checkpoints (0: none before the end); one at every epoch end
+    keep_checkpoints: int = 3  # the newest checkpoints kept under out_dir/checkpoints (0: all)
+    resume: str | None = None  # 'latest' or a checkpoint/run directory to continue from; `train --resume`
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class LaunchConfig:
     workers: int = 2
     use_gpu: bool = False  # one worker per GPU, NCCL
     ray_address: str | None = None  # an existing cluster for launcher=ray (None: start a local one)
+    # launcher=ray: restarts of the worker group after a worker dies, each resuming from the
+    # latest checkpoint (torchrun: its own --max-restarts)
+    max_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -341,12 +347,15 @@ class _CHECKS:
     def TrainConfig(c: TrainConfig, path: str) -> None:
         _positive(c.epochs, f"{path}.epochs")
         _positive(c.log_every, f"{path}.log_every")
-        if c.limit_batches < 0:
-            raise ConfigError(f"{path}.limit_batches: must be >= 0, got {c.limit_batches}")
+        for key in ("limit_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(c, key) < 0:
+                raise ConfigError(f"{path}.{key}: must be >= 0, got {getattr(c, key)}")
 
     @staticmethod
     def LaunchConfig(c: LaunchConfig, path: str) -> None:
         _positive(c.workers, f"{path}.workers")
+        if c.max_failures < 0:
+            raise ConfigError(f"{path}.max_failures: must be >= 0, got {c.max_failures}")
 
     @staticmethod
     def Config(c: Config, path: str) -> None:

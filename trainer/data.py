@@ -373,7 +373,9 @@ class ParquetStream:
             p_click=torch.from_numpy(c.scalars["p_click"]) if "p_click" in c.scalars else None,
         )
 
-    def _chunks(self, epoch: int, cycle: bool) -> Iterator[_Chunk]:
+    def _chunks(self, epoch: int, cycle: bool, skip: int = 0) -> Iterator[_Chunk]:
+        """This rank's row groups of `epoch` in reading order (over again if `cycle`), the first
+        `skip` rows left out (whole row groups unread)."""
         units = self.units_for(epoch)
         if not units and cycle:
             raise DataError(
@@ -381,10 +383,29 @@ class ParquetStream:
                 f"{self.world_size} ranks: every rank needs at least one row group"
             )
         while True:
-            for i, (path, rg, _) in enumerate(units):
-                yield self._read_unit(path, rg, epoch, i)
+            for i, (path, rg, n) in enumerate(units):
+                if skip >= n:
+                    skip -= n
+                    continue
+                chunk = self._read_unit(path, rg, epoch, i)
+                yield chunk.slice(skip, chunk.n) if skip else chunk
+                skip = 0
             if not cycle:
                 return
+
+    def position(self, epoch: int, batches: int) -> dict:
+        """Where this rank's batch number `batches` of `epoch` starts: the file, row group and
+        row offset (in the row group's shuffled order) its first row comes from."""
+        units = self.units_for(epoch)
+        skip = batches * self.batch_size
+        total = sum(u[2] for u in units)
+        if units and skip >= total:  # past this rank's share: the padding cycles through it again
+            skip %= total
+        for path, rg, n in units:
+            if skip < n:
+                return {"epoch": epoch, "batches": batches, "file": path, "row_group": rg, "row_offset": skip}
+            skip -= n
+        return {"epoch": epoch, "batches": batches, "file": None, "row_group": None, "row_offset": 0}
 
     def row_groups(self) -> Iterator[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]:
         """Every row group of the data set in file order (all ranks' shares), checked and
@@ -394,11 +415,14 @@ class ParquetStream:
             chunk = self._read_unit(path, rg, epoch=0, unit_index=i, shuffle=False)
             yield chunk.n, chunk.lists
 
-    def _batches(self, epoch: int, total: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, total: int, start: int) -> Iterator[Batch]:
         own = self.rows_for(epoch)
+        skip = start * self.batch_size
         buf: _Chunk | None = None
-        left = total  # rows still to emit, buffered ones included
-        for chunk in self._chunks(epoch, cycle=total > own):
+        left = total - skip  # rows still to emit, buffered ones included
+        if left <= 0:
+            return
+        for chunk in self._chunks(epoch, cycle=total > own, skip=skip):
             have = buf.n if buf is not None else 0
             if have == left:
                 break
@@ -411,8 +435,10 @@ class ParquetStream:
         if buf is not None and buf.n:
             yield self._to_batch(buf)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches of `epoch`, prepared by a background thread `prefetch` batches ahead.
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of `epoch` from batch number `start` on (a resumed run), prepared by a
+        background thread `prefetch` batches ahead. Batch k is the same whether the epoch started
+        at 0 or at any `start` <= k: row groups before the start are not read.
 
         Every rank yields the same number of batches of the same sizes, so that collectives line
         up and the global batch is world_size x batch_size rows: ranks with fewer rows than the
@@ -420,7 +446,7 @@ class ParquetStream:
         `rows_for(epoch)` rows are this rank's real rows, each exactly once). With one rank there
         is no padding.
         """
-        return _prefetch(self._batches(epoch, max(self.rows_per_rank(epoch))), self.prefetch)
+        return _prefetch(self._batches(epoch, max(self.rows_per_rank(epoch)), start), self.prefetch)
 
 
 _END = object()

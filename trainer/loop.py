@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +26,11 @@ from tqdm import tqdm
 
 from embedding import mba_tbe
 from embedding.counts import load_counts
+from embedding.plan import fingerprint as plan_fingerprint
 from embedding.plan import load_plan, plan_inputs
 from embedding.planner import plan_on_the_fly
 from embedding.tables import FeatureLayout, init_rows
-from trainer import checkpoint, metrics
+from trainer import checkpoint, faults, metrics
 from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, drop_ids, stream_from_config
 
@@ -50,7 +52,12 @@ def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):  # one machine: loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(backend(cfg))
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun restarts (--max-restarts) may meet the keys of the attempt before in the store
+        # (gloo then connects to a dead rank's address): each attempt has its own key space
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend(cfg), store=dist.PrefixStore(f"dinrec/attempt-{attempt}", store),
+                                rank=rank, world_size=world)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -151,11 +158,55 @@ def worker_device(cfg: Config) -> torch.device:
     return device
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    """Train `cfg` on this process group's ranks; returns the final metrics (on every rank)."""
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped before that step's update."""
+
+
+def run_identity(run_id: str | None) -> tuple[str, str | None]:
+    """(the id this run's checkpoints are tagged with, the id whose checkpoints it continues).
+
+    Ray: the driver's id for the whole run (a restarted worker group finds the checkpoints its
+    predecessor wrote). torchrun: TORCHELASTIC_RUN_ID, continued only on a restart
+    (TORCHELASTIC_RESTART_COUNT > 0). A local run: a fresh id, nothing continued.
+    """
+    if run_id is not None:
+        return run_id, run_id
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        tag = os.environ["TORCHELASTIC_RUN_ID"]
+        return tag, tag if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else None
+    return uuid.uuid4().hex, None
+
+
+def resume_point(cfg: Config, continue_id: str | None) -> Path | None:
+    """The checkpoint this run starts from: the newest of its own launcher run after a restart,
+    else train.resume; None for a fresh run, which must not start over another run's checkpoints."""
+    base = checkpoint.root(cfg.train.out_dir)
+    if continue_id is not None:
+        found = checkpoint.latest(base, continue_id)
+        if found is not None:
+            return found
+    if cfg.train.resume:
+        return checkpoint.resolve(cfg.train.resume, cfg.train.out_dir)
+    existing = checkpoint.latest(base)
+    if existing is not None:
+        raise ConfigError(f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
+                          "continue it with --resume latest, or train into another train.out_dir")
+    return None
+
+
+def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict:
+    """Train `cfg` on this process group's ranks; returns the final metrics (on every rank).
+
+    Checkpoints go to out_dir/checkpoints every train.checkpoint_every steps, at every epoch end
+    and at the end; a run resumed from one (train.resume, or a launcher's restart, see
+    `run_identity`) continues with the same batches in the same order and ends with the same
+    weights as a run that was never interrupted.
+    """
     device = worker_device(cfg)
+    tag, continue_id = run_identity(run_id)
     with process_group(cfg) as (rank, world):
         out = Path(cfg.train.out_dir)
+        start_from = resume_point(cfg, continue_id)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -164,28 +215,76 @@ def train(cfg: Config, progress: bool = True) -> dict:
         decay = all_rows_decay(cfg, model)
         # every feature of a behaviour, its DIEN negative included, so that dropout keeps them aligned
         dropout_keys = {k for k in FeatureLayout.from_config(cfg).keys if k.startswith(("hist_", "neg_hist_"))}
-        dropout_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-        epoch_evals = []
+        generators = {"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)}
         stream = stream_from_config(cfg, "train", rank, world)
         log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-        step, samples, t0 = 0, 0, time.perf_counter()
+        step, samples, epoch_evals, position = 0, 0, [], (0, 0)
+        if start_from is not None:
+            t_load = time.perf_counter()
+            manifest = checkpoint.check_config(start_from, cfg)
+            position = (manifest["position"]["epoch"], manifest["position"]["batches"])
+            same_world = manifest["world_size"] == world
+            if not same_world and position[1]:
+                raise ConfigError(
+                    f"{start_from}: written by {manifest['world_size']} rank(s) in the middle of epoch {position[0]} "
+                    f"(after batch {position[1]}), it resumes on {manifest['world_size']} rank(s) only; a checkpoint "
+                    f"at an epoch end resumes on any number")
+            checkpoint.load(start_from, model, opt, generators if same_world else None)
+            step, samples, epoch_evals = manifest["step"], manifest["samples"], manifest["epoch_evals"]
+            if log:
+                _log(log, step=step, resumed_from=str(start_from), load_seconds=round(time.perf_counter() - t_load, 3),
+                     world_size=world)
+        plan_fp = plan_fingerprint(cfg, world, device.type)
+
+        def batches_in(epoch: int) -> int:
+            n = stream.steps_for(epoch)
+            return min(n, cfg.train.limit_batches) if cfg.train.limit_batches else n
+
+        def save(epoch: int, done: int) -> Path:
+            """Checkpoint the state after `done` batches of `epoch`."""
+            if done >= batches_in(epoch):
+                epoch, done = epoch + 1, 0
+            at = {"epoch": epoch, "batches": done}
+            meta = {"run_id": tag, "position": at, "samples": samples, "epoch_evals": epoch_evals,
+                    "plan": {"file": cfg.train.plan, "fingerprint": plan_fp}}
+            mine = stream.position(epoch, done) if epoch < cfg.train.epochs else {**at, "rank": rank}
+            average_buffers(model, world)
+            return checkpoint.save(out, step, model, cfg, meta, opt, generators, {**mine, "rank": rank},
+                                   keep=cfg.train.keep_checkpoints)
+
+        def guard(loss: torch.Tensor) -> torch.Tensor:
+            """Stop before the update if any rank's loss is not finite (all ranks agree)."""
+            loss = faults.poison(loss, rank, step + 1, out)
+            ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+            if world > 1:
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok.item():
+                good = checkpoint.latest(checkpoint.root(out))
+                raise NonFiniteLoss(f"non-finite training loss at step {step + 1} (epoch {epoch}, batch {i}): stopped "
+                                    f"before its update; last good checkpoint: {good or 'none'}")
+            return loss
+
+        run_samples, t0 = 0, time.perf_counter()
         loss_sum, loss_n = 0.0, 0
-        for epoch in range(cfg.train.epochs):
+        for epoch in range(position[0], cfg.train.epochs):
             model.train()
-            total = stream.steps_for(epoch) * cfg.data.batch_size * world
-            bar = tqdm(total=total, unit="samples", unit_scale=True, desc=f"epoch {epoch}",
-                       disable=not progress or rank != 0, mininterval=1.0)
-            if log and world > 1:
+            first = position[1] if epoch == position[0] else 0
+            n = batches_in(epoch)
+            bar = tqdm(total=stream.steps_for(epoch) * cfg.data.batch_size * world, initial=first * cfg.data.batch_size * world,
+                       unit="samples", unit_scale=True, desc=f"epoch {epoch}", disable=not progress or rank != 0,
+                       mininterval=1.0)
+            if log and world > 1 and first == 0:
                 rows = stream.rows_per_rank(epoch)
                 _log(log, epoch=epoch, rows_per_rank=rows, padding_rows=world * max(rows) - sum(rows))
-            for i, batch in enumerate(stream.epoch(epoch)):
-                if cfg.train.limit_batches and i >= cfg.train.limit_batches:
+            for i, batch in enumerate(stream.epoch(epoch, first), start=first):
+                if i >= n:
                     break
                 if cfg.model.id_dropout:
-                    batch.sparse = drop_ids(batch.sparse, dropout_keys, cfg.model.id_dropout, dropout_gen)
-                loss = train_step(model, opt, batch.to(device), decay)
+                    batch.sparse = drop_ids(batch.sparse, dropout_keys, cfg.model.id_dropout, generators["dropout"])
+                loss = train_step(model, opt, batch.to(device), decay, guard)
                 step += 1
                 samples += len(batch) * world
+                run_samples += len(batch) * world
                 loss_sum += loss
                 loss_n += 1
                 bar.update(len(batch) * world)
@@ -194,15 +293,22 @@ def train(cfg: Config, progress: bool = True) -> dict:
                     if log:
                         bar.set_postfix(loss=f"{mean:.4f}")
                         _log(log, step=step, epoch=epoch, samples=samples, loss=mean,
-                             samples_per_s=samples / (time.perf_counter() - t0))
+                             samples_per_s=run_samples / (time.perf_counter() - t0))
                     loss_sum, loss_n = 0.0, 0
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and i + 1 < n:
+                    save(epoch, i + 1)  # the epoch's last batch: saved below, after the epoch's eval
+                faults.point("kill", rank, step, out)
             bar.close()
             if cfg.train.eval_every_epoch and epoch < cfg.train.epochs - 1:
+                average_buffers(model, world)
                 r = evaluate(model, stream_from_config(cfg, "test", rank, world), False, device)
                 epoch_evals.append({"epoch": epoch, **r})
                 if log:
                     _log(log, step=step, epoch=epoch, eval=r)
+            if epoch < cfg.train.epochs - 1:
+                save(epoch, n)
         train_seconds = time.perf_counter() - t0
+        average_buffers(model, world)
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
         if cfg.train.eval_every_epoch:
             result["epochs"] = [*epoch_evals, {"epoch": cfg.train.epochs - 1, **result}]
@@ -211,16 +317,35 @@ def train(cfg: Config, progress: bool = True) -> dict:
             steps=step,
             train_samples=samples,
             train_seconds=round(train_seconds, 2),
-            train_samples_per_s=round(samples / train_seconds, 1),
+            train_samples_per_s=round(run_samples / train_seconds, 1) if run_samples else None,
         )
         if device.type == "cuda":  # against the planner's HBM estimate (`dinrec plan`)
             result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-        ckpt = checkpoint.save(out / "checkpoint", model, cfg, {"step": step, "epochs": cfg.train.epochs})
-        result["checkpoint"] = str(ckpt)
+        result["checkpoint"] = str(save(cfg.train.epochs - 1, batches_in(cfg.train.epochs - 1)))
         if log:
             _log(log, step=step, eval=result)
             log.close()
         return result
+
+
+def average_buffers(model: nn.Module, world: int) -> None:
+    """Make the replicated buffers (Dice's running statistics) the mean over ranks.
+
+    torchrec's DDP does not broadcast buffers, so each rank's running statistics follow its own
+    batches. Their lerp updates are linear, so the mean over ranks of the running means is the
+    running mean of the global batches' means; the same for the variances (without the spread
+    between ranks' means). Done before every evaluation and checkpoint: every rank then evaluates
+    with the same statistics, and the checkpoint (which stores one copy) holds what every rank had.
+    """
+    if world == 1:
+        return
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    state = model.state_dict()
+    for name, buf in model.named_buffers():
+        if name in state and buf.is_floating_point() and not isinstance(state[name], ShardedTensor):
+            dist.all_reduce(buf)
+            buf.div_(world)
 
 
 def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
@@ -241,14 +366,17 @@ def training_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss if extra is None else loss + extra
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, before_backward=None) -> float:
-    """One step on this rank's part of the global batch; returns the local mean loss.
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, before_backward=None, check=None) -> float:
+    """One step on this rank's part of the global batch; returns the local mean loss. `check`
+    sees the loss before the backward pass and returns the loss to use (or raises).
 
     Each rank's loss is the mean over its local rows; DDP averages dense gradients over ranks and
     torchrec's collectives divide embedding gradients by the world size, so with equal local
     batch sizes (see ParquetStream.epoch) every update uses the global-batch mean gradient.
     """
     loss = training_loss(model, batch)
+    if check is not None:
+        loss = check(loss)
     if before_backward is not None:
         before_backward()
     opt.zero_grad(set_to_none=True)
@@ -297,6 +425,7 @@ def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
     with process_group(cfg) as (rank, world):
         device = worker_device(cfg)
         model = build_model(cfg, world, device)
+        path = checkpoint.resolve(path)
         meta = checkpoint.load(path, model)
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
         result.update(model=cfg.model.name, checkpoint=str(path), step=meta.get("step"))

@@ -25,7 +25,7 @@ def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tiny_train_
     assert main(["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", *overrides]) == 0
     with process_group(cfg):
         model = build_model(cfg, 1, torch.device("cpu"))
-        checkpoint.load(tmp_path / "run" / "checkpoint", model)
+        checkpoint.load(tmp_path / "run", model)
     seen = set()
     for kernel, module in mba_tbe.mba_modules(model):
         sums = [s["sum"] for s in module.inner.get_optimizer_state()]

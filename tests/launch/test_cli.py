@@ -29,22 +29,22 @@ def test_train_then_eval_tiny(tiny_cfg, tiny_data, tmp_path, capsys):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
     assert logged[-1]["eval"]["auc"] == result["auc"]
     # eval of the checkpoint reproduces the final metrics exactly
-    assert main(["eval", "--checkpoint", str(out_dir / "checkpoint"), "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", str(out_dir), "--no-progress"]) == 0
     again = last_json(capsys.readouterr().out)
     for key in ("auc", "gauc", "logloss", "oracle_auc", "samples"):
         assert again[key] == result[key]
     # RelaImpr against a finished baseline run: Eq. 11 on the two final AUCs
-    assert main(["eval", "--checkpoint", str(out_dir / "checkpoint"), "--no-progress", "--baseline", str(out_dir)]) == 0
+    assert main(["eval", "--checkpoint", str(out_dir), "--no-progress", "--baseline", str(out_dir)]) == 0
     rel = last_json(capsys.readouterr().out)
     assert rel["rela_impr_auc"] == 0.0 and rel["baseline_model"] == "din"
     base = tmp_path / "fake_base"
     base.mkdir()
     (base / "metrics.jsonl").write_text(json.dumps({"eval": {"model": "base", "auc": 0.6, "gauc": 0.55}}) + "\n")
-    assert main(["eval", "--checkpoint", str(out_dir / "checkpoint"), "--no-progress", "--baseline", str(base)]) == 0
+    assert main(["eval", "--checkpoint", str(out_dir), "--no-progress", "--baseline", str(base)]) == 0
     rel = last_json(capsys.readouterr().out)
     assert rel["rela_impr_auc"] == round(((result["auc"] - 0.5) / 0.1 - 1) * 100, 3)
     assert rel["rela_impr_gauc"] == round(((result["gauc"] - 0.5) / 0.05 - 1) * 100, 3)
-    assert main(["eval", "--checkpoint", str(out_dir / "checkpoint"), "--no-progress", "--baseline", str(tmp_path)]) == 2
+    assert main(["eval", "--checkpoint", str(out_dir), "--no-progress", "--baseline", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
 
 

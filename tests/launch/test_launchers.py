@@ -72,7 +72,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert len(json_lines) == 1  # rank 0 prints
     r = json.loads(json_lines[-1])
     assert r["samples"] == TEST_ROWS and "auc" in r
-    assert (tmp_path / "t" / "checkpoint" / "meta.json").is_file()
+    assert list((tmp_path / "t" / "checkpoints").glob("step-*/manifest.json"))
 
 
 def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):

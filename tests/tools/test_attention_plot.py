@@ -18,7 +18,7 @@ def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, mo
     assert main(["train", *args]) == 0
     capsys.readouterr()
     png = tmp_path / "att.png"
-    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "checkpoint"), "--attention-plot", str(png),
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png),
                  "--candidates", "3", *args]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -37,7 +37,7 @@ def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, mo
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), args[3:])
     with process_group(cfg) as (_, world):
         m = build_model(cfg, world, torch.device("cpu"))
-        checkpoint.load(tmp_path / "r" / "checkpoint", m)
+        checkpoint.load(tmp_path / "r", m)
         m.eval()
         with torch.no_grad():
             for batch in stream_from_config(cfg, "test").epoch(0):
@@ -58,6 +58,6 @@ def test_attention_plot_refuses_base_model(tiny_data, tmp_path, capsys):
     args = ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
             f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'r'}", "model.name=base", "train.epochs=1"]
     assert main(["train", *args]) == 0
-    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "checkpoint"), "--attention-plot",
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot",
                  str(tmp_path / "a.png"), *args]) == 2
     assert "has no attention" in capsys.readouterr().err

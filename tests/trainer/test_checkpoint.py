@@ -1,0 +1,212 @@
+"""Checkpoints, exact resume and fault tolerance.
+
+The reference of every resumed or restarted run is the same config run without interruption: its
+final checkpoint must hold bit-identical tensors (tables, fused optimizer state with MBA counts
+and Adagrad sums, dense tower, Dice statistics, dense Adam state, random generator states).
+Faults are real: the worker process is SIGKILLed at a step or in the middle of a checkpoint write
+(trainer/faults.py), or its loss is made NaN.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from launch.cli import main
+from tests.conftest import ROOT
+from trainer import checkpoint
+from trainer.data import stream_from_config
+
+BIN = Path(sys.executable).parent
+# row-wise Adagrad + MBA with online counts (per-row optimizer state), id dropout (a generator),
+# Dice (running statistics), Adam (dense optimizer state); 2 epochs, a checkpoint every 5 steps
+RUN = ["sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.01", "sparse_optimizer.counts=online",
+       "model.id_dropout=0.1", "train.checkpoint_every=5", "train.keep_checkpoints=0"]
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def args(tiny_data, out, *extra):
+    return ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
+            f"data.test={tiny_data / 'test'}", f"train.out_dir={out}", *RUN, *extra]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dinrec(argv, fault=None, ranks=1, max_restarts=0):
+    """`dinrec` in a subprocess (under torchrun for ranks > 1); returns the CompletedProcess."""
+    env = {**ENV, **({"DINREC_FAULT": fault} if fault else {})}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "launch.cli", *argv]
+    else:
+        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
+               f"--max-restarts={max_restarts}", "-m", "launch.cli", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def result(p) -> dict:
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole (sharded tables gathered), by flat key."""
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(path), f"{d}/all.pt")
+        nested = torch.load(f"{d}/all.pt", weights_only=True)
+
+    def flat(x, pre=""):
+        out = {}
+        for k, v in x.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    return flat(nested)
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    assert any(k.startswith("sparse_optimizer.") for k in ta) and any(k.startswith("dense_optimizer.") for k in ta)
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, differ
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """The uninterrupted runs: one process, and two ranks under torchrun."""
+    base = tmp_path_factory.mktemp("reference")
+    one = result(dinrec(["train", *args(tiny_data, base / "one")]))
+    two = result(dinrec(["train", *args(tiny_data, base / "two")], ranks=2))
+    return {"one": (base / "one", one), "two": (base / "two", two)}
+
+
+def test_stream_resumes_at_any_batch(tiny_cfg):
+    """Batch k of an epoch is the same whether the epoch is read from 0 or from any start <= k,
+    on 1 rank and on 2 (whose shorter share is padded by cycling)."""
+    cfg = tiny_cfg("data.batch_size=50")
+    for world in (1, 2):
+        for rank in range(world):
+            s = stream_from_config(cfg, "train", rank, world)
+            full = list(s.epoch(1))
+            for k in (1, 5, len(full) - 1, len(full)):
+                part = list(s.epoch(1, k))
+                assert len(part) == len(full) - k
+                for a, b in zip(part, full[k:], strict=True):
+                    assert torch.equal(a.labels, b.labels) and torch.equal(a.sparse.values(), b.sparse.values())
+            for k in (3, len(full) - 1):  # the recorded position is where batch k's first row comes from
+                pos = s.position(1, k)
+                units = s.units_for(1)
+                i = [(u[0], u[1]) for u in units].index((pos["file"], pos["row_group"]))
+                chunk = s._read_unit(pos["file"], pos["row_group"], 1, i)
+                assert chunk.scalars["user_id"][pos["row_offset"]] == full[k].users[0]
+
+
+def test_resume_after_kill_equals_the_uninterrupted_run(tiny_data, tmp_path, reference):
+    out = tmp_path / "killed"
+    p = dinrec(["train", *args(tiny_data, out)], fault="kill:0:12")
+    assert p.returncode == -9
+    assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005", "step-000000010"]
+    resumed = result(dinrec(["train", *args(tiny_data, out), "--resume"]))
+    ref_dir, ref = reference["one"]
+    assert_identical(ref_dir / "checkpoints" / "step-000000066", out / "checkpoints" / "step-000000066")
+    assert {k: resumed[k] for k in ("auc", "gauc", "logloss")} == {k: ref[k] for k in ("auc", "gauc", "logloss")}
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "resumed_from" in r] == [10]
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_data, tmp_path, reference, capsys):
+    out = tmp_path / "torn"
+    p = dinrec(["train", *args(tiny_data, out)], fault="checkpoint:0:10")
+    assert p.returncode == -9
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step-000000010.tmp").is_dir() and not (ckpts / "step-000000010.tmp" / "manifest.json").exists()
+    assert checkpoint.latest(ckpts).name == "step-000000005"
+    assert main(["eval", "--checkpoint", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["checkpoint"].endswith("step-000000005")
+    assert main(["eval", "--checkpoint", str(ckpts / "step-000000010.tmp"), "--no-progress"]) == 2
+    assert "incomplete checkpoint" in capsys.readouterr().err
+    result(dinrec(["train", *args(tiny_data, out), "--resume", "latest"]))
+    assert not (ckpts / "step-000000010.tmp").exists()  # the next save removed the torn write
+    assert_identical(reference["one"][0] / "checkpoints" / "step-000000066", ckpts / "step-000000066")
+
+
+def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_same_weights(tiny_data, tmp_path, reference):
+    out = tmp_path / "restarted"
+    r = result(dinrec(["train", *args(tiny_data, out)], fault="kill:1:12", ranks=2, max_restarts=1))
+    ref_dir, ref = reference["two"]
+    final = f"step-{ref['steps']:09d}"
+    assert_identical(ref_dir / "checkpoints" / final, out / "checkpoints" / final)
+    assert r["auc"] == ref["auc"] and r["logloss"] == ref["logloss"]
+
+
+def test_ray_restarts_the_worker_group_after_kill_9(tiny_data, tmp_path, reference, capsys):
+    """A Ray Train worker SIGKILLed mid-epoch: FailureConfig restarts the group, which resumes from
+    the run's newest checkpoint; the weights at the end equal the uninterrupted 2-rank run's."""
+    out = tmp_path / "ray"
+    os.environ["DINREC_FAULT"] = "kill:1:12"  # read by the Ray workers (they inherit the driver's environment)
+    try:
+        assert main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2",
+                     "launch.max_failures=1"]) == 0
+    finally:
+        del os.environ["DINREC_FAULT"]
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (out / ".fault-kill-1-12").exists()  # the fault fired
+    ref_dir, ref = reference["two"]
+    final = f"step-{ref['steps']:09d}"
+    assert_identical(ref_dir / "checkpoints" / final, out / "checkpoints" / final)
+    assert r["auc"] == ref["auc"]
+
+
+def test_reshard_two_to_one_and_one_to_two_give_the_same_eval(tiny_data, reference, capsys):
+    (two_dir, two), (one_dir, one) = reference["two"], reference["one"]
+    assert main(["eval", "--checkpoint", str(two_dir), "--no-progress"]) == 0  # 2 -> 1
+    e = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert e["samples"] == two["samples"]
+    assert e["auc"] == pytest.approx(two["auc"], abs=1e-5) and e["logloss"] == pytest.approx(two["logloss"], abs=1e-5)
+    e = result(dinrec(["eval", "--checkpoint", str(one_dir), "--no-progress"], ranks=2))  # 1 -> 2
+    assert e["auc"] == pytest.approx(one["auc"], abs=1e-5) and e["logloss"] == pytest.approx(one["logloss"], abs=1e-5)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
+    assert main(["train", *args(tiny_data, out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7): stopped before "
+                       f"its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}")
+    assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
+    ok = tensors(out / "checkpoints" / "step-000000005")
+    assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
+
+
+def test_refusals_are_one_line(tiny_data, tmp_path, reference, capsys):
+    one_dir, _ = reference["one"]
+    # a fresh run into a directory with another run's checkpoints
+    assert main(["train", *args(tiny_data, one_dir)]) == 2
+    assert "holds the checkpoints of an earlier run (newest: step-000000066)" in capsys.readouterr().err
+    # a checkpoint of another config
+    assert main(["train", *args(tiny_data, tmp_path / "x"), "--resume", str(one_dir), "dense_optimizer.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "checkpoint of another config: dense_optimizer.lr: 0.001 in the checkpoint, 0.5 now" in err
+    # a 2-rank checkpoint from the middle of an epoch on 1 rank
+    mid = reference["two"][0] / "checkpoints" / "step-000000005"
+    assert main(["train", *args(tiny_data, tmp_path / "y"), "--resume", str(mid)]) == 2
+    assert "written by 2 rank(s) in the middle of epoch 0 (after batch 5)" in capsys.readouterr().err
+    # the reference kept every checkpoint (keep_checkpoints=0); the default keeps the newest 3
+    assert len(checkpoint.list_checkpoints(one_dir / "checkpoints")) == 15
+    assert main(["train", *args(tiny_data, tmp_path / "k"), "train.keep_checkpoints=3", "train.epochs=1"]) == 0
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "k" / "checkpoints")] == [
+        "step-000000025", "step-000000030", "step-000000033"]

@@ -1,0 +1,39 @@
+"""Fault injection for the fault-tolerance tests: `DINREC_FAULT=<point>:<rank>:<step>` makes rank
+`rank` fail at `point` of step `step`, once per output directory (a marker file there remembers
+that it fired, so the restarted run goes through):
+
+- `kill`: the worker kills itself with SIGKILL after training step `step`, as a lost machine would;
+- `checkpoint`: SIGKILL while checkpoint `step` is being written (its shards are on disk, its
+  manifest is not);
+- `nan`: the loss of step `step` becomes NaN (the non-finite loss guard must stop the run).
+
+Unset, every call is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def _armed(point: str, rank: int, step: int, out_dir: str | Path) -> bool:
+    spec = os.environ.get("DINREC_FAULT")
+    if not spec or spec != f"{point}:{rank}:{step}":
+        return False
+    marker = Path(out_dir) / f".fault-{point}-{rank}-{step}"
+    if marker.exists():
+        return False
+    marker.touch()
+    return True
+
+
+def point(name: str, rank: int, step: int, out_dir: str | Path) -> None:
+    """SIGKILL this process if DINREC_FAULT names this point (kill, checkpoint)."""
+    if _armed(name, rank, step, out_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison(loss, rank: int, step: int, out_dir: str | Path):
+    """The loss, or NaN in its place if DINREC_FAULT names `nan` at this step."""
+    return loss * float("nan") if _armed("nan", rank, step, out_dir) else loss
