@@ -26,8 +26,11 @@ data: setup $(DATA)/train/_SUCCESS
 $(DATA)/train/_SUCCESS:
 	$(BIN)/dinrec generate --out $(DATA)
 
+# The demo run starts over each time (`dinrec train --config C --resume` continues a run instead).
+RUN    ?= runs/din_synthetic
 train: data
-	$(BIN)/dinrec train --config $(CONFIG)
+	rm -rf $(RUN)
+	$(BIN)/dinrec train --config $(CONFIG) train.out_dir=$(RUN)
 
 # DIN paper Table 3 on MovieLens-100K: RecBole's copy from the recbole wheel (downloaded, never
 # installed), converted, then BaseModel / DIN / DIN+Dice over 3 seeds -> docs/results-movielens.md

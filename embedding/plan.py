@@ -90,12 +90,12 @@ def _topology(world_size: int, compute_device: str, hbm: int | None, ddr: int | 
     return Topology(**kwargs)
 
 
-def _try_plan(model, sharders, layout, topology, batch_size, mba):
+def _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes):
     from torchrec.distributed.planner.types import PlannerError
 
     from embedding.planner import make_planner
 
-    planner = make_planner(layout, topology, batch_size, mba)
+    planner = make_planner(layout, topology, batch_size, mba, dense_bytes)
     try:
         return planner.plan(model, sharders), planner
     except PlannerError:
@@ -106,19 +106,23 @@ def plan_offline(cfg: Config, world_size: int, compute_device: str = "cuda", hbm
                  ddr: int | None = None, batch_size: int | None = None, local_world_size: int | None = None) -> dict:
     """Plan the config for a topology; returns the plan document (see docs/plan-format.md), or
     raises ConfigError with one line when the tables do not fit."""
+    from embedding.dense_memory import dense_memory
+
     model, sharders, layout = plan_inputs(cfg)
     batch = batch_size or cfg.data.batch_size
+    dense = dense_memory(cfg, batch)
     topology = _topology(world_size, compute_device, hbm, ddr, local_world_size)
-    plan, planner = _try_plan(model, sharders, layout, topology, batch, cfg.sparse_optimizer.mba)
+    plan, planner = _try_plan(model, sharders, layout, topology, batch, cfg.sparse_optimizer.mba, sum(dense.values()))
     if plan is None:
-        raise ConfigError(_infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size))
-    return plan_document(cfg, plan, planner._best_plan or [], topology, batch)
+        raise ConfigError(_infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size,
+                                      sum(dense.values())))
+    return plan_document(cfg, plan, planner._best_plan or [], topology, batch, dense)
 
 
-def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size) -> str:
+def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size, dense_bytes) -> str:
     """One line: the biggest table against the memory the topology has, and the smallest world
     size at which the planner does find a plan."""
-    from embedding.planner import constraints_for, make_enumerator, make_planner
+    from embedding.planner import RESERVED_PERCENTAGE, constraints_for, make_enumerator, make_planner
 
     mba = cfg.sparse_optimizer.mba
     mem = "hbm" if topology.compute_device == "cuda" else "ddr"
@@ -129,10 +133,15 @@ def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_w
         need[o.name] = min(need.get(o.name, total), total)
     cap = getattr(topology.devices[0].storage, mem)
     world = topology.world_size
+    if dense_bytes >= cap * (1 - RESERVED_PERCENTAGE):  # replicated: no world size helps
+        return (f"the dense side does not fit: it needs {gib(dense_bytes)} of {mem.upper()} on every rank (parameters, "
+                f"gradients, optimizer state and activations at batch {batch} with full histories) but each rank has "
+                f"{gib(cap)}, {gib(cap * (1 - RESERVED_PERCENTAGE))} after torchrec's {RESERVED_PERCENTAGE:.0%}; "
+                f"a smaller --batch-size or more {mem.upper()} per rank")
 
     def plans_at(w: int) -> bool:
         t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
-        return _try_plan(model, sharders, layout, t, batch, mba)[0] is not None
+        return _try_plan(model, sharders, layout, t, batch, mba, dense_bytes)[0] is not None
 
     fits = None
     w = world * 2
@@ -145,10 +154,10 @@ def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_w
             fits = hi
         w *= 2
     try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
-        reserved = make_planner(layout, topology, batch, mba)._storage_reservation.reserve(
+        reserved = make_planner(layout, topology, batch, mba, dense_bytes)._storage_reservation.reserve(
             topology, batch, model, sharders, constraints_for(layout))
         usable = sum(getattr(d.storage, mem) for d in reserved.devices)
-        avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense parameters, inputs, 15%)"
+        avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense side, inputs, 15%)"
     except (AttributeError, TypeError):
         avail = "are available (before torchrec's reservation for dense parameters and inputs)"
     big = max(need, key=need.get)
@@ -158,7 +167,7 @@ def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_w
             f"{avail}; the smallest that fits: {where}")
 
 
-def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int) -> dict:
+def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int, dense: dict[str, int]) -> dict:
     tables: dict[str, dict] = {}
     for module, params in plan.plan.items():
         for name, ps in params.items():
@@ -169,13 +178,18 @@ def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int)
                                    "rank": s.placement.rank(), "placement": str(s.placement)})
             tables[name] = {"module": module, "sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
                             "ranks": list(ps.ranks or []), "shards": shards}
-    ranks = [{"rank": r, "hbm_bytes": 0, "ddr_bytes": 0, "step_time_ms": 0.0} for r in range(topology.world_size)]
+    # the dense side is replicated: every rank holds it, in HBM on GPUs, in DDR on the CPU
+    on_gpu = topology.compute_device == "cuda"
+    dense_bytes = sum(dense.values())
+    ranks = [{"rank": r, "hbm_bytes": dense_bytes if on_gpu else 0, "ddr_bytes": 0 if on_gpu else dense_bytes,
+              "table_bytes": 0, "step_time_ms": 0.0} for r in range(topology.world_size)]
     for option in best_plan:
         for s in option.shards:
             if s.rank is None:
                 continue
             ranks[s.rank]["hbm_bytes"] += int(s.storage.hbm)
             ranks[s.rank]["ddr_bytes"] += int(s.storage.ddr)
+            ranks[s.rank]["table_bytes"] += int(s.storage.hbm if on_gpu else s.storage.ddr)
             ranks[s.rank]["step_time_ms"] += float(s.perf.total)
     for r in ranks:
         r["step_time_ms"] = round(r["step_time_ms"], 3)
@@ -186,6 +200,7 @@ def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int)
         "world_size": topology.world_size,
         "compute_device": topology.compute_device,
         "batch_size": batch_size,
+        "dense_bytes": {"parameters": dense["parameters"], "activations": dense["activations"]},
         "capacity": {"hbm_bytes": int(dev.hbm), "ddr_bytes": int(dev.ddr)},
         "table_specs": {t.name: {"num_rows": t.num_rows, "dim": t.dim} for t in cfg.tables},
         "sparse_optimizer": cfg.sparse_optimizer.type,
@@ -259,6 +274,10 @@ def print_plan(doc: dict) -> None:
         shown = ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
         print(f"{name:<16} {spec['num_rows']:>14,} {spec['dim']:>5} {t['sharding_type']:<15} "
               f"{t['compute_kernel']:<18} {len(t['shards']):>6}  {shown}")
-    print(f"{'rank':>5} {'HBM':>12} {'DDR':>12} {'step, torchrec estimate':>24}")
+    d = doc["dense_bytes"]
+    print(f"dense side on every rank (measured at batch {doc['batch_size']}, full histories): parameters with "
+          f"gradients and optimizer state {gib(d['parameters'])}, activations {gib(d['activations'])}")
+    print(f"{'rank':>5} {'HBM':>12} {'DDR':>12} {'of which tables':>16} {'step, torchrec estimate':>24}")
     for r in doc["ranks"]:
-        print(f"{r['rank']:>5} {gib(r['hbm_bytes']):>12} {gib(r['ddr_bytes']):>12} {r['step_time_ms']:>21.3f} ms")
+        print(f"{r['rank']:>5} {gib(r['hbm_bytes']):>12} {gib(r['ddr_bytes']):>12} {gib(r['table_bytes']):>16} "
+              f"{r['step_time_ms']:>21.3f} ms")

@@ -68,11 +68,24 @@ def make_enumerator(layout: FeatureLayout, topology: Topology, batch_size: int,
                                estimator=estimators)
 
 
+RESERVED_PERCENTAGE = 0.15  # torchrec's default share of each device kept from the tables
+
+
 def make_planner(layout: FeatureLayout, topology: Topology, batch_size: int,
-                 mba: bool = False) -> EmbeddingShardingPlanner:
-    """torchrec's planner with our constraints, and the MBA counts in its storage estimate."""
+                 mba: bool = False, dense_bytes: int | None = None) -> EmbeddingShardingPlanner:
+    """torchrec's planner with our constraints, the MBA counts in its storage estimate, and the
+    dense side's measured memory (embedding/dense_memory.py) in its storage reservation instead
+    of torchrec's heuristic (6 x the dense parameters, activations not counted)."""
+    import warnings
+
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+
+    with warnings.catch_warnings():  # its FutureWarning recommends passing dense_tensor_estimate, as here
+        warnings.simplefilter("ignore", FutureWarning)
+        reservation = HeuristicalStorageReservation(RESERVED_PERCENTAGE, dense_tensor_estimate=dense_bytes)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints_for(layout),
-                                    enumerator=make_enumerator(layout, topology, batch_size, mba))
+                                    enumerator=make_enumerator(layout, topology, batch_size, mba),
+                                    storage_reservation=reservation)
 
 
 def plan_on_the_fly(
@@ -84,7 +97,8 @@ def plan_on_the_fly(
     compute_device: str = "cpu",
     pg: dist.ProcessGroup | None = None,
     mba: bool = False,
+    dense_bytes: int | None = None,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast the plan to every rank."""
     topology = Topology(world_size=world_size, compute_device=compute_device)
-    return make_planner(layout, topology, batch_size, mba).collective_plan(model, sharders, pg)
+    return make_planner(layout, topology, batch_size, mba, dense_bytes).collective_plan(model, sharders, pg)

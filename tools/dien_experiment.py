@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, oracle_lines, parse_seeds, parse_variants, pm
+from tools.experiments import fresh, mean_std, oracle_lines, parse_seeds, parse_variants, pm
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
         for v in variants:
             overrides = [*args.overrides, *VARIANTS[v], f"train.seed={seed}", f"data.seed={seed}",
                          f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
-            r = train_with_launcher(load_config(args.config, overrides))
+            r = train_with_launcher(fresh(load_config(args.config, overrides)))
             runs[v].append({"seed": seed, **{k: r[k] for k in ("auc", "gauc", "logloss", "train_samples_per_s")},
                             "oracle_auc": r.get("oracle_auc")})
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)

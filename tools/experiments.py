@@ -3,9 +3,17 @@ Markdown, the oracle line."""
 
 from __future__ import annotations
 
+import shutil
 import statistics
 
 from trainer.config import ConfigError
+
+
+def fresh(cfg):
+    """`cfg`, its train.out_dir removed first: an experiment's runs start over every time (a
+    run directory with checkpoints is otherwise refused, see trainer.loop.resume_point)."""
+    shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
+    return cfg
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -18,7 +18,8 @@ out = sys.argv[1]
 plan = json.load(open("/tmp/plan_check/plan.json"))
 train = json.load(open(f"{out}/plan_check_train.json"))
 planned, real = plan["ranks"][0]["hbm_bytes"], train["cuda_max_memory_allocated"]
-r = {"planned_hbm_bytes": planned, "cuda_max_memory_allocated": real, "ratio_real_over_planned": round(real / planned, 3)}
+r = {"planned_hbm_bytes": planned, "of_which_tables": plan["ranks"][0]["table_bytes"], "dense_bytes": plan["dense_bytes"],
+     "cuda_max_memory_allocated": real, "ratio_real_over_planned": round(real / planned, 3)}
 json.dump(r, open(f"{out}/plan_check.json", "w"))
 print(json.dumps(r))
 PY

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, parse_seeds, pm
+from tools.experiments import fresh, mean_std, parse_seeds, pm
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
                          f"tables.0.num_rows={num_rows['item_id']}", f"tables.1.num_rows={num_rows['cate_id']}",
                          *args.overrides, f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
                          f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}"]
-            r = train(load_config(path, overrides), progress=False)
+            r = train(fresh(load_config(path, overrides)), progress=False)
             curve = [{k: e[k] for k in ("epoch", "auc", "gauc", "logloss")} for e in r["epochs"]]
             runs[m].append({"seed": seed, "auc": r["auc"], "gauc": r["gauc"], "logloss": r["logloss"],
                             "curve": curve, "train_samples_per_s": r["train_samples_per_s"]})

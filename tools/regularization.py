@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import mean_std, oracle_lines, parse_seeds, parse_variants, pm
+from tools.experiments import fresh, mean_std, oracle_lines, parse_seeds, parse_variants, pm
 from trainer.config import load_config
 from trainer.metrics import rela_impr
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
             overrides = [*args.overrides, *variant_overrides(v, args.lam, args.l2, args.dropout),
                          f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
                          f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
-            result = train(load_config(args.config, overrides), progress=False)
+            result = train(fresh(load_config(args.config, overrides)), progress=False)
             runs[v].append({"seed": seed, **score(result)})
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)
     summary = {}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from embedding import mba_tbe
 from embedding.counts import load_counts
+from embedding.dense_memory import dense_memory
 from embedding.plan import fingerprint as plan_fingerprint
 from embedding.plan import load_plan, plan_inputs
 from embedding.planner import plan_on_the_fly
@@ -78,8 +79,9 @@ def build_model(cfg: Config, world_size: int, device: torch.device) -> Distribut
     if cfg.train.plan:  # a plan file from `dinrec plan`, checked against this run
         plan = load_plan(cfg.train.plan, cfg, world_size, device.type)
     else:
+        dense = dense_memory(cfg, cfg.data.batch_size)  # the same reservation as `dinrec plan`
         plan = plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type,
-                               mba=cfg.sparse_optimizer.mba)
+                               mba=cfg.sparse_optimizer.mba, dense_bytes=sum(dense.values()))
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     init_tables(dmp, layout, cfg.train.seed)
     if cfg.sparse_optimizer.mba and cfg.sparse_optimizer.counts == "static":

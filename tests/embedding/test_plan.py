@@ -77,14 +77,43 @@ def test_stale_plans_are_refused(tiny_data, tmp_path):
 
 
 def test_infeasible_plan_names_the_table_and_the_world_size_that_fits(capsys):
-    # tiny's tables need ~44 KiB of HBM with the optimizer state; a 160 KiB GPU leaves ~39 KiB for
-    # them after torchrec's reservation, so one GPU is too few and two are enough
+    # at batch 1, tiny's dense side takes ~76 KiB and its tables ~38 KiB with the optimizer state;
+    # a 128 KiB GPU leaves ~34 KiB for tables after the reservation, so one GPU is too few, two do
+    args = ["plan", "--config", TINY, "--hbm", "128KiB", "--batch-size", "1"]
+    assert main([*args, "--world-size", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "does not fit: it needs" in err[0] and "1 × 128.0 KiB leave" in err[0]
+    assert err[0].endswith("the smallest that fits: world size 2")
+    assert main([*args, "--world-size", "2", "--json"]) == 0
+
+
+def test_a_dense_side_larger_than_the_device_is_named(capsys):
+    # at batch 64 the dense side alone (~1.2 MiB of activations) exceeds a 160 KiB GPU: no world size helps
     assert main(["plan", "--config", TINY, "--world-size", "1", "--hbm", "160KiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "does not fit: it needs" in err[0] and "1 × 160.0 KiB leave" in err[0]
-    assert err[0].endswith("the smallest that fits: world size 2")
-    assert main(["plan", "--config", TINY, "--world-size", "2", "--hbm", "160KiB", "--json"]) == 0
+    assert err[0].startswith("dinrec plan: error: the dense side does not fit: it needs 1.2 MiB of HBM on every rank")
+    assert err[0].endswith("a smaller --batch-size or more HBM per rank")
+
+
+def test_dense_side_estimate_counts_parameters_and_the_saved_activations():
+    """Against closed forms on the tiny DIN: parameters x (param, grad, DDP bucket, Adam's two
+    moments); activations at least the attention unit's input [B, T, 4 x 16] in float32, which
+    the first Linear keeps for its backward, and linear in the batch size."""
+    from embedding.dense_memory import dense_memory
+    from trainer.config import load_config
+
+    cfg = load_config(TINY, [])
+    a, b = dense_memory(cfg, 64), dense_memory(cfg, 128)
+    width = 16  # item dim 8 + cate dim 8
+    att = 4 * width * 16 + 16 + 16 + 16 * 1 + 1  # Linear(64, 16), Dice alpha, Linear(16, 1)
+    mlp_in = 2 * width + 4  # candidate, attention-pooled history, user (dim 4)
+    mlp = mlp_in * 32 + 32 + 32 + 32 * 16 + 16 + 16 + 16 * 1 + 1  # Linear, Dice, Linear, Dice, Linear
+    assert a["parameters"] == (att + mlp) * 4 * 5
+    t = cfg.data.max_hist_len
+    assert a["activations"] >= 64 * t * 4 * width * 4
+    assert b["activations"] == pytest.approx(2 * a["activations"], rel=0.02)
 
 
 def test_billion_row_config_plans_for_64_gpus_within_their_memory(tmp_path, capsys):

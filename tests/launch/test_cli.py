@@ -63,7 +63,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny_data, capsys):
     assert err.count("\n") == 1 and "nope.yaml: cannot read config" in err
     assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "train.epocs=1"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "dinrec train: error: train.epocs: unknown key (allowed: epochs, seed, out_dir, log_every, limit_batches, eval_every_epoch, plan)"
+    assert err.strip() == "dinrec train: error: train.epocs: unknown key (allowed: epochs, seed, out_dir, log_every, limit_batches, eval_every_epoch, plan, checkpoint_every, keep_checkpoints, resume)"
     # bad data found while streaming (in the reader thread) still ends as one line, exit 2
     t = pq.read_table(tiny_data / "train" / "part-000.parquet")
     lab = t["label"].to_numpy().copy()
