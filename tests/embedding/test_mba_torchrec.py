@@ -192,6 +192,7 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         dist.all_gather_object(gathered, {"weights": weights, "counts": counts, "opt_keys": opt_keys})
         if rank == 0:
             torch.save(gathered, out)
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -35,6 +35,7 @@ def worker(rank, world, port, overrides, out):
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(layouts, f)
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

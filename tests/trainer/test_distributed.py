@@ -48,6 +48,7 @@ def worker(rank, world, port, cfg, batches, out):
             torch.save({"state": state, "init": init, "losses": losses, "plan": plan}, out)
         else:
             torch.save({"losses": losses}, out + f".{rank}")
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
