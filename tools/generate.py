@@ -13,6 +13,7 @@ World:
 Click probability (its logit), for candidate a and history h_1..h_T (h_T the most recent):
 
     logit = bias + q_a + gamma * log(1 + sum_t recency^(T - t) * exp(beta * (v_a . v_h_t - 1)))
+            [+ current * 1{category(a) is one of the user's interests at the impression}]
 
 The sum is a soft count of the behaviours most related to the candidate (exp(beta*(cos-1)) is ~1
 for near-identical items and ~0 for unrelated ones), weighted towards recent ones: it depends on
@@ -58,6 +59,7 @@ class WorldSpec:
     gamma: float = 2.0
     beta: float = 6.0
     recency: float = 0.97
+    current: float = 0.0  # + current x [the candidate's category is one of the user's interests now]
     seed: int = 0
 
 
@@ -156,6 +158,8 @@ class World:
         soft_count = np.add.reduceat(kernel, offsets[:-1]) if n else kernel[:0]
         soft_count[lengths == 0] = 0.0
         logit = s.bias + self.item_quality[cand] + s.gamma * np.log1p(soft_count)
+        if s.current:  # which of the history's categories are still interests: an order question
+            logit += s.current * (cur == self.item_cate[cand][:, None]).any(axis=1)
         p = 1.0 / (1.0 + np.exp(-logit))
         label = (rng.random(n) < p).astype(np.int8)
         return {

@@ -66,6 +66,24 @@ def test_p_click_follows_the_documented_click_model(tiny_data):
         assert abs(row["p_click"] - 1 / (1 + math.exp(-logit))) < 1e-5
 
 
+def test_current_interest_term_adds_exactly_current_to_the_logit_of_some_rows():
+    """`current` adds `current` to the logit of the rows whose candidate is of one of the user's
+    interests at the impression, and changes nothing else: the same world with current=0 and 1.5
+    differs in the logit by 0 or 1.5 only; at least the half of candidates drawn from the current
+    interests gets it; the histories are the same."""
+    base, cur = (World(WorldSpec(**{**TINY, "current": c})).users(0, 100) for c in (0.0, 1.5))
+    assert np.array_equal(base["hist_item_id"], cur["hist_item_id"]) and np.array_equal(base["item_id"], cur["item_id"])
+
+    def logit(p):
+        p = p.astype(np.float64)
+        return np.log(p / (1 - p))
+
+    diff = logit(cur["p_click"]) - logit(base["p_click"])
+    on = np.abs(diff - 1.5) < 1e-3
+    assert np.all(on | (np.abs(diff) < 1e-3))
+    assert 0.5 <= on.mean() < 0.9
+
+
 def test_summary_reports_oracle_auc_and_speed(tiny_data):
     import json
 
