@@ -122,7 +122,12 @@ def plan_offline(cfg: Config, world_size: int, compute_device: str = "cuda", hbm
 def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size, dense_bytes) -> str:
     """One line: the biggest table against the memory the topology has, and the smallest world
     size at which the planner does find a plan."""
-    from embedding.planner import RESERVED_PERCENTAGE, constraints_for, make_enumerator, make_planner
+    from embedding.planner import (
+        RESERVED_PERCENTAGE,
+        constraints_for,
+        make_enumerator,
+        make_planner,
+    )
 
     mba = cfg.sparse_optimizer.mba
     mem = "hbm" if topology.compute_device == "cuda" else "ddr"
