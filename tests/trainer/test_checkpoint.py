@@ -191,6 +191,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
 
 
+def test_nan_under_ray_stops_without_a_restart(tiny_data, tmp_path, monkeypatch, capsys):
+    """All ranks stop at the NaN step together and report it as an answer: Ray does not restart
+    the group (were it restarted, the fault, which fires once, would not recur and the run would
+    end with status 0)."""
+    out = tmp_path / "nan_ray"
+    monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
+    assert main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2",
+                 "launch.max_failures=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7)")
+    assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
+
+
 def test_refusals_are_one_line(tiny_data, tmp_path, reference, capsys):
     one_dir, _ = reference["one"]
     # a fresh run into a directory with another run's checkpoints
