@@ -241,5 +241,17 @@ def _rela_impr(result: dict, run_dir: str) -> dict:
     }
 
 
+def entry() -> None:
+    """The `dinrec` command (and `python -m launch.cli`): main(), then exit without the
+    interpreter's finalization. A process that used a gloo process group can abort there
+    ("terminate called without an active exception"): gloo's threads may still hold tensors when
+    the interpreter tears down, even after destroy_process_group. Everything is written and
+    closed by then; only stdout and stderr need flushing."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

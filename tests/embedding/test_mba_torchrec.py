@@ -195,6 +195,7 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization after gloo (see launch.cli.entry)
 
 
 def run(tmp_path, world=1, data_world=None, **opts):

@@ -38,6 +38,7 @@ def worker(rank, world, port, overrides, out):
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization after gloo (see launch.cli.entry)
 
 
 def test_plan_file_shards_like_planning_on_the_fly(tiny_data, tmp_path, capsys):

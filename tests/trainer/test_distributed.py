@@ -51,6 +51,7 @@ def worker(rank, world, port, cfg, batches, out):
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization after gloo (see launch.cli.entry)
 
 
 def run(world, cfg, batches, out):
