@@ -38,9 +38,9 @@ dien() {  # the GRU sequence kernel's ATen path on CUDA against the step loop; t
 
 checkpoint() {  # see the header; one GPU, NCCL world size 1
   timeout 280 python3 - > "$OUT/checkpoint_gpu.json" 2> "$OUT/checkpoint_gpu.err" <<'PY'
-import json, os, subprocess, sys, tempfile
+import json, os, subprocess, sys
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from trainer import checkpoint
 
 base = ["--config", "configs/tiny.yaml", "--no-progress", "data.train=/tmp/tiny/train", "data.test=/tmp/tiny/test",
         "launch.use_gpu=true", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.01",
@@ -52,17 +52,6 @@ def dinrec(argv, fault=None):
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     return p.returncode, (json.loads(lines[-1]) if lines else p.stderr[-800:])
 
-def tensors(path):
-    with tempfile.TemporaryDirectory() as d:
-        dcp_to_torch_save(path, f"{d}/a.pt")
-        nested = torch.load(f"{d}/a.pt", weights_only=True)
-    def flat(x, pre=""):
-        out = {}
-        for k, v in x.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-    return flat(nested)
-
 out = {}
 rc, ref = dinrec(["train", *base, "train.out_dir=/tmp/ck/ref"])
 out["reference"] = ref
@@ -70,7 +59,7 @@ rc_kill, _ = dinrec(["train", *base, "train.out_dir=/tmp/ck/killed"], fault="kil
 rc, res = dinrec(["train", *base, "train.out_dir=/tmp/ck/killed", "--resume"])
 out["killed_rc"], out["resumed"] = rc_kill, res
 if isinstance(ref, dict) and isinstance(res, dict):
-    a, b = tensors(ref["checkpoint"]), tensors(res["checkpoint"])
+    a, b = checkpoint.read_tensors(ref["checkpoint"]), checkpoint.read_tensors(res["checkpoint"])
     diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     out["resume_tensors"] = len(a)
     out["resume_differing"] = diff

@@ -188,6 +188,26 @@ def _rank_state(rank: int, generators: dict[str, torch.Generator]) -> dict:
     return out
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole (sharded tables gathered), by flat dotted key, in
+    this process (no process group): for comparing checkpoints."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(resolve(path)), f"{d}/all.pt")
+        nested = torch.load(f"{d}/all.pt", weights_only=True)
+
+    def flat(x: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in x.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    return flat(nested)
+
+
 # -- save and load
 
 

@@ -11,12 +11,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from launch.cli import main
 from tests.conftest import ROOT
@@ -60,23 +58,8 @@ def result(p) -> dict:
     return json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, whole (sharded tables gathered), by flat key."""
-    with tempfile.TemporaryDirectory() as d:
-        dcp_to_torch_save(str(path), f"{d}/all.pt")
-        nested = torch.load(f"{d}/all.pt", weights_only=True)
-
-    def flat(x, pre=""):
-        out = {}
-        for k, v in x.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    return flat(nested)
-
-
 def assert_identical(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = checkpoint.read_tensors(a), checkpoint.read_tensors(b)
     assert ta.keys() == tb.keys()
     assert any(k.startswith("sparse_optimizer.") for k in ta) and any(k.startswith("dense_optimizer.") for k in ta)
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
@@ -187,7 +170,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     assert err[-1] == (f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7): stopped before "
                        f"its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}")
     assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
-    ok = tensors(out / "checkpoints" / "step-000000005")
+    ok = checkpoint.read_tensors(out / "checkpoints" / "step-000000005")
     assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
 
 
