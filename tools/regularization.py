@@ -3,11 +3,11 @@
 On a config set up to overfit (configs/mba_overfit.yaml), DIN is trained with each
 regularization, for several seeds (parameter init and row order), testing after every epoch:
 
-  none     sparse SGD, no regularization
+  none     the config's sparse optimizer (SGD or row-wise Adagrad), no regularization
   dropout  50 % of the behaviour ids of each training sample discarded (model.id_dropout)
   l2_all   plain L2 on all parameters: every row of every table at every step
            (sparse_optimizer.l2_all) and the dense tower (dense_optimizer.weight_decay)
-  mba      mini-batch-aware L2 on the rows each batch touches (sparse_optimizer.type=sgd_mba)
+  mba      mini-batch-aware L2 on the rows each batch touches (the same optimizer's *_mba type)
 
 As in the paper's Table 4, a run is scored by its best test AUC over the epochs (with the logloss
 of that epoch); the final epoch's figures are reported too. RelaImpr is against `none`.
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tools.experiments import fresh, mean_std, oracle_lines, parse_seeds, parse_variants, pm
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
 VARIANTS = ("none", "dropout", "l2_all", "mba")
@@ -32,18 +32,19 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(p)
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="(default: %(default)s)")
-    p.add_argument("--lam", type=float, default=0.12, help="MBA λ (default: %(default)s)")
-    p.add_argument("--l2", type=float, default=1e-4, help="plain L2 coefficient (default: %(default)s)")
+    p.add_argument("--lam", type=float, default=0.3, help="MBA λ (default: %(default)s)")
+    p.add_argument("--l2", type=float, default=1e-3, help="plain L2 coefficient (default: %(default)s)")
     p.add_argument("--dropout", type=float, default=0.5, help="id dropout probability (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-mba.md)")
 
 
-def variant_overrides(name: str, lam: float, l2: float, dropout: float) -> list[str]:
+def variant_overrides(name: str, base_type: str, lam: float, l2: float, dropout: float) -> list[str]:
+    """Config overrides of one variant; base_type is the config's sparse optimizer without MBA."""
     return {
         "none": [],
         "dropout": [f"model.id_dropout={dropout}"],
         "l2_all": [f"sparse_optimizer.l2_all={l2}", f"dense_optimizer.weight_decay={l2}"],
-        "mba": ["sparse_optimizer.type=sgd_mba", f"sparse_optimizer.lambda={lam}"],
+        "mba": [f"sparse_optimizer.type={base_type}_mba", f"sparse_optimizer.lambda={lam}"],
     }[name]
 
 
@@ -61,11 +62,15 @@ def run(args: argparse.Namespace) -> dict:
     seeds = parse_seeds(args.seeds)
     variants = parse_variants(args.variants, VARIANTS)
     base = load_config(args.config, args.overrides)
+    if base.sparse_optimizer.mba:
+        raise ConfigError(f"{args.config}: sparse_optimizer.type must be the optimizer without MBA "
+                         f"(got {base.sparse_optimizer.type!r}); the experiment adds MBA for its mba runs")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     t0 = time.perf_counter()
     for seed in seeds:
         for v in variants:
-            overrides = [*args.overrides, *variant_overrides(v, args.lam, args.l2, args.dropout),
+            overrides = [*args.overrides,
+                         *variant_overrides(v, base.sparse_optimizer.type, args.lam, args.l2, args.dropout),
                          f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
                          f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
             result = train(fresh(load_config(args.config, overrides)), progress=False)

@@ -93,7 +93,9 @@ class SparseOptimizerConfig:
     # MBA row update: auto = Triton on CUDA, the C++ kernel on the CPU
     kernel: Literal["auto", "cpp", "triton"] = "auto"
     # Plain L2 on every row of every table at every step (the cost MBA avoids; a baseline):
-    # w ← w − lr·(g + l2_all·w) for all rows, touched or not.
+    # SGD: w ← w − lr·(g + l2_all·w) for all rows, touched or not. Row-wise Adagrad: the same
+    # decay as decoupled weight decay (as AdamW does it): every row scaled by 1 − lr·l2_all, then
+    # the Adagrad step of the touched rows.
     l2_all: float = 0.0
 
     @property
@@ -334,8 +336,8 @@ class _CHECKS:
                 f"1 − lr·lambda/n_j <= 0 (choose lambda < {1 / c.lr:g})")
         if c.l2_all < 0:
             raise ConfigError(f"{path}.l2_all: must be >= 0, got {c.l2_all}")
-        if c.l2_all and c.base != "sgd":
-            raise ConfigError(f"{path}.l2_all: plain L2 is implemented on SGD only, got type {c.type!r}")
+        if c.l2_all and c.lr * c.l2_all >= 1:
+            raise ConfigError(f"{path}.l2_all: lr·l2_all = {c.lr * c.l2_all:g} >= 1 would zero or flip every row")
 
     @staticmethod
     def DenseOptimizerConfig(c: DenseOptimizerConfig, path: str) -> None:

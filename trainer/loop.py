@@ -131,8 +131,9 @@ def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 def all_rows_decay(cfg: Config, model: nn.Module):
     """Plain L2 on every row (sparse_optimizer.l2_all), or None: scales every local shard by
-    (1 − lr·l2_all). Run between the forward pass and the fused backward step, it makes the step
-    w − lr·(g + l2_all·w) exactly (the gradient was taken at the old weights)."""
+    (1 − lr·l2_all). Run between the forward pass and the fused backward step, it makes the SGD
+    step w − lr·(g + l2_all·w) exactly (the gradient was taken at the old weights); with row-wise
+    Adagrad it is decoupled weight decay: (1 − lr·l2_all)·w − lr·g/(√s + ε), s unchanged by it."""
     sopt = cfg.sparse_optimizer
     if not sopt.l2_all:
         return None

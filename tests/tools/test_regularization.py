@@ -47,3 +47,16 @@ def test_experiment_dien_runs_every_variant_and_writes_its_table(tiny_data, tmp_
     assert r["summary"]["din"]["rela_impr_auc"] == 0
     assert r["runs"]["dien"][0]["auc"] != r["runs"]["dien_no_aux"][0]["auc"]  # the variants differ
     assert "| DIEN (AUGRU) without auxiliary loss |" in out.read_text()
+
+
+def test_experiment_regularization_adds_mba_to_the_configs_optimizer(tiny_data, tmp_path, capsys):
+    from tools.regularization import variant_overrides
+
+    assert variant_overrides("mba", "rowwise_adagrad", 0.1, 0, 0) == ["sparse_optimizer.type=rowwise_adagrad_mba",
+                                                                      "sparse_optimizer.lambda=0.1"]
+    assert variant_overrides("mba", "sgd", 0.1, 0, 0)[0] == "sparse_optimizer.type=sgd_mba"
+    args = ["experiment", "regularization", "--config", str(ROOT / "configs/tiny.yaml"), "--seeds", "0",
+            f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}",
+            f"train.out_dir={tmp_path / 'runs'}", "sparse_optimizer.type=sgd_mba"]
+    assert main(args) == 2
+    assert "sparse_optimizer.type must be the optimizer without MBA" in capsys.readouterr().err

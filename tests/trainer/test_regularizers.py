@@ -35,9 +35,12 @@ def test_drop_ids_drops_whole_behaviours_per_sample():
     assert torch.equal(drop_ids(kjt, {"hist_item_id", "hist_cate_id"}, 0.0, torch.Generator()).values(), kjt.values())
 
 
-def test_l2_all_decays_every_row_exactly(tiny_cfg):
-    """One SGD step with plain L2: w1 = w0 − lr·(g + l2·w0) for every row; with l2 = 0 the same
-    step gives w0 − lr·g, so the two differ by exactly lr·l2·w0 (untouched rows: only the decay)."""
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
+def test_l2_all_decays_every_row_exactly(tiny_cfg, opt):
+    """One step with plain L2. SGD: w1 = w0 − lr·(g + l2·w0) for every row; with l2 = 0 the same
+    step gives w0 − lr·g, so the two differ by exactly lr·l2·w0 (untouched rows: only the decay).
+    Row-wise Adagrad (decoupled decay): w1 = (1 − lr·l2)·w0 − lr·g/(√s + ε) with the same g and s,
+    so the difference is again lr·l2·w0."""
     from trainer.loop import (
         all_rows_decay,
         build_model,
@@ -50,7 +53,7 @@ def test_l2_all_decays_every_row_exactly(tiny_cfg):
     lr, l2 = 0.5, 0.1
     states = []
     for coef in (0.0, l2):
-        cfg = tiny_cfg("sparse_optimizer.type=sgd", f"sparse_optimizer.lr={lr}", f"sparse_optimizer.l2_all={coef}")
+        cfg = tiny_cfg(f"sparse_optimizer.type={opt}", f"sparse_optimizer.lr={lr}", f"sparse_optimizer.l2_all={coef}")
         batch = next(iter(stream_from_config(cfg, "train", 0, 1).epoch(0)))
         with process_group(cfg):
             model = build_model(cfg, 1, torch.device("cpu"))
@@ -66,8 +69,8 @@ def test_l2_all_decays_every_row_exactly(tiny_cfg):
 def test_regularizer_config_errors(tiny_cfg):
     with pytest.raises(ConfigError, match="id_dropout: must be in"):
         tiny_cfg("model.id_dropout=1.0")
-    with pytest.raises(ConfigError, match="l2_all: plain L2 is implemented on SGD only"):
-        tiny_cfg("sparse_optimizer.type=rowwise_adagrad", "sparse_optimizer.l2_all=0.1")
+    with pytest.raises(ConfigError, match=r"l2_all: lr·l2_all = 2 >= 1"):
+        tiny_cfg("sparse_optimizer.type=rowwise_adagrad", "sparse_optimizer.lr=4", "sparse_optimizer.l2_all=0.5")
     with pytest.raises(ConfigError, match=r"lr·lambda = 8 >= 1.*choose lambda < 0.125"):
         tiny_cfg("sparse_optimizer.type=sgd_mba", "sparse_optimizer.lr=8", "sparse_optimizer.lambda=1")
     with pytest.raises(ConfigError, match="lambda: set, but type 'sgd' has no MBA"):
