@@ -8,7 +8,9 @@ World:
   by a random category with probability `drift` (interests drift over time). A behaviour is an
   item of one of the current interests (probability 1 - explore) or of a random category.
 - an impression at step t shows a candidate drawn from the user's *current* interests (half of the
-  time) or from global popularity, with history = the last `hist_max` behaviours before t.
+  time) or from global popularity, with history = the last `hist_max` behaviours before t; with
+  `from_history` F, a share F of the candidates is then re-drawn from the category of one behaviour
+  of the history, picked uniformly (retargeting: current and past interests alike).
 
 Click probability (its logit), for candidate a and history h_1..h_T (h_T the most recent):
 
@@ -60,6 +62,7 @@ class WorldSpec:
     beta: float = 6.0
     recency: float = 0.97
     current: float = 0.0  # + current x [the candidate's category is one of the user's interests now]
+    from_history: float = 0.0  # share of candidates re-drawn from the category of a past behaviour
     seed: int = 0
 
 
@@ -151,6 +154,11 @@ class World:
         start = t_flat - lengths
         flat = np.repeat(u_local * steps + start, lengths) + within
         hist_item = beh_item.ravel()[flat]
+        if s.from_history:  # retargeting: an item of the category of one behaviour of the history
+            again = (rng.random(n) < s.from_history) & (lengths > 0)
+            pick = offsets[:-1] + np.minimum((rng.random(n) * lengths).astype(np.int64), lengths - 1)
+            cand = np.where(again, self.sample_in_cate(rng, self.item_cate[hist_item[np.where(again, pick, 0)]]),
+                            cand)
         # --- click model
         age = np.repeat(lengths, lengths) - 1 - within  # 0 for the most recent behaviour
         cos = np.einsum("ij,ij->i", self.item_vec[hist_item], np.repeat(self.item_vec[cand], lengths, 0))

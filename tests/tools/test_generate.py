@@ -89,3 +89,21 @@ def test_summary_reports_oracle_auc_and_speed(tiny_data):
 
     s = json.loads((tiny_data / "generate.json").read_text())
     assert 0.5 < s["oracle_auc"]["test"] < 1 and s["rows_per_minute"] > 0
+
+
+def test_from_history_draws_candidates_of_a_category_in_the_history():
+    """`from_history` re-draws that share of the candidates as items of the category of one behaviour
+    of their own history (retargeting); the histories stay the same. With 1, every candidate's
+    category is in its history; with 0, the world is the one without the option."""
+    base, again = (World(WorldSpec(**{**TINY, "from_history": f})).users(0, 200) for f in (0.0, 1.0))
+    assert np.array_equal(base["hist_item_id"], again["hist_item_id"])
+    off = again["hist_offsets"]
+    cates = again["hist_cate_id"]
+    inside = [again["cate_id"][i] in set(cates[off[i]:off[i + 1]].tolist()) for i in range(len(off) - 1)]
+    assert all(inside)
+    base_inside = np.mean([base["cate_id"][i] in set(base["hist_cate_id"][off[i]:off[i + 1]].tolist())
+                           for i in range(len(off) - 1)])
+    assert base_inside < 0.95  # without the option, popular candidates often come from elsewhere
+    half = World(WorldSpec(**{**TINY, "from_history": 0.5})).users(0, 200)
+    changed = np.mean(half["item_id"] != base["item_id"])
+    assert 0.3 < changed < 0.6  # about half re-drawn (a re-draw can hit the same item)
