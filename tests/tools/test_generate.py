@@ -94,7 +94,7 @@ def test_summary_reports_oracle_auc_and_speed(tiny_data):
 def test_from_history_draws_candidates_of_a_category_in_the_history():
     """`from_history` re-draws that share of the candidates as items of the category of one behaviour
     of their own history (retargeting); the histories stay the same. With 1, every candidate's
-    category is in its history; with 0, the world is the one without the option."""
+    category is in its history; with 0.5, about half the candidates change."""
     base, again = (World(WorldSpec(**{**TINY, "from_history": f})).users(0, 200) for f in (0.0, 1.0))
     assert np.array_equal(base["hist_item_id"], again["hist_item_id"])
     off = again["hist_offsets"]
