@@ -241,16 +241,20 @@ def _rela_impr(result: dict, run_dir: str) -> dict:
     }
 
 
-def entry() -> None:
-    """The `dinrec` command (and `python -m launch.cli`): main(), then exit without the
-    interpreter's finalization. A process that used a gloo process group can abort there
-    ("terminate called without an active exception"): gloo's threads may still hold tensors when
-    the interpreter tears down, even after destroy_process_group. Everything is written and
-    closed by then; only stdout and stderr need flushing."""
-    code = main()
+def exit_now(code: int) -> None:
+    """Exit with `code` without the interpreter's finalization. A process that used a gloo
+    process group can abort there ("terminate called without an active exception"): gloo's
+    threads may still hold tensors when the interpreter tears down, even after
+    destroy_process_group. Everything is written and closed by then; only stdout and stderr need
+    flushing."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def entry() -> None:
+    """The `dinrec` command (and `python -m launch.cli`): main(), then `exit_now`."""
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -95,15 +95,15 @@ def test_from_history_draws_candidates_of_a_category_in_the_history():
     """`from_history` re-draws that share of the candidates as items of the category of one behaviour
     of their own history (retargeting); the histories stay the same. With 1, every candidate's
     category is in its history; with 0.5, about half the candidates change."""
+    def in_history(rows):  # per row: is the candidate's category among its history's categories?
+        off = rows["hist_offsets"]
+        return np.array([rows["cate_id"][i] in set(rows["hist_cate_id"][off[i]:off[i + 1]].tolist())
+                         for i in range(len(off) - 1)])
+
     base, again = (World(WorldSpec(**{**TINY, "from_history": f})).users(0, 200) for f in (0.0, 1.0))
     assert np.array_equal(base["hist_item_id"], again["hist_item_id"])
-    off = again["hist_offsets"]
-    cates = again["hist_cate_id"]
-    inside = [again["cate_id"][i] in set(cates[off[i]:off[i + 1]].tolist()) for i in range(len(off) - 1)]
-    assert all(inside)
-    base_inside = np.mean([base["cate_id"][i] in set(base["hist_cate_id"][off[i]:off[i + 1]].tolist())
-                           for i in range(len(off) - 1)])
-    assert base_inside < 0.95  # without the option, popular candidates often come from elsewhere
+    assert in_history(again).all()
+    assert in_history(base).mean() < 0.95  # without the option, popular candidates often come from elsewhere
     half = World(WorldSpec(**{**TINY, "from_history": 0.5})).users(0, 200)
     changed = np.mean(half["item_id"] != base["item_id"])
     assert 0.3 < changed < 0.6  # about half re-drawn (a re-draw can hit the same item)
