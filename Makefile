@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 
 data: setup $(DATA)/train/_SUCCESS
 
-$(DATA)/train/_SUCCESS:
+# Regenerated when the generator changes (its defaults define the default data).
+$(DATA)/train/_SUCCESS: tools/generate.py
 	$(BIN)/dinrec generate --out $(DATA)
 
 # The demo run starts over each time (`dinrec train --config C --resume` continues a run instead).

@@ -8,20 +8,22 @@ World:
   by a random category with probability `drift` (interests drift over time). A behaviour is an
   item of one of the current interests (probability 1 - explore) or of a random category.
 - an impression at step t shows a candidate drawn from the user's *current* interests (half of the
-  time) or from global popularity, with history = the last `hist_max` behaviours before t; with
-  `from_history` F, a share F of the candidates is then re-drawn from the category of one behaviour
-  of the history, picked uniformly (retargeting: current and past interests alike).
+  time) or from global popularity, with history = the last `hist_max` behaviours before t; then a
+  share `from_history` of the candidates is re-drawn from the category of one behaviour of the
+  history, picked uniformly (retargeting: current and past interests alike).
 
 Click probability (its logit), for candidate a and history h_1..h_T (h_T the most recent):
 
     logit = bias + q_a + gamma * log(1 + sum_t recency^(T - t) * exp(beta * (v_a . v_h_t - 1)))
-            [+ current * 1{category(a) is one of the user's interests at the impression}]
+            + current * 1{category(a) is one of the user's interests at the impression}
 
 The sum is a soft count of the behaviours most related to the candidate (exp(beta*(cos-1)) is ~1
 for near-identical items and ~0 for unrelated ones), weighted towards recent ones: it depends on
-the few related behaviours, not on the history average (so attention beats sum pooling), and on
-their recency while interests drift (so a model of interest evolution can beat position-blind
-attention). `p_click` is stored, so the oracle AUC of the data is known.
+the few related behaviours, not on the history average (so attention beats sum pooling). The
+`current` term asks which of the history's categories the user still holds: with retargeted
+candidates, past interests are in the history as often as current ones, so a set of behaviours
+cannot tell them apart and their order can (so a model of interest evolution can beat
+position-blind attention). `p_click` is stored, so the oracle AUC of the data is known.
 
 Train/test split by time: each user's last `test_per_user` impressions form the test set.
 """
@@ -52,17 +54,17 @@ class WorldSpec:
     min_hist: int = 5  # behaviours before the first impression
     latent_dim: int = 8
     interests: int = 3
-    drift: float = 0.08
+    drift: float = 0.15
     explore: float = 0.1
     item_sigma: float = 0.18  # within-category cosine about 0.8
     zipf: float = 1.1
     quality_std: float = 0.5
     bias: float = -3.0
-    gamma: float = 2.0
+    gamma: float = 1.0
     beta: float = 6.0
     recency: float = 0.97
-    current: float = 0.0  # + current x [the candidate's category is one of the user's interests now]
-    from_history: float = 0.0  # share of candidates re-drawn from the category of a past behaviour
+    current: float = 2.0  # + current x [the candidate's category is one of the user's interests now]
+    from_history: float = 0.3  # share of candidates re-drawn from the category of a past behaviour
     seed: int = 0
 
 
@@ -180,6 +182,7 @@ class World:
             "hist_cate_id": self.item_cate[hist_item],
             "ts": t_flat.astype(np.int64),
             "p_click": p.astype(np.float32),
+            "interests": cur,  # [n, interests]: the user's interests at the impression (not written)
             "is_test": np.tile(np.arange(n_imp) >= n_imp - s.test_per_user, n_users),
         }
 

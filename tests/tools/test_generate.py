@@ -51,9 +51,16 @@ def test_deterministic_by_seed(tmp_path):
 
 
 def test_p_click_follows_the_documented_click_model(tiny_data):
+    """p_click of the written rows, recomputed row by row from the world's items and the user's
+    interests at the impression (the generator's state, matched by user and time)."""
     spec = WorldSpec(**TINY)
     w = World(spec)
+    state = w.users(0, spec.users)
+    interests = {(u, ts): set(i.tolist()) for u, ts, i in zip(state["user_id"], state["ts"], state["interests"],
+                                                               strict=True)}
     t = read(tiny_data, "test").slice(0, 200).to_pylist()
+    assert any(row["cate_id"] in interests[row["user_id"], row["ts"]] for row in t)
+    assert not all(row["cate_id"] in interests[row["user_id"], row["ts"]] for row in t)
     for row in t:
         a = row["item_id"]
         assert row["cate_id"] == w.item_cate[a]
@@ -63,6 +70,7 @@ def test_p_click_follows_the_documented_click_model(tiny_data):
         soft = sum(spec.recency ** (T - 1 - t) * math.exp(spec.beta * (float(w.item_vec[a] @ w.item_vec[h]) - 1))
                    for t, h in enumerate(row["hist_item_id"]))
         logit = spec.bias + w.item_quality[a] + spec.gamma * math.log1p(soft)
+        logit += spec.current * (row["cate_id"] in interests[row["user_id"], row["ts"]])
         assert abs(row["p_click"] - 1 / (1 + math.exp(-logit))) < 1e-5
 
 
@@ -71,7 +79,7 @@ def test_current_interest_term_adds_exactly_current_to_the_logit_of_some_rows():
     interests at the impression, and changes nothing else: the same world with current=0 and 1.5
     differs in the logit by 0 or 1.5 only; at least the half of candidates drawn from the current
     interests gets it; the histories are the same."""
-    base, cur = (World(WorldSpec(**{**TINY, "current": c})).users(0, 100) for c in (0.0, 1.5))
+    base, cur = (World(WorldSpec(**{**TINY, "current": c, "from_history": 0.0})).users(0, 100) for c in (0.0, 1.5))
     assert np.array_equal(base["hist_item_id"], cur["hist_item_id"]) and np.array_equal(base["item_id"], cur["item_id"])
 
     def logit(p):

@@ -60,3 +60,16 @@ def test_experiment_regularization_adds_mba_to_the_configs_optimizer(tiny_data, 
             f"train.out_dir={tmp_path / 'runs'}", "sparse_optimizer.type=sgd_mba"]
     assert main(args) == 2
     assert "sparse_optimizer.type must be the optimizer without MBA" in capsys.readouterr().err
+
+
+def test_experiment_dien_default_variants_cover_every_evolution_layer_once():
+    """By default the experiment runs DIN, the config's DIEN with and without the auxiliary loss, and
+    the two evolution layers the config does not name: each of AUGRU, AGRU, AIGRU exactly once."""
+    from tools.dien_experiment import VARIANTS, default_variants, names
+
+    for evolution in ("augru", "agru", "aigru"):
+        v = default_variants(evolution)
+        assert v[:3] == ["din", "dien", "dien_no_aux"] and evolution not in v
+        assert sorted([evolution, *v[3:]]) == ["agru", "aigru", "augru"]
+        assert all(x in VARIANTS for x in v)
+        assert names(evolution)["dien"] == f"DIEN ({evolution.upper()}, auxiliary loss)"
