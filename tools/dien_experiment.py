@@ -101,9 +101,10 @@ def markdown(out: dict) -> str:
         "| model | test AUC | GAUC | logloss | RelaImpr vs DIN |",
         "| --- | --- | --- | --- | --- |",
     ]
+    label = names(out["evolution"])
     for v, s in out["summary"].items():
         ri = s.get("rela_impr_auc")
-        lines.append(f"| {names(out['evolution'])[v]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | "
+        lines.append(f"| {label[v]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | "
                      f"{'' if ri is None else f'{ri:+.1f} %'} |")
     lines += oracle_lines(out)
     return "\n".join(lines) + "\n"
