@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, seed=3)
+TINY = dict(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, min_hist=5, seed=3)
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 # Triton kernels run on the CPU in Triton's interpreter (read when triton is imported).

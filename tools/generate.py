@@ -25,6 +25,12 @@ candidates, past interests are in the history as often as current ones, so a set
 cannot tell them apart and their order can (so a model of interest evolution can beat
 position-blind attention). `p_click` is stored, so the oracle AUC of the data is known.
 
+By default a user has many more behaviours than labelled impressions (40 behaviours before the
+first of 10 impressions), as in DIEN's public datasets, where each user gives one labelled target
+and a long review history: most of what the data says about interests is in the behaviour
+sequences, which DIEN's auxiliary loss supervises step by step (the paper, §5: the loss gains less
+where many labelled instances train the embeddings).
+
 Train/test split by time: each user's last `test_per_user` impressions form the test set.
 """
 
@@ -45,13 +51,13 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class WorldSpec:
-    users: int = 40000
+    users: int = 60000
     items: int = 5000
     cates: int = 100
-    impressions_per_user: int = 30  # of which the last `test_per_user` go to the test set
-    test_per_user: int = 5
+    impressions_per_user: int = 10  # of which the last `test_per_user` go to the test set
+    test_per_user: int = 2
     hist_max: int = 50  # behaviours kept per impression (most recent)
-    min_hist: int = 5  # behaviours before the first impression
+    min_hist: int = 40  # behaviours before the first impression: long histories, few labels
     latent_dim: int = 8
     interests: int = 3
     drift: float = 0.15

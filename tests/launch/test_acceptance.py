@@ -1,13 +1,15 @@
-"""DIN against BaseModel and the oracle, and DIEN against DIN, on generated data.
+"""DIN against BaseModel and the oracle, DIEN against DIN, and DIEN's auxiliary loss, on generated data.
 
 Two worlds:
 - the default one (`dinrec generate` defaults), where the clicks also depend on which of the
-  history's categories the user still holds, which only the behaviours' order tells;
-- the position-blind one (POSITION_BLIND flags: no such term, slower drift), where everything a
-  click depends on is visible to a set of behaviours, so DIN can near the oracle.
+  history's categories the user still holds, which only the behaviours' order tells, and each
+  user has long histories and few labelled impressions;
+- the position-blind one (POSITION_BLIND flags: no such term, slower drift, 25 labelled
+  impressions per user), where everything a click depends on is visible to a set of behaviours,
+  so DIN can near the oracle.
 
-The default tests run CI-sized versions (150k training rows); the slow ones run the default size
-(`pytest -m slow`, several minutes each).
+The default tests run CI-sized versions (about 150k training rows); the slow ones run the default
+size (`pytest -m slow`, several minutes each).
 """
 
 import json
@@ -17,8 +19,10 @@ import pytest
 from launch.cli import main
 from tests.conftest import ROOT
 
-POSITION_BLIND = ["--drift", "0.08", "--gamma", "2.0", "--current", "0", "--from-history", "0"]
-CI_SIZE = ["--users", "6000"]
+POSITION_BLIND = ["--users", "40000", "--impressions-per-user", "30", "--test-per-user", "5", "--min-hist", "5",
+                  "--drift", "0.08", "--gamma", "2.0", "--current", "0", "--from-history", "0"]
+CI_POSITION_BLIND = [*POSITION_BLIND, "--users", "6000"]  # 150k training rows
+CI_DEFAULT = ["--users", "18000"]  # 144k training rows
 
 
 def train(capsys, name, data, out, *overrides) -> dict:
@@ -29,24 +33,30 @@ def train(capsys, name, data, out, *overrides) -> dict:
 
 
 def compare(capsys, tmp_path, generate_args, models=("din", "base")) -> dict[str, dict]:
+    """Train each of `models` on one generated world: a config name, or (label, name, overrides)."""
     data = tmp_path / "data"
     assert main(["generate", "--out", str(data), "--no-progress", *generate_args]) == 0
     capsys.readouterr()
-    return {m: train(capsys, m, data, tmp_path / m) for m in models}
+    runs = [(m, m, ()) if isinstance(m, str) else m for m in models]
+    return {label: train(capsys, name, data, tmp_path / label, *o) for label, name, o in runs}
+
+
+NO_AUX = ("dien_no_aux", "dien", ("model.aux_loss=0",))
 
 
 def test_din_beats_base_model_and_nears_the_oracle_position_blind_ci_sized(tmp_path, capsys):
-    r = compare(capsys, tmp_path, [*CI_SIZE, *POSITION_BLIND])
+    r = compare(capsys, tmp_path, CI_POSITION_BLIND)
     din, base = r["din"], r["base"]
     assert din["auc"] >= base["auc"] + 0.01, (din, base)
     assert din["gauc"] >= base["gauc"] + 0.01, (din, base)
     assert din["auc"] >= 0.90 * din["oracle_auc"], din
 
 
-def test_dien_beats_din_ci_sized(tmp_path, capsys):
-    r = compare(capsys, tmp_path, CI_SIZE, ("din", "dien"))
-    din, dien = r["din"], r["dien"]
+def test_dien_beats_din_and_its_auxiliary_loss_helps_ci_sized(tmp_path, capsys):
+    r = compare(capsys, tmp_path, CI_DEFAULT, ("din", "dien", NO_AUX))
+    din, dien, no_aux = r["din"], r["dien"], r["dien_no_aux"]
     assert dien["auc"] >= din["auc"] + 0.01, (dien, din)
+    assert dien["auc"] >= no_aux["auc"] + 0.005, (dien, no_aux)
 
 
 @pytest.mark.slow
@@ -59,7 +69,8 @@ def test_din_beats_base_model_and_nears_the_oracle_position_blind(tmp_path, caps
 
 @pytest.mark.slow
 def test_dien_beats_din_beats_base_model_on_default_data(tmp_path, capsys):
-    r = compare(capsys, tmp_path, [], ("din", "base", "dien"))
-    din, base, dien = r["din"], r["base"], r["dien"]
+    r = compare(capsys, tmp_path, [], ("din", "base", "dien", NO_AUX))
+    din, base, dien, no_aux = r["din"], r["base"], r["dien"], r["dien_no_aux"]
     assert din["auc"] >= base["auc"] + 0.01, (din, base)
     assert dien["auc"] >= din["auc"] + 0.01, (dien, din)
+    assert dien["auc"] >= no_aux["auc"] + 0.005, (dien, no_aux)

@@ -84,3 +84,35 @@ def test_auxiliary_loss_equals_numpy_eq6():
     want = -total / B
     got = auxiliary_loss(*(torch.tensor(a) for a in (h, e, e_neg)), torch.tensor(lengths))
     assert abs(float(got) - want) < 1e-10
+
+
+def test_auxiliary_network_loss_equals_numpy_mlp():
+    """The released code's σ(h_t, e): BatchNorm over the supervised steps' [h_t, e] rows (positives
+    and negatives together), 100 → sigmoid → 50 → sigmoid → logit, written out in numpy."""
+    import numpy as np
+
+    from trainer.models.dien import AuxiliaryNet, auxiliary_loss
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    B, T, H = 3, 5, 4
+    h, e, e_neg = (rng.standard_normal((B, T, H)) for _ in range(3))
+    lengths = np.array([5, 3, 1])
+    net = AuxiliaryNet(H).double().train()
+    bn = net.net[0]
+    with torch.no_grad():  # a BatchNorm that is not the identity
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    w = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    steps = [(i, t) for i in range(B) for t in range(lengths[i] - 1)]
+    rows = np.array([np.concatenate([h[i, t], e[i, t + 1]]) for i, t in steps]
+                    + [np.concatenate([h[i, t], e_neg[i, t + 1]]) for i, t in steps])
+    z = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + bn.eps) * w["net.0.weight"] + w["net.0.bias"]
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    for k in (1, 3):
+        z = sig(z @ w[f"net.{k}.weight"].T + w[f"net.{k}.bias"])
+    logit = (z @ w["net.5.weight"].T + w["net.5.bias"])[:, 0]
+    n = len(steps)
+    want = -(np.log(sig(logit[:n])).sum() + np.log(1 - sig(logit[n:])).sum()) / B
+    got = auxiliary_loss(*(torch.tensor(a) for a in (h, e, e_neg)), torch.tensor(lengths), net)
+    assert abs(float(got) - want) < 1e-10

@@ -48,6 +48,7 @@ class DIEN(nn.Module):
         self.evolution = AttentionGRUCell(d, d)
         self.kind = cfg.evolution
         self.alpha = cfg.aux_loss
+        self.aux_net = AuxiliaryNet(d) if cfg.aux_net == "mlp" and self.alpha > 0 else None
         self.run = sequence if cfg.gru_kernel == "cpp" else run_sequence
         self.history_sum = cfg.history_sum
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation,
@@ -84,26 +85,45 @@ class DIEN(nn.Module):
         if self.training and self.alpha > 0:
             if x.neg is None:
                 raise ValueError("DIEN with an auxiliary loss needs the neg_hist_* features in the batch")
-            return logits, self.alpha * auxiliary_loss(states, e, padded(x.neg, lengths, e.shape[1]), lengths)
+            neg = padded(x.neg, lengths, e.shape[1])
+            return logits, self.alpha * auxiliary_loss(states, e, neg, lengths, self.aux_net)
         return logits
 
 
+class AuxiliaryNet(nn.Module):
+    """σ(h_t, e) of Eq. 6 as the authors' released DIEN code computes it: a small MLP on
+    [h_t, e] (BatchNorm → 100 → sigmoid → 50 → sigmoid → 2-way softmax there; one logit here,
+    which is the same function: softmax([z0, z1])[0] = sigmoid(z0 − z1))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.BatchNorm1d(2 * dim), nn.Linear(2 * dim, 100), nn.Sigmoid(),
+                                 nn.Linear(100, 50), nn.Sigmoid(), nn.Linear(50, 1))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:  # [M, H], [M, D] -> [M]
+        return self.net(torch.cat([h, e], dim=1)).squeeze(1)
+
+
 def auxiliary_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                   lengths: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: L_aux = −(1/N) Σ_i Σ_t [log σ(h_t·e[t+1]) + log(1 − σ(h_t·ê[t+1]))].
+                   lengths: torch.Tensor, net: AuxiliaryNet | None = None) -> torch.Tensor:
+    """Eq. 6: L_aux = −(1/N) Σ_i Σ_t [log σ(h_t, e[t+1]) + log(1 − σ(h_t, ê[t+1]))].
 
     states [B, T, H]: interest states h_t; pos [B, T, H]: the behaviour embeddings e[t];
     neg [B, T, H]: negative embeddings ê[t]; lengths [B]. The next behaviour supervises each
-    state, so step t counts when t + 1 < length; N is the number of sequences (B) and
-    σ(x1, x2) = 1 / (1 + exp(−x1·x2)), an inner product (H equals the embedding width).
+    state, so step t counts when t + 1 < length; N is the number of sequences (B).
+    σ(x1, x2) = 1 / (1 + exp(−x1·x2)), an inner product (H equals the embedding width), or,
+    with `net`, the released code's auxiliary network on the valid steps only.
     """
     b, t, _ = states.shape
     if t < 2:
         return states.new_zeros(())
-    h = states[:, :-1]  # h_t for t = 0 .. T-2
-    pos_logit = (h * pos[:, 1:]).sum(-1)  # [B, T-1]
-    neg_logit = (h * neg[:, 1:]).sum(-1)
-    valid = (torch.arange(1, t, device=states.device).unsqueeze(0) < lengths.unsqueeze(1)).to(states.dtype)
+    valid = torch.arange(1, t, device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T-1]
     # log σ(x) = −softplus(−x) and log(1 − σ(x)) = −softplus(x), stable for large |x|
-    per_step = F.softplus(-pos_logit) + F.softplus(neg_logit)
-    return (per_step * valid).sum() / b
+    if net is None:
+        h = states[:, :-1]  # h_t for t = 0 .. T-2, against e[t+1] and ê[t+1]
+        per_step = F.softplus(-(h * pos[:, 1:]).sum(-1)) + F.softplus((h * neg[:, 1:]).sum(-1))  # [B, T-1]
+        return (per_step * valid.to(per_step.dtype)).sum() / b
+    h, pos, neg = states[:, :-1][valid], pos[:, 1:][valid], neg[:, 1:][valid]  # supervised steps only: [M, ·]
+    # one call, so that BatchNorm normalises positives and negatives with the same statistics
+    pos_logit, neg_logit = net(torch.cat([h, h]), torch.cat([pos, neg])).chunk(2)
+    return (F.softplus(-pos_logit) + F.softplus(neg_logit)).sum() / b
