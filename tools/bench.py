@@ -4,7 +4,8 @@
   against the rate at which training consumes batches (measured in the same run, in memory).
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
   FBGEMM fused sparse optimizer, jagged attention) against a plain-PyTorch DIN of the same shape
-  (nn.Embedding with sparse gradients, padded histories), on the same batches, in the same run.
+  (nn.Embedding with sparse gradients, padded histories), on the same batches, alternating in
+  blocks within one run.
 - `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
   DIEN's C++ sequence kernel against the Python step loop.
 - `dinrec bench embedding`: the MBA embedding step against FBGEMM's fused SGD and torch's sparse
@@ -38,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(tr)
     tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
     tr.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    tr.add_argument("--rounds", type=int, default=5,
+                    help="timed blocks, alternating dinrec and the reference (default: %(default)s)")
     dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's C++ GRU kernel vs the step loop")
     config_args(dn)
     dn.add_argument("--steps", type=int, default=60, help="timed steps per model (default: %(default)s)")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
         return bench_workers(cfg, counts, args.steps)
     if args.bench == "dien":
         return bench_dien(cfg, args.steps, args.warmup, args.device)
-    return bench_train(cfg, args.steps, args.warmup)
+    return bench_train(cfg, args.steps, args.warmup, args.rounds)
 
 
 def _machine() -> dict:
@@ -149,7 +152,7 @@ def _time_steps(step, data: list, warmup: int, size=len) -> float:
     return sum(size(b) for b in timed) / seconds
 
 
-def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
+def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     from embedding.tables import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
     from trainer.loop import build_model, dense_optimizer, process_group, train_step
@@ -165,30 +168,50 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         raise ConfigError("bench train: set dense_optimizer.type=adam (as the reference)")
     data = _take(cfg, warmup + steps)
     lr = cfg.sparse_optimizer.lr
-    # --- ours
     with process_group(cfg) as (_, world):
+        # --- ours
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        ours = _time_steps(lambda b: train_step(model, opt, b), data, warmup)
-    # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
-    torch.manual_seed(cfg.train.seed)
-    ref = ReferenceDIN(layout, cfg.model)
-    sparse_params = list(ref.tables.parameters())
-    dense_params = [p for n, p in ref.named_parameters() if not n.startswith("tables.")]
-    sparse_opt = torch.optim.SGD(sparse_params, lr=lr)
-    dense_opt = torch.optim.Adam(dense_params, lr=cfg.dense_optimizer.lr)
-    padded = [(padded_inputs(b, layout), b) for b in data]
 
-    def ref_step(item) -> None:
-        (cand, hist, mask), b = item
-        loss = nn.functional.binary_cross_entropy_with_logits(ref(cand, hist, mask), b.labels)
-        sparse_opt.zero_grad(set_to_none=True)
-        dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
+        def our_step(b) -> None:
+            train_step(model, opt, b)
 
-    reference = _time_steps(ref_step, padded, warmup, size=lambda item: len(item[1]))
+        # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
+        torch.manual_seed(cfg.train.seed)
+        ref = ReferenceDIN(layout, cfg.model)
+        sparse_params = list(ref.tables.parameters())
+        dense_params = [p for n, p in ref.named_parameters() if not n.startswith("tables.")]
+        sparse_opt = torch.optim.SGD(sparse_params, lr=lr)
+        dense_opt = torch.optim.Adam(dense_params, lr=cfg.dense_optimizer.lr)
+        padded = [padded_inputs(b, layout) for b in data]
+
+        def ref_step(i: int) -> None:
+            cand, hist, mask = padded[i]
+            loss = nn.functional.binary_cross_entropy_with_logits(ref(cand, hist, mask), data[i].labels)
+            sparse_opt.zero_grad(set_to_none=True)
+            dense_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sparse_opt.step()
+            dense_opt.step()
+
+        # Alternate the two in `rounds` blocks of the same batches, so that a change of the
+        # machine's speed during the run (a shared host) hits both alike.
+        for i in range(warmup):
+            our_step(data[i])
+            ref_step(i)
+        timed = range(warmup, warmup + steps)
+        blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
+        seconds = {"ours": [], "reference": []}
+        for block in blocks:
+            for name, step in (("ours", lambda i: our_step(data[i])), ("reference", ref_step)):
+                t0 = time.perf_counter()
+                for i in block:
+                    step(i)
+                seconds[name].append(time.perf_counter() - t0)
+    samples = [sum(len(data[i]) for i in block) for block in blocks]
+    ours = sum(samples) / sum(seconds["ours"])
+    reference = sum(samples) / sum(seconds["reference"])
+    per_round = sorted(r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True))
     hist_feature = layout.pairs[0][1]
     mean_hist = sum(float(b.sparse[hist_feature].lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
@@ -201,9 +224,11 @@ def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
         "mean_hist_len": round(mean_hist, 2),
         "sparse_optimizer": "sgd",
         "dense_optimizer": "adam",
+        "rounds": len(blocks),
         "dinrec_samples_per_s": round(ours, 1),
         "reference_samples_per_s": round(reference, 1),
         "ratio_dinrec_over_reference": round(ours / reference, 3),
+        "ratio_per_round": [round(r, 3) for r in per_round],
     }
 
 

@@ -27,6 +27,7 @@ def test_bench_train_against_reference(tiny_data, capsys):
             f"data.train={tiny_data / 'train'}", BEHAVIOUR_ONLY, "sparse_optimizer.type=sgd")
     assert r["dinrec_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio_dinrec_over_reference"] - r["dinrec_samples_per_s"] / r["reference_samples_per_s"]) < 0.002
+    assert r["rounds"] == 5 and len(r["ratio_per_round"]) == 5  # one batch per round, alternating
 
 
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):

@@ -2,6 +2,7 @@
 DIN with copied weights, attention without normalisation, BaseModel's sum pooling."""
 
 import numpy as np
+import pytest
 import torch
 
 from embedding.tables import FeatureLayout
@@ -94,6 +95,30 @@ def test_attention_is_not_normalised():
     torch.testing.assert_close(once, w * h)  # weight used as is, no softmax
     torch.testing.assert_close(twice, 2 * once)  # a duplicated behaviour counts twice
     assert not torch.allclose(twice, once)
+
+
+@pytest.mark.parametrize("act", ["prelu", "dice"])
+def test_attention_equals_the_mlp_on_the_concatenated_input(act):
+    """The split first layer is the paper's MLP([e, v, e − v, e ⊙ v]): values and gradients."""
+    torch.manual_seed(0)
+    lau = LocalActivationUnit(3, [5, 4], act).double().train()
+    hist = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 0, 3])
+
+    def naive():
+        c = cand.repeat_interleave(lengths, 0)
+        w = lau.mlp(torch.cat([hist, c, hist - c, hist * c], 1))
+        return torch.zeros_like(cand).index_add(0, torch.arange(3).repeat_interleave(lengths), w * hist)
+
+    grads = []
+    for f in (lambda: lau(hist, cand, lengths), naive):
+        out = f()
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out).double()).sum(),
+                                         [hist, cand, *lau.parameters()]))
+        grads[-1] = (out.detach(), *grads[-1])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_attention_dice_statistics_cover_real_behaviours_only():
