@@ -166,6 +166,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         raise ConfigError("bench train: set sparse_optimizer.type=sgd (the reference uses SGD on sparse gradients)")
     if cfg.dense_optimizer.type != "adam":
         raise ConfigError("bench train: set dense_optimizer.type=adam (as the reference)")
+    if rounds < 1:
+        raise ConfigError(f"bench train: --rounds must be >= 1, got {rounds}")
     data = _take(cfg, warmup + steps)
     lr = cfg.sparse_optimizer.lr
     with process_group(cfg) as (_, world):
@@ -211,7 +213,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
     reference = sum(samples) / sum(seconds["reference"])
-    per_round = sorted(r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True))
+    per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
     hist_feature = layout.pairs[0][1]
     mean_hist = sum(float(b.sparse[hist_feature].lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {

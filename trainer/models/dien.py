@@ -115,7 +115,7 @@ def auxiliary_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     with `net`, the released code's auxiliary network on the valid steps only.
     """
     b, t, _ = states.shape
-    if t < 2:
+    if t < 2 and net is None:
         return states.new_zeros(())
     valid = torch.arange(1, t, device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T-1]
     # log σ(x) = −softplus(−x) and log(1 − σ(x)) = −softplus(x), stable for large |x|
@@ -124,6 +124,8 @@ def auxiliary_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
         per_step = F.softplus(-(h * pos[:, 1:]).sum(-1)) + F.softplus((h * neg[:, 1:]).sum(-1))  # [B, T-1]
         return (per_step * valid.to(per_step.dtype)).sum() / b
     h, pos, neg = states[:, :-1][valid], pos[:, 1:][valid], neg[:, 1:][valid]  # supervised steps only: [M, ·]
+    if h.shape[0] == 0:  # no supervised step: zero, with the network's parameters in the graph (DDP)
+        return sum(p.sum() for p in net.parameters()) * 0.0 + states.sum() * 0.0
     # one call, so that BatchNorm normalises positives and negatives with the same statistics
     pos_logit, neg_logit = net(torch.cat([h, h]), torch.cat([pos, neg])).chunk(2)
     return (F.softplus(-pos_logit) + F.softplus(neg_logit)).sum() / b
