@@ -175,8 +175,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
 
-        def our_step(b) -> None:
-            train_step(model, opt, b)
+        def our_step(i: int) -> None:
+            train_step(model, opt, data[i])
 
         # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
         torch.manual_seed(cfg.train.seed)
@@ -199,13 +199,13 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         # Alternate the two in `rounds` blocks of the same batches, so that a change of the
         # machine's speed during the run (a shared host) hits both alike.
         for i in range(warmup):
-            our_step(data[i])
+            our_step(i)
             ref_step(i)
         timed = range(warmup, warmup + steps)
         blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
         seconds = {"ours": [], "reference": []}
         for block in blocks:
-            for name, step in (("ours", lambda i: our_step(data[i])), ("reference", ref_step)):
+            for name, step in (("ours", our_step), ("reference", ref_step)):
                 t0 = time.perf_counter()
                 for i in block:
                     step(i)

@@ -111,13 +111,12 @@ def test_attention_equals_the_mlp_on_the_concatenated_input(act):
         w = lau.mlp(torch.cat([hist, c, hist - c, hist * c], 1))
         return torch.zeros_like(cand).index_add(0, torch.arange(3).repeat_interleave(lengths), w * hist)
 
-    grads = []
-    for f in (lambda: lau(hist, cand, lengths), naive):
+    def value_and_grads(f):
         out = f()
-        grads.append(torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out).double()).sum(),
-                                         [hist, cand, *lau.parameters()]))
-        grads[-1] = (out.detach(), *grads[-1])
-    for got, want in zip(*grads, strict=True):
+        weights = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)
+        return out.detach(), *torch.autograd.grad((out * weights).sum(), [hist, cand, *lau.parameters()])
+
+    for got, want in zip(value_and_grads(lambda: lau(hist, cand, lengths)), value_and_grads(naive), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -10,13 +10,12 @@ from torch import nn
 from embedding.tables import FeatureLayout
 from trainer.config import ModelConfig
 from trainer.data import Batch
-from trainer.models.layers import MLP, SparseArch
+from trainer.models.layers import MLP, SparseArch, behaviour_rows
 
 
 def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
     """Eq. 1 with sum pooling: hist [N, D], lengths [B] -> [B, D]."""
-    seg = torch.repeat_interleave(torch.arange(batch, device=hist.device), lengths)
-    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, seg, hist)
+    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, behaviour_rows(lengths, hist.shape[0]), hist)
 
 
 class BaseModel(nn.Module):

@@ -25,13 +25,13 @@ from trainer.config import ModelConfig
 from trainer.data import Batch
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
-from trainer.models.layers import MLP, SparseArch
+from trainer.models.layers import MLP, SparseArch, behaviour_rows
 
 
 def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
     """Jagged rows [N, D] with `lengths` [B] -> [B, steps, D], zeros after each row's length."""
     b = lengths.numel()
-    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths, output_size=values.shape[0])
+    row = behaviour_rows(lengths, values.shape[0])
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(values.shape[0], device=values.device) - starts.index_select(0, row)
     out = values.new_zeros(b, steps, values.shape[1])

@@ -72,6 +72,12 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def behaviour_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """The batch row of each of the n jagged behaviours: lengths [B] -> [n], n = sum(lengths)."""
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    return torch.repeat_interleave(rows, lengths, output_size=n)
+
+
 class LocalActivationUnit(nn.Module):
     """DIN's attention, Eq. 3 and Fig. 2: v_U(A) = Σ_j a(e_j, v_A)·e_j, with
     a(e_j, v_A) = MLP([e_j, v_A, e_j − v_A, e_j ⊙ v_A]) a scalar, *not* softmax-normalised.
@@ -89,12 +95,6 @@ class LocalActivationUnit(nn.Module):
         self.dim = dim
         self.mlp = MLP(4 * dim, hidden, act, out=1)
 
-    @staticmethod
-    def _rows(hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The row of every behaviour: [N]."""
-        rows = torch.arange(cand.shape[0], device=cand.device)
-        return torch.repeat_interleave(rows, lengths, output_size=hist.shape[0])
-
     def _weights(self, hist: torch.Tensor, cand: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         first = self.mlp[0]
         w_e, w_v, w_diff, w_prod = first.weight.split(self.dim, dim=1)  # each [H, D]
@@ -107,11 +107,11 @@ class LocalActivationUnit(nn.Module):
 
     def weights(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """a(e_j, v_A) of every behaviour: hist [N, D], cand [B, D], lengths [B] -> [N, 1]."""
-        return self._weights(hist, cand, self._rows(hist, cand, lengths))
+        return self._weights(hist, cand, behaviour_rows(lengths, hist.shape[0]))
 
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
-        seg = self._rows(hist, cand, lengths)
+        seg = behaviour_rows(lengths, hist.shape[0])
         out = torch.zeros_like(cand)
         return out.index_add_(0, seg, self._weights(hist, cand, seg) * hist)
 
