@@ -20,12 +20,17 @@ materialized per lookup. Two kernels, one contract:
 - `update_rows_cpp` (CPU): C++, the touched rows split over the threads, each row summed and
   updated in one pass (embedding/csrc/mba_cpu.cpp);
 - `update_rows_triton` (GPU; on the CPU under TRITON_INTERPRET=1, which is how CI checks it): no
-  host sync. After the sort, a kernel flags where rows and chunks (at most CHUNK occurrences of
-  one row) start, one scan numbers them, a kernel scatters their start positions; then one
-  program per chunk sums its occurrences (a Zipf-head row with thousands of occurrences is summed
-  by many programs, deterministically, no atomics) and one program per touched row adds its chunk
-  sums and applies the update. Grids are sized by the occurrence count; programs past the
-  device-side row and chunk totals return at once.
+  host sync, one sort and two kernels over chunks of C sorted occurrences. A row whose
+  occurrences run on past the end of a chunk leaves there the sum of its occurrences in that
+  chunk (`_carry_kernel`); then each chunk sums, by a segmented scan, the rows that end in it,
+  adds to its first row the sums left by the chunks before, and updates those rows
+  (`_update_kernel`). A Zipf-head row with thousands of occurrences is summed by many programs,
+  deterministically, without atomics.
+
+How a batch's lookups become occurrences is `occurrences_torch` (vectorized torch ops, for the
+C++ path) or `occurrences_triton` (one kernel: each lookup finds its bag by binary search in the
+offsets). On the GPU a step is host-bound, so the Triton path is a few launches: occurrences,
+sort, the two kernels.
 
 Weights may be stored in fp32, fp16 or bf16; the math is fp32.
 """
@@ -45,7 +50,8 @@ try:  # Triton is optional on the CPU (tests run it under TRITON_INTERPRET=1).
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
-CHUNK = 128  # occurrences summed by one program of the Triton kernel's first pass
+CHUNK = 128  # sorted occurrences per program of the Triton update (fewer for wide rows: chunk_size)
+CARRY_BLOCK = 32  # earlier chunks whose carried sums one step of the Triton update's carry loop reads
 
 
 @dataclass
@@ -133,6 +139,37 @@ def count_samples_(counts: torch.Tensor, lin: torch.Tensor, samples: torch.Tenso
     counts.index_add_(0, pairs % rows, torch.ones_like(pairs, dtype=counts.dtype))
 
 
+@dataclass(frozen=True)
+class Bags:
+    """How a lookup's bag maps to the group: `batch` samples per feature, the bag of feature f and
+    sample s is f·batch + s; per feature its table `feature_table` [F] and its first column
+    `feature_col` [F] in the pooled [B, ΣD] output (int64, on the tables' device); `pooled`: one
+    row per bag in the output (EmbeddingBagCollection), else one row per lookup (EmbeddingCollection)."""
+
+    batch: int
+    feature_table: torch.Tensor
+    feature_col: torch.Tensor
+    pooled: bool
+
+
+def occurrences_torch(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
+                      samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Every lookup as an occurrence: its linear row, the element offset of its gradient in the
+    upstream gradient (rows of `stride` values), and its sample (if `samples`). Vectorized torch ops."""
+    n = indices.numel()
+    bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=indices.device),
+                                  offsets[1:] - offsets[:-1], output_size=n)
+    if bags.feature_table.numel() == 1:  # one feature: the bag is the sample
+        sample, table, col = bag, bags.feature_table[0], bags.feature_col[0]
+    else:
+        feature = bag // bags.batch
+        sample = bag - feature * bags.batch
+        table, col = bags.feature_table.index_select(0, feature), bags.feature_col.index_select(0, feature)
+    lin = indices + layout.row_off[table] if layout.dims.numel() > 1 else indices
+    src = sample * stride + col if bags.pooled else torch.arange(n, device=indices.device) * stride
+    return lin, src, sample if samples else None
+
+
 # ---- CPU: C++ ------------------------------------------------------------------------------------
 @functools.cache
 def cpu_extension():
@@ -148,94 +185,126 @@ if triton is not None:
 
     @triton.jit
     def _table_of(row, row_off_ptr, T: tl.constexpr, BLOCK_T: tl.constexpr):
-        """The table a linear row belongs to: the number of tables that start at or before it, − 1."""
+        """Per lane: the table of a linear row ([C] int64), the number of tables that start at or
+        before it, − 1."""
         ts = tl.arange(0, BLOCK_T)
         starts = tl.load(row_off_ptr + 1 + ts, mask=ts < T - 1, other=0x7FFFFFFFFFFFFFFF)
-        return tl.sum((row >= starts).to(tl.int64), axis=0)
+        return tl.sum((row[:, None] >= starts[None, :]).to(tl.int64), axis=1)
 
     @triton.jit
-    def _flags_kernel(keys_ptr, flags_ptr, n, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        """flags[0, i]: a row starts at sorted position i; flags[1, i]: a chunk starts there (a row
-        start, or a multiple of CHUNK: a chunk never spans two rows nor more than CHUNK positions)."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _segmented_add(a, a_start, b, b_start):
+        """Combine of a sum that restarts at every lane flagged as a row start."""
+        return tl.where(b_start != 0, b, a + b), a_start | b_start
+
+    @triton.jit
+    def _occurrences_kernel(indices_ptr, offsets_ptr, ftm_ptr, row_off_ptr, col_ptr, lin_ptr, src_ptr, sample_ptr,
+                            n, n_bags, batch, stride, steps, POOLED: tl.constexpr, LINEARIZE: tl.constexpr,
+                            SAMPLES: tl.constexpr, BLOCK: tl.constexpr):
+        """Lookup i: its bag (binary search of i in the offsets), hence its feature and sample; its
+        linear row; the offset of its gradient (pooled: the sample's row of the feature's columns;
+        sequence: the lookup's own row)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
-        k = tl.load(keys_ptr + i, mask=m, other=0)
-        prev = tl.load(keys_ptr + i - 1, mask=m & (i > 0), other=0)
-        start = (i == 0) | (k != prev)
-        tl.store(flags_ptr + i, start.to(tl.int32), mask=m)
-        tl.store(flags_ptr + n + i, (start | (i % CHUNK == 0)).to(tl.int32), mask=m)
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = tl.zeros([BLOCK], dtype=tl.int64) + (n_bags - 1)
+        for _ in range(steps):  # the last bag whose offset is <= i
+            mid = (lo + hi + 1) // 2
+            go = tl.load(offsets_ptr + mid, mask=m, other=0) <= i
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        feature = lo // batch
+        sample = lo - feature * batch
+        row = tl.load(indices_ptr + i, mask=m, other=0).to(tl.int64)
+        if LINEARIZE:
+            row += tl.load(row_off_ptr + tl.load(ftm_ptr + feature, mask=m, other=0), mask=m, other=0)
+        tl.store(lin_ptr + i, row.to(lin_ptr.dtype.element_ty), mask=m)
+        if POOLED:
+            src = sample * stride + tl.load(col_ptr + feature, mask=m, other=0)
+        else:
+            src = i * stride
+        tl.store(src_ptr + i, src, mask=m)
+        if SAMPLES:
+            tl.store(sample_ptr + i, sample, mask=m)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, seg_pos_ptr, seg_chunk_ptr, chunk_pos_ptr, totals_ptr, n, BLOCK: tl.constexpr):
-        """From the inclusive scans ids[0] (rows) and ids[1] (chunks): where each row and chunk
-        starts, the first chunk of each row, and sentinels one past the last; totals = (U, C)."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _carry_kernel(sums_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, row_off_ptr, dims_ptr, n,
+                      T: tl.constexpr, BLOCK_T: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Chunk p (sorted positions p·C .. p·C + C − 1): if its last row goes on into the next
+        chunk, the sum of that row's gradients within this chunk, to sums[p]."""
+        p = tl.program_id(0).to(tl.int64)
+        nxt = p * C + C
+        if nxt < n:
+            k_last = tl.load(keys_ptr + nxt - 1)
+            if tl.load(keys_ptr + nxt) == k_last:
+                i = p * C + tl.arange(0, C)
+                k = tl.load(keys_ptr + i)
+                sel = k == k_last
+                d = tl.load(dims_ptr + _table_of(k.to(tl.int64), row_off_ptr, T, BLOCK_T))
+                cols = tl.arange(0, BLOCK_D)
+                s = tl.load(src_ptr + tl.load(perm_ptr + i, mask=sel, other=0), mask=sel, other=0)
+                g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=sel[:, None] & (cols[None, :] < d[:, None]),
+                            other=0.0)
+                tl.store(sums_ptr + p * BLOCK_D + cols, tl.sum(g.to(tl.float32), axis=0))
+
+    @triton.jit
+    def _update_kernel(weight_ptr, momentum_ptr, counts_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, sums_ptr,
+                       row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, n, lr, lam, eps, T: tl.constexpr,
+                       BLOCK_T: tl.constexpr, C: tl.constexpr, CB: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ADAGRAD: tl.constexpr):
+        """Chunk q: every row that ends in it sums its gradients (a segmented scan over the chunk,
+        plus, for the chunk's first row, the sums that _carry_kernel left in earlier chunks) and
+        takes its MBA step."""
+        q = tl.program_id(0).to(tl.int64)
+        i = q * C + tl.arange(0, C)
         m = i < n
-        seg = tl.load(ids_ptr + i, mask=m, other=0)
-        chunk = tl.load(ids_ptr + n + i, mask=m, other=0)
-        prev_seg = tl.load(ids_ptr + i - 1, mask=m & (i > 0), other=0)
-        prev_chunk = tl.load(ids_ptr + n + i - 1, mask=m & (i > 0), other=0)
-        seg_start = m & (seg != prev_seg)
-        chunk_start = m & (chunk != prev_chunk)
-        tl.store(seg_pos_ptr + seg - 1, i.to(tl.int64), mask=seg_start)
-        tl.store(seg_chunk_ptr + seg - 1, (chunk - 1).to(tl.int64), mask=seg_start)
-        tl.store(chunk_pos_ptr + chunk - 1, i.to(tl.int64), mask=chunk_start)
-        last = m & (i == n - 1)
-        tl.store(seg_pos_ptr + seg, (i + 1).to(tl.int64), mask=last)
-        tl.store(seg_chunk_ptr + seg, chunk.to(tl.int64), mask=last)
-        tl.store(chunk_pos_ptr + chunk, (i + 1).to(tl.int64), mask=last)
-        tl.store(totals_ptr + tl.zeros([BLOCK], tl.int32), seg.to(tl.int64), mask=last)
-        tl.store(totals_ptr + 1 + tl.zeros([BLOCK], tl.int32), chunk.to(tl.int64), mask=last)
-
-    @triton.jit
-    def _chunk_sums_kernel(partial_ptr, chunk_pos_ptr, totals_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr,
-                           row_off_ptr, dims_ptr, T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-        """Program c sums the gradients of chunk c's occurrences (≤ CHUNK of one row)."""
-        c = tl.program_id(0)
-        if c < tl.load(totals_ptr + 1):
-            start = tl.load(chunk_pos_ptr + c)
-            stop = tl.load(chunk_pos_ptr + c + 1)
-            d = tl.load(dims_ptr + _table_of(tl.load(keys_ptr + start).to(tl.int64), row_off_ptr, T, BLOCK_T))
-            cols = tl.arange(0, BLOCK_D)
-            cmask = cols < d
-            acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-            for k0 in range(start, stop, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < stop
-                s = tl.load(src_ptr + tl.load(perm_ptr + ks, mask=kmask, other=0), mask=kmask, other=0)
-                g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-                acc += g.to(tl.float32)
-            tl.store(partial_ptr + c.to(tl.int64) * BLOCK_D + cols, tl.sum(acc, axis=0))
-
-    @triton.jit
-    def _update_rows_kernel(weight_ptr, momentum_ptr, counts_ptr, keys_ptr, seg_pos_ptr, seg_chunk_ptr, totals_ptr,
-                            partial_ptr, row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, lr, lam, eps,
-                            T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ADAGRAD: tl.constexpr):
-        """Program u: touched row u adds its chunk sums and takes its MBA step."""
-        u = tl.program_id(0)
-        if u < tl.load(totals_ptr):
-            row = tl.load(keys_ptr + tl.load(seg_pos_ptr + u)).to(tl.int64)
-            t = _table_of(row, row_off_ptr, T, BLOCK_T)
-            local = row - tl.load(row_off_ptr + t)
-            d = tl.load(dims_ptr + t)
-            cols = tl.arange(0, BLOCK_D)
-            cmask = cols < d
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for c in range(tl.load(seg_chunk_ptr + u), tl.load(seg_chunk_ptr + u + 1)):  # int64 bounds
-                acc += tl.load(partial_ptr + c * BLOCK_D + cols)
-            base = tl.load(w_off_ptr + t) + local * d
-            w = tl.load(weight_ptr + base + cols, mask=cmask, other=0.0).to(tl.float32)
-            n = tl.maximum(tl.load(counts_ptr + row).to(tl.float32), 1.0)
-            g = acc + lam * w / n
-            if ADAGRAD:
-                m_idx = tl.load(m_off_ptr + t) + local
-                m = tl.load(momentum_ptr + m_idx) + tl.sum(tl.where(cmask, g * g, 0.0), axis=0) / d.to(tl.float32)
-                tl.store(momentum_ptr + m_idx, m)
-                w = w - lr * g / (tl.sqrt(m) + eps)
-            else:
-                w = w - lr * g
-            tl.store(weight_ptr + base + cols, w.to(weight_ptr.dtype.element_ty), mask=cmask)
+        k = tl.load(keys_ptr + i, mask=m, other=-1)
+        k_prev = tl.load(keys_ptr + i - 1, mask=m & (i > 0), other=-1)
+        k_next = tl.load(keys_ptr + i + 1, mask=i + 1 < n, other=-1)
+        ends = m & (k != k_next)
+        # the chunk's last row, if it goes on into the next chunk, is summed there (its lanes skipped)
+        nxt = q * C + C
+        k_last = tl.load(keys_ptr + tl.minimum(nxt, n) - 1)
+        k_after = tl.load(keys_ptr + nxt, mask=nxt < n, other=-1)
+        need = tl.where(k_after == k_last, m & (k != k_last), m)
+        row = k.to(tl.int64)
+        t = _table_of(row, row_off_ptr, T, BLOCK_T)
+        d = tl.load(dims_ptr + t, mask=m, other=1)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols[None, :] < d[:, None]
+        s = tl.load(src_ptr + tl.load(perm_ptr + i, mask=need, other=0), mask=need, other=0)
+        g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=need[:, None] & cmask, other=0.0).to(tl.float32)
+        starts = tl.broadcast_to(((k != k_prev) | (i == q * C)).to(tl.int32)[:, None], (C, BLOCK_D))
+        acc, _ = tl.associative_scan((g, starts), 0, _segmented_add)
+        # the chunk's first row began in earlier chunks: add their sums, CB chunks at a time
+        k0 = tl.load(keys_ptr + q * C)
+        carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if (q > 0) & ((k_after != k_last) | (k_last != k0)):
+            if tl.load(keys_ptr + q * C - 1) == k0:
+                j = q - 1
+                more = k0 == k0
+                while more:
+                    js = j - tl.arange(0, CB)
+                    hit = (js >= 0) & (tl.load(keys_ptr + js * C + C - 1, mask=js >= 0, other=-1) == k0)
+                    carry += tl.sum(tl.load(sums_ptr + js[:, None] * BLOCK_D + cols[None, :], mask=hit[:, None],
+                                            other=0.0), axis=0)
+                    more = tl.sum(hit.to(tl.int32), axis=0) == CB
+                    j -= CB
+        acc += tl.where((k == k0)[:, None], carry[None, :], 0.0)
+        local = row - tl.load(row_off_ptr + t, mask=m, other=0)
+        base = tl.load(w_off_ptr + t, mask=m, other=0) + local * d
+        wmask = ends[:, None] & cmask
+        w = tl.load(weight_ptr + base[:, None] + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
+        cnt = tl.maximum(tl.load(counts_ptr + row, mask=ends, other=1).to(tl.float32), 1.0)
+        g = acc + lam * w / cnt[:, None]
+        if ADAGRAD:
+            m_idx = tl.load(m_off_ptr + t, mask=m, other=0) + local
+            mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0) + \
+                tl.sum(tl.where(cmask, g * g, 0.0), axis=1) / d.to(tl.float32)
+            tl.store(momentum_ptr + m_idx, mom, mask=ends)
+            w = w - lr * g / (tl.sqrt(mom)[:, None] + eps)
+        else:
+            w = w - lr * g
+        tl.store(weight_ptr + base[:, None] + cols[None, :], w.to(weight_ptr.dtype.element_ty), mask=wmask)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -246,41 +315,55 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def chunk_size(block_d: int) -> int:
+    """Sorted occurrences per program of the Triton update: CHUNK, fewer for wide rows (at most
+    4096 gradient values in a program's tile)."""
+    return max(16, min(CHUNK, 4096 // block_d))
+
+
 def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
                        lam: float, eps: float) -> None:
-    """The Triton path, without a host sync: sort, flag row and chunk starts, one scan, scatter the
-    starts, chunk sums, row updates. Grids are sized by the occurrence count N (an upper bound on
-    rows and chunks); programs past the device-side totals return at once."""
+    """The Triton path, without a host sync: one sort, then two kernels over chunks of the sorted
+    occurrences (carries of rows that cross a chunk boundary; segmented sums and row updates)."""
     n = lin.numel()
     if n == 0:
         return
     if not grad.is_contiguous():
         raise ValueError("MBA Triton update: the gradient must be contiguous")
-    dev = lin.device
     keys, perm = sort_rows(lin, layout)
-    block = 1024
-    flags = torch.empty(2, n, dtype=torch.int32, device=dev)
-    _flags_kernel[(triton.cdiv(n, block),)](keys, flags, n, CHUNK=CHUNK, BLOCK=block)
-    ids = torch.cumsum(flags, dim=1, dtype=torch.int32)
-    seg_pos = torch.empty(n + 1, dtype=torch.int64, device=dev)
-    seg_chunk = torch.empty(n + 1, dtype=torch.int64, device=dev)
-    chunk_pos = torch.empty(n + 1, dtype=torch.int64, device=dev)
-    totals = torch.empty(2, dtype=torch.int64, device=dev)
-    _scatter_kernel[(triton.cdiv(n, block),)](ids, seg_pos, seg_chunk, chunk_pos, totals, n, BLOCK=block)
-    block_d = triton.next_power_of_2(layout.max_dim)
+    block_d = max(16, triton.next_power_of_2(layout.max_dim))
+    c = chunk_size(block_d)
+    chunks = triton.cdiv(n, c)
     n_tables = layout.dims.numel()
     block_t = triton.next_power_of_2(max(n_tables - 1, 1))
-    # On the GPU the grids stay at N (no sync); in the CPU interpreter (tests) reading the totals
-    # costs nothing and spares it N idle programs.
-    rows_grid, chunks_grid = (n, n) if dev.type == "cuda" else tuple(int(x) for x in totals.tolist())
-    partial = torch.empty(chunks_grid, block_d, dtype=torch.float32, device=dev)
-    _chunk_sums_kernel[(chunks_grid,)](partial, chunk_pos, totals, keys, perm, src, grad, layout.row_off, layout.dims,
-                             T=n_tables, BLOCK_T=block_t, BLOCK_K=max(1, min(32, 4096 // block_d)), BLOCK_D=block_d)
+    sums = torch.empty(chunks, block_d, dtype=torch.float32, device=lin.device)
+    _carry_kernel[(chunks,)](sums, keys, perm, src, grad, layout.row_off, layout.dims, n, T=n_tables,
+                             BLOCK_T=block_t, C=c, BLOCK_D=block_d)
     mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
-    _update_rows_kernel[(rows_grid,)](layout.weight, mom, layout.counts, keys, seg_pos, seg_chunk, totals, partial,
-                              layout.row_off, layout.w_off, layout.m_off, layout.dims, float(lr), float(lam),
-                              float(eps), T=n_tables, BLOCK_T=block_t, BLOCK_D=block_d,
+    _update_kernel[(chunks,)](layout.weight, mom, layout.counts, keys, perm, src, grad, sums, layout.row_off,
+                              layout.w_off, layout.m_off, layout.dims, n, float(lr), float(lam), float(eps),
+                              T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d,
                               ADAGRAD=layout.momentum is not None)
+
+
+def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
+                        samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """occurrences_torch in one kernel; the linear rows come as int32 when the group has < 2^31
+    rows (the sort's key type)."""
+    n, n_bags = indices.numel(), offsets.numel() - 1
+    dev = indices.device
+    linearize = layout.dims.numel() > 1
+    steps = n_bags.bit_length() if bags.pooled or linearize or samples else 0  # binary search for the bag
+    lin = torch.empty(n, dtype=torch.int32 if layout.num_rows < 2**31 else torch.int64, device=dev)
+    src = torch.empty(n, dtype=torch.int64, device=dev)
+    sample = torch.empty(n, dtype=torch.int64, device=dev) if samples else src
+    if n:
+        block = 1024
+        _occurrences_kernel[(triton.cdiv(n, block),)](indices, offsets, bags.feature_table, layout.row_off,
+                                                      bags.feature_col, lin, src, sample, n, n_bags, bags.batch,
+                                                      stride, steps, POOLED=bags.pooled, LINEARIZE=linearize,
+                                                      SAMPLES=samples, BLOCK=block)
+    return lin, src, sample if samples else None
 
 
 def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
@@ -294,14 +377,24 @@ def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, g
                                 grad.float().contiguous().reshape(-1), lr, lam, eps)
 
 
-def update_rows(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float, lam: float,
-                eps: float) -> None:
-    """The fused update on the tables' device: Triton on CUDA, C++ on the CPU."""
-    fn = update_rows_triton if layout.weight.device.type == "cuda" else update_rows_cpp
-    fn(layout, lin, src, grad, lr, lam, eps)
+KERNELS = ("auto", "cpp", "triton")
 
 
-KERNELS = {"auto": update_rows, "cpp": update_rows_cpp, "triton": update_rows_triton}
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """'auto' is Triton on CUDA and C++ on the CPU."""
+    if kernel not in KERNELS:
+        raise ValueError(f"MBA kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" else "cpp"
+    if kernel == "triton" and not triton_usable(device):
+        raise ValueError("MBA kernel 'triton' needs a CUDA device or TRITON_INTERPRET=1 with triton installed")
+    if kernel == "cpp" and device.type != "cpu":
+        raise ValueError(f"MBA kernel 'cpp' runs on the CPU, the tables are on {device}")
+    return kernel
+
+
+# per resolved kernel: how the occurrences are built, and the row update
+PATHS = {"cpp": (occurrences_torch, update_rows_cpp), "triton": (occurrences_triton, update_rows_triton)}
 
 
 if __name__ == "__main__":  # `python -m embedding.mba`: build the C++ kernel ahead of the first run

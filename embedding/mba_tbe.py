@@ -102,8 +102,7 @@ class MBATableBatchedEmbedding(nn.Module):
         self._eps = float(inner.optimizer_args.eps)  # row-wise Adagrad's ε, as FBGEMM was given it
         # A parameter that requires grad so that autograd reaches our backward (FBGEMM does the same).
         self.placeholder = nn.Parameter(torch.zeros(0, device=device), requires_grad=True)
-        if params.kernel == "triton" and not mba.triton_usable(device):
-            raise ValueError("MBA kernel 'triton' needs a CUDA device or TRITON_INTERPRET=1 with triton installed")
+        self._occurrences, self._update = mba.PATHS[mba.resolve_kernel(params.kernel, device)]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -133,23 +132,26 @@ class MBATableBatchedEmbedding(nn.Module):
         return self._lr
 
     # ---- forward / backward ---------------------------------------------------------------------
-    def layout(self) -> mba.TableLayout:
-        """The group's flat storages and offsets (built once; rebuilt if FBGEMM's storage moved)."""
-        weights = self.inner.split_embedding_weights()
-        key = weights[0].untyped_storage().data_ptr()
-        cached = self.__dict__.get("_layout")
-        if cached is None or cached[0] != key:
-            momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
-            self.__dict__["_layout"] = (key, mba.TableLayout.of(weights, momenta, self.mba_count))
-            self.__dict__["_features_dev"] = self._feature_tensors(weights[0].device)
-        return self.__dict__["_layout"][1]
+    def _storage_key(self) -> tuple[int, ...]:
+        """Where FBGEMM's weight storages are now (cheap: no per-table views)."""
+        inner = self.inner
+        return tuple(getattr(inner, name).data_ptr() for name in ("weights_dev", "weights_host", "weights_uvm"))
 
-    def _feature_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per feature: its table, and its first column in the pooled [B, ΣD] output."""
-        ftm = torch.tensor(self.feature_table_map, dtype=torch.int64, device=device)
-        dims = [self.table_dims[t] for t in self.feature_table_map]
-        col = torch.tensor([0] + dims[:-1], dtype=torch.int64).cumsum(0).to(device)
-        return ftm, col
+    def _cached(self) -> tuple[list[torch.Tensor], mba.TableLayout, torch.Tensor, torch.Tensor]:
+        """Per-table weight views, the group's flat storages and offsets, and per feature its table
+        and first pooled column: built once, rebuilt if FBGEMM's storage moved."""
+        key = self._storage_key()
+        cached = self.__dict__.get("_cache")
+        if cached is None or cached[0] != key:
+            weights = self.inner.split_embedding_weights()
+            momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
+            device = weights[0].device
+            ftm = torch.tensor(self.feature_table_map, dtype=torch.int64, device=device)
+            dims = [self.table_dims[t] for t in self.feature_table_map]
+            col = torch.tensor([0] + dims[:-1], dtype=torch.int64).cumsum(0).to(device)
+            cached = (key, weights, mba.TableLayout.of(weights, momenta, self.mba_count), ftm, col)
+            self.__dict__["_cache"] = cached
+        return cached[1:]
 
     def _batch_size(self, offsets: torch.Tensor) -> int:
         n_features = len(self.feature_table_map)
@@ -167,7 +169,7 @@ class MBATableBatchedEmbedding(nn.Module):
         return _LookupWithMBA.apply(self.placeholder, self, indices, offsets)
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        weights = self.inner.split_embedding_weights()
+        weights = self._cached()[0]
         b = self._batch_size(offsets)
         n_features = len(self.feature_table_map)
         # where each feature's ids start and end (known without a device sync for one feature)
@@ -190,29 +192,14 @@ class MBATableBatchedEmbedding(nn.Module):
     @torch.no_grad()
     def apply_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor) -> None:
         """The fused MBA step of every table of the group for one batch (see embedding.mba): every
-        lookup becomes an occurrence (linear row, gradient offset, sample), vectorized."""
-        layout = self.layout()
-        ftm, first_col = self.__dict__["_features_dev"]
-        b = self._batch_size(offsets)
-        n = indices.numel()
-        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=indices.device),
-                                      offsets[1:] - offsets[:-1], output_size=n)
-        if len(self.feature_table_map) == 1:  # one feature: the bag is the sample, one table
-            sample, lin, col = bag, indices, 0
-        else:
-            feature = bag // b
-            sample = bag - feature * b
-            lin = indices
-            if len(self.table_rows) > 1:
-                lin = lin + layout.row_off.index_select(0, ftm.index_select(0, feature))
-            col = first_col.index_select(0, feature)
-        if self.pooled:  # the sample's row of the feature's columns of the [B, ΣD] output
-            src = sample * grad_output.shape[1] + col
-        else:  # the lookup's own row of the [N, D] output
-            src = torch.arange(n, device=indices.device) * grad_output.shape[1]
-        if self.params.counts == "online":
+        lookup becomes an occurrence (linear row, gradient offset, sample), then the row update."""
+        _, layout, ftm, col = self._cached()
+        bags = mba.Bags(self._batch_size(offsets), ftm, col, self.pooled)
+        online = self.params.counts == "online"
+        lin, src, sample = self._occurrences(layout, bags, indices, offsets, grad_output.shape[1], online)
+        if online:
             mba.count_samples_(layout.counts, lin, sample)
-        mba.KERNELS[self.params.kernel](layout, lin, src, grad_output, self._lr, self.params.lam, self._eps)
+        self._update(layout, lin, src, grad_output, self._lr, self.params.lam, self._eps)
 
 
 def _strip_mba(config):

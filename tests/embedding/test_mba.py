@@ -124,6 +124,72 @@ def test_half_storage_fp32_math(device, kernel, dtype):
                                    rtol=1e-2, atol=1e-2)
 
 
+TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_rows_spanning_many_chunks(device, monkeypatch):
+    """Rows whose occurrences fill several chunks of the Triton update, back to back (a row ends and
+    the next begins inside a chunk and goes on), with the carry loop reading 2 chunks per step."""
+    monkeypatch.setattr(mba, "CARRY_BLOCK", 2)
+    rng = np.random.default_rng(4)
+    w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
+    n = [rng.integers(1, 20, r).astype(np.int32) for r in ROWS]
+    _, views, mviews = make_group(w0, torch.float32, device)
+    rows = [(0, 7)] * (mba.CHUNK * 5 + 3) + [(0, 8)] * (mba.CHUNK * 2 + 50) + [(1, 0)] * 3 + [(1, 1)] * mba.CHUNK
+    rows += [(int(t), int(rng.integers(0, ROWS[t]))) for t in rng.integers(0, 2, 100)]
+    grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
+    for adagrad in (False, True):
+        run_update(mba.update_rows_triton, views, mviews, torch.tensor(np.concatenate(n), device=device), rows,
+                   grads, 0.1, 0.5, adagrad)
+        ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n, rows,
+                                [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.5, adagrad)
+        for t in range(2):
+            np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
+            if adagrad:
+                np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
+            views[t].copy_(torch.tensor(w0[t]))
+
+
+def loop_occurrences(ids, offsets, batch, feature_table, row_off, feature_col, stride, pooled):
+    """Per lookup, by walking the bags: (linear row, gradient offset, sample)."""
+    out = []
+    for bag in range(len(offsets) - 1):
+        f, s = divmod(bag, batch)
+        for i in range(offsets[bag], offsets[bag + 1]):
+            src = s * stride + feature_col[f] if pooled else i * stride
+            out.append((ids[i] + row_off[feature_table[f]], src, s))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", pytest.param("triton-cuda", marks=CUDA)])
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("features", [[0], [1, 0, 1]])
+def test_occurrences_match_a_loop_over_bags(impl, pooled, features):
+    """Lookups → occurrences, for one feature and for three features over two tables (a table read
+    by two features), with empty bags first, inside and last."""
+    device = "cuda" if impl.endswith("cuda") else "cpu"
+    fn = mba.occurrences_torch if impl == "torch" else mba.occurrences_triton
+    rng = np.random.default_rng(5)
+    batch = 7
+    lengths = rng.integers(0, 5, batch * len(features))
+    lengths[[0, 3, -1]] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = rng.integers(0, 20, offsets[-1])
+    flat = torch.zeros(30 * 12 + 20 * 4, device=device)  # two tables in one storage, as FBGEMM lays out a group
+    layout = mba.TableLayout.of([flat[:360].view(30, 12), flat[360:].view(20, 4)], None,
+                                torch.zeros(50, dtype=torch.int32, device=device))
+    dims = [12, 4]
+    cols = np.concatenate([[0], np.cumsum([dims[t] for t in features])[:-1]])
+    stride = int(sum(dims[t] for t in features)) if pooled else 12
+    bags = mba.Bags(batch, torch.tensor(features, device=device), torch.tensor(cols, device=device), pooled)
+    lin, src, sample = fn(layout, bags, torch.tensor(ids, device=device), torch.tensor(offsets, device=device), stride,
+                          True)
+    expected = loop_occurrences(ids.tolist(), offsets.tolist(), batch, features, [0, 30], cols.tolist(), stride, pooled)
+    got = list(zip(lin.tolist(), src.tolist(), sample.tolist(), strict=True))
+    assert got == expected
+
+
 def test_online_counts_count_samples_not_occurrences():
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 10, 200)
