@@ -171,9 +171,13 @@ class MBATableBatchedEmbedding(nn.Module):
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         weights = self._cached()[0]
         b = self._batch_size(offsets)
-        n_features = len(self.feature_table_map)
-        # where each feature's ids start and end (known without a device sync for one feature)
-        bounds = [0, indices.numel()] if n_features == 1 else offsets[::b].tolist()
+        if len(self.feature_table_map) == 1:  # one feature: no slicing
+            t = self.feature_table_map[0]
+            if self.pooled:
+                return nn.functional.embedding_bag(indices, weights[t], offsets, mode="sum",
+                                                   include_last_offset=True).float()
+            return nn.functional.embedding(indices, weights[t]).float()
+        bounds = offsets[::b].tolist()  # where each feature's ids start and end (a device sync)
         outs = []
         for f, t in enumerate(self.feature_table_map):
             ids = indices[bounds[f] : bounds[f + 1]]
@@ -185,8 +189,6 @@ class MBATableBatchedEmbedding(nn.Module):
                                                         include_last_offset=True).float())
             else:
                 outs.append(nn.functional.embedding(ids, weights[t]).float())
-        if len(outs) == 1:
-            return outs[0]
         return torch.cat(outs, dim=1 if self.pooled else 0)
 
     @torch.no_grad()

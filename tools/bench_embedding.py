@@ -6,12 +6,14 @@ pooling, upstream gradient fixed), per embedding dim, the median step time of:
   a  FBGEMM's table-batched embedding with its fused EXACT_SGD (what torchrec's FUSED kernel runs),
      no regularization;
   b  the same module under our MBA optimizer (embedding.mba_tbe: lookup + fused MBA row update;
-     Triton on CUDA, vectorized torch ops on the CPU), λ > 0, static counts;
+     Triton on CUDA, the C++ kernel on the CPU), λ > 0, static counts;
   c  torch nn.EmbeddingBag(sparse=True) + SGD with the L2 term of Eq. 7 on the touched rows, in
      PyTorch ops (coalesce the sparse gradient, gather, update, scatter).
 
 and the ratios b/a (the price of MBA; goal ≤ 1.1 on GPU, ≤ 1.5 on CPU) and c/b (> 1: ours beats the
-plain PyTorch way). All three run in the same process on the same ids.
+plain PyTorch way). All three run in the same process on the same ids. On the GPU such a step is
+bound by the host, so what one step of a and of b asks of the host is counted too: ATen operators
+dispatched and Triton kernels launched.
 """
 
 from __future__ import annotations
@@ -85,6 +87,45 @@ def _timed(step, batches, warmup: int, steps: int, device: torch.device) -> floa
     return float(np.median(times))
 
 
+def _ops_per_step(step, batch) -> dict[str, int]:
+    """What one step asks of the host: ATen operators dispatched, and Triton kernels launched (the
+    operators that Triton's CPU interpreter runs inside a launch are not counted)."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"aten": 0, "triton": 0}
+    inside = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["aten"] += inside[0] == 0
+            return func(*args, **(kwargs or {}))
+
+    def counted(run):
+        def wrapper(self, *args, **kwargs):
+            counts["triton"] += inside[0] == 0
+            inside[0] += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return wrapper
+
+    with ExitStack() as stack:
+        try:
+            from triton.runtime import interpreter, jit
+
+            for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+                stack.enter_context(mock.patch.object(cls, "run", counted(cls.run)))
+        except ImportError:  # no Triton: nothing to launch
+            pass
+        stack.enter_context(Count())
+        step(*batch)
+    return counts
+
+
 def _profile(step, batches, device: torch.device) -> None:
     """torch.profiler's per-operator table of 10 steps, to stderr (where a step's time goes)."""
     import sys
@@ -124,6 +165,7 @@ def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: floa
             m(idx, offsets).backward(g)
 
         t_a = _timed(step_a, batches, warmup, steps, device)
+        ops_a = _ops_per_step(step_a, batches[0])
         del a
 
         t_b = {}
@@ -136,6 +178,8 @@ def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: floa
                 m(idx, offsets).backward(g)
 
             t_b[kernel] = _timed(step_b, batches, warmup, steps, device)
+            if kernel == kernels[0]:
+                ops_b = _ops_per_step(step_b, batches[0])
             if profile and dim == dims[0] and kernel == kernels[0]:
                 _profile(step_b, batches, device)
             del b, inner
@@ -158,7 +202,8 @@ def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: floa
         results.append({"dim": dim, "a_fbgemm_exact_sgd_ms": round(t_a * 1e3, 3),
                         **{f"b_mba_{k}_ms": round(t * 1e3, 3) for k, t in t_b.items()},
                         "c_torch_sparse_sgd_l2_ms": round(t_c * 1e3, 3), "b_over_a": round(first / t_a, 3),
-                        "c_over_b": round(t_c / first, 3)})
+                        "c_over_b": round(t_c / first, 3), "a_host_ops_per_step": ops_a,
+                        "b_host_ops_per_step": ops_b})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     auto = "triton" if device.type == "cuda" else "cpp"
     return {"bench": "embedding", "device": name, "torch": torch.__version__, "mba_kernel_auto": auto,
