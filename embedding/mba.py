@@ -217,7 +217,7 @@ if triton is not None:
         row = tl.load(indices_ptr + i, mask=m, other=0).to(tl.int64)
         if LINEARIZE:
             row += tl.load(row_off_ptr + tl.load(ftm_ptr + feature, mask=m, other=0), mask=m, other=0)
-        tl.store(lin_ptr + i, row.to(lin_ptr.dtype.element_ty), mask=m)
+        tl.store(lin_ptr + i, row, mask=m)
         if POOLED:
             src = sample * stride + tl.load(col_ptr + feature, mask=m, other=0)
         else:
@@ -348,13 +348,12 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
 
 def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
                         samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """occurrences_torch in one kernel; the linear rows come as int32 when the group has < 2^31
-    rows (the sort's key type)."""
+    """occurrences_torch in one kernel."""
     n, n_bags = indices.numel(), offsets.numel() - 1
     dev = indices.device
     linearize = layout.dims.numel() > 1
     steps = n_bags.bit_length() if bags.pooled or linearize or samples else 0  # binary search for the bag
-    lin = torch.empty(n, dtype=torch.int32 if layout.num_rows < 2**31 else torch.int64, device=dev)
+    lin = torch.empty(n, dtype=torch.int64, device=dev)
     src = torch.empty(n, dtype=torch.int64, device=dev)
     sample = torch.empty(n, dtype=torch.int64, device=dev) if samples else src
     if n:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,21 +58,35 @@ class MBAParams:
 
 
 class _LookupWithMBA(torch.autograd.Function):
-    """Forward: the lookup. Backward: the MBA update on the touched rows; no gradient flows to the
-    weights (they are updated in place, as in FBGEMM's fused backward)."""
+    """Forward: the batch's occurrences, then the lookup. Backward: the MBA update on the touched
+    rows; no gradient flows to the weights (they are updated in place, as in FBGEMM's fused
+    backward)."""
 
     @staticmethod
     def forward(ctx, placeholder: torch.Tensor, module: MBATableBatchedEmbedding, indices: torch.Tensor,
                 offsets: torch.Tensor) -> torch.Tensor:
         ctx.module = module
-        ctx.save_for_backward(indices, offsets)
-        return module.lookup(indices, offsets)
+        lin, src, sample = module.occurrences(indices, offsets, samples=module.params.counts == "online")
+        ctx.save_for_backward(lin, src, sample)
+        return module.lookup(indices, offsets, lin)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        indices, offsets = ctx.saved_tensors
-        ctx.module.apply_update(indices, offsets, grad_output.contiguous())
+        lin, src, sample = ctx.saved_tensors
+        ctx.module.apply_update(lin, src, sample, grad_output.contiguous())
         return None, None, None, None
+
+
+@dataclass
+class _Group:
+    """What a module derives from FBGEMM's storage once (rebuilt if the storage moves)."""
+
+    key: tuple[int, ...]
+    weights: list[torch.Tensor]  # per table [rows_t, D_t], views of FBGEMM's storage
+    layout: mba.TableLayout
+    feature_table: torch.Tensor  # [F] int64
+    feature_col: torch.Tensor  # [F] int64: first column of each feature in the pooled output
+    flat: torch.Tensor | None  # [Σ rows_t, D] when all tables share one dim and lie in row order
 
 
 class MBATableBatchedEmbedding(nn.Module):
@@ -137,21 +152,25 @@ class MBATableBatchedEmbedding(nn.Module):
         inner = self.inner
         return tuple(getattr(inner, name).data_ptr() for name in ("weights_dev", "weights_host", "weights_uvm"))
 
-    def _cached(self) -> tuple[list[torch.Tensor], mba.TableLayout, torch.Tensor, torch.Tensor]:
-        """Per-table weight views, the group's flat storages and offsets, and per feature its table
-        and first pooled column: built once, rebuilt if FBGEMM's storage moved."""
+    def _group(self) -> _Group:
         key = self._storage_key()
-        cached = self.__dict__.get("_cache")
-        if cached is None or cached[0] != key:
+        group = self.__dict__.get("_group_cache")
+        if group is None or group.key != key:
             weights = self.inner.split_embedding_weights()
             momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
             device = weights[0].device
             ftm = torch.tensor(self.feature_table_map, dtype=torch.int64, device=device)
             dims = [self.table_dims[t] for t in self.feature_table_map]
             col = torch.tensor([0] + dims[:-1], dtype=torch.int64).cumsum(0).to(device)
-            cached = (key, weights, mba.TableLayout.of(weights, momenta, self.mba_count), ftm, col)
-            self.__dict__["_cache"] = cached
-        return cached[1:]
+            layout = mba.TableLayout.of(weights, momenta, self.mba_count)
+            d, start = self.table_dims[0], weights[0].storage_offset()
+            first_rows = itertools.accumulate(self.table_rows[:-1], initial=0)  # each table's first linear row
+            in_row_order = all(w.shape[1] == d and w.storage_offset() == start + r * d
+                               for w, r in zip(weights, first_rows, strict=True))
+            flat = layout.weight[start : start + layout.num_rows * d].view(-1, d) if in_row_order else None
+            group = _Group(key, weights, layout, ftm, col, flat)
+            self.__dict__["_group_cache"] = group
+        return group
 
     def _batch_size(self, offsets: torch.Tensor) -> int:
         n_features = len(self.feature_table_map)
@@ -164,20 +183,31 @@ class MBATableBatchedEmbedding(nn.Module):
         if per_sample_weights is not None or kwargs:
             raise ValueError("MBA embeddings do not support per-sample weights or variable batch sizes")
         indices, offsets = indices.long(), offsets.long()
-        if not torch.is_grad_enabled():
-            return self.lookup(indices, offsets)
-        return _LookupWithMBA.apply(self.placeholder, self, indices, offsets)
+        if torch.is_grad_enabled():
+            return _LookupWithMBA.apply(self.placeholder, self, indices, offsets)
+        lin = indices if len(self.table_rows) == 1 else self.occurrences(indices, offsets, samples=False)[0]
+        return self.lookup(indices, offsets, lin)
 
-    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        weights = self._cached()[0]
+    def occurrences(self, indices: torch.Tensor, offsets: torch.Tensor,
+                    samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The batch's lookups as occurrences (linear row, gradient offset, sample): embedding.mba."""
+        group = self._group()
+        bags = mba.Bags(self._batch_size(offsets), group.feature_table, group.feature_col, self.pooled)
+        stride = sum(self.table_dims[t] for t in self.feature_table_map) if self.pooled else self.table_dims[0]
+        return self._occurrences(group.layout, bags, indices, offsets, stride, samples)
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+        """Pooled: [B, Σ D_f], the bags' sums, feature after feature; sequence: [N, D], a row per
+        lookup. lin: the lookups' linear rows."""
+        group = self._group()
         b = self._batch_size(offsets)
-        if len(self.feature_table_map) == 1:  # one feature: no slicing
-            t = self.feature_table_map[0]
-            if self.pooled:
-                return nn.functional.embedding_bag(indices, weights[t], offsets, mode="sum",
-                                                   include_last_offset=True).float()
-            return nn.functional.embedding(indices, weights[t]).float()
-        bounds = offsets[::b].tolist()  # where each feature's ids start and end (a device sync)
+        if group.flat is not None:  # one lookup over the group's rows, without a device sync
+            if not self.pooled:
+                return nn.functional.embedding(lin, group.flat).float()
+            out = nn.functional.embedding_bag(lin, group.flat, offsets, mode="sum", include_last_offset=True).float()
+            n_features = len(self.feature_table_map)
+            return out if n_features == 1 else out.view(n_features, b, -1).transpose(0, 1).reshape(b, -1)
+        bounds = offsets[::b].tolist()  # tables of several dims: per feature (a device sync)
         outs = []
         for f, t in enumerate(self.feature_table_map):
             ids = indices[bounds[f] : bounds[f + 1]]
@@ -185,21 +215,18 @@ class MBATableBatchedEmbedding(nn.Module):
                 off = offsets[f * b : (f + 1) * b + 1]
                 if f:
                     off = off - bounds[f]
-                outs.append(nn.functional.embedding_bag(ids, weights[t], off, mode="sum",
+                outs.append(nn.functional.embedding_bag(ids, group.weights[t], off, mode="sum",
                                                         include_last_offset=True).float())
             else:
-                outs.append(nn.functional.embedding(ids, weights[t]).float())
+                outs.append(nn.functional.embedding(ids, group.weights[t]).float())
         return torch.cat(outs, dim=1 if self.pooled else 0)
 
     @torch.no_grad()
-    def apply_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor) -> None:
-        """The fused MBA step of every table of the group for one batch (see embedding.mba): every
-        lookup becomes an occurrence (linear row, gradient offset, sample), then the row update."""
-        _, layout, ftm, col = self._cached()
-        bags = mba.Bags(self._batch_size(offsets), ftm, col, self.pooled)
-        online = self.params.counts == "online"
-        lin, src, sample = self._occurrences(layout, bags, indices, offsets, grad_output.shape[1], online)
-        if online:
+    def apply_update(self, lin: torch.Tensor, src: torch.Tensor, sample: torch.Tensor | None,
+                     grad_output: torch.Tensor) -> None:
+        """The fused MBA step of every table of the group for one batch (see embedding.mba)."""
+        layout = self._group().layout
+        if self.params.counts == "online":
             mba.count_samples_(layout.counts, lin, sample)
         self._update(layout, lin, src, grad_output, self._lr, self.params.lam, self._eps)
 

@@ -8,7 +8,8 @@
 #   checkpoint:  checkpoint_gpu.json   exact resume after a kill on the GPU (tensors compared with the
 #                                      uninterrupted run), a checkpoint loaded under another plan
 #                                      (same eval), write/load time and size with a 1e8-row table
-#   mba:         pytest_gpu.txt        the CUDA tests: Triton MBA kernel vs numpy Eq. 7, MBA inside
+#   mba:         pytest_gpu.txt        the CUDA tests: Triton MBA kernels vs numpy Eq. 7, the MBA module vs
+#                                      FBGEMM (lookup, λ = 0 step), MBA inside
 #                                      torchrec (NCCL, world size 1, table/row/column/table-row-wise)
 #                bench_embedding.json  dinrec bench embedding on the GPU (Triton kernel); .err: profile
 #                din_mba_gpu.json      a tiny DIN run with sgd_mba on the GPU, end to end
@@ -84,7 +85,7 @@ PY
 
 mba() {
   timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
-    tests/embedding/test_mba.py tests/embedding/test_mba_torchrec.py > "$OUT/pytest_gpu.txt" 2>&1
+    tests/embedding/test_mba.py tests/embedding/test_mba_tbe.py tests/embedding/test_mba_torchrec.py > "$OUT/pytest_gpu.txt" 2>&1
   echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
   tail -5 "$OUT/pytest_gpu.txt"
   timeout 150 python3 -m tools.bench_embedding embedding --device cuda --kernels auto --steps 50 --warmup 5 --profile \
