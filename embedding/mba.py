@@ -227,75 +227,98 @@ if triton is not None:
             tl.store(sample_ptr + i, sample, mask=m)
 
     @triton.jit
-    def _carry_kernel(sums_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, row_off_ptr, dims_ptr, n,
-                      T: tl.constexpr, BLOCK_T: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rows_at(keys_ptr, pos, valid, DIV):
+        """The rows of sorted keys (key = row · DIV + sample) at positions pos; −1 where not valid."""
+        return tl.where(valid, tl.load(keys_ptr + pos, mask=valid, other=0).to(tl.int64) // DIV, -1)
+
+    @triton.jit
+    def _carry_kernel(sums_ptr, new_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, row_off_ptr, dims_ptr, n, DIV,
+                      T: tl.constexpr, BLOCK_T: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ONLINE: tl.constexpr):
         """Chunk p (sorted positions p·C .. p·C + C − 1): if its last row goes on into the next
-        chunk, the sum of that row's gradients within this chunk, to sums[p]."""
+        chunk, the sum of that row's gradients within this chunk, to sums[p] (online counts: and
+        the number of its samples that first appear here, to new[p])."""
         p = tl.program_id(0).to(tl.int64)
         nxt = p * C + C
         if nxt < n:
-            k_last = tl.load(keys_ptr + nxt - 1)
-            if tl.load(keys_ptr + nxt) == k_last:
+            r_last = tl.load(keys_ptr + nxt - 1).to(tl.int64) // DIV
+            if tl.load(keys_ptr + nxt).to(tl.int64) // DIV == r_last:
                 i = p * C + tl.arange(0, C)
                 k = tl.load(keys_ptr + i)
-                sel = k == k_last
-                d = tl.load(dims_ptr + _table_of(k.to(tl.int64), row_off_ptr, T, BLOCK_T))
+                r = k.to(tl.int64) // DIV
+                sel = r == r_last
+                d = tl.load(dims_ptr + _table_of(r, row_off_ptr, T, BLOCK_T))
                 cols = tl.arange(0, BLOCK_D)
                 s = tl.load(src_ptr + tl.load(perm_ptr + i, mask=sel, other=0), mask=sel, other=0)
                 g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=sel[:, None] & (cols[None, :] < d[:, None]),
                             other=0.0)
                 tl.store(sums_ptr + p * BLOCK_D + cols, tl.sum(g.to(tl.float32), axis=0))
+                if ONLINE:  # a sample is new where the key changes (keys sorted by row, then sample)
+                    k_prev = tl.load(keys_ptr + i - 1, mask=i > 0, other=-1)
+                    tl.store(new_ptr + p, tl.sum((sel & (k != k_prev)).to(tl.int32), axis=0))
 
     @triton.jit
     def _update_kernel(weight_ptr, momentum_ptr, counts_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, sums_ptr,
-                       row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, n, lr, lam, eps, T: tl.constexpr,
+                       new_ptr, row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, n, DIV, lr, lam, eps, T: tl.constexpr,
                        BLOCK_T: tl.constexpr, C: tl.constexpr, CB: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ADAGRAD: tl.constexpr):
+                       ADAGRAD: tl.constexpr, ONLINE: tl.constexpr):
         """Chunk q: every row that ends in it sums its gradients (a segmented scan over the chunk,
         plus, for the chunk's first row, the sums that _carry_kernel left in earlier chunks) and
-        takes its MBA step."""
+        takes its MBA step; with online counts, its n_j first grows by the row's samples in the
+        batch, counted the same way."""
         q = tl.program_id(0).to(tl.int64)
         i = q * C + tl.arange(0, C)
         m = i < n
-        k = tl.load(keys_ptr + i, mask=m, other=-1)
-        k_prev = tl.load(keys_ptr + i - 1, mask=m & (i > 0), other=-1)
-        k_next = tl.load(keys_ptr + i + 1, mask=i + 1 < n, other=-1)
-        ends = m & (k != k_next)
+        row = _rows_at(keys_ptr, i, m, DIV)
+        r_prev = _rows_at(keys_ptr, i - 1, m & (i > 0), DIV)
+        ends = m & (row != _rows_at(keys_ptr, i + 1, i + 1 < n, DIV))
         # the chunk's last row, if it goes on into the next chunk, is summed there (its lanes skipped)
         nxt = q * C + C
-        k_last = tl.load(keys_ptr + tl.minimum(nxt, n) - 1)
-        k_after = tl.load(keys_ptr + nxt, mask=nxt < n, other=-1)
-        need = tl.where(k_after == k_last, m & (k != k_last), m)
-        row = k.to(tl.int64)
+        r_last = tl.load(keys_ptr + tl.minimum(nxt, n) - 1).to(tl.int64) // DIV
+        r_after = tl.where(nxt < n, tl.load(keys_ptr + nxt, mask=nxt < n, other=0).to(tl.int64) // DIV, -1)
+        need = tl.where(r_after == r_last, m & (row != r_last), m)
         t = _table_of(row, row_off_ptr, T, BLOCK_T)
         d = tl.load(dims_ptr + t, mask=m, other=1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols[None, :] < d[:, None]
         s = tl.load(src_ptr + tl.load(perm_ptr + i, mask=need, other=0), mask=need, other=0)
         g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=need[:, None] & cmask, other=0.0).to(tl.float32)
-        starts = tl.broadcast_to(((k != k_prev) | (i == q * C)).to(tl.int32)[:, None], (C, BLOCK_D))
-        acc, _ = tl.associative_scan((g, starts), 0, _segmented_add)
-        # the chunk's first row began in earlier chunks: add their sums, CB chunks at a time
-        k0 = tl.load(keys_ptr + q * C)
+        starts = ((row != r_prev) | (i == q * C)).to(tl.int32)
+        acc, _ = tl.associative_scan((g, tl.broadcast_to(starts[:, None], (C, BLOCK_D))), 0, _segmented_add)
+        if ONLINE:  # samples of the batch per row: keys sorted by row then sample, a new sample where the key changes
+            k = tl.load(keys_ptr + i, mask=m, other=-1)
+            new = (m & (k != tl.load(keys_ptr + i - 1, mask=m & (i > 0), other=-1))).to(tl.int32)
+            seen, _ = tl.associative_scan((new, starts), 0, _segmented_add)
+        else:
+            seen = tl.zeros([C], dtype=tl.int32)
+        # the chunk's first row began in earlier chunks: add what they carried, CB chunks at a time
+        r0 = tl.load(keys_ptr + q * C).to(tl.int64) // DIV
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if (q > 0) & ((k_after != k_last) | (k_last != k0)):
-            if tl.load(keys_ptr + q * C - 1) == k0:
+        carry_seen = tl.sum(tl.zeros([CB], dtype=tl.int32), axis=0)
+        if (q > 0) & ((r_after != r_last) | (r_last != r0)):
+            if tl.load(keys_ptr + q * C - 1).to(tl.int64) // DIV == r0:
                 j = q - 1
-                more = k0 == k0
+                more = r0 == r0
                 while more:
                     js = j - tl.arange(0, CB)
-                    hit = (js >= 0) & (tl.load(keys_ptr + js * C + C - 1, mask=js >= 0, other=-1) == k0)
+                    hit = (js >= 0) & (_rows_at(keys_ptr, js * C + C - 1, js >= 0, DIV) == r0)
                     carry += tl.sum(tl.load(sums_ptr + js[:, None] * BLOCK_D + cols[None, :], mask=hit[:, None],
                                             other=0.0), axis=0)
+                    if ONLINE:
+                        carry_seen += tl.sum(tl.load(new_ptr + js, mask=hit, other=0), axis=0)
                     more = tl.sum(hit.to(tl.int32), axis=0) == CB
                     j -= CB
-        acc += tl.where((k == k0)[:, None], carry[None, :], 0.0)
+        first = row == r0
+        acc += tl.where(first[:, None], carry[None, :], 0.0)
         local = row - tl.load(row_off_ptr + t, mask=m, other=0)
         base = tl.load(w_off_ptr + t, mask=m, other=0) + local * d
         wmask = ends[:, None] & cmask
         w = tl.load(weight_ptr + base[:, None] + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
-        cnt = tl.maximum(tl.load(counts_ptr + row, mask=ends, other=1).to(tl.float32), 1.0)
-        g = acc + lam * w / cnt[:, None]
+        cnt = tl.load(counts_ptr + row, mask=ends, other=0)
+        if ONLINE:
+            cnt += seen + tl.where(first, carry_seen, 0)
+            tl.store(counts_ptr + row, cnt, mask=ends)
+        g = acc + lam * w / tl.maximum(cnt.to(tl.float32), 1.0)[:, None]
         if ADAGRAD:
             m_idx = tl.load(m_off_ptr + t, mask=m, other=0) + local
             mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0) + \
@@ -322,28 +345,35 @@ def chunk_size(block_d: int) -> int:
 
 
 def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
-                       lam: float, eps: float) -> None:
+                       lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
     """The Triton path, without a host sync: one sort, then two kernels over chunks of the sorted
-    occurrences (carries of rows that cross a chunk boundary; segmented sums and row updates)."""
+    occurrences (carries of rows that cross a chunk boundary; segmented sums and row updates).
+    Online counts (`samples` [N] in [0, n_samples)): the sort key is row · n_samples + sample, so
+    that each row's distinct samples are counted in the same pass, before its step."""
     n = lin.numel()
     if n == 0:
         return
     if not grad.is_contiguous():
         raise ValueError("MBA Triton update: the gradient must be contiguous")
-    keys, perm = sort_rows(lin, layout)
+    div = n_samples if samples is not None else 1
+    keys = lin * div + samples if samples is not None else lin
+    # a key below 2^31 sorts as int32, about twice as fast
+    keys, perm = torch.sort(keys.to(torch.int32) if layout.num_rows * div < 2**31 else keys, stable=True)
     block_d = max(16, triton.next_power_of_2(layout.max_dim))
     c = chunk_size(block_d)
     chunks = triton.cdiv(n, c)
     n_tables = layout.dims.numel()
     block_t = triton.next_power_of_2(max(n_tables - 1, 1))
     sums = torch.empty(chunks, block_d, dtype=torch.float32, device=lin.device)
-    _carry_kernel[(chunks,)](sums, keys, perm, src, grad, layout.row_off, layout.dims, n, T=n_tables,
-                             BLOCK_T=block_t, C=c, BLOCK_D=block_d)
+    online = samples is not None
+    new = torch.empty(chunks if online else 0, dtype=torch.int32, device=lin.device)
+    _carry_kernel[(chunks,)](sums, new, keys, perm, src, grad, layout.row_off, layout.dims, n, div, T=n_tables,
+                             BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online)
     mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
-    _update_kernel[(chunks,)](layout.weight, mom, layout.counts, keys, perm, src, grad, sums, layout.row_off,
-                              layout.w_off, layout.m_off, layout.dims, n, float(lr), float(lam), float(eps),
+    _update_kernel[(chunks,)](layout.weight, mom, layout.counts, keys, perm, src, grad, sums, new, layout.row_off,
+                              layout.w_off, layout.m_off, layout.dims, n, div, float(lr), float(lam), float(eps),
                               T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d,
-                              ADAGRAD=layout.momentum is not None)
+                              ADAGRAD=layout.momentum is not None, ONLINE=online)
 
 
 def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
@@ -366,10 +396,13 @@ def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, o
 
 
 def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
-                    lam: float, eps: float) -> None:
-    """The C++ path: group the occurrences by row (one sort), then one pass per touched row."""
+                    lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
+    """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
+    by row (one sort) and one pass per touched row."""
     if lin.numel() == 0:
         return
+    if samples is not None:
+        count_samples_(layout.counts, lin, samples)
     seg = segments(lin, src, layout)
     cpu_extension().update_rows(layout.weight, layout.momentum, layout.counts, layout.row_off, layout.w_off,
                                 layout.m_off, layout.dims, seg.rows, seg.tab, seg.offsets, seg.src,

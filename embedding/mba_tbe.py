@@ -65,7 +65,7 @@ class _LookupWithMBA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, placeholder: torch.Tensor, module: MBATableBatchedEmbedding, indices: torch.Tensor,
                 offsets: torch.Tensor) -> torch.Tensor:
-        ctx.module = module
+        ctx.module, ctx.batch = module, module._batch_size(offsets)
         lin, src, sample = module.occurrences(indices, offsets, samples=module.params.counts == "online")
         ctx.save_for_backward(lin, src, sample)
         return module.lookup(indices, offsets, lin)
@@ -73,7 +73,7 @@ class _LookupWithMBA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         lin, src, sample = ctx.saved_tensors
-        ctx.module.apply_update(lin, src, sample, grad_output.contiguous())
+        ctx.module.apply_update(lin, src, sample, ctx.batch, grad_output.contiguous())
         return None, None, None, None
 
 
@@ -222,13 +222,11 @@ class MBATableBatchedEmbedding(nn.Module):
         return torch.cat(outs, dim=1 if self.pooled else 0)
 
     @torch.no_grad()
-    def apply_update(self, lin: torch.Tensor, src: torch.Tensor, sample: torch.Tensor | None,
+    def apply_update(self, lin: torch.Tensor, src: torch.Tensor, sample: torch.Tensor | None, batch: int,
                      grad_output: torch.Tensor) -> None:
-        """The fused MBA step of every table of the group for one batch (see embedding.mba)."""
-        layout = self._group().layout
-        if self.params.counts == "online":
-            mba.count_samples_(layout.counts, lin, sample)
-        self._update(layout, lin, src, grad_output, self._lr, self.params.lam, self._eps)
+        """The fused MBA step of every table of the group for one batch of `batch` samples (see
+        embedding.mba); with online counts (`sample` given), n_j first counts this batch."""
+        self._update(self._group().layout, lin, src, grad_output, self._lr, self.params.lam, self._eps, sample, batch)
 
 
 def _strip_mba(config):

@@ -44,9 +44,10 @@ def make_group(w0, dtype, device):
     return flat, views, mviews
 
 
-def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad):
+def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad, samples=None, n_samples=0):
     """The contract: occurrences as linear rows, their gradients scattered at element offsets of a
-    flat buffer (here in a shuffled order, each D_t long, with gaps)."""
+    flat buffer (here in a shuffled order, each D_t long, with gaps); online counts: the sample of
+    each occurrence."""
     dev = views[0].device
     layout = mba.TableLayout.of(views, mviews if adagrad else None, counts)
     lin = torch.tensor([sum(ROWS[:t]) + j for t, j in rows], device=dev)
@@ -58,7 +59,9 @@ def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad):
         d = DIMS[rows[k][0]]
         flat_grad[slot * width : slot * width + d] = torch.tensor(grads[k][:d])
         src[k] = slot * width
-    kernel(layout, lin, src.to(dev), flat_grad, lr, lam, 1e-8)
+    if samples is not None:
+        samples = torch.tensor(samples, device=dev)
+    kernel(layout, lin, src.to(dev), flat_grad, lr, lam, 1e-8, samples, n_samples)
 
 
 # Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
@@ -149,6 +152,38 @@ def test_triton_rows_spanning_many_chunks(device, monkeypatch):
             if adagrad:
                 np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
             views[t].copy_(torch.tensor(w0[t]))
+
+
+@pytest.mark.parametrize("device,kernel", CASES)
+@pytest.mark.parametrize("adagrad", [False, True])
+def test_online_counts_counted_before_the_step(device, kernel, adagrad, monkeypatch):
+    """Online n_j: each touched row's count grows by the number of distinct samples of the batch
+    that look it up (repeats within a sample count once), and the step uses the grown count. Rows
+    span several chunks of the Triton update, with a sample's repeats across a chunk boundary."""
+    monkeypatch.setattr(mba, "CARRY_BLOCK", 2)
+    rng = np.random.default_rng(7)
+    w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
+    n0 = [rng.integers(0, 5, r).astype(np.int32) for r in ROWS]
+    _, views, mviews = make_group(w0, torch.float32, device)
+    counts = torch.tensor(np.concatenate(n0), device=device)
+    n_samples = 40
+    occ = [((0, 7), s) for s in np.repeat(np.arange(n_samples), 9)]  # 360 occurrences, 40 samples
+    occ += [((0, 8), s) for s in rng.integers(0, 6, mba.CHUNK + 30)]
+    occ += [((int(t), int(rng.integers(0, ROWS[t]))), int(s)) for t, s in zip(rng.integers(0, 2, 80),
+                                                                             rng.integers(0, n_samples, 80), strict=True)]
+    rows, samples = [r for r, _ in occ], [s for _, s in occ]
+    grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
+    run_update(KERNELS[kernel], views, mviews, counts, rows, grads, 0.1, 0.5, adagrad, samples, n_samples)
+    n1 = [x.copy() for x in n0]
+    for t, j in set(rows):
+        n1[t][j] += len({s for r, s in occ if r == (t, j)})
+    np.testing.assert_array_equal(counts.cpu().numpy(), np.concatenate(n1))
+    ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n1, rows,
+                            [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.5, adagrad)
+    for t in range(2):
+        np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
+        if adagrad:
+            np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
 
 
 def loop_occurrences(ids, offsets, batch, feature_table, row_off, feature_col, stride, pooled):
