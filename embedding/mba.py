@@ -366,7 +366,7 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     block_t = triton.next_power_of_2(max(n_tables - 1, 1))
     sums = torch.empty(chunks, block_d, dtype=torch.float32, device=lin.device)
     online = samples is not None
-    new = torch.empty(chunks if online else 0, dtype=torch.int32, device=lin.device)
+    new = torch.empty(chunks, dtype=torch.int32, device=lin.device) if online else sums  # unused unless ONLINE
     _carry_kernel[(chunks,)](sums, new, keys, perm, src, grad, layout.row_off, layout.dims, n, div, T=n_tables,
                              BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online)
     mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
