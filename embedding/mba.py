@@ -344,6 +344,12 @@ def chunk_size(block_d: int) -> int:
     return max(16, min(CHUNK, 4096 // block_d))
 
 
+def update_warps(chunk: int, block_d: int) -> int:
+    """Warps per program of the update kernel: 16 tile values per thread (compiled for sm_90,
+    4096-value tiles on 4 warps spill registers; on 8 they do not)."""
+    return max(4, chunk * block_d // 512)
+
+
 def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
                        lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
     """The Triton path, without a host sync: one sort, then two kernels over chunks of the sorted
@@ -373,7 +379,7 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     _update_kernel[(chunks,)](layout.weight, mom, layout.counts, keys, perm, src, grad, sums, new, layout.row_off,
                               layout.w_off, layout.m_off, layout.dims, n, div, float(lr), float(lam), float(eps),
                               T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d,
-                              ADAGRAD=layout.momentum is not None, ONLINE=online)
+                              ADAGRAD=layout.momentum is not None, ONLINE=online, num_warps=update_warps(c, block_d))
 
 
 def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
@@ -427,6 +433,48 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 # per resolved kernel: how the occurrences are built, and the row update
 PATHS = {"cpp": (occurrences_torch, update_rows_cpp), "triton": (occurrences_triton, update_rows_triton)}
+
+
+def compile_kernels(arch: int = 90) -> list[str]:
+    """Compile the Triton kernels as the wrappers launch them (dims 16, 64, 128; one table and
+    three; SGD and Adagrad; static and online counts; fp32 and bf16 weights) for CUDA sm_<arch>,
+    without a GPU: Triton's compiler and ptxas check the types and lowering that the interpreter
+    lets through. Run without TRITON_INTERPRET. One line per kernel compiled."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    done = []
+
+    def build(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
+        signature = {**args, **dict.fromkeys(consts, "constexpr")}
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
+                       options={"num_warps": num_warps})
+        done.append(f"{kernel.__name__} {consts} num_warps={num_warps}")
+
+    i64, i32, f32 = "*i64", "*i32", "*fp32"
+    for pooled, linearize, samples in [(True, False, False), (True, True, True), (False, True, True), (False, False, False)]:
+        build(_occurrences_kernel, dict(indices_ptr=i64, offsets_ptr=i64, ftm_ptr=i64, row_off_ptr=i64, col_ptr=i64,
+                                        lin_ptr=i64, src_ptr=i64, sample_ptr=i64, n="i32", n_bags="i32", batch="i32",
+                                        stride="i32", steps="i32"),
+              dict(POOLED=pooled, LINEARIZE=linearize, SAMPLES=samples, BLOCK=1024))
+    for dim in (16, 64, 128):
+        block_d = max(16, triton.next_power_of_2(dim))
+        c = chunk_size(block_d)
+        for (n_tables, block_t), online, adagrad, weight in [((1, 1), False, False, "*fp32"),
+                                                             ((3, 2), True, True, "*fp32"),
+                                                             ((1, 1), True, False, "*bf16")]:
+            keys, new = ("*i64", i32) if online else (i32, f32)
+            build(_carry_kernel, dict(sums_ptr=f32, new_ptr=new, keys_ptr=keys, perm_ptr=i64, src_ptr=i64,
+                                      grad_ptr=f32, row_off_ptr=i64, dims_ptr=i64, n="i32", DIV="i32"),
+                  dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online))
+            build(_update_kernel, dict(weight_ptr=weight, momentum_ptr=f32 if adagrad else i32, counts_ptr=i32,
+                                       keys_ptr=keys, perm_ptr=i64, src_ptr=i64, grad_ptr=f32, sums_ptr=f32,
+                                       new_ptr=new, row_off_ptr=i64, w_off_ptr=i64, m_off_ptr=i64, dims_ptr=i64,
+                                       n="i32", DIV="i32", lr="fp32", lam="fp32", eps="fp32"),
+                  dict(T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d, ADAGRAD=adagrad,
+                       ONLINE=online), num_warps=update_warps(c, block_d))
+    return done
 
 
 if __name__ == "__main__":  # `python -m embedding.mba`: build the C++ kernel ahead of the first run

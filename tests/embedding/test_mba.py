@@ -5,6 +5,11 @@ The kernels see a group of two tables of different dims in one flat storage (as 
 out, here with a gap before each table), their Adagrad state in another, and gradients as
 element offsets into a flat upstream gradient."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +242,13 @@ def test_online_counts_count_samples_not_occurrences():
             expected[j] += 1
     np.testing.assert_array_equal(counts.numpy(), expected)
     assert counts.dtype == torch.int32 and counts.element_size() == 4  # MBA state: 4 bytes per row
+
+
+def test_triton_kernels_compile_for_the_gpu():
+    """The Triton kernels, as the wrappers launch them, compile for an H100 (sm_90) with Triton's
+    compiler and ptxas, here without a GPU (the interpreter above does not lower them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", "from embedding import mba; print(len(mba.compile_kernels(90)))"],
+                       env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert int(p.stdout.split()[-1]) == 4 + 3 * 3 * 2  # occurrences; per dim, carry + update of 3 variants
