@@ -229,7 +229,7 @@ if triton is not None:
     @triton.jit
     def _rows_at(keys_ptr, pos, valid, DIV):
         """The rows of sorted keys (key = row · DIV + sample) at positions pos; −1 where not valid."""
-        return tl.where(valid, tl.load(keys_ptr + pos, mask=valid, other=0).to(tl.int64) // DIV, -1)
+        return tl.where(valid, (tl.load(keys_ptr + pos, mask=valid, other=0) // DIV).to(tl.int64), -1)
 
     @triton.jit
     def _carry_kernel(sums_ptr, new_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, row_off_ptr, dims_ptr, n, DIV,
@@ -241,11 +241,11 @@ if triton is not None:
         p = tl.program_id(0).to(tl.int64)
         nxt = p * C + C
         if nxt < n:
-            r_last = tl.load(keys_ptr + nxt - 1).to(tl.int64) // DIV
-            if tl.load(keys_ptr + nxt).to(tl.int64) // DIV == r_last:
+            r_last = (tl.load(keys_ptr + nxt - 1) // DIV).to(tl.int64)
+            if (tl.load(keys_ptr + nxt) // DIV).to(tl.int64) == r_last:
                 i = p * C + tl.arange(0, C)
                 k = tl.load(keys_ptr + i)
-                r = k.to(tl.int64) // DIV
+                r = (k // DIV).to(tl.int64)
                 sel = r == r_last
                 d = tl.load(dims_ptr + _table_of(r, row_off_ptr, T, BLOCK_T))
                 cols = tl.arange(0, BLOCK_D)
@@ -274,8 +274,8 @@ if triton is not None:
         ends = m & (row != _rows_at(keys_ptr, i + 1, i + 1 < n, DIV))
         # the chunk's last row, if it goes on into the next chunk, is summed there (its lanes skipped)
         nxt = q * C + C
-        r_last = tl.load(keys_ptr + tl.minimum(nxt, n) - 1).to(tl.int64) // DIV
-        r_after = tl.where(nxt < n, tl.load(keys_ptr + nxt, mask=nxt < n, other=0).to(tl.int64) // DIV, -1)
+        r_last = (tl.load(keys_ptr + tl.minimum(nxt, n) - 1) // DIV).to(tl.int64)
+        r_after = tl.where(nxt < n, (tl.load(keys_ptr + nxt, mask=nxt < n, other=0) // DIV).to(tl.int64), -1)
         need = tl.where(r_after == r_last, m & (row != r_last), m)
         t = _table_of(row, row_off_ptr, T, BLOCK_T)
         d = tl.load(dims_ptr + t, mask=m, other=1)
@@ -292,11 +292,11 @@ if triton is not None:
         else:
             seen = tl.zeros([C], dtype=tl.int32)
         # the chunk's first row began in earlier chunks: add what they carried, CB chunks at a time
-        r0 = tl.load(keys_ptr + q * C).to(tl.int64) // DIV
+        r0 = (tl.load(keys_ptr + q * C) // DIV).to(tl.int64)
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         carry_seen = tl.sum(tl.zeros([CB], dtype=tl.int32), axis=0)
         if (q > 0) & ((r_after != r_last) | (r_last != r0)):
-            if tl.load(keys_ptr + q * C - 1).to(tl.int64) // DIV == r0:
+            if (tl.load(keys_ptr + q * C - 1) // DIV).to(tl.int64) == r0:
                 j = q - 1
                 more = r0 == r0
                 while more:
@@ -439,8 +439,14 @@ def compile_kernels(arch: int = 90) -> list[str]:
     """Compile the Triton kernels as the wrappers launch them (dims 16, 64, 128; one table and
     three; SGD and Adagrad; static and online counts; fp32 and bf16 weights) for CUDA sm_<arch>,
     without a GPU: Triton's compiler and ptxas check the types and lowering that the interpreter
-    lets through. Run without TRITON_INTERPRET. One line per kernel compiled."""
+    lets through. Run without TRITON_INTERPRET. One line per kernel compiled, with ptxas's
+    register and spill report (`python -m embedding.mba --compile 90` prints them)."""
+    import re
+    import subprocess
+    import tempfile
+
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
@@ -448,9 +454,17 @@ def compile_kernels(arch: int = 90) -> list[str]:
 
     def build(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
         signature = {**args, **dict.fromkeys(consts, "constexpr")}
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
-                       options={"num_warps": num_warps})
-        done.append(f"{kernel.__name__} {consts} num_warps={num_warps}")
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
+                                  options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        done.append(f"{kernel.__name__} {consts} num_warps={num_warps}: {regs.group(1) if regs else '?'} registers, "
+                    f"{spills.group(1) if spills else '?'} bytes spilled")
 
     i64, i32, f32 = "*i64", "*i32", "*fp32"
     for pooled, linearize, samples in [(True, False, False), (True, True, True), (False, True, True), (False, False, False)]:
@@ -464,19 +478,33 @@ def compile_kernels(arch: int = 90) -> list[str]:
         for (n_tables, block_t), online, adagrad, weight in [((1, 1), False, False, "*fp32"),
                                                              ((3, 2), True, True, "*fp32"),
                                                              ((1, 1), True, False, "*bf16")]:
-            keys, new = ("*i64", i32) if online else (i32, f32)
+            # keys: int32 below 2^31 (int64 here for a large online key); static counts: DIV = 1,
+            # which Triton specializes as a constant
+            keys, new, div = (("*i64" if adagrad else i32), i32, {}) if online else (i32, f32, {"DIV": 1})
+            div_arg = {} if div else {"DIV": "i32"}
             build(_carry_kernel, dict(sums_ptr=f32, new_ptr=new, keys_ptr=keys, perm_ptr=i64, src_ptr=i64,
-                                      grad_ptr=f32, row_off_ptr=i64, dims_ptr=i64, n="i32", DIV="i32"),
-                  dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online))
+                                      grad_ptr=f32, row_off_ptr=i64, dims_ptr=i64, n="i32", **div_arg),
+                  dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online, **div))
             build(_update_kernel, dict(weight_ptr=weight, momentum_ptr=f32 if adagrad else i32, counts_ptr=i32,
                                        keys_ptr=keys, perm_ptr=i64, src_ptr=i64, grad_ptr=f32, sums_ptr=f32,
                                        new_ptr=new, row_off_ptr=i64, w_off_ptr=i64, m_off_ptr=i64, dims_ptr=i64,
-                                       n="i32", DIV="i32", lr="fp32", lam="fp32", eps="fp32"),
+                                       n="i32", **div_arg, lr="fp32", lam="fp32", eps="fp32"),
                   dict(T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d, ADAGRAD=adagrad,
-                       ONLINE=online), num_warps=update_warps(c, block_d))
+                       ONLINE=online, **div), num_warps=update_warps(c, block_d))
     return done
 
 
-if __name__ == "__main__":  # `python -m embedding.mba`: build the C++ kernel ahead of the first run
-    cpu_extension()
-    print("embedding.mba: C++ CPU kernel built")
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m embedding.mba",
+                                     description="Build the C++ MBA kernel ahead of the first run (make setup).")
+    parser.add_argument("--compile", type=int, metavar="ARCH",
+                        help="instead, compile the Triton kernels for CUDA sm_ARCH (e.g. 90) without a GPU and "
+                             "print ptxas's register and spill report (run without TRITON_INTERPRET)")
+    cli = parser.parse_args()
+    if cli.compile:
+        print("\n".join(compile_kernels(cli.compile)))
+    else:
+        cpu_extension()
+        print("embedding.mba: C++ CPU kernel built")
