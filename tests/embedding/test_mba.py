@@ -135,6 +135,16 @@ def test_half_storage_fp32_math(device, kernel, dtype):
 TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
+def assert_one_step(views, mviews, w0, n, rows, grads, adagrad, lr=0.1, lam=0.5):
+    """The tables (and Adagrad sums) after one step from w0 equal the numpy step with counts n."""
+    ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n, rows,
+                            [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], lr, lam, adagrad)
+    for t in range(2):
+        np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
+        if adagrad:
+            np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_rows_spanning_many_chunks(device, monkeypatch):
     """Rows whose occurrences fill several chunks of the Triton update, back to back (a row ends and
@@ -150,12 +160,8 @@ def test_triton_rows_spanning_many_chunks(device, monkeypatch):
     for adagrad in (False, True):
         run_update(mba.update_rows_triton, views, mviews, torch.tensor(np.concatenate(n), device=device), rows,
                    grads, 0.1, 0.5, adagrad)
-        ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n, rows,
-                                [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.5, adagrad)
+        assert_one_step(views, mviews, w0, n, rows, grads, adagrad)
         for t in range(2):
-            np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
-            if adagrad:
-                np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
             views[t].copy_(torch.tensor(w0[t]))
 
 
@@ -183,12 +189,7 @@ def test_online_counts_counted_before_the_step(device, kernel, adagrad, monkeypa
     for t, j in set(rows):
         n1[t][j] += len({s for r, s in occ if r == (t, j)})
     np.testing.assert_array_equal(counts.cpu().numpy(), np.concatenate(n1))
-    ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n1, rows,
-                            [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.5, adagrad)
-    for t in range(2):
-        np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
-        if adagrad:
-            np.testing.assert_allclose(mviews[t].cpu().numpy(), ref_s[t], rtol=1e-4, atol=1e-6)
+    assert_one_step(views, mviews, w0, n1, rows, grads, adagrad)
 
 
 def loop_occurrences(ids, offsets, batch, feature_table, row_off, feature_col, stride, pooled):
