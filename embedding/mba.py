@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from embedding.tables import jagged_rows
+
 try:  # Triton is optional on the CPU (tests run it under TRITON_INTERPRET=1).
     import triton
     import triton.language as tl
@@ -157,8 +159,7 @@ def occurrences_torch(layout: TableLayout, bags: Bags, indices: torch.Tensor, of
     """Every lookup as an occurrence: its linear row, the element offset of its gradient in the
     upstream gradient (rows of `stride` values), and its sample (if `samples`). Vectorized torch ops."""
     n = indices.numel()
-    bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=indices.device),
-                                  offsets[1:] - offsets[:-1], output_size=n)
+    bag = jagged_rows(offsets[1:] - offsets[:-1], n)
     if bags.feature_table.numel() == 1:  # one feature: the bag is the sample
         sample, table, col = bag, bags.feature_table[0], bags.feature_col[0]
     else:
@@ -361,8 +362,9 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
         return
     if not grad.is_contiguous():
         raise ValueError("MBA Triton update: the gradient must be contiguous")
-    div = n_samples if samples is not None else 1
-    keys = lin * div + samples if samples is not None else lin
+    online = samples is not None
+    div = n_samples if online else 1
+    keys = lin * div + samples if online else lin
     # a key below 2^31 sorts as int32, about twice as fast
     keys, perm = torch.sort(keys.to(torch.int32) if layout.num_rows * div < 2**31 else keys, stable=True)
     block_d = max(16, triton.next_power_of_2(layout.max_dim))
@@ -371,7 +373,6 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     n_tables = layout.dims.numel()
     block_t = triton.next_power_of_2(max(n_tables - 1, 1))
     sums = torch.empty(chunks, block_d, dtype=torch.float32, device=lin.device)
-    online = samples is not None
     new = torch.empty(chunks, dtype=torch.int32, device=lin.device) if online else sums  # unused unless ONLINE
     _carry_kernel[(chunks,)](sums, new, keys, perm, src, grad, layout.row_off, layout.dims, n, div, T=n_tables,
                              BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online)

@@ -23,6 +23,13 @@ from torchrec import EmbeddingBagConfig, EmbeddingConfig
 from trainer.config import Config, TableConfig
 
 
+def jagged_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """The row of each of the n values of a jagged tensor: lengths [R] -> [n], n = sum(lengths)
+    (a behaviour's batch row, a lookup's bag)."""
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    return torch.repeat_interleave(rows, lengths, output_size=n)
+
+
 @dataclass(frozen=True)
 class FeatureLayout:
     """Which feature goes where; the KJT of a batch holds `keys` in this order."""

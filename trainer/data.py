@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding.tables import FeatureLayout, hash_ids
+from embedding.tables import FeatureLayout, hash_ids, jagged_rows
 
 
 class DataError(ValueError):
@@ -67,7 +67,7 @@ def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.
         if not torch.equal(jts[k].lengths(), lengths):
             raise ValueError(f"id dropout: {k} and {targeted[0]} have different lengths per sample")
     keep = torch.rand(int(lengths.sum()), generator=generator) >= p
-    sample = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long(), output_size=keep.numel())
+    sample = jagged_rows(lengths.long(), keep.numel())
     new_lengths = torch.zeros_like(lengths).index_add_(0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype))
     values, out_lengths = [], []
     for k in kjt.keys():

@@ -7,15 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from embedding.tables import FeatureLayout
+from embedding.tables import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
 from trainer.data import Batch
-from trainer.models.layers import MLP, SparseArch, behaviour_rows
+from trainer.models.layers import MLP, SparseArch
 
 
 def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
     """Eq. 1 with sum pooling: hist [N, D], lengths [B] -> [B, D]."""
-    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, behaviour_rows(lengths, hist.shape[0]), hist)
+    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, jagged_rows(lengths, hist.shape[0]), hist)
 
 
 class BaseModel(nn.Module):

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from embedding.tables import FeatureLayout
+from embedding.tables import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
 from trainer.data import Batch
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
-from trainer.models.layers import MLP, SparseArch, behaviour_rows
+from trainer.models.layers import MLP, SparseArch
 
 
 def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
     """Jagged rows [N, D] with `lengths` [B] -> [B, steps, D], zeros after each row's length."""
     b = lengths.numel()
-    row = behaviour_rows(lengths, values.shape[0])
+    row = jagged_rows(lengths, values.shape[0])
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(values.shape[0], device=values.device) - starts.index_select(0, row)
     out = values.new_zeros(b, steps, values.shape[1])

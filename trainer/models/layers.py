@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding.tables import FeatureLayout
+from embedding.tables import FeatureLayout, jagged_rows
 
 
 class Dice(nn.Module):
@@ -72,12 +72,6 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-def behaviour_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """The batch row of each of the n jagged behaviours: lengths [B] -> [n], n = sum(lengths)."""
-    rows = torch.arange(lengths.numel(), device=lengths.device)
-    return torch.repeat_interleave(rows, lengths, output_size=n)
-
-
 class LocalActivationUnit(nn.Module):
     """DIN's attention, Eq. 3 and Fig. 2: v_U(A) = Σ_j a(e_j, v_A)·e_j, with
     a(e_j, v_A) = MLP([e_j, v_A, e_j − v_A, e_j ⊙ v_A]) a scalar, *not* softmax-normalised.
@@ -107,11 +101,11 @@ class LocalActivationUnit(nn.Module):
 
     def weights(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """a(e_j, v_A) of every behaviour: hist [N, D], cand [B, D], lengths [B] -> [N, 1]."""
-        return self._weights(hist, cand, behaviour_rows(lengths, hist.shape[0]))
+        return self._weights(hist, cand, jagged_rows(lengths, hist.shape[0]))
 
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
-        seg = behaviour_rows(lengths, hist.shape[0])
+        seg = jagged_rows(lengths, hist.shape[0])
         out = torch.zeros_like(cand)
         return out.index_add_(0, seg, self._weights(hist, cand, seg) * hist)
 
