@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	$(BIN)/python -c "import fbgemm_gpu, torchrec; print('torchrec', torchrec.__version__, 'fbgemm_gpu', fbgemm_gpu.__version__)"
-	$(BIN)/python -m embedding.mba  # compiles the MBA C++ CPU kernel once (about a minute)
+	$(BIN)/python -m embedding.mba_cpp  # compiles the MBA C++ CPU kernel once (about a minute)
 	$(BIN)/python -m trainer.models.gru  # and DIEN's GRU sequence kernel
 	touch $@
 

@@ -35,9 +35,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedding import mba
+from embedding import mba, mba_cpp, mba_triton
 
 MBA_KEY = "mba"
+KERNELS = ("auto", "cpp", "triton")  # the MBA row update: embedding.mba_cpp, embedding.mba_triton
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """'auto' is Triton on CUDA and C++ on the CPU."""
+    if kernel not in KERNELS:
+        raise ValueError(f"MBA kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" else "cpp"
+    if kernel == "triton" and not mba_triton.triton_usable(device):
+        raise ValueError("MBA kernel 'triton' needs a CUDA device or TRITON_INTERPRET=1 with triton installed")
+    if kernel == "cpp" and device.type != "cpu":
+        raise ValueError(f"MBA kernel 'cpp' runs on the CPU, the tables are on {device}")
+    return kernel
+
+
+# per resolved kernel: how the occurrences are built, and the row update
+PATHS = {"cpp": (mba.occurrences_torch, mba_cpp.update_rows_cpp), "triton": (mba_triton.occurrences_triton, mba_triton.update_rows_triton)}
+
 
 
 @dataclass(frozen=True)
@@ -51,8 +70,8 @@ class MBAParams:
     def __post_init__(self) -> None:
         if self.counts not in ("online", "static"):
             raise ValueError(f"MBA counts must be 'online' or 'static', got {self.counts!r}")
-        if self.kernel not in mba.KERNELS:
-            raise ValueError(f"MBA kernel must be one of {', '.join(mba.KERNELS)}, got {self.kernel!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"MBA kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.lam < 0:
             raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
 
@@ -117,7 +136,7 @@ class MBATableBatchedEmbedding(nn.Module):
         self._eps = float(inner.optimizer_args.eps)  # row-wise Adagrad's ε, as FBGEMM was given it
         # A parameter that requires grad so that autograd reaches our backward (FBGEMM does the same).
         self.placeholder = nn.Parameter(torch.zeros(0, device=device), requires_grad=True)
-        self._occurrences, self._update = mba.PATHS[mba.resolve_kernel(params.kernel, device)]
+        self._occurrences, self._update = PATHS[resolve_kernel(params.kernel, device)]
 
     def __getattr__(self, name: str) -> Any:
         try:

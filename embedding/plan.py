@@ -1,8 +1,4 @@
-"""`dinrec plan`: torchrec's sharding planner offline, and the plan files training consumes.
-
-The model is built on the meta device (no allocation, so billion-row tables plan on a laptop),
-with the config's sparse optimizer attached as in training, so torchrec's storage estimate counts
-the optimizer state, and our estimator adds MBA's 4 bytes per row (embedding/planner.py).
+"""Plan files: what `dinrec plan` writes and `dinrec train --plan FILE` consumes.
 
 A plan file (docs/plan-format.md) is versioned JSON: per table its sharding type, compute kernel
 and shards (offsets, sizes, rank, placement), per rank the planned HBM/DDR and step-time estimate,
@@ -17,13 +13,12 @@ import json
 import re
 from pathlib import Path
 
-import torch
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
-from embedding.tables import FeatureLayout
 from trainer.config import Config, ConfigError
 
 PLAN_VERSION = 1
-MAX_WORLD = 4096  # the largest world size an infeasible plan is retried with
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -44,30 +39,6 @@ def gib(n: float) -> str:
     return f"{int(n)} B"
 
 
-def plan_inputs(cfg: Config):
-    """(model on meta with the sparse optimizer attached, sharders, layout): what the planner
-    sees, for `dinrec plan` and for training alike."""
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    from embedding import mba_tbe
-    from trainer.models import MODELS
-
-    layout = FeatureLayout.from_config(cfg)
-    model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
-    sopt = cfg.sparse_optimizer
-    base = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}[sopt.base]
-    apply_optimizer_in_backward(base, model.sparse.parameters(), {"lr": sopt.lr})
-    fused = None
-    if sopt.mba:  # MBA rides on the base optimizer's fused kernel (embedding/mba_tbe.py)
-        mba_tbe.install()
-        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
-    sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
-    return model, sharders, layout
-
-
 def fingerprint(cfg: Config, world_size: int, compute_device: str) -> str:
     """What a plan depends on: table specs, the sparse optimizer, world size, compute device."""
     sopt = cfg.sparse_optimizer
@@ -75,101 +46,6 @@ def fingerprint(cfg: Config, world_size: int, compute_device: str) -> str:
                         t.min_partition] for t in cfg.tables],
             "optimizer": [sopt.base, sopt.mba], "world_size": world_size, "compute_device": compute_device}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _topology(world_size: int, compute_device: str, hbm: int | None, ddr: int | None, local_world_size: int | None):
-    from torchrec.distributed.planner import Topology
-
-    kwargs = {"world_size": world_size, "compute_device": compute_device}
-    if hbm is not None:
-        kwargs["hbm_cap"] = hbm
-    if ddr is not None:
-        kwargs["ddr_cap"] = ddr
-    if local_world_size is not None:
-        kwargs["local_world_size"] = local_world_size
-    return Topology(**kwargs)
-
-
-def _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes):
-    from torchrec.distributed.planner.types import PlannerError
-
-    from embedding.planner import make_planner
-
-    planner = make_planner(layout, topology, batch_size, mba, dense_bytes)
-    try:
-        return planner.plan(model, sharders), planner
-    except PlannerError:
-        return None, planner
-
-
-def plan_offline(cfg: Config, world_size: int, compute_device: str = "cuda", hbm: int | None = None,
-                 ddr: int | None = None, batch_size: int | None = None, local_world_size: int | None = None) -> dict:
-    """Plan the config for a topology; returns the plan document (see docs/plan-format.md), or
-    raises ConfigError with one line when the tables do not fit."""
-    from embedding.dense_memory import dense_memory
-
-    model, sharders, layout = plan_inputs(cfg)
-    batch = batch_size or cfg.data.batch_size
-    dense = dense_memory(cfg, batch)
-    topology = _topology(world_size, compute_device, hbm, ddr, local_world_size)
-    plan, planner = _try_plan(model, sharders, layout, topology, batch, cfg.sparse_optimizer.mba, sum(dense.values()))
-    if plan is None:
-        raise ConfigError(_infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size,
-                                      sum(dense.values())))
-    return plan_document(cfg, plan, planner._best_plan or [], topology, batch, dense)
-
-
-def _infeasible(cfg, model, sharders, layout, topology, batch, hbm, ddr, local_world_size, dense_bytes) -> str:
-    """One line: the biggest table against the memory the topology has, and the smallest world
-    size at which the planner does find a plan."""
-    from embedding.planner import (
-        RESERVED_PERCENTAGE,
-        constraints_for,
-        make_enumerator,
-        make_planner,
-    )
-
-    mba = cfg.sparse_optimizer.mba
-    mem = "hbm" if topology.compute_device == "cuda" else "ddr"
-    options = make_enumerator(layout, topology, batch, mba).enumerate(model, sharders)
-    need: dict[str, int] = {}
-    for o in options:  # the cheapest way to store each table
-        total = sum(getattr(s.storage, mem) for s in o.shards)
-        need[o.name] = min(need.get(o.name, total), total)
-    cap = getattr(topology.devices[0].storage, mem)
-    world = topology.world_size
-    if dense_bytes >= cap * (1 - RESERVED_PERCENTAGE):  # replicated: no world size helps
-        return (f"the dense side does not fit: it needs {gib(dense_bytes)} of {mem.upper()} on every rank (parameters, "
-                f"gradients, optimizer state and activations at batch {batch} with full histories) but each rank has "
-                f"{gib(cap)}, {gib(cap * (1 - RESERVED_PERCENTAGE))} after torchrec's {RESERVED_PERCENTAGE:.0%}; "
-                f"a smaller --batch-size or more {mem.upper()} per rank")
-
-    def plans_at(w: int) -> bool:
-        t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
-        return _try_plan(model, sharders, layout, t, batch, mba, dense_bytes)[0] is not None
-
-    fits = None
-    w = world * 2
-    while w <= MAX_WORLD and fits is None:  # double until it fits, then the smallest in between
-        if plans_at(w):
-            lo, hi = w // 2, w
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if plans_at(mid) else (mid, hi)
-            fits = hi
-        w *= 2
-    try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
-        reserved = make_planner(layout, topology, batch, mba, dense_bytes)._storage_reservation.reserve(
-            topology, batch, model, sharders, constraints_for(layout))
-        usable = sum(getattr(d.storage, mem) for d in reserved.devices)
-        avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense side, inputs, 15%)"
-    except (AttributeError, TypeError):
-        avail = "are available (before torchrec's reservation for dense parameters and inputs)"
-    big = max(need, key=need.get)
-    where = f"world size {fits}" if fits else f"no world size up to {MAX_WORLD} (more memory per rank)"
-    return (f"table '{big}' does not fit: it needs {gib(need[big])} of {mem.upper()} (all tables "
-            f"{gib(sum(need.values()))}, optimizer state and MBA counts included) but {world} × {gib(cap)} "
-            f"{avail}; the smallest that fits: {where}")
 
 
 def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int, dense: dict[str, int]) -> dict:
@@ -216,13 +92,6 @@ def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int,
 
 def sharding_plan(doc: dict):
     """A plan document -> torchrec ShardingPlan."""
-    from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-    from torchrec.distributed.types import (
-        EmbeddingModuleShardingPlan,
-        ParameterSharding,
-        ShardingPlan,
-    )
-
     modules: dict[str, EmbeddingModuleShardingPlan] = {}
     for name, t in doc["tables"].items():
         spec = None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from trainer.config import ConfigError
+from launch.process import exit_now, quiet_libraries
+from tools import bench, convert, dien_experiment, generate, movielens_experiment, regularization
+from trainer.config import ConfigError, load_config
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True, baseline: bool = False) -> None:
@@ -32,13 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinrec", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from tools import generate
-
     g = sub.add_parser("generate", help="write synthetic click logs (train/test Parquet)",
                        description=generate.__doc__.split("\n\n")[0])
     generate.add_arguments(g)
-
-    from tools import convert
 
     convert.add_parser(sub)
 
@@ -78,25 +74,14 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from tools import bench
-
     bench.add_parsers(bsub, _config_args)
 
     x = sub.add_parser("experiment", help="multi-seed experiments from the papers (JSON output)")
     xsub = x.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    from tools import dien_experiment, movielens_experiment, regularization
-
     regularization.add_parser(xsub, _config_args)
     dien_experiment.add_parser(xsub, _config_args)
     movielens_experiment.add_parser(xsub, _config_args)
     return p
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter (planner tables, deprecation notes) off the user's terminal."""
-    warnings.filterwarnings("ignore")
-    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu", ""):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +105,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     quiet_libraries()
+    # the layers below load torch, torchrec and Ray: imported here, not at the top, so that
+    # `dinrec --help` and argument errors stay fast
     from launch.ray_train import WorkerFailed
     from trainer.data import DataError
     from trainer.loop import NonFiniteLoss
@@ -144,19 +131,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict | None:
-    from trainer.config import load_config
-
     if args.command == "generate":
-        from tools import generate
-
         return generate.run(args)
     if args.command == "plan":
-        from embedding.plan import parse_size, plan_offline, print_plan
+        from embedding.plan import parse_size, print_plan
+        from trainer.sharding import plan_for
 
         if args.world_size < 1:
             raise ConfigError(f"plan: --world-size must be >= 1, got {args.world_size}")
         cfg = load_config(args.config, args.overrides)
-        doc = plan_offline(cfg, args.world_size, args.compute_device,
+        doc = plan_for(cfg, args.world_size, args.compute_device,
                            hbm=parse_size(args.hbm) if args.hbm else None,
                            ddr=parse_size(args.ddr) if args.ddr else None,
                            batch_size=args.batch_size, local_world_size=args.local_world_size)
@@ -175,10 +159,12 @@ def _run(args: argparse.Namespace) -> dict | None:
         if args.resume:
             resume = args.resume if args.resume == "latest" else os.path.abspath(args.resume)
             overrides = [*overrides, f"train.resume={resume}"]
-        return train_with_launcher(load_config(args.config, overrides), progress=not args.no_progress)
+        from launch import launcher
+
+        return launcher.run(load_config(args.config, overrides), progress=not args.no_progress)
     if args.command == "eval":
         from trainer import checkpoint
-        from trainer.loop import evaluate_checkpoint
+        from trainer.evaluate import evaluate_checkpoint
 
         base = None if args.config else checkpoint.read_config(args.checkpoint).to_dict()
         cfg = load_config(args.config, args.overrides, base=base)
@@ -188,40 +174,21 @@ def _run(args: argparse.Namespace) -> dict | None:
             return attention_plot(cfg, args.checkpoint, Path(args.attention_plot), args.user, args.candidates)
         return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
     if args.command == "convert":
-        from tools import convert
-
         return convert.run(args)
     if args.command == "count-features":
-        from embedding.counts import write_counts
+        from trainer.counts import write_counts
 
         return write_counts(load_config(args.config, args.overrides), progress=not args.no_progress)
     if args.command == "bench":
-        from tools import bench
-
         return bench.run(args)
     if args.command == "experiment":
-        from tools import dien_experiment, movielens_experiment, regularization
-
         experiments = {"regularization": regularization, "dien": dien_experiment, "movielens": movielens_experiment}
         return experiments[args.experiment].run(args)
     raise AssertionError(args.command)
 
 
-def train_with_launcher(cfg, progress: bool = False) -> dict:
-    """Train `cfg` through its launcher (launch.launcher: local Ray, or this process)."""
-    if cfg.launch.launcher == "local":
-        from trainer.loop import train
-
-        return train(cfg, progress=progress)
-    from launch import ray_train
-
-    return ray_train.run(cfg, cfg.launch.ray_address, progress=progress)
-
-
 def _rela_impr(result: dict, run_dir: str) -> dict:
     """RelaImpr of `result` against the final eval record of a finished run's metrics.jsonl."""
-    from pathlib import Path
-
     from trainer.metrics import rela_impr
 
     path = Path(run_dir) / "metrics.jsonl"
@@ -241,19 +208,8 @@ def _rela_impr(result: dict, run_dir: str) -> dict:
     }
 
 
-def exit_now(code: int) -> None:
-    """Exit with `code` without the interpreter's finalization. A process that used a gloo
-    process group can abort there ("terminate called without an active exception"): gloo's
-    threads may still hold tensors when the interpreter tears down, even after
-    destroy_process_group. Everything is written and closed by then; only stdout and stderr need
-    flushing."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def entry() -> None:
-    """The `dinrec` command (and `python -m launch.cli`): main(), then `exit_now`."""
+    """The `dinrec` command (and `python -m launch.cli`): main(), then `exit_now` (launch.process)."""
     exit_now(main())
 
 

@@ -4,7 +4,7 @@
 Rank 0 reports the final metrics with a small checkpoint (result.json), which is how they reach
 the driver. With `launch.max_failures` = N, Ray Train restarts the worker group up to N times after
 a worker dies; the restarted workers continue from the newest checkpoint this run wrote (the run
-id passed to every worker tags them, see trainer.loop.run_identity). A failure beyond that ends
+id passed to every worker tags them, see trainer.resume). A failure beyond that ends
 the run with one line naming the rank and the cause.
 """
 
@@ -13,9 +13,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
+from launch.process import quiet_libraries
 from trainer.config import Config, ConfigError, config_from_dict
+from trainer.data import DataError
+from trainer.loop import NonFiniteLoss, train
+from trainer.sharding import backend
 
 
 class WorkerFailed(RuntimeError):
@@ -29,11 +35,7 @@ class WorkerFailed(RuntimeError):
 def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops config otherwise
     import ray.train
 
-    from launch.cli import quiet_libraries
-
-    quiet_libraries()  # before torchrec and fbgemm are imported: they log at import
-    from trainer.loop import NonFiniteLoss, train
-
+    quiet_libraries()
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     try:
@@ -50,13 +52,9 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
 
 def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     """Train `cfg` with cfg.launch.workers Ray Train workers; return rank 0's final metrics."""
-    import uuid
-
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from trainer.loop import backend
 
     env = {"GLOO_SOCKET_IFNAME": "lo"} if address is None else {}
     if address is None:  # local workers need not share the driver's working directory
@@ -89,8 +87,6 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         with result.checkpoint.as_directory() as d:
             out = json.loads(Path(d, "result.json").read_text())
         if "error" in out:
-            from trainer.loop import NonFiniteLoss
-
             raise NonFiniteLoss(out["error"])
         return out
     finally:
@@ -123,8 +119,6 @@ def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    from dataclasses import replace
-
     def absolute(p: str) -> str:
         return p if os.path.isabs(p) else os.path.abspath(p)
 
@@ -133,8 +127,6 @@ def _absolute_paths(cfg: Config) -> Config:
 
 
 def _worker_failure(e: Exception) -> Exception:
-    from trainer.data import DataError
-
     failures = getattr(e, "worker_failures", None) or {}
     if not failures:
         return WorkerFailed(-1, _one_line(e), user_error=False)

@@ -12,6 +12,7 @@ import os
 import sys
 
 from launch import cli
+from launch.process import exit_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ:
         print("launch.torchrun: error: run me under torchrun (RANK/WORLD_SIZE not set)", file=sys.stderr)
         return 2
-    # The worker makes its process group from torchrun's environment (trainer.loop.process_group).
+    # The worker makes its process group from torchrun's environment (trainer.sharding.process_group).
     return cli.main(["train", *argv, "launch.launcher=local"])
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

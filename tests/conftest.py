@@ -1,13 +1,17 @@
-"""Shared fixtures: a tiny synthetic data set written once per session by the real generator."""
+"""Shared fixtures and helpers: a tiny synthetic data set written once per session by the real
+generator, a free loopback port, the CUDA skip, and a whole-model gather for comparing runs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, min_hist=5, seed=3)
@@ -17,6 +21,43 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore")
 logging.getLogger("torchrec").setLevel(logging.ERROR)
+
+CUDA = pytest.mark.gpu  # skipped where torch sees no CUDA device (pytest_collection_modifyitems)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a whole tensor on rank 0 (sharded tables gathered); a
+    collective: all ranks call it, other ranks get {}."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        elif hasattr(value, "full_tensor"):  # DTensor
+            value = value.full_tensor()
+        if rank == 0:
+            out[key] = value.detach().clone()
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,12 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embedding.layout import FeatureLayout
+from trainer import checkpoint
+from trainer.batch import Batch
 from trainer.config import Config, ConfigError
-from trainer.data import Batch, resolve_paths, stream_from_config
+from trainer.data import resolve_paths, stream_from_config
+from trainer.sharding import build_model, process_group, worker_device
 
 
 def _vocab(cfg: Config, name: str) -> list | None:
@@ -41,7 +45,7 @@ def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) ->
     chosen = None  # (batch, its features by key, row)
     for batch in stream_from_config(cfg, "test").epoch(0):
         jts = batch.sparse.to_dict()
-        lengths = jts[next(k for k in jts if k.startswith("hist_"))].lengths()
+        lengths = jts[_pairs(cfg)[0][1]].lengths()
         for r in range(len(batch)):
             if chosen is None and (int(batch.users[r]) == user if user is not None else int(lengths[r]) >= min_hist):
                 chosen = (batch, jts, r)
@@ -75,8 +79,6 @@ def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) ->
 
 
 def _pairs(cfg: Config):
-    from embedding.tables import FeatureLayout
-
     return FeatureLayout.from_config(cfg).pairs
 
 
@@ -87,9 +89,6 @@ def _row(jt, r: int) -> torch.Tensor:
 
 def attention_plot(cfg: Config, checkpoint_dir: str, path: Path, user: int | None = None,
                    n_candidates: int = 4) -> dict:
-    from trainer import checkpoint
-    from trainer.loop import build_model, process_group, worker_device
-
     if cfg.model.name not in ("din", "dien"):
         raise ConfigError(f"attention plot: model {cfg.model.name!r} has no attention (din or dien)")
     if n_candidates < 1:

@@ -1,4 +1,6 @@
-"""Benchmarks; each prints one JSON object (the CLI's last line).
+"""Benchmarks; each prints one JSON object (the CLI's last line). The layers they measure load
+torchrec and Ray, so they are imported inside the functions: `dinrec --help` builds this
+module's parsers.
 
 - `dinrec bench loader`: Parquet → Batch throughput of the streaming reader pinned to one core,
   against the rate at which training consumes batches (measured in the same run, in memory).
@@ -23,6 +25,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from tools import bench_embedding
 from trainer.config import Config, ConfigError, load_config
 
 
@@ -47,15 +50,11 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     dn.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
     dn.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)")
-    from tools import bench_embedding
-
     bench_embedding.add_parser(sub)
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "embedding":
-        from tools import bench_embedding
-
         return bench_embedding.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.bench == "loader":
@@ -95,7 +94,8 @@ def _take(cfg: Config, n: int) -> list:
 
 def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
     from trainer.data import stream_from_config
-    from trainer.loop import build_model, dense_optimizer, process_group, train_step
+    from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import train_step
 
     machine = _machine()
     # --- the reader alone, on one core, with Arrow's own thread pools at one thread
@@ -153,9 +153,10 @@ def _time_steps(step, data: list, warmup: int, size=len) -> float:
 
 
 def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
-    from embedding.tables import FeatureLayout
+    from embedding.layout import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
-    from trainer.loop import build_model, dense_optimizer, process_group, train_step
+    from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import train_step
 
     if cfg.model.name != "din":
         raise ConfigError(f"bench train: model.name must be din (the reference is a DIN), got {cfg.model.name}")
@@ -240,7 +241,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
     import tempfile
     from dataclasses import replace
 
-    from launch import ray_train
+    from launch import launcher
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,7 +251,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
                 launch=replace(cfg.launch, launcher="ray", workers=w),
                 train=replace(cfg.train, epochs=1, limit_batches=steps, out_dir=f"{tmp}/w{w}"),
             )
-            r = ray_train.run(c, None, progress=False)
+            r = launcher.run(replace(c, launch=replace(c.launch, ray_address=None)))
             runs[str(w)] = {"train_samples_per_s": r["train_samples_per_s"], "steps": r["steps"],
                             "train_samples": r["train_samples"], "auc": r["auc"]}
     base = runs[str(counts[0])]["train_samples_per_s"]
@@ -270,7 +271,9 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
     Each model reads its own copy of the same batches (DIEN's carry sampled negatives)."""
     from dataclasses import replace
 
-    from trainer.loop import build_model, dense_optimizer, process_group, train_step
+    from embedding.layout import FeatureLayout
+    from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import train_step
 
     if cfg.model.name != "dien":
         raise ConfigError(f"bench dien: model.name must be dien, got {cfg.model.name}")
@@ -293,7 +296,7 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
             model.train()
             rates[name] = _time_steps(lambda b, model=model, opt=opt: train_step(model, opt, b), data, warmup)
         if name == "dien":  # the same rows for every variant: measure the histories once
-            hist = next(f for t in c.tables for f in t.features if f.startswith("hist_"))
+            hist = FeatureLayout.from_config(c).pairs[0][1]
             mean_hist = sum(float(b.sparse[hist].lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
         "bench": "dien",

@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from launch.cli import train_with_launcher
+    from launch import launcher  # loads torchrec and Ray: not at `dinrec --help`
 
     seeds = parse_seeds(args.seeds)
     base = load_config(args.config, args.overrides)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         for v in variants:
             overrides = [*args.overrides, *VARIANTS[v], f"train.seed={seed}", f"data.seed={seed}",
                          f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
-            r = train_with_launcher(fresh(load_config(args.config, overrides)))
+            r = launcher.run(fresh(load_config(args.config, overrides)))
             runs[v].append({"seed": seed, **{k: r[k] for k in ("auc", "gauc", "logloss", "train_samples_per_s")},
                             "oracle_auc": r.get("oracle_auc")})
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)

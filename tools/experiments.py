@@ -11,7 +11,7 @@ from trainer.config import ConfigError
 
 def fresh(cfg):
     """`cfg`, its train.out_dir removed first: an experiment's runs start over every time (a
-    run directory with checkpoints is otherwise refused, see trainer.loop.resume_point)."""
+    run directory with checkpoints is otherwise refused, see trainer.resume.resume_point)."""
     shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
     return cfg
 

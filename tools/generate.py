@@ -48,6 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from trainer.config import ConfigError
+from trainer.metrics import auc
+
 
 @dataclass(frozen=True)
 class WorldSpec:
@@ -280,8 +283,6 @@ def generate(
 
 
 def oracle_auc(split_dir: Path) -> float:
-    from trainer.metrics import auc
-
     t = pq.read_table(sorted(Path(split_dir).glob("*.parquet")), columns=["label", "p_click"])
     return auc(t["label"].to_numpy(), t["p_click"].to_numpy())
 
@@ -312,8 +313,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _validate(spec: WorldSpec, args: argparse.Namespace) -> None:
-    from trainer.config import ConfigError
-
     checks = [
         (spec.users > 0, "--users must be > 0"),
         (spec.cates > 0 and spec.items >= spec.cates, "--items must be >= --cates > 0"),

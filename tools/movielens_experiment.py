@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from trainer.loop import train
+    from launch import launcher  # loads torchrec and Ray: not at `dinrec --help`
 
     seeds = parse_seeds(args.seeds)
     data = Path(args.data)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
                          f"tables.0.num_rows={num_rows['item_id']}", f"tables.1.num_rows={num_rows['cate_id']}",
                          *args.overrides, f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
                          f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}"]
-            r = train(fresh(load_config(path, overrides)), progress=False)
+            r = launcher.run(fresh(load_config(path, overrides)))
             curve = [{k: e[k] for k in ("epoch", "auc", "gauc", "logloss")} for e in r["epochs"]]
             runs[m].append({"seed": seed, "auc": r["auc"], "gauc": r["gauc"], "logloss": r["logloss"],
                             "curve": curve, "train_samples_per_s": r["train_samples_per_s"]})

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from embedding.tables import FeatureLayout
+from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.data import Batch
+from trainer.batch import Batch
 from trainer.models.layers import MLP
 
 

@@ -57,7 +57,7 @@ def score(result: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from trainer.loop import train
+    from launch import launcher  # loads torchrec and Ray: not at `dinrec --help`
 
     seeds = parse_seeds(args.seeds)
     variants = parse_variants(args.variants, VARIANTS)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
                          *variant_overrides(v, base.sparse_optimizer.type, args.lam, args.l2, args.dropout),
                          f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
                          f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
-            result = train(fresh(load_config(args.config, overrides)), progress=False)
+            result = launcher.run(fresh(load_config(args.config, overrides)))
             runs[v].append({"seed": seed, **score(result)})
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)
     summary = {}

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from embedding.layout import behaviour_of, candidate_of, is_negative
+
 
 class ConfigError(ValueError):
     """A user error in a config file or override: one line, with the dotted key path."""
@@ -382,22 +384,23 @@ class _CHECKS:
                 seen[f] = t.name
         for i, t in enumerate(c.tables):
             for f in t.features:
-                if f.startswith("neg_"):
+                if is_negative(f):
                     raise ConfigError(f"tables.{i}.features: {f!r}: DIEN's negatives are added to the table of "
                                       f"their behaviours by themselves (model.aux_loss > 0); do not list them")
-                if f.startswith("hist_") and f[5:] not in t.features:
+                candidate = candidate_of(f)
+                if candidate is not None and candidate not in t.features:
                     raise ConfigError(
-                        f"tables.{i}.features: {f!r} needs its candidate feature {f[5:]!r} "
+                        f"tables.{i}.features: {f!r} needs its candidate feature {candidate!r} "
                         "in the same table (candidate and behaviours share one table)"
                     )
-        for required in ("item_id", "hist_item_id"):
+        for required in ("item_id", behaviour_of("item_id")):
             if required not in seen:
                 raise ConfigError(f"tables: no table reads the required feature {required!r}")
         for i, t in enumerate(c.tables):
             if c.sparse_optimizer.mba and t.compute_kernel != "fused":
                 raise ConfigError(f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
                                   "the MBA optimizer runs on the fused kernel only")
-        seq_dims = {t.dim for t in c.tables if any(f.startswith("hist_") for f in t.features)}
+        seq_dims = {t.dim for t in c.tables if any(candidate_of(f) for f in t.features)}
         if len(seq_dims) > 1:
             raise ConfigError(
                 f"tables: behaviour tables must share one dim (EmbeddingCollection), got {sorted(seq_dims)}"

@@ -1,4 +1,4 @@
-"""Streaming Parquet click logs -> `Batch` (torchrec KeyedJaggedTensor + dense + labels).
+"""Streaming Parquet click logs -> `Batch` (trainer.batch): the one Parquet reader.
 
 The unit of work is a row group. Each epoch orders all row groups of all files by a permutation
 seeded by (seed, epoch), and rank r of W reads every W-th of them. Rows are shuffled inside a row
@@ -9,7 +9,7 @@ Arrow list offsets become KJT lengths directly: no per-row Python anywhere. A ba
 reads and converts ahead of the trainer. A bad file stops the stream with a `DataError` naming the
 file, row group and column.
 
-DIEN's negatives (`neg_hist_*`, see embedding.tables) come from the file when it has them, aligned
+DIEN's negatives (`neg_hist_*`, see embedding.layout) come from the file when it has them, aligned
 with the history, or are drawn by `sample_negatives` per row group, seeded by (seed, epoch, row
 group): the same negatives whatever the world size.
 """
@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -29,52 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding.tables import FeatureLayout, hash_ids, jagged_rows
+from embedding.layout import FeatureLayout, is_sequence
+from embedding.tables import hash_ids
+from trainer.batch import Batch
+from embedding.tables import hash_ids
 
 
 class DataError(ValueError):
     """Bad input data: one line naming the file, row group and column."""
-
-
-@dataclass
-class Batch:
-    sparse: KeyedJaggedTensor  # keys in FeatureLayout.keys order
-    dense: torch.Tensor  # [B, F] float32
-    labels: torch.Tensor  # [B] float32 in {0, 1}
-    users: torch.Tensor  # [B] int64, the GAUC grouping key
-    p_click: torch.Tensor | None = None  # [B] float32, generator's true probability if present
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        def move(v):
-            return None if v is None else v.to(device=device, non_blocking=non_blocking)
-
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-
-def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.Generator) -> KeyedJaggedTensor:
-    """Dropout on feature ids (DIN paper §6.5): each behaviour of a sample is discarded with
-    probability p, from every feature in `keys` at once (hist_item_id and hist_cate_id describe the
-    same behaviours and must stay aligned); other features, and every sample, stay."""
-    jts = kjt.to_dict()
-    targeted = [k for k in kjt.keys() if k in keys]
-    if not targeted:
-        return kjt
-    lengths = jts[targeted[0]].lengths()
-    for k in targeted[1:]:
-        if not torch.equal(jts[k].lengths(), lengths):
-            raise ValueError(f"id dropout: {k} and {targeted[0]} have different lengths per sample")
-    keep = torch.rand(int(lengths.sum()), generator=generator) >= p
-    sample = jagged_rows(lengths.long(), keep.numel())
-    new_lengths = torch.zeros_like(lengths).index_add_(0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype))
-    values, out_lengths = [], []
-    for k in kjt.keys():
-        jt = jts[k]
-        values.append(jt.values()[keep] if k in keys else jt.values())
-        out_lengths.append(new_lengths if k in keys else jt.lengths())
-    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(out_lengths))
 
 
 def resolve_paths(spec: str) -> list[str]:
@@ -270,7 +232,7 @@ class ParquetStream:
                 continue  # sampled by the reader
             if f in candidates:
                 need(f, _is_int, "int64 (one candidate per row)")
-            elif f.startswith(("hist_", "neg_hist_")):
+            elif is_sequence(f):
                 need(f, lambda t: pa.types.is_list(t) and _is_int(t.value_type), "list<int64>")
             else:
                 need(

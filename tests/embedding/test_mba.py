@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedding import mba
+from embedding import mba, mba_cpp, mba_triton
+from tests.conftest import CUDA
 
 DIMS = [12, 4]  # 12: not a power of two, the Triton kernels mask their columns
 ROWS = [30, 20]
@@ -71,8 +72,7 @@ def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad, sam
 
 # Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
 # GPU machine (TRITON_INTERPRET=0) the cuda cases run them compiled.
-KERNELS = {"cpp": mba.update_rows_cpp, "triton": mba.update_rows_triton}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+KERNELS = {"cpp": mba_cpp.update_rows_cpp, "triton": mba_triton.update_rows_triton}
 CASES = [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)]
 
 
@@ -94,7 +94,7 @@ def test_update_matches_eq7_over_several_steps(device, kernel, adagrad, lam):
         rows[:5] = [rows[0]] * 5
         rows[5] = (0, 3)
         if step == 0:
-            rows += [(1, 2)] * (mba.CHUNK * 2 + 7)
+            rows += [(1, 2)] * (mba_triton.CHUNK * 2 + 7)
         grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
         touched |= set(rows)
         run_update(KERNELS[kernel], views, mviews, counts, rows, grads, 0.1, lam, adagrad)
@@ -149,16 +149,16 @@ def assert_one_step(views, mviews, w0, n, rows, grads, adagrad, lr=0.1, lam=0.5)
 def test_triton_rows_spanning_many_chunks(device, monkeypatch):
     """Rows whose occurrences fill several chunks of the Triton update, back to back (a row ends and
     the next begins inside a chunk and goes on), with the carry loop reading 2 chunks per step."""
-    monkeypatch.setattr(mba, "CARRY_BLOCK", 2)
+    monkeypatch.setattr(mba_triton, "CARRY_BLOCK", 2)
     rng = np.random.default_rng(4)
     w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
     n = [rng.integers(1, 20, r).astype(np.int32) for r in ROWS]
     _, views, mviews = make_group(w0, torch.float32, device)
-    rows = [(0, 7)] * (mba.CHUNK * 5 + 3) + [(0, 8)] * (mba.CHUNK * 2 + 50) + [(1, 0)] * 3 + [(1, 1)] * mba.CHUNK
+    rows = [(0, 7)] * (mba_triton.CHUNK * 5 + 3) + [(0, 8)] * (mba_triton.CHUNK * 2 + 50) + [(1, 0)] * 3 + [(1, 1)] * mba_triton.CHUNK
     rows += [(int(t), int(rng.integers(0, ROWS[t]))) for t in rng.integers(0, 2, 100)]
     grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
     for adagrad in (False, True):
-        run_update(mba.update_rows_triton, views, mviews, torch.tensor(np.concatenate(n), device=device), rows,
+        run_update(mba_triton.update_rows_triton, views, mviews, torch.tensor(np.concatenate(n), device=device), rows,
                    grads, 0.1, 0.5, adagrad)
         assert_one_step(views, mviews, w0, n, rows, grads, adagrad)
         for t in range(2):
@@ -171,7 +171,7 @@ def test_online_counts_counted_before_the_step(device, kernel, adagrad, monkeypa
     """Online n_j: each touched row's count grows by the number of distinct samples of the batch
     that look it up (repeats within a sample count once), and the step uses the grown count. Rows
     span several chunks of the Triton update, with a sample's repeats across a chunk boundary."""
-    monkeypatch.setattr(mba, "CARRY_BLOCK", 2)
+    monkeypatch.setattr(mba_triton, "CARRY_BLOCK", 2)
     rng = np.random.default_rng(7)
     w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
     n0 = [rng.integers(0, 5, r).astype(np.int32) for r in ROWS]
@@ -179,7 +179,7 @@ def test_online_counts_counted_before_the_step(device, kernel, adagrad, monkeypa
     counts = torch.tensor(np.concatenate(n0), device=device)
     n_samples = 40
     occ = [((0, 7), s) for s in np.repeat(np.arange(n_samples), 9)]  # 360 occurrences, 40 samples
-    occ += [((0, 8), s) for s in rng.integers(0, 6, mba.CHUNK + 30)]
+    occ += [((0, 8), s) for s in rng.integers(0, 6, mba_triton.CHUNK + 30)]
     occ += [((int(t), int(rng.integers(0, ROWS[t]))), int(s)) for t, s in zip(rng.integers(0, 2, 80),
                                                                              rng.integers(0, n_samples, 80), strict=True)]
     rows, samples = [r for r, _ in occ], [s for _, s in occ]
@@ -210,7 +210,7 @@ def test_occurrences_match_a_loop_over_bags(impl, pooled, features):
     """Lookups → occurrences, for one feature and for three features over two tables (a table read
     by two features), with empty bags first, inside and last."""
     device = "cuda" if impl.endswith("cuda") else "cpu"
-    fn = mba.occurrences_torch if impl == "torch" else mba.occurrences_triton
+    fn = mba.occurrences_torch if impl == "torch" else mba_triton.occurrences_triton
     rng = np.random.default_rng(5)
     batch = 7
     lengths = rng.integers(0, 5, batch * len(features))
@@ -249,7 +249,7 @@ def test_triton_kernels_compile_for_the_gpu():
     """The Triton kernels, as the wrappers launch them, compile for an H100 (sm_90) with Triton's
     compiler and ptxas, here without a GPU (the interpreter above does not lower them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", "from embedding import mba; print(len(mba.compile_kernels(90)))"],
+    p = subprocess.run([sys.executable, "-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))"],
                        env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert int(p.stdout.split()[-1]) == 4 + 3 * 3 * 2  # occurrences; per dim, carry + update of 3 variants

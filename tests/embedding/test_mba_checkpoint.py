@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from embedding import mba_tbe
-from embedding.counts import load_counts
+from trainer.counts import load_counts
 from launch.cli import main
 from tests.conftest import ROOT
 
@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tiny_train_copy, tmp_path):
     from trainer import checkpoint
     from trainer.config import load_config
-    from trainer.loop import build_model, process_group, train
+    from trainer.loop import train
+    from trainer.sharding import build_model, process_group
 
     data = tiny_train_copy
     overrides = [f"data.train={data}", f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'run'}",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from embedding.mba_tbe import MBAParams, MBATableBatchedEmbedding
+from tests.conftest import CUDA
 
 LR = 0.2
 
@@ -36,7 +37,6 @@ GROUPS = {  # rows_dims, feature → table, pooled
 }
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 
 
 @pytest.mark.parametrize("device,kernel", [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)])

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.trainer.test_distributed import free_port
+from tests.conftest import CUDA, free_port
+
+pytestmark = pytest.mark.multiprocess
 
 POOLED = {"t1": (40, 8, ["a", "b"]), "t2": (30, 4, ["c"])}
 SEQ = {"s": (50, 8, ["x", "hist_x"])}
@@ -270,7 +272,6 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, sharding, base):
     check_against_numpy(two, base, online=True)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 
 
 @CUDA

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from embedding.plan import load_plan, parse_size
 from launch.cli import main
 from tests.conftest import ROOT
-from tests.trainer.test_distributed import free_port
+from tests.conftest import free_port
 from trainer.config import ConfigError, load_config
 
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -28,7 +28,7 @@ def shard_layout(model):
 
 def worker(rank, world, port, overrides, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    from trainer.loop import build_model
+    from trainer.sharding import build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -42,6 +42,7 @@ def worker(rank, world, port, overrides, out):
     os._exit(0)  # done: no interpreter finalization after gloo (see launch.cli.entry)
 
 
+@pytest.mark.multiprocess
 def test_plan_file_shards_like_planning_on_the_fly(tiny_data, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     base = [f"data.train={tiny_data / 'train'}", "sparse_optimizer.type=sgd_mba", "sparse_optimizer.lambda=0.01",
@@ -106,7 +107,7 @@ def test_dense_side_estimate_counts_parameters_and_the_saved_activations():
     moments); activations at least the attention unit's per-behaviour input [B, T, 2 x 16]
     ([e, e ⊙ v]) in float32, which its first matmul keeps for the backward, and linear in the
     batch size."""
-    from embedding.dense_memory import dense_memory
+    from trainer.dense_memory import dense_memory
     from trainer.config import load_config
 
     cfg = load_config(TINY, [])

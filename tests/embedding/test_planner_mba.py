@@ -10,7 +10,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embedding.planner import make_enumerator
-from embedding.tables import FeatureLayout
+from embedding.layout import FeatureLayout
 from trainer.models import MODELS
 
 

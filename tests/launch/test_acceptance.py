@@ -19,6 +19,8 @@ import pytest
 from launch.cli import main
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.ray
+
 POSITION_BLIND = ["--users", "40000", "--impressions-per-user", "30", "--test-per-user", "5", "--min-hist", "5",
                   "--drift", "0.08", "--gamma", "2.0", "--current", "0", "--from-history", "0"]
 CI_POSITION_BLIND = [*POSITION_BLIND, "--users", "6000"]  # 150k training rows

@@ -4,7 +4,6 @@ against a head started by the test, and torchrun; a failing worker is one line n
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
 TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_args(tiny_data, out, *extra):
@@ -36,6 +29,7 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("model", ["din", "dien"])
 def test_local_ray_two_workers(tiny_data, tmp_path, capsys, model):
     args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2", f"model.name={model}")
@@ -47,6 +41,7 @@ def test_local_ray_two_workers(tiny_data, tmp_path, capsys, model):
     assert log[0]["rows_per_rank"] and sum(log[0]["rows_per_rank"]) == 2100
 
 
+@pytest.mark.ray
 def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -62,6 +57,7 @@ def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, cap
     assert "x.parquet: row group 6: column 'label': value 5 not in {0, 1}" in err
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_processes(tiny_data, tmp_path):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "launch.torchrun",
            *tiny_args(tiny_data, tmp_path / "t")]
@@ -75,6 +71,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert list((tmp_path / "t" / "checkpoints").glob("step-*/manifest.json"))
 
 
+@pytest.mark.ray
 def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -89,7 +86,6 @@ def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                   "--", "python", "-m", "launch.ray_job", *tiny_args(tiny_data, tmp_path / "j", "launch.workers=2")]
-        t0 = time.time()
         p = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "succeeded" in p.stdout
@@ -97,7 +93,6 @@ def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
         assert final, p.stdout[-3000:]
         r = json.loads(final[-1])
         assert r["samples"] == TEST_ROWS and r["model"] == "din"
-        assert time.time() - t0 < 600
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -109,6 +104,7 @@ def test_entry_points_have_help(module):
     assert p.returncode == 0 and module in p.stdout
 
 
+@pytest.mark.ray
 def test_local_ray_listens_on_loopback_only():
     import ipaddress
 

@@ -32,7 +32,7 @@ def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, mo
     from trainer import checkpoint
     from trainer.config import load_config
     from trainer.data import stream_from_config
-    from trainer.loop import build_model, process_group
+    from trainer.sharding import build_model, process_group
 
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), args[3:])
     with process_group(cfg) as (_, world):

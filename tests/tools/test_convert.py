@@ -284,5 +284,7 @@ def test_experiment_movielens_trains_three_models_and_writes_table_and_plot(tmp_
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(r["summary"]) == {"base", "din", "din_dice"}
     assert all(len(run["curve"]) == 2 for runs in r["runs"].values() for run in runs)
-    assert r["summary"]["base"]["epochs"][0]["rela_impr_gauc"] == 0 and len(r["summary"]["din"]["epochs"]) == 2
+    base, din = r["summary"]["base"]["epochs"][0], r["summary"]["din"]["epochs"][0]
+    assert din["rela_impr_gauc"] == pytest.approx(((din["gauc"][0] - 0.5) / (base["gauc"][0] - 0.5) - 1) * 100)
+    assert len(r["summary"]["din"]["epochs"]) == 2
     assert "| DIN with Dice |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"

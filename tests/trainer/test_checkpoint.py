@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from trainer import checkpoint
 from trainer.data import stream_from_config
 
@@ -32,14 +32,6 @@ ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 def args(tiny_data, out, *extra):
     return ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
             f"data.test={tiny_data / 'test'}", f"train.out_dir={out}", *RUN, *extra]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dinrec(argv, fault=None, ranks=1, max_restarts=0):
@@ -96,6 +88,7 @@ def test_stream_resumes_at_any_batch(tiny_cfg):
                 assert chunk.scalars["user_id"][pos["row_offset"]] == full[k].users[0]
 
 
+@pytest.mark.multiprocess
 def test_resume_after_kill_equals_the_uninterrupted_run(tiny_data, tmp_path, reference):
     out = tmp_path / "killed"
     p = dinrec(["train", *args(tiny_data, out)], fault="kill:0:12")
@@ -109,6 +102,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tiny_data, tmp_path, ref
     assert [r["step"] for r in log if "resumed_from" in r] == [10]
 
 
+@pytest.mark.multiprocess
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_data, tmp_path, reference, capsys):
     out = tmp_path / "torn"
     p = dinrec(["train", *args(tiny_data, out)], fault="checkpoint:0:10")
@@ -125,6 +119,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_data, tmp_pa
     assert_identical(reference["one"][0] / "checkpoints" / "step-000000066", ckpts / "step-000000066")
 
 
+@pytest.mark.multiprocess
 def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_same_weights(tiny_data, tmp_path, reference):
     out = tmp_path / "restarted"
     r = result(dinrec(["train", *args(tiny_data, out)], fault="kill:1:12", ranks=2, max_restarts=1))
@@ -134,6 +129,8 @@ def test_torchrun_restarts_after_a_killed_rank_and_ends_with_the_same_weights(ti
     assert r["auc"] == ref["auc"] and r["logloss"] == ref["logloss"]
 
 
+@pytest.mark.ray
+@pytest.mark.multiprocess
 def test_ray_restarts_the_worker_group_after_kill_9(tiny_data, tmp_path, reference, capsys):
     """A Ray Train worker SIGKILLed mid-epoch: FailureConfig restarts the group, which resumes from
     the run's newest checkpoint; the weights at the end equal the uninterrupted 2-rank run's."""
@@ -152,6 +149,7 @@ def test_ray_restarts_the_worker_group_after_kill_9(tiny_data, tmp_path, referen
     assert r["auc"] == ref["auc"]
 
 
+@pytest.mark.multiprocess
 def test_reshard_two_to_one_and_one_to_two_give_the_same_eval(tiny_data, reference, capsys):
     (two_dir, two), (one_dir, one) = reference["two"], reference["one"]
     assert main(["eval", "--checkpoint", str(two_dir), "--no-progress"]) == 0  # 2 -> 1
@@ -174,6 +172,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
 
 
+@pytest.mark.ray
 def test_nan_under_ray_stops_without_a_restart(tiny_data, tmp_path, monkeypatch, capsys):
     """All ranks stop at the NaN step together and report it as an answer: Ray does not restart
     the group (were it restarted, the fault, which fires once, would not recur and the run would
@@ -187,6 +186,7 @@ def test_nan_under_ray_stops_without_a_restart(tiny_data, tmp_path, monkeypatch,
     assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
 
 
+@pytest.mark.multiprocess
 def test_refusals_are_one_line(tiny_data, tmp_path, reference, capsys):
     one_dir, _ = reference["one"]
     # a fresh run into a directory with another run's checkpoints

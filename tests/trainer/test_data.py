@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedding.tables import FeatureLayout, hash_ids
+from embedding.layout import FeatureLayout
+from embedding.tables import hash_ids
 from trainer.config import load_config
 from trainer.data import DataError, ParquetStream
 

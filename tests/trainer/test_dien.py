@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embedding.tables import FeatureLayout
+from embedding.layout import FeatureLayout
 from trainer.config import ConfigError
 from trainer.data import DataError, sample_negatives, stream_from_config
 from trainer.models.dien import DIEN, padded
@@ -40,7 +40,7 @@ def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gru", "agru", "augru"])
 def test_sequence_kernel_on_cuda_equals_step_loop(kind):
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_dien_depends_on_behaviour_order(tiny_cfg):
 
 
 def test_dien_training_loss_adds_alpha_times_auxiliary_loss(tiny_cfg):
-    from trainer.loop import training_loss
+    from trainer.step import training_loss
 
     cfg, _, dien = _dien(tiny_cfg, "model.aux_loss=0.3")
     batch = next(iter(stream_from_config(cfg, "train").epoch(0)))

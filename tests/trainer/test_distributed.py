@@ -1,7 +1,6 @@
 """A k-rank run equals a 1-rank run on the same global batches (gloo, 2 processes)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,15 +8,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.data import Batch, stream_from_config
+from tests.conftest import free_port
+from trainer.batch import Batch
+from trainer.data import stream_from_config
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def concat(a: Batch, b: Batch) -> Batch:
@@ -34,7 +31,9 @@ def concat(a: Batch, b: Batch) -> Batch:
 
 def worker(rank, world, port, cfg, batches, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    from trainer.loop import build_model, dense_optimizer, full_state_dict, train_step
+    from tests.conftest import full_state_dict
+    from trainer.sharding import build_model, dense_optimizer
+    from trainer.step import train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -51,7 +50,7 @@ def worker(rank, world, port, cfg, batches, out):
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # done: no interpreter finalization after gloo (see launch.cli.entry)
+    os._exit(0)  # done: no interpreter finalization after gloo (see launch.process.exit_now)
 
 
 def run(world, cfg, batches, out):

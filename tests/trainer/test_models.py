@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedding.tables import FeatureLayout
+from embedding.layout import FeatureLayout
 from tools.reference import ReferenceDIN, padded_inputs
 from trainer.data import stream_from_config
 from trainer.models import DIN, BaseModel

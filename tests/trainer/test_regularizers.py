@@ -6,7 +6,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.config import ConfigError
-from trainer.data import drop_ids, stream_from_config
+from trainer.batch import drop_ids
+from trainer.data import stream_from_config
 
 
 def test_drop_ids_drops_whole_behaviours_per_sample():
@@ -41,14 +42,9 @@ def test_l2_all_decays_every_row_exactly(tiny_cfg, opt):
     step gives w0 − lr·g, so the two differ by exactly lr·l2·w0 (untouched rows: only the decay).
     Row-wise Adagrad (decoupled decay): w1 = (1 − lr·l2)·w0 − lr·g/(√s + ε) with the same g and s,
     so the difference is again lr·l2·w0."""
-    from trainer.loop import (
-        all_rows_decay,
-        build_model,
-        dense_optimizer,
-        full_state_dict,
-        process_group,
-        train_step,
-    )
+    from tests.conftest import full_state_dict
+    from trainer.sharding import all_rows_decay, build_model, dense_optimizer, process_group
+    from trainer.step import train_step
 
     lr, l2 = 0.5, 0.1
     states = []

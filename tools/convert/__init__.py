@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 
+from tools.convert import amazon, movielens, taobao
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="public data sets -> the canonical Parquet schema")
     csub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    from tools.convert import amazon, movielens, taobao
-
     movielens.add_parser(csub)
     amazon.add_parser(csub)
     taobao.add_parser(csub)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tools.convert import amazon, movielens, taobao
-
     return {"movielens": movielens, "amazon": amazon, "taobao-ad": taobao}[args.dataset].run(args)

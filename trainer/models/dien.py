@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from embedding.tables import FeatureLayout, jagged_rows
+from embedding.layout import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
-from trainer.data import Batch
+from trainer.batch import Batch
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
 from trainer.models.layers import MLP, SparseArch

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embedding import cpp
+
 KINDS = ("gru", "aigru", "agru", "augru")
 _MODE = {"gru": 0, "aigru": 0, "agru": 1, "augru": 2}  # the C++ kernel's modes; AIGRU = GRU on a·x
 
@@ -83,8 +85,6 @@ def run_sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
 
 def kernel():
     """The C++ sequence kernel (built on first use, cached; `make setup` builds it ahead)."""
-    from trainer import cpp
-
     return cpp.load(Path(__file__).with_name("csrc") / "attgru.cpp", "dinrec_attgru", ("-ffast-math", "-fopenmp-simd"))
 
 

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding.tables import FeatureLayout, jagged_rows
+from embedding.layout import FeatureLayout, jagged_rows
+from embedding.tables import embedding_bag_configs, embedding_configs
 
 
 class Dice(nn.Module):
@@ -126,9 +127,9 @@ class SparseArch(nn.Module):
     def __init__(self, layout: FeatureLayout, device: torch.device | None = None):
         super().__init__()
         self.layout = layout
-        self.ec = EmbeddingCollection(tables=layout.embedding_configs(), device=device)
+        self.ec = EmbeddingCollection(tables=embedding_configs(layout), device=device)
         self.ebc = (
-            EmbeddingBagCollection(tables=layout.embedding_bag_configs(), device=device)
+            EmbeddingBagCollection(tables=embedding_bag_configs(layout), device=device)
             if layout.pooled_tables
             else None
         )

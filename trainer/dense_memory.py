@@ -17,8 +17,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embedding.layout import FeatureLayout, is_sequence
+from trainer.batch import Batch
 from trainer.config import Config
+from trainer.models import MODELS
+from trainer.step import training_loss
 
 OPTIMIZER_STATES = {"adam": 2, "sgd": 0}  # per-parameter state tensors (SGD without momentum)
 SMALL_ROWS = 64  # table rows for the measurement; lookups cost the same at any size
@@ -32,13 +37,6 @@ def dense_memory(cfg: Config, batch_size: int) -> dict[str, int]:
 
 
 def _measure(cfg: Config, batch_size: int) -> dict[str, int]:
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    from embedding.tables import FeatureLayout
-    from trainer.data import Batch
-    from trainer.loop import training_loss
-    from trainer.models import MODELS
-
     small = dataclasses.replace(cfg, tables=[dataclasses.replace(t, num_rows=min(t.num_rows, SMALL_ROWS), id_map="identity")
                                              for t in cfg.tables])
     layout = FeatureLayout.from_config(small)
@@ -49,11 +47,11 @@ def _measure(cfg: Config, batch_size: int) -> dict[str, int]:
     dense_params = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in sparse)
     parameters = dense_params * (3 + OPTIMIZER_STATES[cfg.dense_optimizer.type])
 
-    rows = {f: t.num_rows for t in layout.seq_tables + layout.pooled_tables for f in t.features}
+    rows = {f: t.num_rows for t in layout.tables for f in t.features}
     lengths, values = [], []
     gen = torch.Generator().manual_seed(0)
     for key in layout.keys:
-        n = cfg.data.max_hist_len if key.startswith(("hist_", "neg_hist_")) else 1
+        n = cfg.data.max_hist_len if is_sequence(key) else 1
         lengths.append(torch.full((batch_size,), n, dtype=torch.int32))
         values.append(torch.randint(0, rows[key], (batch_size * n,), generator=gen))
     batch = Batch(

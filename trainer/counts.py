@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from embedding.tables import FeatureLayout
+from embedding.layout import FeatureLayout
 from trainer.config import Config, ConfigError, TableConfig
 from trainer.data import ParquetStream, resolve_paths
 
@@ -39,7 +39,7 @@ def fingerprint(cfg: Config, table: TableConfig, files: list[str]) -> str:
 def count_rows(stream: ParquetStream, progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
     """n_j for every table of the stream's layout, over all its row groups; also the sample count."""
     layout = stream.layout
-    tables = layout.seq_tables + layout.pooled_tables
+    tables = layout.tables
     counts = {t.name: np.zeros(t.num_rows, np.uint32) for t in tables}
     samples = 0
     bar = tqdm(total=stream.num_rows, unit="samples", unit_scale=True, desc="count", disable=not progress)

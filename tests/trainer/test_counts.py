@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedding.counts import load_counts
+from trainer.counts import load_counts
 from embedding.tables import hash_ids
 from launch.cli import main
 from tests.conftest import ROOT
@@ -76,7 +76,7 @@ def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tmp_path
     import torch
 
     from embedding import mba_tbe
-    from trainer.loop import build_model, process_group
+    from trainer.sharding import build_model, process_group
 
     data = tiny_train_copy
     overrides = [f"data.train={data}", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",

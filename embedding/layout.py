@@ -1,0 +1,124 @@
+"""The feature layout of a batch: which feature is a candidate, a behaviour or a DIEN negative,
+which table each one looks up, and the KJT key order. The one place of the naming rule:
+
+- `hist_X` is the behaviour feature of candidate feature `X` (a list of ids, oldest first); a
+  table that holds both is a *sequence* table, looked up unpooled (EmbeddingCollection) for the
+  candidate and the history alike, so that they share one table as in the papers;
+- `neg_hist_X` is DIEN's negative of behaviour `hist_X` (aligned with it, one per behaviour): it
+  joins the table of `hist_X` by itself when the model has an auxiliary loss, read from the file
+  when the file has the column, else sampled by the reader;
+- every other feature is pooled (sum, EmbeddingBagCollection).
+
+Also `jagged_rows`, the row of each value of a jagged tensor, which every layer that works on the
+jagged behaviours needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from trainer.config import Config, TableConfig
+
+HISTORY = "hist_"
+NEGATIVE = "neg_"
+
+
+def behaviour_of(candidate: str) -> str:
+    """The behaviour feature of a candidate feature: item_id -> hist_item_id."""
+    return HISTORY + candidate
+
+
+def candidate_of(feature: str) -> str | None:
+    """The candidate feature of a behaviour feature (hist_item_id -> item_id), else None."""
+    return feature.removeprefix(HISTORY) if feature.startswith(HISTORY) else None
+
+
+def negative_of(behaviour: str) -> str:
+    """DIEN's negative of a behaviour feature: hist_item_id -> neg_hist_item_id."""
+    return NEGATIVE + behaviour
+
+
+def is_negative(feature: str) -> bool:
+    return feature.startswith(NEGATIVE)
+
+
+def is_sequence(feature: str) -> bool:
+    """A behaviour or a negative: one id per behaviour of the row, not one per row."""
+    return feature.startswith((HISTORY, NEGATIVE + HISTORY))
+
+
+def jagged_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """The row of each of the n values of a jagged tensor: lengths [R] -> [n], n = sum(lengths)
+    (a behaviour's batch row, a lookup's bag)."""
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    return torch.repeat_interleave(rows, lengths, output_size=n)
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which feature goes where; the KJT of a batch holds `keys` in this order."""
+
+    seq_tables: tuple[TableConfig, ...]
+    pooled_tables: tuple[TableConfig, ...]
+    pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
+    negatives: tuple[tuple[str, str], ...] = ()  # (behaviour feature, its negative), pair order
+
+    @staticmethod
+    def from_config(cfg: Config) -> FeatureLayout:
+        with_negatives = cfg.model.name == "dien" and cfg.model.aux_loss > 0
+        seq, pooled, pairs, negatives = [], [], [], []
+        for t in cfg.tables:
+            tp = [(c, f) for f in t.features if (c := candidate_of(f)) is not None and c in t.features]
+            if tp and with_negatives:
+                tn = [(h, negative_of(h)) for _, h in tp]
+                t = dataclasses.replace(t, features=[*t.features, *(n for _, n in tn)])
+                negatives.extend(tn)
+            (seq if tp else pooled).append(t)
+            pairs.extend(tp)
+        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives))
+
+    @property
+    def tables(self) -> tuple[TableConfig, ...]:
+        return self.seq_tables + self.pooled_tables
+
+    @property
+    def seq_features(self) -> list[str]:
+        return [f for t in self.seq_tables for f in t.features]
+
+    @property
+    def pooled_features(self) -> list[str]:
+        return [f for t in self.pooled_tables for f in t.features]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.seq_features + self.pooled_features
+
+    @property
+    def behaviour_keys(self) -> list[str]:
+        """Every feature with one id per behaviour (the behaviours and their negatives), KJT order:
+        what must stay aligned when behaviours are dropped or reordered."""
+        return [k for k in self.keys if is_sequence(k)]
+
+    @property
+    def seq_dim(self) -> int:
+        return self.seq_tables[0].dim if self.seq_tables else 0
+
+    @property
+    def behaviour_dim(self) -> int:
+        """Width of one behaviour (and of the candidate): its pairs' embeddings concatenated."""
+        return self.seq_dim * len(self.pairs)
+
+    @property
+    def pooled_dim(self) -> int:
+        return sum(t.dim * len(t.features) for t in self.pooled_tables)
+
+    def table_of(self, feature: str) -> TableConfig:
+        for t in self.tables:
+            if feature in t.features:
+                return t
+        raise KeyError(feature)

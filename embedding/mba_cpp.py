@@ -1,0 +1,40 @@
+"""The MBA row update on the CPU: the C++ kernel (embedding/csrc/mba_cpu.cpp), the touched rows
+split over the threads, each row summed and updated in one pass; the contract is embedding.mba.
+
+`python -m embedding.mba_cpp` builds the kernel ahead of the first run (`make setup` does).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from embedding import cpp
+from embedding.mba import TableLayout, count_samples_, segments
+
+
+@functools.cache
+def cpu_extension():
+    """The C++ CPU kernel, compiled on first use and cached by torch."""
+    return cpp.load(Path(__file__).with_name("csrc") / "mba_cpu.cpp", "dinrec_mba_cpu", ("-fopenmp",))
+
+
+def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
+                    lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
+    """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
+    by row (one sort) and one pass per touched row."""
+    if lin.numel() == 0:
+        return
+    if samples is not None:
+        count_samples_(layout.counts, lin, samples)
+    seg = segments(lin, src, layout)
+    cpu_extension().update_rows(layout.weight, layout.momentum, layout.counts, layout.row_off, layout.w_off,
+                                layout.m_off, layout.dims, seg.rows, seg.tab, seg.offsets, seg.src,
+                                grad.float().contiguous().reshape(-1), lr, lam, eps)
+
+
+if __name__ == "__main__":
+    cpu_extension()
+    print("embedding.mba_cpp: C++ CPU kernel built")

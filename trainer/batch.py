@@ -1,0 +1,57 @@
+"""One training or evaluation batch: the sparse features as a torchrec KeyedJaggedTensor (keys in
+embedding.layout.FeatureLayout.keys order), the dense features, the labels and the GAUC key.
+
+Also id dropout (DIN paper §6.5), the one transformation of a batch's ids in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embedding.layout import jagged_rows
+
+
+@dataclass
+class Batch:
+    sparse: KeyedJaggedTensor  # keys in FeatureLayout.keys order
+    dense: torch.Tensor  # [B, F] float32
+    labels: torch.Tensor  # [B] float32 in {0, 1}
+    users: torch.Tensor  # [B] int64, the GAUC grouping key
+    p_click: torch.Tensor | None = None  # [B] float32, generator's true probability if present
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(v):
+            return None if v is None else v.to(device=device, non_blocking=non_blocking)
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+
+def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.Generator) -> KeyedJaggedTensor:
+    """Dropout on feature ids (DIN paper §6.5): each behaviour of a sample is discarded with
+    probability p, from every feature in `keys` at once (hist_item_id and hist_cate_id describe the
+    same behaviours and must stay aligned); other features, and every sample, stay."""
+    jts = kjt.to_dict()
+    targeted = [k for k in kjt.keys() if k in keys]
+    if not targeted:
+        return kjt
+    lengths = jts[targeted[0]].lengths()
+    for k in targeted[1:]:
+        if not torch.equal(jts[k].lengths(), lengths):
+            raise ValueError(f"id dropout: {k} and {targeted[0]} have different lengths per sample")
+    keep = torch.rand(int(lengths.sum()), generator=generator) >= p
+    sample = jagged_rows(lengths.long(), keep.numel())
+    new_lengths = torch.zeros_like(lengths).index_add_(0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype))
+    values, out_lengths = [], []
+    for k in kjt.keys():
+        jt = jts[k]
+        values.append(jt.values()[keep] if k in keys else jt.values())
+        out_lengths.append(new_lengths if k in keys else jt.lengths())
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(out_lengths))
+
+

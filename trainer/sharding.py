@@ -1,0 +1,195 @@
+"""From a config to a sharded model on this process group: the process group and the device, the
+model on the meta device with its sparse optimizer attached, the plan (a plan file, or torchrec's
+planner on the fly with the dense side's measured memory reserved), DistributedModelParallel, the
+tables' initial rows, MBA's static counts, and the dense optimizer. Also `plan_for`, the same
+planning offline for `dinrec plan`.
+
+Embedding tables go through DistributedModelParallel (FBGEMM fused kernels, the sparse optimizer
+applied inside the backward pass); the dense tower is replicated under DDP.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from embedding import mba_tbe
+from embedding.layout import FeatureLayout
+from embedding.plan import load_plan, plan_document
+from embedding.planner import plan_offline, plan_on_the_fly, sharders_for
+from embedding.tables import init_rows
+from trainer.config import Config, ConfigError
+from trainer.counts import load_counts
+from trainer.dense_memory import dense_memory
+from trainer.models import MODELS
+
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}  # FBGEMM's fused kernels
+
+
+def backend(cfg: Config) -> str:
+    return "nccl" if cfg.launch.use_gpu else "gloo"
+
+
+@contextmanager
+def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
+    """The process group of this worker: the launcher's (Ray Train sets one up), one from
+    torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a 1-process group on
+    loopback for a local run. Groups made here are destroyed on exit."""
+    if dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):  # one machine: loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun restarts (--max-restarts) may meet the keys of the attempt before in the store
+        # (gloo then connects to a dead rank's address): each attempt has its own key space
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend(cfg), store=dist.PrefixStore(f"dinrec/attempt-{attempt}", store),
+                                rank=rank, world_size=world)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-process group stays on loopback
+        dist.init_process_group(backend(cfg), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def worker_device(cfg: Config) -> torch.device:
+    """cuda:LOCAL_RANK with launch.use_gpu (torchrun and Ray Train set LOCAL_RANK), else the CPU."""
+    if not cfg.launch.use_gpu:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def model_on_meta(cfg: Config) -> tuple[nn.Module, FeatureLayout]:
+    """The config's model with its tables on the meta device (nothing allocated: DMP allocates each
+    rank's shards; billion-row tables plan on a laptop) and the dense tower on the CPU, the sparse
+    optimizer attached as in training so that the planner counts its state."""
+    layout = FeatureLayout.from_config(cfg)
+    model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
+    sopt = cfg.sparse_optimizer
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.base], model.sparse.parameters(), {"lr": sopt.lr})
+    return model, layout
+
+
+def sharding_plan(cfg: Config, model: nn.Module, sharders: list, layout: FeatureLayout, world_size: int,
+                  device: torch.device) -> ShardingPlan:
+    """The plan file of `train.plan` (checked against this run), else torchrec's planner on rank 0,
+    broadcast, with the same dense-side reservation as `dinrec plan`."""
+    if cfg.train.plan:
+        return load_plan(cfg.train.plan, cfg, world_size, device.type)
+    dense = dense_memory(cfg, cfg.data.batch_size)
+    return plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type,
+                           mba=cfg.sparse_optimizer.mba, dense_bytes=sum(dense.values()))
+
+
+def build_model(cfg: Config, world_size: int, device: torch.device) -> DistributedModelParallel:
+    """The config's model with its tables sharded by a plan, initialised, with MBA's static counts
+    loaded; sparse optimizer fused in the backward pass."""
+    torch.manual_seed(cfg.train.seed)
+    model, layout = model_on_meta(cfg)
+    sharders = sharders_for(cfg.sparse_optimizer)
+    plan = sharding_plan(cfg, model, sharders, layout, world_size, device)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    init_tables(dmp, layout, cfg.train.seed)
+    if cfg.sparse_optimizer.mba and cfg.sparse_optimizer.counts == "static":
+        load_static_counts(dmp, cfg)
+    return dmp
+
+
+def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:
+    """Give every local shard of every table its sharding-independent initial rows (see
+    embedding.tables.init_rows), so that runs on any world size and plan start from the same
+    weights."""
+    tables = {t.name: t for t in layout.tables}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            name = key.rsplit(".", 2)[-2] if key.endswith(".weight") else None
+            if name not in tables or not key.startswith("sparse."):
+                continue
+            if not isinstance(value, ShardedTensor):
+                raise TypeError(f"{key}: expected a sharded table, got {type(value).__name__}")
+            for shard in value.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(init_rows(tables[name], seed, r0, r0 + nr)[:, c0 : c0 + nc])
+
+
+def load_static_counts(model: nn.Module, cfg: Config) -> None:
+    """Fill every MBA shard's n_j with its rows of the `dinrec count-features` counts."""
+    tables = {t.name: t for t in cfg.tables}
+    cache: dict[str, np.ndarray] = {}
+    for kernel, module in mba_tbe.mba_modules(model):
+        for table, counts in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True):
+            if table.name not in cache:
+                full = load_counts(cfg, tables[table.name])
+                if full.size and int(full.max()) >= 2**31:
+                    raise ConfigError(f"table {table.name}: a count of {int(full.max())} exceeds MBA's int32 n_j")
+                cache[table.name] = full
+            r0 = table.local_metadata.shard_offsets[0]
+            counts.copy_(torch.from_numpy(cache[table.name][r0 : r0 + counts.numel()].astype(np.int32)))
+
+
+def dense_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The dense optimizer of the config over every parameter the fused sparse optimizer does not own."""
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    d = cfg.dense_optimizer
+    return DENSE_OPTIMIZERS[d.type](params.values(), lr=d.lr, weight_decay=d.weight_decay)
+
+
+class AllRowsDecay:
+    """Plain L2 on every row (sparse_optimizer.l2_all): scales every local shard by
+    (1 − lr·l2_all). Run between the forward pass and the fused backward step, it makes the SGD
+    step w − lr·(g + l2_all·w) exactly (the gradient was taken at the old weights); with row-wise
+    Adagrad it is decoupled weight decay: (1 − lr·l2_all)·w − lr·g/(√s + ε), s unchanged by it."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        sopt = cfg.sparse_optimizer
+        self.factor = 1.0 - sopt.lr * sopt.l2_all
+        self.shards = [shard.tensor for key, v in model.state_dict().items()
+                       if key.startswith("sparse.") and isinstance(v, ShardedTensor) for shard in v.local_shards()]
+
+    def __call__(self) -> None:
+        # .data: FBGEMM's autograd node holds the weights only to update them in its backward, so
+        # scaling them in between is the intended semantics, not a stale-gradient hazard
+        for t in self.shards:
+            t.data.mul_(self.factor)
+
+
+def all_rows_decay(cfg: Config, model: nn.Module) -> AllRowsDecay | None:
+    """The plain-L2 baseline's decay (sparse_optimizer.l2_all), or None when it is off."""
+    return AllRowsDecay(cfg, model) if cfg.sparse_optimizer.l2_all else None
+
+
+def plan_for(cfg: Config, world_size: int, compute_device: str = "cuda", hbm: int | None = None,
+             ddr: int | None = None, batch_size: int | None = None, local_world_size: int | None = None) -> dict:
+    """`dinrec plan`: the config planned offline for a topology; the plan document (see
+    docs/plan-format.md), or a one-line ConfigError when the tables do not fit."""
+    model, layout = model_on_meta(cfg)
+    batch = batch_size or cfg.data.batch_size
+    dense = dense_memory(cfg, batch)
+    plan, best, topology = plan_offline(model, sharders_for(cfg.sparse_optimizer), layout, world_size,
+                                        compute_device, batch, mba=cfg.sparse_optimizer.mba,
+                                        dense_bytes=sum(dense.values()), hbm=hbm, ddr=ddr,
+                                        local_world_size=local_world_size)
+    return plan_document(cfg, plan, best, topology, batch, dense)
