@@ -21,5 +21,6 @@ def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
     cflags = ["-O3", *flags]
     ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
     digest = hashlib.sha256(src.read_bytes() + repr((str(src.resolve()), cflags, ldflags)).encode()).hexdigest()[:12]
-    return cpp_extension.load(name=f"{prefix}_{digest}", sources=[str(src)], extra_cflags=cflags,
-                              extra_ldflags=ldflags, verbose=False)
+    return cpp_extension.load(
+        name=f"{prefix}_{digest}", sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False
+    )

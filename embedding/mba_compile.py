@@ -39,43 +39,115 @@ def compile_kernels(arch: int = 90) -> list[str]:
 
     def build(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
         signature = {**args, **dict.fromkeys(consts, "constexpr")}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
-                                  options={"num_warps": num_warps})
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=consts),
+            target=target,
+            options={"num_warps": num_warps},
+        )
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
             ptx.write(compiled.asm["ptx"])
             ptx.flush()
-            log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True).stderr
+            log = subprocess.run(
+                [get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stderr
         regs = re.search(r"Used (\d+) registers", log)
         spills = re.search(r"(\d+) bytes spill stores", log)
-        done.append(f"{kernel.__name__} {consts} num_warps={num_warps}: {regs.group(1) if regs else '?'} registers, "
-                    f"{spills.group(1) if spills else '?'} bytes spilled")
+        done.append(
+            f"{kernel.__name__} {consts} num_warps={num_warps}: {regs.group(1) if regs else '?'} registers, "
+            f"{spills.group(1) if spills else '?'} bytes spilled"
+        )
 
     i64, i32, f32 = "*i64", "*i32", "*fp32"
-    for pooled, linearize, samples in [(True, False, False), (True, True, True), (False, True, True), (False, False, False)]:
-        build(_occurrences_kernel, dict(indices_ptr=i64, offsets_ptr=i64, ftm_ptr=i64, row_off_ptr=i64, col_ptr=i64,
-                                        lin_ptr=i64, src_ptr=i64, sample_ptr=i64, n="i32", n_bags="i32", batch="i32",
-                                        stride="i32", steps="i32"),
-              dict(POOLED=pooled, LINEARIZE=linearize, SAMPLES=samples, BLOCK=1024))
+    for pooled, linearize, samples in [
+        (True, False, False),
+        (True, True, True),
+        (False, True, True),
+        (False, False, False),
+    ]:
+        build(
+            _occurrences_kernel,
+            dict(
+                indices_ptr=i64,
+                offsets_ptr=i64,
+                ftm_ptr=i64,
+                row_off_ptr=i64,
+                col_ptr=i64,
+                lin_ptr=i64,
+                src_ptr=i64,
+                sample_ptr=i64,
+                n="i32",
+                n_bags="i32",
+                batch="i32",
+                stride="i32",
+                steps="i32",
+            ),
+            dict(POOLED=pooled, LINEARIZE=linearize, SAMPLES=samples, BLOCK=1024),
+        )
     for dim in (16, 64, 128):
         block_d = max(16, triton.next_power_of_2(dim))
         c = chunk_size(block_d)
-        for (n_tables, block_t), online, adagrad, weight in [((1, 1), False, False, "*fp32"),
-                                                             ((3, 2), True, True, "*fp32"),
-                                                             ((1, 1), True, False, "*bf16")]:
+        for (n_tables, block_t), online, adagrad, weight in [
+            ((1, 1), False, False, "*fp32"),
+            ((3, 2), True, True, "*fp32"),
+            ((1, 1), True, False, "*bf16"),
+        ]:
             # keys: int32 below 2^31 (int64 here for a large online key); static counts: DIV = 1,
             # which Triton specializes as a constant
             keys, new, div = (("*i64" if adagrad else i32), i32, {}) if online else (i32, f32, {"DIV": 1})
             div_arg = {} if div else {"DIV": "i32"}
-            build(_carry_kernel, dict(sums_ptr=f32, new_ptr=new, keys_ptr=keys, perm_ptr=i64, src_ptr=i64,
-                                      grad_ptr=f32, row_off_ptr=i64, dims_ptr=i64, n="i32", **div_arg),
-                  dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online, **div))
-            build(_update_kernel, dict(weight_ptr=weight, momentum_ptr=f32 if adagrad else i32, counts_ptr=i32,
-                                       keys_ptr=keys, perm_ptr=i64, src_ptr=i64, grad_ptr=f32, sums_ptr=f32,
-                                       new_ptr=new, row_off_ptr=i64, w_off_ptr=i64, m_off_ptr=i64, dims_ptr=i64,
-                                       n="i32", **div_arg, lr="fp32", lam="fp32", eps="fp32"),
-                  dict(T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d, ADAGRAD=adagrad,
-                       ONLINE=online, **div), num_warps=update_warps(c, block_d))
+            build(
+                _carry_kernel,
+                dict(
+                    sums_ptr=f32,
+                    new_ptr=new,
+                    keys_ptr=keys,
+                    perm_ptr=i64,
+                    src_ptr=i64,
+                    grad_ptr=f32,
+                    row_off_ptr=i64,
+                    dims_ptr=i64,
+                    n="i32",
+                    **div_arg,
+                ),
+                dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online, **div),
+            )
+            build(
+                _update_kernel,
+                dict(
+                    weight_ptr=weight,
+                    momentum_ptr=f32 if adagrad else i32,
+                    counts_ptr=i32,
+                    keys_ptr=keys,
+                    perm_ptr=i64,
+                    src_ptr=i64,
+                    grad_ptr=f32,
+                    sums_ptr=f32,
+                    new_ptr=new,
+                    row_off_ptr=i64,
+                    w_off_ptr=i64,
+                    m_off_ptr=i64,
+                    dims_ptr=i64,
+                    n="i32",
+                    **div_arg,
+                    lr="fp32",
+                    lam="fp32",
+                    eps="fp32",
+                ),
+                dict(
+                    T=n_tables,
+                    BLOCK_T=block_t,
+                    C=c,
+                    CB=CARRY_BLOCK,
+                    BLOCK_D=block_d,
+                    ADAGRAD=adagrad,
+                    ONLINE=online,
+                    **div,
+                ),
+                num_warps=update_warps(c, block_d),
+            )
     return done
 
 

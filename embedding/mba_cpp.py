@@ -21,8 +21,17 @@ def cpu_extension():
     return cpp.load(Path(__file__).with_name("csrc") / "mba_cpu.cpp", "dinrec_mba_cpu", ("-fopenmp",))
 
 
-def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
-                    lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
+def update_rows_cpp(
+    layout: TableLayout,
+    lin: torch.Tensor,
+    src: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    lam: float,
+    eps: float,
+    samples: torch.Tensor | None = None,
+    n_samples: int = 0,
+) -> None:
     """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
     by row (one sort) and one pass per touched row."""
     if lin.numel() == 0:
@@ -30,9 +39,23 @@ def update_rows_cpp(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, g
     if samples is not None:
         count_samples_(layout.counts, lin, samples)
     seg = segments(lin, src, layout)
-    cpu_extension().update_rows(layout.weight, layout.momentum, layout.counts, layout.row_off, layout.w_off,
-                                layout.m_off, layout.dims, seg.rows, seg.tab, seg.offsets, seg.src,
-                                grad.float().contiguous().reshape(-1), lr, lam, eps)
+    cpu_extension().update_rows(
+        layout.weight,
+        layout.momentum,
+        layout.counts,
+        layout.row_off,
+        layout.w_off,
+        layout.m_off,
+        layout.dims,
+        seg.rows,
+        seg.tab,
+        seg.offsets,
+        seg.src,
+        grad.float().contiguous().reshape(-1),
+        lr,
+        lam,
+        eps,
+    )
 
 
 if __name__ == "__main__":

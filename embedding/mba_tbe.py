@@ -55,8 +55,10 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 
 # per resolved kernel: how the occurrences are built, and the row update
-PATHS = {"cpp": (mba.occurrences_torch, mba_cpp.update_rows_cpp), "triton": (mba_triton.occurrences_triton, mba_triton.update_rows_triton)}
-
+PATHS = {
+    "cpp": (mba.occurrences_torch, mba_cpp.update_rows_cpp),
+    "triton": (mba_triton.occurrences_triton, mba_triton.update_rows_triton),
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,9 @@ class _LookupWithMBA(torch.autograd.Function):
     backward)."""
 
     @staticmethod
-    def forward(ctx, placeholder: torch.Tensor, module: MBATableBatchedEmbedding, indices: torch.Tensor,
-                offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, placeholder: torch.Tensor, module: MBATableBatchedEmbedding, indices: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
         ctx.module, ctx.batch = module, module._batch_size(offsets)
         lin, src, sample = module.occurrences(indices, offsets, samples=module.params.counts == "online")
         ctx.save_for_backward(lin, src, sample)
@@ -184,8 +187,10 @@ class MBATableBatchedEmbedding(nn.Module):
             layout = mba.TableLayout.of(weights, momenta, self.mba_count)
             d, start = self.table_dims[0], weights[0].storage_offset()
             first_rows = itertools.accumulate(self.table_rows[:-1], initial=0)  # each table's first linear row
-            in_row_order = all(w.shape[1] == d and w.storage_offset() == start + r * d
-                               for w, r in zip(weights, first_rows, strict=True))
+            in_row_order = all(
+                w.shape[1] == d and w.storage_offset() == start + r * d
+                for w, r in zip(weights, first_rows, strict=True)
+            )
             flat = layout.weight[start : start + layout.num_rows * d].view(-1, d) if in_row_order else None
             group = _Group(key, weights, layout, ftm, col, flat)
             self.__dict__["_group_cache"] = group
@@ -195,7 +200,9 @@ class MBATableBatchedEmbedding(nn.Module):
         n_features = len(self.feature_table_map)
         bags = offsets.numel() - 1
         if n_features == 0 or bags % n_features:
-            raise ValueError(f"MBA lookup: {bags} bags for {n_features} features (variable batch sizes are not supported)")
+            raise ValueError(
+                f"MBA lookup: {bags} bags for {n_features} features (variable batch sizes are not supported)"
+            )
         return bags // n_features
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights=None, **kwargs) -> torch.Tensor:
@@ -207,8 +214,9 @@ class MBATableBatchedEmbedding(nn.Module):
         lin = indices if len(self.table_rows) == 1 else self.occurrences(indices, offsets, samples=False)[0]
         return self.lookup(indices, offsets, lin)
 
-    def occurrences(self, indices: torch.Tensor, offsets: torch.Tensor,
-                    samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def occurrences(
+        self, indices: torch.Tensor, offsets: torch.Tensor, samples: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The batch's lookups as occurrences (linear row, gradient offset, sample): embedding.mba."""
         group = self._group()
         bags = mba.Bags(self._batch_size(offsets), group.feature_table, group.feature_col, self.pooled)
@@ -234,15 +242,19 @@ class MBATableBatchedEmbedding(nn.Module):
                 off = offsets[f * b : (f + 1) * b + 1]
                 if f:
                     off = off - bounds[f]
-                outs.append(nn.functional.embedding_bag(ids, group.weights[t], off, mode="sum",
-                                                        include_last_offset=True).float())
+                outs.append(
+                    nn.functional.embedding_bag(
+                        ids, group.weights[t], off, mode="sum", include_last_offset=True
+                    ).float()
+                )
             else:
                 outs.append(nn.functional.embedding(ids, group.weights[t]).float())
         return torch.cat(outs, dim=1 if self.pooled else 0)
 
     @torch.no_grad()
-    def apply_update(self, lin: torch.Tensor, src: torch.Tensor, sample: torch.Tensor | None, batch: int,
-                     grad_output: torch.Tensor) -> None:
+    def apply_update(
+        self, lin: torch.Tensor, src: torch.Tensor, sample: torch.Tensor | None, batch: int, grad_output: torch.Tensor
+    ) -> None:
         """The fused MBA step of every table of the group for one batch of `batch` samples (see
         embedding.mba); with online counts (`sample` given), n_j first counts this batch."""
         self._update(self._group().layout, lin, src, grad_output, self._lr, self.params.lam, self._eps, sample, batch)

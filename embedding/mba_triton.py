@@ -44,9 +44,25 @@ if triton is not None:
         return tl.where(b_start != 0, b, a + b), a_start | b_start
 
     @triton.jit
-    def _occurrences_kernel(indices_ptr, offsets_ptr, ftm_ptr, row_off_ptr, col_ptr, lin_ptr, src_ptr, sample_ptr,
-                            n, n_bags, batch, stride, steps, POOLED: tl.constexpr, LINEARIZE: tl.constexpr,
-                            SAMPLES: tl.constexpr, BLOCK: tl.constexpr):
+    def _occurrences_kernel(
+        indices_ptr,
+        offsets_ptr,
+        ftm_ptr,
+        row_off_ptr,
+        col_ptr,
+        lin_ptr,
+        src_ptr,
+        sample_ptr,
+        n,
+        n_bags,
+        batch,
+        stride,
+        steps,
+        POOLED: tl.constexpr,
+        LINEARIZE: tl.constexpr,
+        SAMPLES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Lookup i: its bag (binary search of i in the offsets), hence its feature and sample; its
         linear row; the offset of its gradient (pooled: the sample's row of the feature's columns;
         sequence: the lookup's own row)."""
@@ -79,9 +95,23 @@ if triton is not None:
         return tl.where(valid, (tl.load(keys_ptr + pos, mask=valid, other=0) // DIV).to(tl.int64), -1)
 
     @triton.jit
-    def _carry_kernel(sums_ptr, new_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, row_off_ptr, dims_ptr, n, DIV,
-                      T: tl.constexpr, BLOCK_T: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      ONLINE: tl.constexpr):
+    def _carry_kernel(
+        sums_ptr,
+        new_ptr,
+        keys_ptr,
+        perm_ptr,
+        src_ptr,
+        grad_ptr,
+        row_off_ptr,
+        dims_ptr,
+        n,
+        DIV,
+        T: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ONLINE: tl.constexpr,
+    ):
         """Chunk p (sorted positions p·C .. p·C + C − 1): if its last row goes on into the next
         chunk, the sum of that row's gradients within this chunk, to sums[p] (online counts: and
         the number of its samples that first appear here, to new[p])."""
@@ -97,18 +127,42 @@ if triton is not None:
                 d = tl.load(dims_ptr + _table_of(r, row_off_ptr, T, BLOCK_T))
                 cols = tl.arange(0, BLOCK_D)
                 s = tl.load(src_ptr + tl.load(perm_ptr + i, mask=sel, other=0), mask=sel, other=0)
-                g = tl.load(grad_ptr + s[:, None] + cols[None, :], mask=sel[:, None] & (cols[None, :] < d[:, None]),
-                            other=0.0)
+                g = tl.load(
+                    grad_ptr + s[:, None] + cols[None, :], mask=sel[:, None] & (cols[None, :] < d[:, None]), other=0.0
+                )
                 tl.store(sums_ptr + p * BLOCK_D + cols, tl.sum(g.to(tl.float32), axis=0))
                 if ONLINE:  # a sample is new where the key changes (keys sorted by row, then sample)
                     k_prev = tl.load(keys_ptr + i - 1, mask=i > 0, other=-1)
                     tl.store(new_ptr + p, tl.sum((sel & (k != k_prev)).to(tl.int32), axis=0))
 
     @triton.jit
-    def _update_kernel(weight_ptr, momentum_ptr, counts_ptr, keys_ptr, perm_ptr, src_ptr, grad_ptr, sums_ptr,
-                       new_ptr, row_off_ptr, w_off_ptr, m_off_ptr, dims_ptr, n, DIV, lr, lam, eps, T: tl.constexpr,
-                       BLOCK_T: tl.constexpr, C: tl.constexpr, CB: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ADAGRAD: tl.constexpr, ONLINE: tl.constexpr):
+    def _update_kernel(
+        weight_ptr,
+        momentum_ptr,
+        counts_ptr,
+        keys_ptr,
+        perm_ptr,
+        src_ptr,
+        grad_ptr,
+        sums_ptr,
+        new_ptr,
+        row_off_ptr,
+        w_off_ptr,
+        m_off_ptr,
+        dims_ptr,
+        n,
+        DIV,
+        lr,
+        lam,
+        eps,
+        T: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        C: tl.constexpr,
+        CB: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ADAGRAD: tl.constexpr,
+        ONLINE: tl.constexpr,
+    ):
         """Chunk q: every row that ends in it sums its gradients (a segmented scan over the chunk,
         plus, for the chunk's first row, the sums that _carry_kernel left in earlier chunks) and
         takes its MBA step; with online counts, its n_j first grows by the row's samples in the
@@ -149,8 +203,9 @@ if triton is not None:
                 while more:
                     js = j - tl.arange(0, CB)
                     hit = (js >= 0) & (_rows_at(keys_ptr, js * C + C - 1, js >= 0, DIV) == r0)
-                    carry += tl.sum(tl.load(sums_ptr + js[:, None] * BLOCK_D + cols[None, :], mask=hit[:, None],
-                                            other=0.0), axis=0)
+                    carry += tl.sum(
+                        tl.load(sums_ptr + js[:, None] * BLOCK_D + cols[None, :], mask=hit[:, None], other=0.0), axis=0
+                    )
                     if ONLINE:
                         carry_seen += tl.sum(tl.load(new_ptr + js, mask=hit, other=0), axis=0)
                     more = tl.sum(hit.to(tl.int32), axis=0) == CB
@@ -168,8 +223,9 @@ if triton is not None:
         g = acc + lam * w / tl.maximum(cnt.to(tl.float32), 1.0)[:, None]
         if ADAGRAD:
             m_idx = tl.load(m_off_ptr + t, mask=m, other=0) + local
-            mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0) + \
-                tl.sum(tl.where(cmask, g * g, 0.0), axis=1) / d.to(tl.float32)
+            mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0) + tl.sum(
+                tl.where(cmask, g * g, 0.0), axis=1
+            ) / d.to(tl.float32)
             tl.store(momentum_ptr + m_idx, mom, mask=ends)
             w = w - lr * g / (tl.sqrt(mom)[:, None] + eps)
         else:
@@ -197,8 +253,17 @@ def update_warps(chunk: int, block_d: int) -> int:
     return max(4, chunk * block_d // 512)
 
 
-def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor, grad: torch.Tensor, lr: float,
-                       lam: float, eps: float, samples: torch.Tensor | None = None, n_samples: int = 0) -> None:
+def update_rows_triton(
+    layout: TableLayout,
+    lin: torch.Tensor,
+    src: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    lam: float,
+    eps: float,
+    samples: torch.Tensor | None = None,
+    n_samples: int = 0,
+) -> None:
     """The Triton path, without a host sync: one sort, then two kernels over chunks of the sorted
     occurrences (carries of rows that cross a chunk boundary; segmented sums and row updates).
     Online counts (`samples` [N] in [0, n_samples)): the sort key is row · n_samples + sample, so
@@ -211,7 +276,7 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     online = samples is not None
     div = n_samples if online else 1
     keys = lin * div + samples if online else lin
-    # a key below 2^31 sorts as int32, about twice as fast
+    # a key below 2^31 sorts as int32: half the radix-sort passes of int64
     keys, perm = torch.sort(keys.to(torch.int32) if layout.num_rows * div < 2**31 else keys, stable=True)
     block_d = max(16, triton.next_power_of_2(layout.max_dim))
     c = chunk_size(block_d)
@@ -220,17 +285,57 @@ def update_rows_triton(layout: TableLayout, lin: torch.Tensor, src: torch.Tensor
     block_t = triton.next_power_of_2(max(n_tables - 1, 1))
     sums = torch.empty(chunks, block_d, dtype=torch.float32, device=lin.device)
     new = torch.empty(chunks, dtype=torch.int32, device=lin.device) if online else sums  # unused unless ONLINE
-    _carry_kernel[(chunks,)](sums, new, keys, perm, src, grad, layout.row_off, layout.dims, n, div, T=n_tables,
-                             BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online)
+    _carry_kernel[(chunks,)](
+        sums,
+        new,
+        keys,
+        perm,
+        src,
+        grad,
+        layout.row_off,
+        layout.dims,
+        n,
+        div,
+        T=n_tables,
+        BLOCK_T=block_t,
+        C=c,
+        BLOCK_D=block_d,
+        ONLINE=online,
+    )
     mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
-    _update_kernel[(chunks,)](layout.weight, mom, layout.counts, keys, perm, src, grad, sums, new, layout.row_off,
-                              layout.w_off, layout.m_off, layout.dims, n, div, float(lr), float(lam), float(eps),
-                              T=n_tables, BLOCK_T=block_t, C=c, CB=CARRY_BLOCK, BLOCK_D=block_d,
-                              ADAGRAD=layout.momentum is not None, ONLINE=online, num_warps=update_warps(c, block_d))
+    _update_kernel[(chunks,)](
+        layout.weight,
+        mom,
+        layout.counts,
+        keys,
+        perm,
+        src,
+        grad,
+        sums,
+        new,
+        layout.row_off,
+        layout.w_off,
+        layout.m_off,
+        layout.dims,
+        n,
+        div,
+        float(lr),
+        float(lam),
+        float(eps),
+        T=n_tables,
+        BLOCK_T=block_t,
+        C=c,
+        CB=CARRY_BLOCK,
+        BLOCK_D=block_d,
+        ADAGRAD=layout.momentum is not None,
+        ONLINE=online,
+        num_warps=update_warps(c, block_d),
+    )
 
 
-def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int,
-                        samples: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def occurrences_triton(
+    layout: TableLayout, bags: Bags, indices: torch.Tensor, offsets: torch.Tensor, stride: int, samples: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """occurrences_torch in one kernel."""
     n, n_bags = indices.numel(), offsets.numel() - 1
     dev = indices.device
@@ -241,8 +346,23 @@ def occurrences_triton(layout: TableLayout, bags: Bags, indices: torch.Tensor, o
     sample = torch.empty(n, dtype=torch.int64, device=dev) if samples else src
     if n:
         block = 1024
-        _occurrences_kernel[(triton.cdiv(n, block),)](indices, offsets, bags.feature_table, layout.row_off,
-                                                      bags.feature_col, lin, src, sample, n, n_bags, bags.batch,
-                                                      stride, steps, POOLED=bags.pooled, LINEARIZE=linearize,
-                                                      SAMPLES=samples, BLOCK=block)
+        _occurrences_kernel[(triton.cdiv(n, block),)](
+            indices,
+            offsets,
+            bags.feature_table,
+            layout.row_off,
+            bags.feature_col,
+            lin,
+            src,
+            sample,
+            n,
+            n_bags,
+            bags.batch,
+            stride,
+            steps,
+            POOLED=bags.pooled,
+            LINEARIZE=linearize,
+            SAMPLES=samples,
+            BLOCK=block,
+        )
     return lin, src, sample if samples else None

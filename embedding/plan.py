@@ -19,8 +19,18 @@ from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSha
 from trainer.config import Config, ConfigError
 
 PLAN_VERSION = 1
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -42,9 +52,15 @@ def gib(n: float) -> str:
 def fingerprint(cfg: Config, world_size: int, compute_device: str) -> str:
     """What a plan depends on: table specs, the sparse optimizer, world size, compute device."""
     sopt = cfg.sparse_optimizer
-    spec = {"tables": [[t.name, t.num_rows, t.dim, list(t.features), list(t.sharding_types), t.compute_kernel,
-                        t.min_partition] for t in cfg.tables],
-            "optimizer": [sopt.base, sopt.mba], "world_size": world_size, "compute_device": compute_device}
+    spec = {
+        "tables": [
+            [t.name, t.num_rows, t.dim, list(t.features), list(t.sharding_types), t.compute_kernel, t.min_partition]
+            for t in cfg.tables
+        ],
+        "optimizer": [sopt.base, sopt.mba],
+        "world_size": world_size,
+        "compute_device": compute_device,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -55,15 +71,34 @@ def plan_document(cfg: Config, plan, best_plan: list, topology, batch_size: int,
             shards = []
             if ps.sharding_spec is not None:
                 for s in ps.sharding_spec.shards:
-                    shards.append({"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes),
-                                   "rank": s.placement.rank(), "placement": str(s.placement)})
-            tables[name] = {"module": module, "sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
-                            "ranks": list(ps.ranks or []), "shards": shards}
+                    shards.append(
+                        {
+                            "offsets": list(s.shard_offsets),
+                            "sizes": list(s.shard_sizes),
+                            "rank": s.placement.rank(),
+                            "placement": str(s.placement),
+                        }
+                    )
+            tables[name] = {
+                "module": module,
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": list(ps.ranks or []),
+                "shards": shards,
+            }
     # the dense side is replicated: every rank holds it, in HBM on GPUs, in DDR on the CPU
     on_gpu = topology.compute_device == "cuda"
     dense_bytes = sum(dense.values())
-    ranks = [{"rank": r, "hbm_bytes": dense_bytes if on_gpu else 0, "ddr_bytes": 0 if on_gpu else dense_bytes,
-              "table_bytes": 0, "step_time_ms": 0.0} for r in range(topology.world_size)]
+    ranks = [
+        {
+            "rank": r,
+            "hbm_bytes": dense_bytes if on_gpu else 0,
+            "ddr_bytes": 0 if on_gpu else dense_bytes,
+            "table_bytes": 0,
+            "step_time_ms": 0.0,
+        }
+        for r in range(topology.world_size)
+    ]
     for option in best_plan:
         for s in option.shards:
             if s.rank is None:
@@ -96,11 +131,18 @@ def sharding_plan(doc: dict):
     for name, t in doc["tables"].items():
         spec = None
         if t["shards"]:
-            spec = EnumerableShardingSpec([ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"],
-                                                         placement=s["placement"]) for s in t["shards"]])
+            spec = EnumerableShardingSpec(
+                [
+                    ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
+                    for s in t["shards"]
+                ]
+            )
         modules.setdefault(t["module"], EmbeddingModuleShardingPlan())[name] = ParameterSharding(
-            sharding_type=t["sharding_type"], compute_kernel=t["compute_kernel"], ranks=t["ranks"] or None,
-            sharding_spec=spec)
+            sharding_type=t["sharding_type"],
+            compute_kernel=t["compute_kernel"],
+            ranks=t["ranks"] or None,
+            sharding_spec=spec,
+        )
     return ShardingPlan(modules)
 
 
@@ -114,8 +156,10 @@ def load_plan(path: str | Path, cfg: Config, world_size: int, compute_device: st
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not a JSON plan (line {e.lineno})") from None
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
-        raise ConfigError(f"{path}: plan version {doc.get('version') if isinstance(doc, dict) else None!r}, "
-                          f"this dinrec reads version {PLAN_VERSION}")
+        raise ConfigError(
+            f"{path}: plan version {doc.get('version') if isinstance(doc, dict) else None!r}, "
+            f"this dinrec reads version {PLAN_VERSION}"
+        )
     hint = f"re-run `dinrec plan --world-size {world_size} --compute-device {compute_device} --out {path}`"
     if doc.get("world_size") != world_size:
         raise ConfigError(f"{path}: made for world size {doc.get('world_size')}, this run has {world_size} ({hint})")
@@ -128,30 +172,41 @@ def load_plan(path: str | Path, cfg: Config, world_size: int, compute_device: st
             raise ConfigError(f"{path}: stale: no table '{t.name}' in the plan ({hint})")
         for key in ("num_rows", "dim"):
             if old.get(key) != getattr(t, key):
-                raise ConfigError(f"{path}: stale: table '{t.name}' {key} was {old.get(key)}, "
-                                  f"is {getattr(t, key)} ({hint})")
+                raise ConfigError(
+                    f"{path}: stale: table '{t.name}' {key} was {old.get(key)}, is {getattr(t, key)} ({hint})"
+                )
     if doc.get("fingerprint") != fingerprint(cfg, world_size, compute_device):
-        raise ConfigError(f"{path}: stale: the tables' features, sharding hints, kernels or the sparse optimizer "
-                          f"changed since the plan was made ({hint})")
+        raise ConfigError(
+            f"{path}: stale: the tables' features, sharding hints, kernels or the sparse optimizer "
+            f"changed since the plan was made ({hint})"
+        )
     return sharding_plan(doc)
 
 
 def print_plan(doc: dict) -> None:
     """Per table: sharding, kernel, shards and ranks; per rank: HBM, DDR, estimated step time."""
-    print(f"plan for {doc['world_size']} × {doc['compute_device']} (HBM {gib(doc['capacity']['hbm_bytes'])}, "
-          f"DDR {gib(doc['capacity']['ddr_bytes'])} each), batch {doc['batch_size']} per rank, "
-          f"sparse optimizer {doc['sparse_optimizer']}")
+    print(
+        f"plan for {doc['world_size']} × {doc['compute_device']} (HBM {gib(doc['capacity']['hbm_bytes'])}, "
+        f"DDR {gib(doc['capacity']['ddr_bytes'])} each), batch {doc['batch_size']} per rank, "
+        f"sparse optimizer {doc['sparse_optimizer']}"
+    )
     print(f"{'table':<16} {'rows':>14} {'dim':>5} {'sharding':<15} {'kernel':<18} {'shards':>6}  ranks")
     for name, t in doc["tables"].items():
         spec = doc["table_specs"][name]
         ranks = sorted({s["rank"] for s in t["shards"]}) or t["ranks"]
         shown = ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
-        print(f"{name:<16} {spec['num_rows']:>14,} {spec['dim']:>5} {t['sharding_type']:<15} "
-              f"{t['compute_kernel']:<18} {len(t['shards']):>6}  {shown}")
+        print(
+            f"{name:<16} {spec['num_rows']:>14,} {spec['dim']:>5} {t['sharding_type']:<15} "
+            f"{t['compute_kernel']:<18} {len(t['shards']):>6}  {shown}"
+        )
     d = doc["dense_bytes"]
-    print(f"dense side on every rank (measured at batch {doc['batch_size']}, full histories): parameters with "
-          f"gradients and optimizer state {gib(d['parameters'])}, activations {gib(d['activations'])}")
+    print(
+        f"dense side on every rank (measured at batch {doc['batch_size']}, full histories): parameters with "
+        f"gradients and optimizer state {gib(d['parameters'])}, activations {gib(d['activations'])}"
+    )
     print(f"{'rank':>5} {'HBM':>12} {'DDR':>12} {'of which tables':>16} {'step, torchrec estimate':>24}")
     for r in doc["ranks"]:
-        print(f"{r['rank']:>5} {gib(r['hbm_bytes']):>12} {gib(r['ddr_bytes']):>12} {gib(r['table_bytes']):>16} "
-              f"{r['step_time_ms']:>21.3f} ms")
+        print(
+            f"{r['rank']:>5} {gib(r['hbm_bytes']):>12} {gib(r['ddr_bytes']):>12} {gib(r['table_bytes']):>16} "
+            f"{r['step_time_ms']:>21.3f} ms"
+        )

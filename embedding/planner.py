@@ -42,8 +42,11 @@ def constraints_for(layout: FeatureLayout) -> dict[str, ParameterConstraints]:
     survive sharding; the fused kernel keeps one update path for every table.)
     """
     return {
-        t.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel(t.compute_kernel).value],
-                                     sharding_types=list(t.sharding_types) or None, min_partition=t.min_partition)
+        t.name: ParameterConstraints(
+            compute_kernels=[EmbeddingComputeKernel(t.compute_kernel).value],
+            sharding_types=list(t.sharding_types) or None,
+            min_partition=t.min_partition,
+        )
         for t in layout.tables
     }
 
@@ -55,8 +58,9 @@ class MBAStorageEstimator(EmbeddingStorageEstimator):
     """torchrec's storage estimate plus the MBA count of every row of the tables that use MBA, on
     the memory that holds the shard (HBM on a GPU, DDR on the CPU)."""
 
-    def __init__(self, topology: Topology, constraints: dict[str, ParameterConstraints] | None,
-                 mba_tables: set[str]) -> None:
+    def __init__(
+        self, topology: Topology, constraints: dict[str, ParameterConstraints] | None, mba_tables: set[str]
+    ) -> None:
         super().__init__(topology=topology, constraints=constraints)
         self._mba_tables = set(mba_tables)
 
@@ -69,35 +73,44 @@ class MBAStorageEstimator(EmbeddingStorageEstimator):
             for shard in option.shards:
                 extra = shard.size[0] * MBA_BYTES_PER_ROW
                 shard.storage = dataclasses.replace(
-                    shard.storage, hbm=shard.storage.hbm + (extra if on_gpu else 0),
-                    ddr=shard.storage.ddr + (0 if on_gpu else extra))
+                    shard.storage,
+                    hbm=shard.storage.hbm + (extra if on_gpu else 0),
+                    ddr=shard.storage.ddr + (0 if on_gpu else extra),
+                )
 
 
-def make_enumerator(layout: FeatureLayout, topology: Topology, batch_size: int,
-                    mba: bool = False) -> EmbeddingEnumerator:
+def make_enumerator(
+    layout: FeatureLayout, topology: Topology, batch_size: int, mba: bool = False
+) -> EmbeddingEnumerator:
     """torchrec's enumerator with our constraints, estimating storage with the MBA counts."""
     constraints = constraints_for(layout)
     mba_tables = {t.name for t in layout.tables} if mba else set()
-    estimators = [EmbeddingPerfEstimator(topology=topology, constraints=constraints),
-                  MBAStorageEstimator(topology, constraints, mba_tables)]
-    return EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
-                               estimator=estimators)
+    estimators = [
+        EmbeddingPerfEstimator(topology=topology, constraints=constraints),
+        MBAStorageEstimator(topology, constraints, mba_tables),
+    ]
+    return EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators)
 
 
 RESERVED_PERCENTAGE = 0.15  # torchrec's default share of each device kept from the tables
 
 
-def make_planner(layout: FeatureLayout, topology: Topology, batch_size: int,
-                 mba: bool = False, dense_bytes: int | None = None) -> EmbeddingShardingPlanner:
+def make_planner(
+    layout: FeatureLayout, topology: Topology, batch_size: int, mba: bool = False, dense_bytes: int | None = None
+) -> EmbeddingShardingPlanner:
     """torchrec's planner with our constraints, the MBA counts in its storage estimate, and the
     dense side's measured memory (`dense_bytes`) in its storage reservation instead of
     torchrec's heuristic (6 x the dense parameters, activations not counted)."""
     with warnings.catch_warnings():  # its FutureWarning recommends passing dense_tensor_estimate, as here
         warnings.simplefilter("ignore", FutureWarning)
         reservation = HeuristicalStorageReservation(RESERVED_PERCENTAGE, dense_tensor_estimate=dense_bytes)
-    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints_for(layout),
-                                    enumerator=make_enumerator(layout, topology, batch_size, mba),
-                                    storage_reservation=reservation)
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints_for(layout),
+        enumerator=make_enumerator(layout, topology, batch_size, mba),
+        storage_reservation=reservation,
+    )
 
 
 def plan_on_the_fly(
@@ -145,16 +158,27 @@ def _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes):
         return None, planner
 
 
-def plan_offline(model: nn.Module, sharders: list, layout: FeatureLayout, world_size: int, compute_device: str,
-                 batch_size: int, mba: bool, dense_bytes: int, hbm: int | None = None, ddr: int | None = None,
-                 local_world_size: int | None = None):
+def plan_offline(
+    model: nn.Module,
+    sharders: list,
+    layout: FeatureLayout,
+    world_size: int,
+    compute_device: str,
+    batch_size: int,
+    mba: bool,
+    dense_bytes: int,
+    hbm: int | None = None,
+    ddr: int | None = None,
+    local_world_size: int | None = None,
+):
     """(plan, the planner's best sharding options, topology) for a model on meta (see
     trainer.sharding.model_on_meta); a one-line ConfigError when the tables do not fit."""
     topology = _topology(world_size, compute_device, hbm, ddr, local_world_size)
     plan, planner = _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes)
     if plan is None:
-        raise ConfigError(_infeasible(mba, model, sharders, layout, topology, batch_size, hbm, ddr, local_world_size,
-                                      dense_bytes))
+        raise ConfigError(
+            _infeasible(mba, model, sharders, layout, topology, batch_size, hbm, ddr, local_world_size, dense_bytes)
+        )
     return plan, planner._best_plan or [], topology
 
 
@@ -170,10 +194,12 @@ def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_w
     cap = getattr(topology.devices[0].storage, mem)
     world = topology.world_size
     if dense_bytes >= cap * (1 - RESERVED_PERCENTAGE):  # replicated: no world size helps
-        return (f"the dense side does not fit: it needs {gib(dense_bytes)} of {mem.upper()} on every rank (parameters, "
-                f"gradients, optimizer state and activations at batch {batch} with full histories) but each rank has "
-                f"{gib(cap)}, {gib(cap * (1 - RESERVED_PERCENTAGE))} after torchrec's {RESERVED_PERCENTAGE:.0%}; "
-                f"a smaller --batch-size or more {mem.upper()} per rank")
+        return (
+            f"the dense side does not fit: it needs {gib(dense_bytes)} of {mem.upper()} on every rank (parameters, "
+            f"gradients, optimizer state and activations at batch {batch} with full histories) but each rank has "
+            f"{gib(cap)}, {gib(cap * (1 - RESERVED_PERCENTAGE))} after torchrec's {RESERVED_PERCENTAGE:.0%}; "
+            f"a smaller --batch-size or more {mem.upper()} per rank"
+        )
 
     def plans_at(w: int) -> bool:
         t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
@@ -191,13 +217,16 @@ def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_w
         w *= 2
     try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
         reserved = make_planner(layout, topology, batch, mba, dense_bytes)._storage_reservation.reserve(
-            topology, batch, model, sharders, constraints_for(layout))
+            topology, batch, model, sharders, constraints_for(layout)
+        )
         usable = sum(getattr(d.storage, mem) for d in reserved.devices)
         avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense side, inputs, 15%)"
     except (AttributeError, TypeError):
         avail = "are available (before torchrec's reservation for dense parameters and inputs)"
     big = max(need, key=need.get)
     where = f"world size {fits}" if fits else f"no world size up to {MAX_WORLD} (more memory per rank)"
-    return (f"table '{big}' does not fit: it needs {gib(need[big])} of {mem.upper()} (all tables "
-            f"{gib(sum(need.values()))}, optimizer state and MBA counts included) but {world} × {gib(cap)} "
-            f"{avail}; the smallest that fits: {where}")
+    return (
+        f"table '{big}' does not fit: it needs {gib(need[big])} of {mem.upper()} (all tables "
+        f"{gib(sum(need.values()))}, optimizer state and MBA counts included) but {world} × {gib(cap)} "
+        f"{avail}; the smallest that fits: {where}"
+    )

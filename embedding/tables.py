@@ -28,9 +28,7 @@ def embedding_configs(layout: FeatureLayout) -> list[EmbeddingConfig]:
 def embedding_bag_configs(layout: FeatureLayout) -> list[EmbeddingBagConfig]:
     """The pooled tables (sum) for an EmbeddingBagCollection."""
     return [
-        EmbeddingBagConfig(
-            name=t.name, embedding_dim=t.dim, num_embeddings=t.num_rows, feature_names=list(t.features)
-        )
+        EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_rows, feature_names=list(t.features))
         for t in layout.pooled_tables
     ]
 

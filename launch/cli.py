@@ -21,10 +21,17 @@ from trainer.config import ConfigError, load_config
 def _config_args(p: argparse.ArgumentParser, required: bool = True, baseline: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML experiment config")
     if baseline:
-        p.add_argument("--baseline", metavar="RUN_DIR",
-                       help="a finished run's out_dir: adds RelaImpr (DIN paper Eq. 11) against its AUC and GAUC")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides with dotted keys, e.g. train.epochs=2 tables.0.dim=8")
+        p.add_argument(
+            "--baseline",
+            metavar="RUN_DIR",
+            help="a finished run's out_dir: adds RelaImpr (DIN paper Eq. 11) against its AUC and GAUC",
+        )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides with dotted keys, e.g. train.epochs=2 tables.0.dim=8",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -32,23 +39,38 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinrec", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="write synthetic click logs (train/test Parquet)",
-                       description=generate.__doc__.split("\n\n")[0])
+    g = sub.add_parser(
+        "generate",
+        help="write synthetic click logs (train/test Parquet)",
+        description=generate.__doc__.split("\n\n")[0],
+    )
     generate.add_arguments(g)
 
     convert.add_parser(sub)
 
     t = sub.add_parser("train", help="train a config; last line: final metrics as JSON")
     _config_args(t, baseline=True)
-    t.add_argument("--plan", metavar="PLAN_JSON", help="shard the tables by this plan file from `dinrec plan` "
-                   "(checked against the config and world size; default: plan on the fly)")
-    t.add_argument("--resume", nargs="?", const="latest", metavar="DIR|latest",
-                   help="continue from a checkpoint: 'latest' (the default) of train.out_dir, a checkpoint "
-                   "directory or a run directory; the same batches follow in the same order")
+    t.add_argument(
+        "--plan",
+        metavar="PLAN_JSON",
+        help="shard the tables by this plan file from `dinrec plan` "
+        "(checked against the config and world size; default: plan on the fly)",
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="DIR|latest",
+        help="continue from a checkpoint: 'latest' (the default) of train.out_dir, a checkpoint "
+        "directory or a run directory; the same batches follow in the same order",
+    )
 
-    pl = sub.add_parser("plan", help="plan the tables' sharding offline (torchrec planner, no GPU needed)",
-                        description="Runs torchrec's EmbeddingShardingPlanner on meta-device tables for a "
-                        "topology; prints per table and per rank, writes a plan file for `train --plan`.")
+    pl = sub.add_parser(
+        "plan",
+        help="plan the tables' sharding offline (torchrec planner, no GPU needed)",
+        description="Runs torchrec's EmbeddingShardingPlanner on meta-device tables for a "
+        "topology; prints per table and per rank, writes a plan file for `train --plan`.",
+    )
     _config_args(pl)
     pl.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs or CPU workers)")
     pl.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda", help="(default: %(default)s)")
@@ -60,12 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print only the JSON plan document")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set; last line: JSON")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint directory written by train, or a run "
-                   "directory (train.out_dir: its newest checkpoint)")
-    e.add_argument("--attention-plot", metavar="PNG", help="instead of the metrics: a PNG of one user's attention "
-                   "weights over their history for a few candidates (DIN, DIEN)")
-    e.add_argument("--user", type=int, help="with --attention-plot: the user_id (as in the data; default: the "
-                   "first test row with 8+ behaviours)")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory written by train, or a run directory (train.out_dir: its newest checkpoint)",
+    )
+    e.add_argument(
+        "--attention-plot",
+        metavar="PNG",
+        help="instead of the metrics: a PNG of one user's attention "
+        "weights over their history for a few candidates (DIN, DIEN)",
+    )
+    e.add_argument(
+        "--user",
+        type=int,
+        help="with --attention-plot: the user_id (as in the data; default: the first test row with 8+ behaviours)",
+    )
     e.add_argument("--candidates", type=int, default=4, help="with --attention-plot: candidates shown (default: 4)")
     _config_args(e, required=False, baseline=True)
 
@@ -140,19 +172,28 @@ def _run(args: argparse.Namespace) -> dict | None:
         if args.world_size < 1:
             raise ConfigError(f"plan: --world-size must be >= 1, got {args.world_size}")
         cfg = load_config(args.config, args.overrides)
-        doc = plan_for(cfg, args.world_size, args.compute_device,
-                           hbm=parse_size(args.hbm) if args.hbm else None,
-                           ddr=parse_size(args.ddr) if args.ddr else None,
-                           batch_size=args.batch_size, local_world_size=args.local_world_size)
+        doc = plan_for(
+            cfg,
+            args.world_size,
+            args.compute_device,
+            hbm=parse_size(args.hbm) if args.hbm else None,
+            ddr=parse_size(args.ddr) if args.ddr else None,
+            batch_size=args.batch_size,
+            local_world_size=args.local_world_size,
+        )
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(doc, f, indent=1)
         if args.json:
             return doc
         print_plan(doc)
-        return {"plan": args.out, "world_size": doc["world_size"], "fingerprint": doc["fingerprint"],
-                "max_hbm_bytes": max(r["hbm_bytes"] for r in doc["ranks"]),
-                "max_ddr_bytes": max(r["ddr_bytes"] for r in doc["ranks"])}
+        return {
+            "plan": args.out,
+            "world_size": doc["world_size"],
+            "fingerprint": doc["fingerprint"],
+            "max_hbm_bytes": max(r["hbm_bytes"] for r in doc["ranks"]),
+            "max_ddr_bytes": max(r["ddr_bytes"] for r in doc["ranks"]),
+        }
     if args.command == "train":
         # absolute: Ray workers may start in another directory
         overrides = [*args.overrides, f"train.plan={os.path.abspath(args.plan)}"] if args.plan else args.overrides

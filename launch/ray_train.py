@@ -77,8 +77,11 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
                 resources_per_worker=None if cfg.launch.use_gpu else {"CPU": 1},
             ),
             torch_config=TorchConfig(backend=backend(cfg)),
-            run_config=RunConfig(storage_path=str(storage), name="train",
-                                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures)),
+            run_config=RunConfig(
+                storage_path=str(storage),
+                name="train",
+                failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+            ),
         )
         try:
             result = trainer.fit()

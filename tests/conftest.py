@@ -77,8 +77,12 @@ def tiny_cfg(tiny_data, tmp_path):
     def make(*overrides: str):
         return load_config(
             ROOT / "configs" / "tiny.yaml",
-            [f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}",
-             f"train.out_dir={tmp_path / 'run'}", *overrides],
+            [
+                f"data.train={tiny_data / 'train'}",
+                f"data.test={tiny_data / 'test'}",
+                f"train.out_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
         )
 
     return make

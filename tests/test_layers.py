@@ -21,8 +21,15 @@ import pytest
 from tests.conftest import ROOT
 from tools.import_graph import Import, cycles, imports, package
 
-DISPATCHED = {"tools.generate", "tools.convert", "tools.bench", "tools.regularization", "tools.dien_experiment",
-              "tools.movielens_experiment", "tools.attention_plot"}
+DISPATCHED = {
+    "tools.generate",
+    "tools.convert",
+    "tools.bench",
+    "tools.regularization",
+    "tools.dien_experiment",
+    "tools.movielens_experiment",
+    "tools.attention_plot",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,11 @@ def where(e: Import) -> str:
 
 
 def test_embedding_imports_only_the_config(edges):
-    bad = [where(e) for e in edges if package(e.importer) == "embedding"
-           and package(e.imported) != "embedding" and e.imported != "trainer.config"]
+    bad = [
+        where(e)
+        for e in edges
+        if package(e.importer) == "embedding" and package(e.imported) != "embedding" and e.imported != "trainer.config"
+    ]
     assert not bad, bad
 
 
@@ -48,14 +58,22 @@ def test_trainer_imports_neither_launch_nor_tools(edges):
 
 
 def test_launch_imports_tools_only_to_dispatch_commands(edges):
-    bad = [where(e) for e in edges if package(e.importer) == "launch" and package(e.imported) == "tools"
-           and (e.importer != "launch.cli" or e.imported not in DISPATCHED)]
+    bad = [
+        where(e)
+        for e in edges
+        if package(e.importer) == "launch"
+        and package(e.imported) == "tools"
+        and (e.importer != "launch.cli" or e.imported not in DISPATCHED)
+    ]
     assert not bad, bad
 
 
 def test_tools_start_training_through_the_launcher_only(edges):
-    bad = [where(e) for e in edges if package(e.importer) == "tools" and package(e.imported) == "launch"
-           and e.imported != "launch.launcher"]
+    bad = [
+        where(e)
+        for e in edges
+        if package(e.importer) == "tools" and package(e.imported) == "launch" and e.imported != "launch.launcher"
+    ]
     assert not bad, bad
 
 
@@ -80,7 +98,9 @@ def test_in_function_imports_only_on_the_cli_start_up_path(edges):
 
 
 def test_cli_parser_loads_neither_torchrec_nor_ray():
-    code = ("import sys, launch.cli; launch.cli._parser(); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchrec', 'ray', 'fbgemm_gpu'}))")
+    code = (
+        "import sys, launch.cli; launch.cli._parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchrec', 'ray', 'fbgemm_gpu'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

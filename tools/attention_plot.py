@@ -72,8 +72,11 @@ def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) ->
             break
     keys = list(base.sparse.keys())
     n = len(per_key[keys[0]])
-    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([v for k in keys for v in per_key[k]]),
-                            lengths=torch.tensor([len(v) for k in keys for v in per_key[k]], dtype=torch.int32))
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat([v for k in keys for v in per_key[k]]),
+        lengths=torch.tensor([len(v) for k in keys for v in per_key[k]], dtype=torch.int32),
+    )
     batch = Batch(kjt, base.dense[r0 : r0 + 1].expand(n, -1).contiguous(), torch.zeros(n), base.users[r0].repeat(n))
     return batch, int(base.users[r0])
 
@@ -87,8 +90,9 @@ def _row(jt, r: int) -> torch.Tensor:
     return jt.values()[int(off[r]) : int(off[r + 1])]
 
 
-def attention_plot(cfg: Config, checkpoint_dir: str, path: Path, user: int | None = None,
-                   n_candidates: int = 4) -> dict:
+def attention_plot(
+    cfg: Config, checkpoint_dir: str, path: Path, user: int | None = None, n_candidates: int = 4
+) -> dict:
     if cfg.model.name not in ("din", "dien"):
         raise ConfigError(f"attention plot: model {cfg.model.name!r} has no attention (din or dien)")
     if n_candidates < 1:
@@ -114,13 +118,22 @@ def attention_plot(cfg: Config, checkpoint_dir: str, path: Path, user: int | Non
     def name(i, c):
         return f"{items[i] if items else i} · {cates[c] if cates else c}"
 
-    _draw(w, [name(i, c) for i, c in zip(hist_items, hist_cates, strict=True)],
-          [name(i, c) for i, c in zip(cand_items, cand_cates, strict=True)],
-          f"user {users[user_row] if users else user_row}", cfg.model.name, path)
-    return {"attention_plot": str(path), "model": cfg.model.name, "user_id": user_row,
-            "behaviours": len(hist_items), "candidates": [name(i, c) for i, c in zip(cand_items, cand_cates,
-                                                                                        strict=True)],
-            "weights": np.round(w, 4).tolist()}
+    _draw(
+        w,
+        [name(i, c) for i, c in zip(hist_items, hist_cates, strict=True)],
+        [name(i, c) for i, c in zip(cand_items, cand_cates, strict=True)],
+        f"user {users[user_row] if users else user_row}",
+        cfg.model.name,
+        path,
+    )
+    return {
+        "attention_plot": str(path),
+        "model": cfg.model.name,
+        "user_id": user_row,
+        "behaviours": len(hist_items),
+        "candidates": [name(i, c) for i, c in zip(cand_items, cand_cates, strict=True)],
+        "weights": np.round(w, 4).tolist(),
+    }
 
 
 def _draw(w: np.ndarray, behaviours: list[str], candidates: list[str], who: str, model: str, path: Path) -> None:

@@ -42,14 +42,22 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(tr)
     tr.add_argument("--steps", type=int, default=200, help="timed steps per model (default: %(default)s)")
     tr.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
-    tr.add_argument("--rounds", type=int, default=5,
-                    help="timed blocks, alternating dinrec and the reference (default: %(default)s)")
+    tr.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="timed blocks, alternating dinrec and the reference (default: %(default)s)",
+    )
     dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's C++ GRU kernel vs the step loop")
     config_args(dn)
     dn.add_argument("--steps", type=int, default=60, help="timed steps per model (default: %(default)s)")
     dn.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
-    dn.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)")
+    dn.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)",
+    )
     bench_embedding.add_parser(sub)
 
 
@@ -162,7 +170,9 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         raise ConfigError(f"bench train: model.name must be din (the reference is a DIN), got {cfg.model.name}")
     layout = FeatureLayout.from_config(cfg)
     if layout.pooled_tables or cfg.data.dense_features:
-        raise ConfigError("bench train: the reference DIN takes behaviour tables only (no pooled tables, no dense features)")
+        raise ConfigError(
+            "bench train: the reference DIN takes behaviour tables only (no pooled tables, no dense features)"
+        )
     if cfg.sparse_optimizer.type != "sgd":
         raise ConfigError("bench train: set sparse_optimizer.type=sgd (the reference uses SGD on sparse gradients)")
     if cfg.dense_optimizer.type != "adam":
@@ -252,8 +262,12 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
                 train=replace(cfg.train, epochs=1, limit_batches=steps, out_dir=f"{tmp}/w{w}"),
             )
             r = launcher.run(replace(c, launch=replace(c.launch, ray_address=None)))
-            runs[str(w)] = {"train_samples_per_s": r["train_samples_per_s"], "steps": r["steps"],
-                            "train_samples": r["train_samples"], "auc": r["auc"]}
+            runs[str(w)] = {
+                "train_samples_per_s": r["train_samples_per_s"],
+                "steps": r["steps"],
+                "train_samples": r["train_samples"],
+                "auc": r["auc"],
+            }
     base = runs[str(counts[0])]["train_samples_per_s"]
     return {
         "bench": "workers",

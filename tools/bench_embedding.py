@@ -39,13 +39,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--lam", type=float, default=0.01, help="MBA λ for b and c (default: %(default)s)")
-    p.add_argument("--kernels", default="auto",
-                   help="MBA kernels to time for b, comma-separated from auto,cpp,triton; the first gives "
-                        "the ratios (default: %(default)s = Triton on CUDA, C++ on the CPU)")
-    p.add_argument("--profile", action="store_true",
-                   help="also print torch.profiler's table of 10 MBA steps (first dim) to stderr")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="(default: cuda when available)")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        help="MBA kernels to time for b, comma-separated from auto,cpp,triton; the first gives "
+        "the ratios (default: %(default)s = Triton on CUDA, C++ on the CPU)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's table of 10 MBA steps (first dim) to stderr"
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: cuda when available)",
+    )
 
 
 def zipf_ids(rng: np.random.Generator, rows: int, n: int, s: float) -> np.ndarray:
@@ -65,10 +73,15 @@ def _fbgemm_tbe(rows: int, dim: int, device: torch.device, lr: float):
     )
 
     cuda = device.type == "cuda"
-    spec = (rows, dim, EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
-            ComputeDevice.CUDA if cuda else ComputeDevice.CPU)
-    return SplitTableBatchedEmbeddingBagsCodegen([spec], optimizer=EmbOptimType.EXACT_SGD, learning_rate=lr,
-                                                 pooling_mode=PoolingMode.SUM, device=device)
+    spec = (
+        rows,
+        dim,
+        EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
+        ComputeDevice.CUDA if cuda else ComputeDevice.CPU,
+    )
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [spec], optimizer=EmbOptimType.EXACT_SGD, learning_rate=lr, pooling_mode=PoolingMode.SUM, device=device
+    )
 
 
 def _timed(step, batches, warmup: int, steps: int, device: torch.device) -> float:
@@ -111,6 +124,7 @@ def _ops_per_step(step, batch) -> dict[str, int]:
                 return run(self, *args, **kwargs)
             finally:
                 inside[0] -= 1
+
         return wrapper
 
     with ExitStack() as stack:
@@ -142,9 +156,19 @@ def _profile(step, batches, device: torch.device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
 
 
-def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: float, steps: int, warmup: int,
-                    lam: float, device: torch.device, kernels: tuple[str, ...] = ("auto",),
-                    profile: bool = False) -> dict:
+def bench_embedding(
+    rows: int,
+    dims: list[int],
+    batch: int,
+    ids: int,
+    zipf: float,
+    steps: int,
+    warmup: int,
+    lam: float,
+    device: torch.device,
+    kernels: tuple[str, ...] = ("auto",),
+    profile: bool = False,
+) -> dict:
     from embedding.mba_tbe import MBAParams, MBATableBatchedEmbedding
 
     rng = np.random.default_rng(0)
@@ -199,17 +223,34 @@ def bench_embedding(rows: int, dims: list[int], batch: int, ids: int, zipf: floa
         t_c = _timed(step_c, batches, warmup, steps, device)
         del c
         first = t_b[kernels[0]]
-        results.append({"dim": dim, "a_fbgemm_exact_sgd_ms": round(t_a * 1e3, 3),
-                        **{f"b_mba_{k}_ms": round(t * 1e3, 3) for k, t in t_b.items()},
-                        "c_torch_sparse_sgd_l2_ms": round(t_c * 1e3, 3), "b_over_a": round(first / t_a, 3),
-                        "c_over_b": round(t_c / first, 3), "a_host_ops_per_step": ops_a,
-                        "b_host_ops_per_step": ops_b})
+        results.append(
+            {
+                "dim": dim,
+                "a_fbgemm_exact_sgd_ms": round(t_a * 1e3, 3),
+                **{f"b_mba_{k}_ms": round(t * 1e3, 3) for k, t in t_b.items()},
+                "c_torch_sparse_sgd_l2_ms": round(t_c * 1e3, 3),
+                "b_over_a": round(first / t_a, 3),
+                "c_over_b": round(t_c / first, 3),
+                "a_host_ops_per_step": ops_a,
+                "b_host_ops_per_step": ops_b,
+            }
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     auto = "triton" if device.type == "cuda" else "cpp"
-    return {"bench": "embedding", "device": name, "torch": torch.__version__, "mba_kernel_auto": auto,
-            "rows": rows, "batch": batch,
-            "ids_per_sample": ids, "zipf": zipf, "unique_ids_per_batch": int(np.mean(unique)), "lambda": lam,
-            "steps": steps, "results": results}
+    return {
+        "bench": "embedding",
+        "device": name,
+        "torch": torch.__version__,
+        "mba_kernel_auto": auto,
+        "rows": rows,
+        "batch": batch,
+        "ids_per_sample": ids,
+        "zipf": zipf,
+        "unique_ids_per_batch": int(np.mean(unique)),
+        "lambda": lam,
+        "steps": steps,
+        "results": results,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,11 +266,22 @@ def run(args: argparse.Namespace) -> dict:
     bad = [k for k in kernels if k not in ("auto", "cpp", "triton")]
     if bad:
         raise ConfigError(f"bench embedding: --kernels: unknown kernel {bad[0]!r} (auto, cpp, triton)")
-    return bench_embedding(args.rows, dims, args.batch, args.ids, args.zipf, args.steps, args.warmup, args.lam,
-                           torch.device(args.device), kernels, profile=args.profile)
+    return bench_embedding(
+        args.rows,
+        dims,
+        args.batch,
+        args.ids,
+        args.zipf,
+        args.steps,
+        args.warmup,
+        args.lam,
+        torch.device(args.device),
+        kernels,
+        profile=args.profile,
+    )
 
 
-if __name__ == "__main__":  # the GPU machine runs it without the console script
+if __name__ == "__main__":  # a GPU machine without the install runs it as a module
     parser = argparse.ArgumentParser(prog="bench_embedding")
     add_parser(parser.add_subparsers(dest="bench", required=True))
     print(json.dumps(run(parser.parse_args())))

@@ -41,17 +41,24 @@ def default_variants(evolution: str) -> list[str]:
 def names(evolution: str) -> dict[str, str]:
     """Table labels; `evolution` is the config's evolution layer."""
     e = evolution.upper()
-    return {"din": "DIN", "dien": f"DIEN ({e}, auxiliary loss)", "dien_no_aux": f"DIEN ({e}) without auxiliary loss",
-            **{v: f"DIEN with {v.upper()}" for v in EVOLUTIONS}}
+    return {
+        "din": "DIN",
+        "dien": f"DIEN ({e}, auxiliary loss)",
+        "dien_no_aux": f"DIEN ({e}) without auxiliary loss",
+        **{v: f"DIEN with {v.upper()}" for v in EVOLUTIONS},
+    }
 
 
 def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("dien", help="DIN vs DIEN, with and without auxiliary loss, AUGRU/AGRU/AIGRU, several seeds")
     config_args(p)
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
-    p.add_argument("--variants", default=None,
-                   help="comma-separated, of " + ",".join(VARIANTS) + " (default: din,dien,dien_no_aux and the two "
-                        "evolution layers the config does not name)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated, of " + ",".join(VARIANTS) + " (default: din,dien,dien_no_aux and the two "
+        "evolution layers the config does not name)",
+    )
     p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-dien.md)")
 
 
@@ -67,21 +74,42 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     for seed in seeds:
         for v in variants:
-            overrides = [*args.overrides, *VARIANTS[v], f"train.seed={seed}", f"data.seed={seed}",
-                         f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
+            overrides = [
+                *args.overrides,
+                *VARIANTS[v],
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                f"train.out_dir={base.train.out_dir}/{v}_seed{seed}",
+            ]
             r = launcher.run(fresh(load_config(args.config, overrides)))
-            runs[v].append({"seed": seed, **{k: r[k] for k in ("auc", "gauc", "logloss", "train_samples_per_s")},
-                            "oracle_auc": r.get("oracle_auc")})
+            runs[v].append(
+                {
+                    "seed": seed,
+                    **{k: r[k] for k in ("auc", "gauc", "logloss", "train_samples_per_s")},
+                    "oracle_auc": r.get("oracle_auc"),
+                }
+            )
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)
-    summary = {v: {k: mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss", "train_samples_per_s")}
-               for v, rs in runs.items()}
+    summary = {
+        v: {k: mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss", "train_samples_per_s")}
+        for v, rs in runs.items()
+    }
     if "din" in summary:
         for v in summary:
             summary[v]["rela_impr_auc"] = rela_impr(summary[v]["auc"][0], summary["din"]["auc"][0])
-    out = {"experiment": "dien", "config": args.config, "overrides": args.overrides, "seeds": seeds,
-           "evolution": base.model.evolution,
-           "epochs": base.train.epochs, "launcher": base.launch.launcher, "workers": base.launch.workers,
-           "minutes": round((time.perf_counter() - t0) / 60, 1), "summary": summary, "runs": runs}
+    out = {
+        "experiment": "dien",
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": seeds,
+        "evolution": base.model.evolution,
+        "epochs": base.train.epochs,
+        "launcher": base.launch.launcher,
+        "workers": base.launch.workers,
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "summary": summary,
+        "runs": runs,
+    }
     if args.out:
         Path(args.out).write_text(markdown(out))
     return out
@@ -104,7 +132,9 @@ def markdown(out: dict) -> str:
     label = names(out["evolution"])
     for v, s in out["summary"].items():
         ri = s.get("rela_impr_auc")
-        lines.append(f"| {label[v]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | "
-                     f"{'' if ri is None else f'{ri:+.1f} %'} |")
+        lines.append(
+            f"| {label[v]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | "
+            f"{'' if ri is None else f'{ri:+.1f} %'} |"
+        )
     lines += oracle_lines(out)
     return "\n".join(lines) + "\n"

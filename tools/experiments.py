@@ -43,4 +43,8 @@ def pm(pair: tuple[float, float], digits: int = 4) -> str:
 def oracle_lines(out: dict) -> list[str]:
     """The generator's oracle AUC (from the first run), when the data has one."""
     oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
-    return ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."] if oracle else []
+    return (
+        ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]
+        if oracle
+        else []
+    )

@@ -154,9 +154,7 @@ class World:
         from_interest = rng.random(n) < 0.5
         cur = cur_interests[u_local, t_flat - 1]  # interests at the time of the impression
         cate_pick = cur[np.arange(n), rng.integers(0, s.interests, n)]
-        cand = np.where(
-            from_interest, self.sample_in_cate(rng, cate_pick), self.sample_popular(rng, n)
-        )
+        cand = np.where(from_interest, self.sample_in_cate(rng, cate_pick), self.sample_popular(rng, n))
         # --- histories (jagged): the last hist_max behaviours before t, oldest first
         lengths = np.minimum(t_flat, s.hist_max)
         offsets = np.zeros(n + 1, np.int64)
@@ -168,8 +166,7 @@ class World:
         if s.from_history:  # retargeting: an item of the category of one behaviour of the history
             again = (rng.random(n) < s.from_history) & (lengths > 0)
             pick = offsets[:-1] + np.minimum((rng.random(n) * lengths).astype(np.int64), lengths - 1)
-            cand = np.where(again, self.sample_in_cate(rng, self.item_cate[hist_item[np.where(again, pick, 0)]]),
-                            cand)
+            cand = np.where(again, self.sample_in_cate(rng, self.item_cate[hist_item[np.where(again, pick, 0)]]), cand)
         # --- click model
         age = np.repeat(lengths, lengths) - 1 - within  # 0 for the most recent behaviour
         cos = np.einsum("ij,ij->i", self.item_vec[hist_item], np.repeat(self.item_vec[cand], lengths, 0))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call on the device machine (see ../shared/device/README.md for bringing
-# torchrec 1.6.1 + fbgemm-gpu 1.6.0 there). Run from the project root with PYTHONPATH set to the
+# The GPU checks, in one call on a GPU machine with torchrec 1.6.1 + fbgemm-gpu 1.6.0 importable.
+# Run from the project root with PYTHONPATH set to the
 # bundle and the project: `bash tools/gpu_checks.sh [SECTION ...]` (default: all, in this order);
 # results go to $OUT (default /tmp/gpu-out):
 #   dien:        pytest_dien_gpu.txt   DIEN's GRU kernel on CUDA against the step loop

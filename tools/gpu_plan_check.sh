@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Planned HBM (`dinrec plan`, 1 GPU) against torch.cuda.max_memory_allocated after training steps
-# with that plan, on the device machine (PYTHONPATH = the torchrec/fbgemm bundle and the project).
+# with that plan, on a GPU machine (PYTHONPATH = the torchrec/fbgemm bundle and the project).
 # Writes $OUT/plan_check.json.
 set -eu
 OUT=${OUT:-/tmp/gpu-out}

@@ -60,30 +60,31 @@ def imports() -> list[Import]:
     modules = project_modules()
     found: list[Import] = []
     for importer, path in modules.items():
-        package = importer if path.name == "__init__.py" else importer.rpartition(".")[0]
-
-        def visit(node: ast.AST, top: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and _is_type_checking(child):
-                    continue
-                nested = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                if isinstance(child, ast.Import):
-                    names = [a.name for a in child.names]
-                elif isinstance(child, ast.ImportFrom):
-                    base = child.module or ""
-                    if child.level:
-                        base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + [base])
-                        base = base.strip(".")
-                    names = [f"{base}.{a.name}" for a in child.names]
-                else:
-                    visit(child, nested)
-                    continue
-                for target in dict.fromkeys(_resolve(n, modules) for n in names):
-                    if target is not None and target != importer:
-                        found.append(Import(importer, target, child.lineno, top))
-
-        visit(ast.parse(path.read_text(), str(path)), True)
+        _visit(ast.parse(path.read_text(), str(path)), True, importer, path.name == "__init__.py", modules, found)
     return found
+
+
+def _visit(node: ast.AST, top: bool, importer: str, is_package: bool, modules: dict, found: list[Import]) -> None:
+    """The imports under `node` of module `importer`; `top`: still at the module's top level."""
+    package = importer if is_package else importer.rpartition(".")[0]
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            continue
+        if isinstance(child, ast.Import):
+            names = [a.name for a in child.names]
+        elif isinstance(child, ast.ImportFrom):
+            base = child.module or ""
+            if child.level:  # relative: up level − 1 packages from this module's package
+                parts = package.split(".")
+                base = ".".join([*parts[: len(parts) - child.level + 1], base]).strip(".")
+            names = [f"{base}.{a.name}" for a in child.names]
+        else:
+            nested = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            _visit(child, nested, importer, is_package, modules, found)
+            continue
+        for target in dict.fromkeys(_resolve(n, modules) for n in names):
+            if target is not None and target != importer:
+                found.append(Import(importer, target, child.lineno, top))
 
 
 def package(module: str) -> str:
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modules", action="store_true", help="module → module edges instead of packages")
     args = p.parse_args(argv)
     edges = imports()
-    key = (lambda e: (e.importer, e.imported)) if args.modules else (lambda e: (package(e.importer), package(e.imported)))
+    key = (
+        (lambda e: (e.importer, e.imported)) if args.modules else (lambda e: (package(e.importer), package(e.imported)))
+    )
     counts: dict[tuple[str, str], list[int]] = {}
     for e in edges:
         if not args.modules and package(e.importer) == package(e.imported):

@@ -47,14 +47,29 @@ def run(args: argparse.Namespace) -> dict:
     for seed in seeds:
         for m in MODELS:
             path = str(Path(args.configs) / f"movielens_{m}.yaml")
-            overrides = [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
-                         f"tables.0.num_rows={num_rows['item_id']}", f"tables.1.num_rows={num_rows['cate_id']}",
-                         *args.overrides, f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
-                         f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}"]
+            overrides = [
+                f"data.train={data / 'train'}",
+                f"data.test={data / 'test'}",
+                f"tables.0.num_rows={num_rows['item_id']}",
+                f"tables.1.num_rows={num_rows['cate_id']}",
+                *args.overrides,
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                "train.eval_every_epoch=true",
+                f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}",
+            ]
             r = launcher.run(fresh(load_config(path, overrides)))
             curve = [{k: e[k] for k in ("epoch", "auc", "gauc", "logloss")} for e in r["epochs"]]
-            runs[m].append({"seed": seed, "auc": r["auc"], "gauc": r["gauc"], "logloss": r["logloss"],
-                            "curve": curve, "train_samples_per_s": r["train_samples_per_s"]})
+            runs[m].append(
+                {
+                    "seed": seed,
+                    "auc": r["auc"],
+                    "gauc": r["gauc"],
+                    "logloss": r["logloss"],
+                    "curve": curve,
+                    "train_samples_per_s": r["train_samples_per_s"],
+                }
+            )
             print(json.dumps({"model": m, **{k: v for k, v in runs[m][-1].items() if k != "curve"}}), flush=True)
     # per epoch, mean ± std over seeds; RelaImpr of every epoch against BaseModel at that epoch
     summary = {}
@@ -70,9 +85,18 @@ def run(args: argparse.Namespace) -> dict:
             s["rela_impr_auc"] = rela_impr(s["auc"][0], base["auc"][0])
             s["rela_impr_gauc"] = rela_impr(s["gauc"][0], base["gauc"][0])
     cfg = load_config(str(Path(args.configs) / "movielens_din.yaml"), args.overrides)
-    out = {"experiment": "movielens", "data": str(data), "seeds": seeds, "overrides": args.overrides,
-           "epochs": cfg.train.epochs, "batch_size": cfg.data.batch_size, "rows": json.loads(meta.read_text())["rows"],
-           "minutes": round((time.perf_counter() - t0) / 60, 1), "summary": summary, "runs": runs}
+    out = {
+        "experiment": "movielens",
+        "data": str(data),
+        "seeds": seeds,
+        "overrides": args.overrides,
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.data.batch_size,
+        "rows": json.loads(meta.read_text())["rows"],
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "summary": summary,
+        "runs": runs,
+    }
     if args.plot:
         plot(out, Path(args.plot))
     if args.out:
@@ -121,20 +145,27 @@ def markdown(out: dict, plot_path: str | None) -> str:
         f"{out['rows']['test']:,} test rows). Batch {out['batch_size']}, {len(out['seeds'])} seeds, test metrics "
         "after every epoch, mean ± std over seeds. RelaImpr (Eq. 11) against BaseModel at the same epoch.",
         "",
-        "| model | " + " | ".join(f"test GAUC, epoch {e + 1}" for e in range(n_epochs))
+        "| model | "
+        + " | ".join(f"test GAUC, epoch {e + 1}" for e in range(n_epochs))
         + " | test AUC, epoch 1 | logloss, epoch 1 | RelaImpr GAUC / AUC, epoch 1 | paper, ML-20M AUC |",
         "| --- |" + " --- |" * (n_epochs + 4),
     ]
     for m, s in out["summary"].items():
         e1 = s["epochs"][0]
-        lines.append(f"| {MODELS[m]} | " + " | ".join(pm(st["gauc"]) for st in s["epochs"])
-                     + f" | {pm(e1['auc'])} | {pm(e1['logloss'])} | {e1['rela_impr_gauc']:+.2f} % / "
-                     f"{e1['rela_impr_auc']:+.2f} % | {PAPER[m]:.4f} |")
+        lines.append(
+            f"| {MODELS[m]} | "
+            + " | ".join(pm(st["gauc"]) for st in s["epochs"])
+            + f" | {pm(e1['auc'])} | {pm(e1['logloss'])} | {e1['rela_impr_gauc']:+.2f} % / "
+            f"{e1['rela_impr_auc']:+.2f} % | {PAPER[m]:.4f} |"
+        )
     order = sorted(first, key=lambda m: first[m]["gauc"][0])
-    lines += ["", f"The best test GAUC of every model is at epoch {best + 1}; ML-100K is about 200 times smaller "
-              "than the paper's ML-20M, and all three models overfit it after that (the curves). Order by test "
-              f"GAUC after epoch 1: {' < '.join(MODELS[m] for m in order)}. The paper's Table 3 (MovieLens-20M, "
-              "AUC): BaseModel 0.7300 < DIN 0.7337 < DIN with Dice 0.7348."]
+    lines += [
+        "",
+        f"The best test GAUC of every model is at epoch {best + 1}; ML-100K is about 200 times smaller "
+        "than the paper's ML-20M, and all three models overfit it after that (the curves). Order by test "
+        f"GAUC after epoch 1: {' < '.join(MODELS[m] for m in order)}. The paper's Table 3 (MovieLens-20M, "
+        "AUC): BaseModel 0.7300 < DIN 0.7337 < DIN with Dice 0.7348.",
+    ]
     if plot_path:
         lines += ["", f"![test GAUC per epoch]({Path(plot_path).name})"]
     return "\n".join(lines) + "\n"

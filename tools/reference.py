@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from embedding.layout import FeatureLayout
-from trainer.config import ModelConfig
 from trainer.batch import Batch
+from trainer.config import ModelConfig
 from trainer.models.layers import MLP
 
 
@@ -24,9 +24,7 @@ class ReferenceDIN(nn.Module):
             raise ValueError("the reference DIN supports behaviour tables only (no pooled tables)")
         self.layout = layout
         # One nn.Embedding per table; pair p looks up table_index[p].
-        self.tables = nn.ModuleList(
-            nn.Embedding(t.num_rows, t.dim, sparse=sparse_grad) for t in layout.seq_tables
-        )
+        self.tables = nn.ModuleList(nn.Embedding(t.num_rows, t.dim, sparse=sparse_grad) for t in layout.seq_tables)
         names = [t.name for t in layout.seq_tables]
         self.table_index = [names.index(layout.table_of(c).name) for c, _ in layout.pairs]
         d = layout.behaviour_dim
@@ -64,4 +62,3 @@ def padded_inputs(batch: Batch, layout: FeatureLayout, pad_to: int = 0) -> tuple
     for p, (_, h) in enumerate(layout.pairs):
         hist[:, :, p][mask] = jt[h].values()
     return cand, hist, mask.float()
-

@@ -51,9 +51,15 @@ def variant_overrides(name: str, base_type: str, lam: float, l2: float, dropout:
 def score(result: dict) -> dict:
     epochs = result.get("epochs") or [{"epoch": 0, **result}]
     best = max(epochs, key=lambda e: e["auc"])
-    return {"best_auc": best["auc"], "best_epoch": best["epoch"], "logloss_at_best": best["logloss"],
-            "final_auc": epochs[-1]["auc"], "final_logloss": epochs[-1]["logloss"],
-            "gauc_at_best": best["gauc"], "oracle_auc": result.get("oracle_auc")}
+    return {
+        "best_auc": best["auc"],
+        "best_epoch": best["epoch"],
+        "logloss_at_best": best["logloss"],
+        "final_auc": epochs[-1]["auc"],
+        "final_logloss": epochs[-1]["logloss"],
+        "gauc_at_best": best["gauc"],
+        "oracle_auc": result.get("oracle_auc"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,38 +69,58 @@ def run(args: argparse.Namespace) -> dict:
     variants = parse_variants(args.variants, VARIANTS)
     base = load_config(args.config, args.overrides)
     if base.sparse_optimizer.mba:
-        raise ConfigError(f"{args.config}: sparse_optimizer.type must be the optimizer without MBA "
-                         f"(got {base.sparse_optimizer.type!r}); the experiment adds MBA for its mba runs")
+        raise ConfigError(
+            f"{args.config}: sparse_optimizer.type must be the optimizer without MBA "
+            f"(got {base.sparse_optimizer.type!r}); the experiment adds MBA for its mba runs"
+        )
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     t0 = time.perf_counter()
     for seed in seeds:
         for v in variants:
-            overrides = [*args.overrides,
-                         *variant_overrides(v, base.sparse_optimizer.type, args.lam, args.l2, args.dropout),
-                         f"train.seed={seed}", f"data.seed={seed}", "train.eval_every_epoch=true",
-                         f"train.out_dir={base.train.out_dir}/{v}_seed{seed}"]
+            overrides = [
+                *args.overrides,
+                *variant_overrides(v, base.sparse_optimizer.type, args.lam, args.l2, args.dropout),
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                "train.eval_every_epoch=true",
+                f"train.out_dir={base.train.out_dir}/{v}_seed{seed}",
+            ]
             result = launcher.run(fresh(load_config(args.config, overrides)))
             runs[v].append({"seed": seed, **score(result)})
             print(json.dumps({"variant": v, **runs[v][-1]}), flush=True)
     summary = {}
     for v, rs in runs.items():
-        summary[v] = {k: mean_std([r[k] for r in rs]) for k in ("best_auc", "logloss_at_best", "final_auc",
-                                                                 "final_logloss", "gauc_at_best")}
+        summary[v] = {
+            k: mean_std([r[k] for r in rs])
+            for k in ("best_auc", "logloss_at_best", "final_auc", "final_logloss", "gauc_at_best")
+        }
     if "none" in summary:
         ref = summary["none"]["best_auc"][0]
         for v in summary:
             summary[v]["rela_impr_best_auc"] = rela_impr(summary[v]["best_auc"][0], ref)  # percent
-    out = {"experiment": "regularization", "config": args.config, "overrides": args.overrides, "seeds": seeds,
-           "lambda": args.lam, "l2": args.l2, "dropout": args.dropout, "epochs": base.train.epochs,
-           "minutes": round((time.perf_counter() - t0) / 60, 1), "summary": summary, "runs": runs}
+    out = {
+        "experiment": "regularization",
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": seeds,
+        "lambda": args.lam,
+        "l2": args.l2,
+        "dropout": args.dropout,
+        "epochs": base.train.epochs,
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "summary": summary,
+        "runs": runs,
+    }
     if args.out:
         Path(args.out).write_text(markdown(out))
     return out
 
 
 def markdown(out: dict) -> str:
-    cmd = (f"dinrec experiment regularization --config {out['config']} --seeds {','.join(map(str, out['seeds']))} "
-           f"--lam {out['lambda']} --l2 {out['l2']} --dropout {out['dropout']}")
+    cmd = (
+        f"dinrec experiment regularization --config {out['config']} --seeds {','.join(map(str, out['seeds']))} "
+        f"--lam {out['lambda']} --l2 {out['l2']} --dropout {out['dropout']}"
+    )
     lines = [
         "# Regularization on a synthetic world set up to overfit (DIN paper §6.5, Table 4)",
         "",
@@ -105,11 +131,17 @@ def markdown(out: dict) -> str:
         "| regularization | best test AUC | logloss at best | RelaImpr | final-epoch AUC | final-epoch logloss |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    names = {"none": "none", "dropout": f"dropout (ids, p={out['dropout']})",
-             "l2_all": f"plain L2 on all parameters ({out['l2']})", "mba": f"MBA (λ={out['lambda']})"}
+    names = {
+        "none": "none",
+        "dropout": f"dropout (ids, p={out['dropout']})",
+        "l2_all": f"plain L2 on all parameters ({out['l2']})",
+        "mba": f"MBA (λ={out['lambda']})",
+    }
     for v, s in out["summary"].items():
         ri = s.get("rela_impr_best_auc")
-        lines.append(f"| {names[v]} | {pm(s['best_auc'])} | {pm(s['logloss_at_best'])} | "
-                     f"{'' if ri is None else f'{ri:+.1f} %'} | {pm(s['final_auc'])} | {pm(s['final_logloss'])} |")
+        lines.append(
+            f"| {names[v]} | {pm(s['best_auc'])} | {pm(s['logloss_at_best'])} | "
+            f"{'' if ri is None else f'{ri:+.1f} %'} | {pm(s['final_auc'])} | {pm(s['final_logloss'])} |"
+        )
     lines += oracle_lines(out)
     return "\n".join(lines) + "\n"

@@ -46,12 +46,12 @@ def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.
             raise ValueError(f"id dropout: {k} and {targeted[0]} have different lengths per sample")
     keep = torch.rand(int(lengths.sum()), generator=generator) >= p
     sample = jagged_rows(lengths.long(), keep.numel())
-    new_lengths = torch.zeros_like(lengths).index_add_(0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype))
+    new_lengths = torch.zeros_like(lengths).index_add_(
+        0, sample[keep], torch.ones_like(sample[keep], dtype=lengths.dtype)
+    )
     values, out_lengths = [], []
     for k in kjt.keys():
         jt = jts[k]
         values.append(jt.values()[keep] if k in keys else jt.values())
         out_lengths.append(new_lengths if k in keys else jt.lengths())
     return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(out_lengths))
-
-

@@ -42,8 +42,18 @@ _NAME = re.compile(r"^step-(\d{9})$")
 
 # Keys that do not change the weights a run produces (where it writes, how often it logs or saves,
 # how it is launched, how many epochs it runs in all): a checkpoint resumes under other values.
-_FREE = {"launch", "train.out_dir", "train.plan", "train.resume", "train.log_every", "train.checkpoint_every",
-         "train.keep_checkpoints", "train.epochs", "train.eval_every_epoch", "data.prefetch"}
+_FREE = {
+    "launch",
+    "train.out_dir",
+    "train.plan",
+    "train.resume",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.epochs",
+    "train.eval_every_epoch",
+    "data.prefetch",
+}
 
 
 def root(out_dir: str | Path) -> Path:
@@ -145,8 +155,11 @@ def sparse_optimizer_state(model: nn.Module) -> dict:
     fused = getattr(model, "fused_optimizer", None)
     if fused is None:
         return {}
-    return {f"{param}/{name}": value for param, states in fused.state_dict()["state"].items()
-            for name, value in states.items()}
+    return {
+        f"{param}/{name}": value
+        for param, states in fused.state_dict()["state"].items()
+        for name, value in states.items()
+    }
 
 
 def _dense_params(model: nn.Module) -> list[str]:
@@ -247,17 +260,27 @@ def save(
         return final
     if dist.is_initialized():
         dist.barrier()
-    state = {"model": model.state_dict(), "sparse_optimizer": sparse_optimizer_state(model),
-             "rng": _rank_state(rank, generators or {})}
+    state = {
+        "model": model.state_dict(),
+        "sparse_optimizer": sparse_optimizer_state(model),
+        "rng": _rank_state(rank, generators or {}),
+    }
     if dense_opt is not None:
         state["dense_optimizer"] = dense_optimizer_state(model, dense_opt)
     dcp.save(state, checkpoint_id=str(tmp))
     faults.point("checkpoint", rank, step, out_dir)
     if rank == 0:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        full = {"format": FORMAT, "step": step, "world_size": world, "config_fingerprint": config_fingerprint(cfg),
-                **manifest, "ranks": positions, "write_seconds": round(time.perf_counter() - t0, 3),
-                "bytes": sum(f.stat().st_size for f in tmp.iterdir())}
+        full = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": world,
+            "config_fingerprint": config_fingerprint(cfg),
+            **manifest,
+            "ranks": positions,
+            "write_seconds": round(time.perf_counter() - t0, 3),
+            "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
+        }
         _write_synced(tmp / MANIFEST, json.dumps(full, indent=1))
         os.replace(tmp, final)
         if keep > 0:

@@ -68,11 +68,10 @@ class ModelConfig:
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.
     id_dropout: float = 0.0
-    # DIEN (dien-paper.md §4): the interest evolving layer's GRU, and α of Eq. 7, the weight of
+    # DIEN (the DIEN paper, §4): the interest evolving layer's GRU, and α of Eq. 7, the weight of
     # the interest extractor's auxiliary loss (0: no auxiliary loss, no negatives looked up).
     # L_aux (Eq. 6) sums over the steps of a history, so it is about (mean history length) × a
-    # per-step loss (chance: 2 log 2); on the default synthetic data (46 steps) α = 0.05 ends
-    # training at α·L_aux ≈ 2.2 beside a click loss of 0.5.
+    # per-step loss (chance: 2 log 2), many times the click loss: α is small (docs/dien.md).
     evolution: Literal["augru", "agru", "aigru"] = "augru"
     aux_loss: float = 0.05
     # σ(h_t, e) of Eq. 6: `inner`, the paper's inner product h_t·e (H = D); `mlp`, the authors'
@@ -176,9 +175,7 @@ def _to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None
-) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> Config:
     """Read a YAML file (or start from `base`, or from the defaults), apply `a.b=value` overrides."""
     raw: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
@@ -340,7 +337,8 @@ class _CHECKS:
         if c.type == "sgd_mba" and c.lr * c.lam >= 1:
             raise ConfigError(
                 f"{path}.lambda: lr·lambda = {c.lr * c.lam:g} >= 1: Eq. 7 scales a row seen in one sample by "
-                f"1 − lr·lambda/n_j <= 0 (choose lambda < {1 / c.lr:g})")
+                f"1 − lr·lambda/n_j <= 0 (choose lambda < {1 / c.lr:g})"
+            )
         if c.l2_all < 0:
             raise ConfigError(f"{path}.l2_all: must be >= 0, got {c.l2_all}")
         if c.l2_all and c.lr * c.l2_all >= 1:
@@ -378,15 +376,15 @@ class _CHECKS:
             names.add(t.name)
             for f in t.features:
                 if f in seen:
-                    raise ConfigError(
-                        f"tables.{i}.features: feature {f!r} already read by table {seen[f]!r}"
-                    )
+                    raise ConfigError(f"tables.{i}.features: feature {f!r} already read by table {seen[f]!r}")
                 seen[f] = t.name
         for i, t in enumerate(c.tables):
             for f in t.features:
                 if is_negative(f):
-                    raise ConfigError(f"tables.{i}.features: {f!r}: DIEN's negatives are added to the table of "
-                                      f"their behaviours by themselves (model.aux_loss > 0); do not list them")
+                    raise ConfigError(
+                        f"tables.{i}.features: {f!r}: DIEN's negatives are added to the table of "
+                        f"their behaviours by themselves (model.aux_loss > 0); do not list them"
+                    )
                 candidate = candidate_of(f)
                 if candidate is not None and candidate not in t.features:
                     raise ConfigError(
@@ -398,8 +396,10 @@ class _CHECKS:
                 raise ConfigError(f"tables: no table reads the required feature {required!r}")
         for i, t in enumerate(c.tables):
             if c.sparse_optimizer.mba and t.compute_kernel != "fused":
-                raise ConfigError(f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
-                                  "the MBA optimizer runs on the fused kernel only")
+                raise ConfigError(
+                    f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
+                    "the MBA optimizer runs on the fused kernel only"
+                )
         seq_dims = {t.dim for t in c.tables if any(candidate_of(f) for f in t.features)}
         if len(seq_dims) > 1:
             raise ConfigError(

@@ -31,8 +31,7 @@ def counts_dir(cfg: Config) -> Path:
 def fingerprint(cfg: Config, table: TableConfig, files: list[str]) -> str:
     """What a table's counts depend on: its rows, features, id map, the history cut, the files."""
     stats = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
-    key = json.dumps([FORMAT, table.num_rows, sorted(table.features), table.id_map,
-                      cfg.data.max_hist_len, stats])
+    key = json.dumps([FORMAT, table.num_rows, sorted(table.features), table.id_map, cfg.data.max_hist_len, stats])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -59,8 +58,13 @@ def count_rows(stream: ParquetStream, progress: bool = True) -> tuple[dict[str, 
 def write_counts(cfg: Config, progress: bool = True) -> dict:
     """`dinrec count-features`: count the training data, write counts/ next to it."""
     files = resolve_paths(cfg.data.train)
-    stream = ParquetStream(files, FeatureLayout.from_config(cfg), batch_size=cfg.data.batch_size,
-                           max_hist_len=cfg.data.max_hist_len, shuffle=False)
+    stream = ParquetStream(
+        files,
+        FeatureLayout.from_config(cfg),
+        batch_size=cfg.data.batch_size,
+        max_hist_len=cfg.data.max_hist_len,
+        shuffle=False,
+    )
     t0 = time.perf_counter()
     counts, samples = count_rows(stream, progress)
     out = counts_dir(cfg)
@@ -75,8 +79,12 @@ def write_counts(cfg: Config, progress: bool = True) -> dict:
             "max_count": int(counts[t.name].max()),
         }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return {"counts": str(out), "samples": samples, "seconds": round(time.perf_counter() - t0, 2),
-            "tables": manifest["tables"]}
+    return {
+        "counts": str(out),
+        "samples": samples,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "tables": manifest["tables"],
+    }
 
 
 def load_counts(cfg: Config, table: TableConfig) -> np.ndarray:

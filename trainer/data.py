@@ -32,7 +32,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embedding.layout import FeatureLayout, is_sequence
 from embedding.tables import hash_ids
 from trainer.batch import Batch
-from embedding.tables import hash_ids
 
 
 class DataError(ValueError):
@@ -102,8 +101,13 @@ def _keep_last(off: np.ndarray, val: np.ndarray, max_len: int) -> tuple[np.ndarr
     return _offsets(np.minimum(lengths, max_len)), val[keep]
 
 
-def sample_negatives(lists: dict[str, tuple[np.ndarray, np.ndarray]], negatives: list[tuple[str, str]],
-                     how: str, rng: np.random.Generator, tries: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def sample_negatives(
+    lists: dict[str, tuple[np.ndarray, np.ndarray]],
+    negatives: list[tuple[str, str]],
+    how: str,
+    rng: np.random.Generator,
+    tries: int = 8,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A negative behaviour for every behaviour of a row group, aligned with the history.
 
     Each negative is another behaviour position of the row group, and every feature of the
@@ -225,8 +229,10 @@ class ParquetStream:
         present = [n for n in negatives if n in schema.names]
         if present and len(present) < len(negatives):
             missing = next(n for n in negatives if n not in schema.names)
-            raise DataError(f"{path}: column '{missing}': missing (the file has '{present[0]}': DIEN's negatives "
-                            "come from the file for every behaviour feature or for none)")
+            raise DataError(
+                f"{path}: column '{missing}': missing (the file has '{present[0]}': DIEN's negatives "
+                "come from the file for every behaviour feature or for none)"
+            )
         for f in self.layout.keys:
             if f in negatives and not present:
                 continue  # sampled by the reader
@@ -453,7 +459,9 @@ def _prefetch(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
         thread.join()
 
 
-def stream_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, shuffle: bool | None = None) -> ParquetStream:
+def stream_from_config(
+    cfg, split: str, rank: int = 0, world_size: int = 1, shuffle: bool | None = None
+) -> ParquetStream:
     """The stream of `split` ('train' or 'test') as the config describes it."""
     spec = cfg.data.train if split == "train" else cfg.data.test
     return ParquetStream(
@@ -469,4 +477,3 @@ def stream_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, shuf
         shuffle=(split == "train") if shuffle is None else shuffle,
         prefetch=cfg.data.prefetch,
     )
-

@@ -37,8 +37,10 @@ def dense_memory(cfg: Config, batch_size: int) -> dict[str, int]:
 
 
 def _measure(cfg: Config, batch_size: int) -> dict[str, int]:
-    small = dataclasses.replace(cfg, tables=[dataclasses.replace(t, num_rows=min(t.num_rows, SMALL_ROWS), id_map="identity")
-                                             for t in cfg.tables])
+    small = dataclasses.replace(
+        cfg,
+        tables=[dataclasses.replace(t, num_rows=min(t.num_rows, SMALL_ROWS), id_map="identity") for t in cfg.tables],
+    )
     layout = FeatureLayout.from_config(small)
     torch.manual_seed(0)
     model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("cpu"))

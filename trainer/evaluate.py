@@ -36,14 +36,16 @@ def average_buffers(model: nn.Module, world: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: ParquetStream, progress: bool = False,
-             device: torch.device | None = None) -> dict:
+def evaluate(
+    model: nn.Module, stream: ParquetStream, progress: bool = False, device: torch.device | None = None
+) -> dict:
     """Exact AUC, GAUC (Eq. 10) and logloss over every rank's share of the eval set."""
     model.eval()
     device = device or torch.device("cpu")
     probs, labels, users, oracle = [], [], [], []
-    with tqdm(total=stream.rows_for(0), unit="samples", unit_scale=True, desc="eval", disable=not progress,
-              mininterval=1.0) as bar:
+    with tqdm(
+        total=stream.rows_for(0), unit="samples", unit_scale=True, desc="eval", disable=not progress, mininterval=1.0
+    ) as bar:
         for batch in stream.epoch(0):
             probs.append(torch.sigmoid(model(batch.to(device))).cpu().numpy())
             labels.append(batch.labels.numpy())

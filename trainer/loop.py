@@ -11,14 +11,18 @@ evaluate, checkpoint. Only rank 0 logs and writes.
       evaluate        the test set, then the final checkpoint
 
 The model, its sharding and the optimizers come from trainer.sharding; one step is
-trainer.step.train_step, the place a pipelined step (torchrec's TrainPipelineSparseDist) takes.
+trainer.step.train_step over the batches of `epoch_batches`: the place where a pipelined step
+(torchrec's TrainPipelineSparseDist, whose `progress` takes that iterator) goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -29,16 +33,16 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from embedding.layout import FeatureLayout
+from embedding.plan import fingerprint as plan_fingerprint
 from trainer import checkpoint, faults
-from trainer.batch import drop_ids
+from trainer.batch import Batch, drop_ids
 from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, stream_from_config
 from trainer.evaluate import average_buffers, evaluate
 from trainer.resume import resume_point, run_identity
 from trainer.sharding import AllRowsDecay, all_rows_decay, build_model, dense_optimizer, process_group, worker_device
 from trainer.step import train_step
-from embedding.layout import FeatureLayout
-from embedding.plan import fingerprint as plan_fingerprint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -113,10 +117,23 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
         generators = {"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)}
         stream = stream_from_config(cfg, "train", rank, world)
         with open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
-            run = Run(cfg=cfg, rank=rank, world=world, device=device, out=out, tag=tag, model=model, opt=opt,
-                      decay=decay, generators=generators, stream=stream, log=log, progress=progress,
-                      plan_fingerprint=plan_fingerprint(cfg, world, device.type),
-                      dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys))
+            run = Run(
+                cfg=cfg,
+                rank=rank,
+                world=world,
+                device=device,
+                out=out,
+                tag=tag,
+                model=model,
+                opt=opt,
+                decay=decay,
+                generators=generators,
+                stream=stream,
+                log=log,
+                progress=progress,
+                plan_fingerprint=plan_fingerprint(cfg, world, device.type),
+                dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys),
+            )
             at = resume(run, start_from) if start_from is not None else Position()
             run.speed = Speed()  # the run's speed counts from here
             last = cfg.train.epochs - 1
@@ -145,10 +162,16 @@ def resume(run: Run, path: Path) -> Position:
         raise ConfigError(
             f"{path}: written by {manifest['world_size']} rank(s) in the middle of epoch {epoch} "
             f"(after batch {batches}), it resumes on {manifest['world_size']} rank(s) only; a checkpoint "
-            f"at an epoch end resumes on any number")
+            f"at an epoch end resumes on any number"
+        )
     checkpoint.load(path, run.model, run.opt, run.generators if same_world else None)
-    log_record(run, step=manifest["step"], resumed_from=str(path),
-               load_seconds=round(time.perf_counter() - t_load, 3), world_size=run.world)
+    log_record(
+        run,
+        step=manifest["step"],
+        resumed_from=str(path),
+        load_seconds=round(time.perf_counter() - t_load, 3),
+        world_size=run.world,
+    )
     return Position(epoch, batches, manifest["step"], manifest["samples"], manifest["epoch_evals"])
 
 
@@ -164,17 +187,17 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
     if world > 1 and first == 0:
         rows = run.stream.rows_per_rank(epoch)
         log_record(run, epoch=epoch, rows_per_rank=rows, padding_rows=world * max(rows) - sum(rows))
-    with tqdm(total=run.stream.steps_for(epoch) * global_batch, initial=first * global_batch, unit="samples",
-              unit_scale=True, desc=f"epoch {epoch}", disable=not run.progress or run.rank != 0,
-              mininterval=1.0) as bar:
-        for batch in run.stream.epoch(epoch, first):
-            if at.batch >= n:
-                break
-            if cfg.model.id_dropout:
-                batch.sparse = drop_ids(batch.sparse, run.dropout_keys, cfg.model.id_dropout,
-                                        run.generators["dropout"])
-            loss = train_step(run.model, run.opt, batch.to(run.device), run.decay,
-                              lambda loss: check_finite(run, at, loss))
+    with tqdm(
+        total=run.stream.steps_for(epoch) * global_batch,
+        initial=first * global_batch,
+        unit="samples",
+        unit_scale=True,
+        desc=f"epoch {epoch}",
+        disable=not run.progress or run.rank != 0,
+        mininterval=1.0,
+    ) as bar:
+        for batch in epoch_batches(run, epoch, first, n):
+            loss = train_step(run.model, run.opt, batch, run.decay, functools.partial(check_finite, run, at))
             at.step += 1
             at.batch += 1
             at.samples += len(batch) * world
@@ -189,6 +212,15 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
             faults.point("kill", run.rank, at.step, run.out)
 
 
+def epoch_batches(run: Run, epoch: int, first: int, n: int) -> Iterator[Batch]:
+    """This rank's batches `first` .. `n` − 1 of `epoch`, ready for the step: id dropout applied,
+    on the device. (A pipelined step, torchrec's TrainPipelineSparseDist, takes this iterator.)"""
+    for batch in itertools.islice(run.stream.epoch(epoch, first), n - first):
+        if run.cfg.model.id_dropout:
+            batch.sparse = drop_ids(batch.sparse, run.dropout_keys, run.cfg.model.id_dropout, run.generators["dropout"])
+        yield batch.to(run.device)
+
+
 def check_finite(run: Run, at: Position, loss: torch.Tensor) -> torch.Tensor:
     """The loss, if every rank's is finite (all ranks agree); else stop before the update."""
     loss = faults.poison(loss, run.rank, at.step + 1, run.out)
@@ -197,8 +229,10 @@ def check_finite(run: Run, at: Position, loss: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
         good = checkpoint.latest(checkpoint.root(run.out))
-        raise NonFiniteLoss(f"non-finite training loss at step {at.step + 1} (epoch {at.epoch}, batch {at.batch}): "
-                            f"stopped before its update; last good checkpoint: {good or 'none'}")
+        raise NonFiniteLoss(
+            f"non-finite training loss at step {at.step + 1} (epoch {at.epoch}, batch {at.batch}): "
+            f"stopped before its update; last good checkpoint: {good or 'none'}"
+        )
     return loss
 
 
@@ -207,8 +241,14 @@ def log_loss(run: Run, at: Position, bar: tqdm) -> None:
     mean = mean_over_ranks(run.speed.loss_sum / run.speed.loss_n, run.world, run.device)
     if run.log:
         bar.set_postfix(loss=f"{mean:.4f}")
-        log_record(run, step=at.step, epoch=at.epoch, samples=at.samples, loss=mean,
-                   samples_per_s=run.speed.samples / (time.perf_counter() - run.speed.t0))
+        log_record(
+            run,
+            step=at.step,
+            epoch=at.epoch,
+            samples=at.samples,
+            loss=mean,
+            samples_per_s=run.speed.samples / (time.perf_counter() - run.speed.t0),
+        )
     run.speed.loss_sum, run.speed.loss_n = 0.0, 0
 
 
@@ -227,12 +267,26 @@ def save(run: Run, at: Position) -> Path:
     if done >= run.batches_in(epoch):
         epoch, done = epoch + 1, 0
     where = {"epoch": epoch, "batches": done}
-    meta = {"run_id": run.tag, "position": where, "samples": at.samples, "epoch_evals": at.epoch_evals,
-            "plan": {"file": run.cfg.train.plan, "fingerprint": run.plan_fingerprint}}
+    meta = {
+        "run_id": run.tag,
+        "position": where,
+        "samples": at.samples,
+        "epoch_evals": at.epoch_evals,
+        "plan": {"file": run.cfg.train.plan, "fingerprint": run.plan_fingerprint},
+    }
     mine = run.stream.position(epoch, done) if epoch < run.cfg.train.epochs else where
     average_buffers(run.model, run.world)
-    return checkpoint.save(run.out, at.step, run.model, run.cfg, meta, run.opt, run.generators,
-                           {**mine, "rank": run.rank}, keep=run.cfg.train.keep_checkpoints)
+    return checkpoint.save(
+        run.out,
+        at.step,
+        run.model,
+        run.cfg,
+        meta,
+        run.opt,
+        run.generators,
+        {**mine, "rank": run.rank},
+        keep=run.cfg.train.keep_checkpoints,
+    )
 
 
 def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
@@ -248,8 +302,9 @@ def finish(run: Run, at: Position) -> dict:
     cfg = run.cfg
     train_seconds = time.perf_counter() - run.speed.t0
     average_buffers(run.model, run.world)
-    result = evaluate(run.model, stream_from_config(cfg, "test", run.rank, run.world),
-                      run.progress and run.rank == 0, run.device)
+    result = evaluate(
+        run.model, stream_from_config(cfg, "test", run.rank, run.world), run.progress and run.rank == 0, run.device
+    )
     if cfg.train.eval_every_epoch:
         result["epochs"] = [*at.epoch_evals, {"epoch": cfg.train.epochs - 1, **result}]
     trained = run.speed.samples

@@ -43,6 +43,8 @@ def resume_point(cfg: Config, continue_id: str | None) -> Path | None:
         return checkpoint.resolve(cfg.train.resume, cfg.train.out_dir)
     existing = checkpoint.latest(base)
     if existing is not None:
-        raise ConfigError(f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
-                          "continue it with --resume latest, or train into another train.out_dir")
+        raise ConfigError(
+            f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
+            "continue it with --resume latest, or train into another train.out_dir"
+        )
     return None

@@ -59,8 +59,9 @@ def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
         # torchrun restarts (--max-restarts) may meet the keys of the attempt before in the store
         # (gloo then connects to a dead rank's address): each attempt has its own key space
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend(cfg), store=dist.PrefixStore(f"dinrec/attempt-{attempt}", store),
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            backend(cfg), store=dist.PrefixStore(f"dinrec/attempt-{attempt}", store), rank=rank, world_size=world
+        )
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -93,15 +94,24 @@ def model_on_meta(cfg: Config) -> tuple[nn.Module, FeatureLayout]:
     return model, layout
 
 
-def sharding_plan(cfg: Config, model: nn.Module, sharders: list, layout: FeatureLayout, world_size: int,
-                  device: torch.device) -> ShardingPlan:
+def sharding_plan(
+    cfg: Config, model: nn.Module, sharders: list, layout: FeatureLayout, world_size: int, device: torch.device
+) -> ShardingPlan:
     """The plan file of `train.plan` (checked against this run), else torchrec's planner on rank 0,
     broadcast, with the same dense-side reservation as `dinrec plan`."""
     if cfg.train.plan:
         return load_plan(cfg.train.plan, cfg, world_size, device.type)
     dense = dense_memory(cfg, cfg.data.batch_size)
-    return plan_on_the_fly(model, layout, sharders, world_size, cfg.data.batch_size, device.type,
-                           mba=cfg.sparse_optimizer.mba, dense_bytes=sum(dense.values()))
+    return plan_on_the_fly(
+        model,
+        layout,
+        sharders,
+        world_size,
+        cfg.data.batch_size,
+        device.type,
+        mba=cfg.sparse_optimizer.mba,
+        dense_bytes=sum(dense.values()),
+    )
 
 
 def build_model(cfg: Config, world_size: int, device: torch.device) -> DistributedModelParallel:
@@ -166,8 +176,12 @@ class AllRowsDecay:
     def __init__(self, cfg: Config, model: nn.Module):
         sopt = cfg.sparse_optimizer
         self.factor = 1.0 - sopt.lr * sopt.l2_all
-        self.shards = [shard.tensor for key, v in model.state_dict().items()
-                       if key.startswith("sparse.") and isinstance(v, ShardedTensor) for shard in v.local_shards()]
+        self.shards = [
+            shard.tensor
+            for key, v in model.state_dict().items()
+            if key.startswith("sparse.") and isinstance(v, ShardedTensor)
+            for shard in v.local_shards()
+        ]
 
     def __call__(self) -> None:
         # .data: FBGEMM's autograd node holds the weights only to update them in its backward, so
@@ -181,15 +195,31 @@ def all_rows_decay(cfg: Config, model: nn.Module) -> AllRowsDecay | None:
     return AllRowsDecay(cfg, model) if cfg.sparse_optimizer.l2_all else None
 
 
-def plan_for(cfg: Config, world_size: int, compute_device: str = "cuda", hbm: int | None = None,
-             ddr: int | None = None, batch_size: int | None = None, local_world_size: int | None = None) -> dict:
+def plan_for(
+    cfg: Config,
+    world_size: int,
+    compute_device: str = "cuda",
+    hbm: int | None = None,
+    ddr: int | None = None,
+    batch_size: int | None = None,
+    local_world_size: int | None = None,
+) -> dict:
     """`dinrec plan`: the config planned offline for a topology; the plan document (see
     docs/plan-format.md), or a one-line ConfigError when the tables do not fit."""
     model, layout = model_on_meta(cfg)
     batch = batch_size or cfg.data.batch_size
     dense = dense_memory(cfg, batch)
-    plan, best, topology = plan_offline(model, sharders_for(cfg.sparse_optimizer), layout, world_size,
-                                        compute_device, batch, mba=cfg.sparse_optimizer.mba,
-                                        dense_bytes=sum(dense.values()), hbm=hbm, ddr=ddr,
-                                        local_world_size=local_world_size)
+    plan, best, topology = plan_offline(
+        model,
+        sharders_for(cfg.sparse_optimizer),
+        layout,
+        world_size,
+        compute_device,
+        batch,
+        mba=cfg.sparse_optimizer.mba,
+        dense_bytes=sum(dense.values()),
+        hbm=hbm,
+        ddr=ddr,
+        local_world_size=local_world_size,
+    )
     return plan_document(cfg, plan, best, topology, batch, dense)

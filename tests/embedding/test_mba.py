@@ -98,8 +98,9 @@ def test_update_matches_eq7_over_several_steps(device, kernel, adagrad, lam):
         grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
         touched |= set(rows)
         run_update(KERNELS[kernel], views, mviews, counts, rows, grads, 0.1, lam, adagrad)
-        ref_w, ref_s = numpy_step(ref_w, ref_s, n, rows, [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)],
-                                  0.1, lam, adagrad)
+        ref_w, ref_s = numpy_step(
+            ref_w, ref_s, n, rows, [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, lam, adagrad
+        )
         for t in range(2):
             np.testing.assert_allclose(views[t].cpu().numpy(), ref_w[t], rtol=1e-5, atol=1e-5)
             if adagrad:
@@ -122,14 +123,24 @@ def test_half_storage_fp32_math(device, kernel, dtype):
     n = [rng.integers(1, 5, r).astype(np.int32) for r in ROWS]
     rows = [(int(t), int(rng.integers(0, ROWS[t]))) for t in rng.integers(0, 2, 30)]
     grads = rng.standard_normal((30, max(DIMS))).astype(np.float32)
-    run_update(KERNELS[kernel], views, mviews, torch.tensor(np.concatenate(n), device=device), rows, grads,
-               0.1, 0.3, False)
-    ref, _ = numpy_step(stored, [np.zeros(r) for r in ROWS], n, rows,
-                        [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], 0.1, 0.3, False)
+    run_update(
+        KERNELS[kernel], views, mviews, torch.tensor(np.concatenate(n), device=device), rows, grads, 0.1, 0.3, False
+    )
+    ref, _ = numpy_step(
+        stored,
+        [np.zeros(r) for r in ROWS],
+        n,
+        rows,
+        [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)],
+        0.1,
+        0.3,
+        False,
+    )
     for t in range(2):
         assert views[t].dtype == dtype
-        np.testing.assert_allclose(views[t].float().cpu().numpy(), torch.tensor(ref[t]).to(dtype).float().numpy(),
-                                   rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(
+            views[t].float().cpu().numpy(), torch.tensor(ref[t]).to(dtype).float().numpy(), rtol=1e-2, atol=1e-2
+        )
 
 
 TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -137,8 +148,16 @@ TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 def assert_one_step(views, mviews, w0, n, rows, grads, adagrad, lr=0.1, lam=0.5):
     """The tables (and Adagrad sums) after one step from w0 equal the numpy step with counts n."""
-    ref, ref_s = numpy_step(w0, [np.zeros(r) for r in ROWS], n, rows,
-                            [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)], lr, lam, adagrad)
+    ref, ref_s = numpy_step(
+        w0,
+        [np.zeros(r) for r in ROWS],
+        n,
+        rows,
+        [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)],
+        lr,
+        lam,
+        adagrad,
+    )
     for t in range(2):
         np.testing.assert_allclose(views[t].cpu().numpy(), ref[t], rtol=1e-4, atol=1e-5)
         if adagrad:
@@ -154,12 +173,26 @@ def test_triton_rows_spanning_many_chunks(device, monkeypatch):
     w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
     n = [rng.integers(1, 20, r).astype(np.int32) for r in ROWS]
     _, views, mviews = make_group(w0, torch.float32, device)
-    rows = [(0, 7)] * (mba_triton.CHUNK * 5 + 3) + [(0, 8)] * (mba_triton.CHUNK * 2 + 50) + [(1, 0)] * 3 + [(1, 1)] * mba_triton.CHUNK
+    rows = (
+        [(0, 7)] * (mba_triton.CHUNK * 5 + 3)
+        + [(0, 8)] * (mba_triton.CHUNK * 2 + 50)
+        + [(1, 0)] * 3
+        + [(1, 1)] * mba_triton.CHUNK
+    )
     rows += [(int(t), int(rng.integers(0, ROWS[t]))) for t in rng.integers(0, 2, 100)]
     grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
     for adagrad in (False, True):
-        run_update(mba_triton.update_rows_triton, views, mviews, torch.tensor(np.concatenate(n), device=device), rows,
-                   grads, 0.1, 0.5, adagrad)
+        run_update(
+            mba_triton.update_rows_triton,
+            views,
+            mviews,
+            torch.tensor(np.concatenate(n), device=device),
+            rows,
+            grads,
+            0.1,
+            0.5,
+            adagrad,
+        )
         assert_one_step(views, mviews, w0, n, rows, grads, adagrad)
         for t in range(2):
             views[t].copy_(torch.tensor(w0[t]))
@@ -180,8 +213,10 @@ def test_online_counts_counted_before_the_step(device, kernel, adagrad, monkeypa
     n_samples = 40
     occ = [((0, 7), s) for s in np.repeat(np.arange(n_samples), 9)]  # 360 occurrences, 40 samples
     occ += [((0, 8), s) for s in rng.integers(0, 6, mba_triton.CHUNK + 30)]
-    occ += [((int(t), int(rng.integers(0, ROWS[t]))), int(s)) for t, s in zip(rng.integers(0, 2, 80),
-                                                                             rng.integers(0, n_samples, 80), strict=True)]
+    occ += [
+        ((int(t), int(rng.integers(0, ROWS[t]))), int(s))
+        for t, s in zip(rng.integers(0, 2, 80), rng.integers(0, n_samples, 80), strict=True)
+    ]
     rows, samples = [r for r, _ in occ], [s for _, s in occ]
     grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
     run_update(KERNELS[kernel], views, mviews, counts, rows, grads, 0.1, 0.5, adagrad, samples, n_samples)
@@ -218,14 +253,16 @@ def test_occurrences_match_a_loop_over_bags(impl, pooled, features):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = rng.integers(0, 20, offsets[-1])
     flat = torch.zeros(30 * 12 + 20 * 4, device=device)  # two tables in one storage, as FBGEMM lays out a group
-    layout = mba.TableLayout.of([flat[:360].view(30, 12), flat[360:].view(20, 4)], None,
-                                torch.zeros(50, dtype=torch.int32, device=device))
+    layout = mba.TableLayout.of(
+        [flat[:360].view(30, 12), flat[360:].view(20, 4)], None, torch.zeros(50, dtype=torch.int32, device=device)
+    )
     dims = [12, 4]
     cols = np.concatenate([[0], np.cumsum([dims[t] for t in features])[:-1]])
     stride = int(sum(dims[t] for t in features)) if pooled else 12
     bags = mba.Bags(batch, torch.tensor(features, device=device), torch.tensor(cols, device=device), pooled)
-    lin, src, sample = fn(layout, bags, torch.tensor(ids, device=device), torch.tensor(offsets, device=device), stride,
-                          True)
+    lin, src, sample = fn(
+        layout, bags, torch.tensor(ids, device=device), torch.tensor(offsets, device=device), stride, True
+    )
     expected = loop_occurrences(ids.tolist(), offsets.tolist(), batch, features, [0, 30], cols.tolist(), stride, pooled)
     got = list(zip(lin.tolist(), src.tolist(), sample.tolist(), strict=True))
     assert got == expected
@@ -249,7 +286,13 @@ def test_triton_kernels_compile_for_the_gpu():
     """The Triton kernels, as the wrappers launch them, compile for an H100 (sm_90) with Triton's
     compiler and ptxas, here without a GPU (the interpreter above does not lower them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))"],
-                       env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))"],
+        env=env,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert int(p.stdout.split()[-1]) == 4 + 3 * 3 * 2  # occurrences; per dim, carry + update of 3 variants

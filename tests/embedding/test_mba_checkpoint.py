@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from embedding import mba_tbe
-from trainer.counts import load_counts
 from launch.cli import main
 from tests.conftest import ROOT
+from trainer.counts import load_counts
 
 
 def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tiny_train_copy, tmp_path):
@@ -18,9 +18,16 @@ def test_checkpoint_restores_mba_counts_and_adagrad_state(tiny_data, tiny_train_
     from trainer.sharding import build_model, process_group
 
     data = tiny_train_copy
-    overrides = [f"data.train={data}", f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'run'}",
-                 "train.epochs=1", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",
-                 "sparse_optimizer.counts=online", "tables.1.sharding_types=[column_wise]"]
+    overrides = [
+        f"data.train={data}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.epochs=1",
+        "sparse_optimizer.type=rowwise_adagrad_mba",
+        "sparse_optimizer.lambda=0.1",
+        "sparse_optimizer.counts=online",
+        "tables.1.sharding_types=[column_wise]",
+    ]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     train(cfg, progress=False)
     assert main(["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", *overrides]) == 0

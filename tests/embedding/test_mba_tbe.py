@@ -22,12 +22,23 @@ def fbgemm(rows_dims, feature_table, pooled, device):
     )
 
     cuda = device == "cuda"
-    specs = [(r, d, EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
-              ComputeDevice.CUDA if cuda else ComputeDevice.CPU) for r, d in rows_dims]
-    return SplitTableBatchedEmbeddingBagsCodegen(specs, feature_table_map=feature_table,
-                                                 optimizer=EmbOptimType.EXACT_SGD, learning_rate=LR,
-                                                 pooling_mode=PoolingMode.SUM if pooled else PoolingMode.NONE,
-                                                 device=torch.device(device))
+    specs = [
+        (
+            r,
+            d,
+            EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
+            ComputeDevice.CUDA if cuda else ComputeDevice.CPU,
+        )
+        for r, d in rows_dims
+    ]
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        specs,
+        feature_table_map=feature_table,
+        optimizer=EmbOptimType.EXACT_SGD,
+        learning_rate=LR,
+        pooling_mode=PoolingMode.SUM if pooled else PoolingMode.NONE,
+        device=torch.device(device),
+    )
 
 
 GROUPS = {  # rows_dims, feature → table, pooled
@@ -37,9 +48,9 @@ GROUPS = {  # rows_dims, feature → table, pooled
 }
 
 
-
-
-@pytest.mark.parametrize("device,kernel", [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)])
+@pytest.mark.parametrize(
+    "device,kernel", [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)]
+)
 @pytest.mark.parametrize("group", GROUPS)
 def test_lookup_and_lambda_zero_step_equal_fbgemm(group, device, kernel):
     rows_dims, feature_table, pooled = GROUPS[group]
@@ -59,8 +70,13 @@ def test_lookup_and_lambda_zero_step_equal_fbgemm(group, device, kernel):
         lengths = rng.integers(0, 4, batch * len(feature_table))
         lengths[[0, 4, -1]] = 0
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=device)
-        indices = torch.tensor(np.concatenate([rng.integers(0, rows_dims[feature_table[b // batch]][0], n)
-                                               for b, n in enumerate(lengths)]), dtype=torch.int64, device=device)
+        indices = torch.tensor(
+            np.concatenate(
+                [rng.integers(0, rows_dims[feature_table[b // batch]][0], n) for b, n in enumerate(lengths)]
+            ),
+            dtype=torch.int64,
+            device=device,
+        )
         with torch.no_grad():
             torch.testing.assert_close(mba(indices, offsets), ref(indices, offsets), rtol=1e-6, atol=1e-6)
         out_ref, out = ref(indices, offsets), mba(indices, offsets)

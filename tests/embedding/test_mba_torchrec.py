@@ -116,12 +116,20 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         class Model(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.ebc = EmbeddingBagCollection(device=meta, tables=[
-                    EmbeddingBagConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
-                    for t, (r, d, f) in POOLED.items()])
-                self.ec = EmbeddingCollection(device=meta, tables=[
-                    EmbeddingConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
-                    for t, (r, d, f) in SEQ.items()])
+                self.ebc = EmbeddingBagCollection(
+                    device=meta,
+                    tables=[
+                        EmbeddingBagConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
+                        for t, (r, d, f) in POOLED.items()
+                    ],
+                )
+                self.ec = EmbeddingCollection(
+                    device=meta,
+                    tables=[
+                        EmbeddingConfig(name=t, num_embeddings=r, embedding_dim=d, feature_names=f)
+                        for t, (r, d, f) in SEQ.items()
+                    ],
+                )
 
             def forward(self, kjt_bag, kjt_seq, grads):
                 pooled = self.ebc(kjt_bag).to_dict()
@@ -138,11 +146,16 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
             fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=opts["lam"], counts=opts["counts"], kernel=opts["kernel"])}
         sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
         # torchrec shards sequence tables (EmbeddingCollection) every way but table-row-wise
-        constraints = {t: ParameterConstraints(sharding_types=["row_wise" if t in SEQ and opts["sharding"] ==
-                                                               "table_row_wise" else opts["sharding"]],
-                                               compute_kernels=["fused"]) for t in TABLES}
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
-                                           constraints=constraints)
+        constraints = {
+            t: ParameterConstraints(
+                sharding_types=["row_wise" if t in SEQ and opts["sharding"] == "table_row_wise" else opts["sharding"]],
+                compute_kernels=["fused"],
+            )
+            for t in TABLES
+        }
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=world, compute_device=device.type), constraints=constraints
+        )
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
 
@@ -167,8 +180,9 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
                 start = ln[:lo].sum()
                 lengths.append(torch.tensor(ln[lo:hi]))
                 values.append(torch.tensor(ids[start : start + ln[lo:hi].sum()]))
-            return KeyedJaggedTensor(keys=names, values=torch.cat(values).long(),
-                                     lengths=torch.cat(lengths).int()).to(device)
+            return KeyedJaggedTensor(keys=names, values=torch.cat(values).long(), lengths=torch.cat(lengths).int()).to(
+                device
+            )
 
         bag_names = [f for _, _, fs in POOLED.values() for f in fs]
         seq_names = [f for _, _, fs in SEQ.values() for f in fs]
@@ -185,9 +199,11 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
             loss = dmp(kjt(feats, bag_names, lo, hi), kjt(feats, seq_names, lo, hi), local) * world
             loss.backward()
         weights = [(t, *shard.metadata.shard_offsets, shard.tensor.cpu().numpy().copy()) for t, shard in shards()]
-        counts = [(table.name, table.local_metadata.shard_offsets[0], c.cpu().numpy().copy())
-                  for kernel, module in mba_tbe.mba_modules(dmp)
-                  for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True)]
+        counts = [
+            (table.name, table.local_metadata.shard_offsets[0], c.cpu().numpy().copy())
+            for kernel, module in mba_tbe.mba_modules(dmp)
+            for table, c in zip(kernel.config.embedding_tables, module.counts_by_table(), strict=True)
+        ]
         opt_state = dmp.fused_optimizer.state_dict()["state"]
         opt_keys = sorted(f"{key}:{name}:{type(v).__name__}" for key, st in opt_state.items() for name, v in st.items())
         gathered = [None] * world
@@ -203,16 +219,26 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
 def run(tmp_path, world=1, data_world=None, **opts):
     """Train STEPS steps on `world` gloo ranks; returns full weights, counts, optimizer state keys
     and the inputs. The global batches hold B * data_world samples (default: B per rank)."""
-    opts = {"base": "sgd", "lam": 0.5, "counts": "online", "kernel": "auto", "sharding": "table_wise",
-            "device": "cpu", **opts}
+    opts = {
+        "base": "sgd",
+        "lam": 0.5,
+        "counts": "online",
+        "kernel": "auto",
+        "sharding": "table_wise",
+        "device": "cpu",
+        **opts,
+    }
     batches = make_batches(0, data_world or world)
     w0 = initial_weights(0)
     rng = np.random.default_rng(7)
-    counts0 = {t: rng.integers(0 if opts["counts"] == "online" else 1, 9, r).astype(np.int32)
-               for t, (r, _, _) in TABLES.items()}
+    counts0 = {
+        t: rng.integers(0 if opts["counts"] == "online" else 1, 9, r).astype(np.int32)
+        for t, (r, _, _) in TABLES.items()
+    }
     out = str(tmp_path / f"out{world}.pt")
-    mp.start_processes(worker, args=(world, free_port(), opts, batches, w0, counts0, out), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(world, free_port(), opts, batches, w0, counts0, out), nprocs=world, start_method="spawn"
+    )
     per_rank = torch.load(out, weights_only=False)
     weights = {t: np.full((r, d), np.nan, np.float32) for t, (r, d, _) in TABLES.items()}
     counts = {t: np.full(r, -1, np.int64) for t, (r, _, _) in TABLES.items()}
@@ -250,8 +276,10 @@ def test_mba_in_torchrec_matches_numpy_eq7(tmp_path, case):
     # n_j is a row-wise state of the fused optimizer, sharded like its table (torchrec names a
     # table's first state `momentum1` whatever it is: with SGD that first state is n_j)
     name = "mba_count" if case["base"] == "rowwise_adagrad" else "momentum1"
-    assert {f"{p}.{t}.weight:{t}.{name}:ShardedTensor" for p, t in [
-        ("ebc.embedding_bags", "t1"), ("ebc.embedding_bags", "t2"), ("ec.embeddings", "s")]} <= res["opt_keys"], res["opt_keys"]
+    assert {
+        f"{p}.{t}.weight:{t}.{name}:ShardedTensor"
+        for p, t in [("ebc.embedding_bags", "t1"), ("ebc.embedding_bags", "t2"), ("ec.embeddings", "s")]
+    } <= res["opt_keys"], res["opt_keys"]
 
 
 @pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
@@ -272,11 +300,16 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, sharding, base):
     check_against_numpy(two, base, online=True)
 
 
-
-
 @CUDA
-@pytest.mark.parametrize("sharding,base", [("table_wise", "sgd"), ("row_wise", "rowwise_adagrad"),
-                                           ("column_wise", "sgd"), ("table_row_wise", "rowwise_adagrad")])
+@pytest.mark.parametrize(
+    "sharding,base",
+    [
+        ("table_wise", "sgd"),
+        ("row_wise", "rowwise_adagrad"),
+        ("column_wise", "sgd"),
+        ("table_row_wise", "rowwise_adagrad"),
+    ],
+)
 def test_cuda_nccl_mba_matches_numpy_eq7(tmp_path, sharding, base):
     """On the GPU: NCCL, world size 1, the Triton kernel (kernel auto), every GPU sharding type."""
     res = run(tmp_path, device="cuda", sharding=sharding, base=base)

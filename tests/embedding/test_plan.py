@@ -13,17 +13,23 @@ import torch.multiprocessing as mp
 
 from embedding.plan import load_plan, parse_size
 from launch.cli import main
-from tests.conftest import ROOT
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from trainer.config import ConfigError, load_config
 
 TINY = str(ROOT / "configs/tiny.yaml")
 
 
 def shard_layout(model):
-    return {name: (ps.sharding_type, ps.compute_kernel, list(ps.ranks or []),
-                   [(list(s.shard_offsets), list(s.shard_sizes), str(s.placement)) for s in ps.sharding_spec.shards])
-            for params in model.plan.plan.values() for name, ps in params.items()}
+    return {
+        name: (
+            ps.sharding_type,
+            ps.compute_kernel,
+            list(ps.ranks or []),
+            [(list(s.shard_offsets), list(s.shard_sizes), str(s.placement)) for s in ps.sharding_spec.shards],
+        )
+        for params in model.plan.plan.values()
+        for name, ps in params.items()
+    }
 
 
 def worker(rank, world, port, overrides, out):
@@ -45,17 +51,23 @@ def worker(rank, world, port, overrides, out):
 @pytest.mark.multiprocess
 def test_plan_file_shards_like_planning_on_the_fly(tiny_data, tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    base = [f"data.train={tiny_data / 'train'}", "sparse_optimizer.type=sgd_mba", "sparse_optimizer.lambda=0.01",
-            "tables.1.sharding_types=[column_wise]"]
-    assert main(["plan", "--config", TINY, "--world-size", "2", "--compute-device", "cpu", "--out", str(plan),
-                 *base]) == 0
+    base = [
+        f"data.train={tiny_data / 'train'}",
+        "sparse_optimizer.type=sgd_mba",
+        "sparse_optimizer.lambda=0.01",
+        "tables.1.sharding_types=[column_wise]",
+    ]
+    assert (
+        main(["plan", "--config", TINY, "--world-size", "2", "--compute-device", "cpu", "--out", str(plan), *base]) == 0
+    )
     printed = capsys.readouterr().out
     assert "item" in printed and "rank" in printed
     doc = json.loads(plan.read_text())
     assert doc["version"] == 1 and doc["world_size"] == 2 and len(doc["ranks"]) == 2
     out = tmp_path / "layouts.json"
-    mp.start_processes(worker, args=(2, free_port(), [base, [*base, f"train.plan={plan}"]], str(out)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(2, free_port(), [base, [*base, f"train.plan={plan}"]], str(out)), nprocs=2, start_method="spawn"
+    )
     on_the_fly, from_file = json.loads(out.read_text())
     assert on_the_fly == from_file
     assert on_the_fly["cate"][0] == "column_wise" and {t for t in on_the_fly} == {"item", "cate", "user"}
@@ -63,8 +75,10 @@ def test_plan_file_shards_like_planning_on_the_fly(tiny_data, tmp_path, capsys):
 
 def test_stale_plans_are_refused(tiny_data, tmp_path):
     plan = tmp_path / "plan.json"
-    assert main(["plan", "--config", TINY, "--world-size", "2", "--compute-device", "cpu", "--out", str(plan),
-                 "--json"]) == 0
+    assert (
+        main(["plan", "--config", TINY, "--world-size", "2", "--compute-device", "cpu", "--out", str(plan), "--json"])
+        == 0
+    )
     cfg = load_config(TINY)
     load_plan(plan, cfg, 2, "cpu")  # the matching run accepts it
     with pytest.raises(ConfigError, match="made for world size 2, this run has 1"):
@@ -97,7 +111,9 @@ def test_a_dense_side_larger_than_the_device_is_named(capsys):
     assert main(["plan", "--config", TINY, "--world-size", "1", "--hbm", "160KiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    m = re.match(r"dinrec plan: error: the dense side does not fit: it needs ([0-9.]+) MiB of HBM on every rank", err[0])
+    m = re.match(
+        r"dinrec plan: error: the dense side does not fit: it needs ([0-9.]+) MiB of HBM on every rank", err[0]
+    )
     assert m and float(m.group(1)) > 160 / 1024, err[0]
     assert err[0].endswith("a smaller --batch-size or more HBM per rank")
 
@@ -107,8 +123,8 @@ def test_dense_side_estimate_counts_parameters_and_the_saved_activations():
     moments); activations at least the attention unit's per-behaviour input [B, T, 2 x 16]
     ([e, e ⊙ v]) in float32, which its first matmul keeps for the backward, and linear in the
     batch size."""
-    from trainer.dense_memory import dense_memory
     from trainer.config import load_config
+    from trainer.dense_memory import dense_memory
 
     cfg = load_config(TINY, [])
     a, b = dense_memory(cfg, 64), dense_memory(cfg, 128)
@@ -124,8 +140,25 @@ def test_dense_side_estimate_counts_parameters_and_the_saved_activations():
 
 def test_billion_row_config_plans_for_64_gpus_within_their_memory(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    assert main(["plan", "--config", str(ROOT / "configs/billion.yaml"), "--world-size", "64", "--hbm", "80GiB",
-                 "--local-world-size", "8", "--out", str(plan), "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                str(ROOT / "configs/billion.yaml"),
+                "--world-size",
+                "64",
+                "--hbm",
+                "80GiB",
+                "--local-world-size",
+                "8",
+                "--out",
+                str(plan),
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(plan.read_text())
     assert doc["tables"]["item"]["sharding_type"] in ("row_wise", "table_row_wise")
     assert len(doc["ranks"]) == 64

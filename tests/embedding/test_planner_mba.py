@@ -9,8 +9,8 @@ from torchrec.distributed.planner.types import Topology
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from embedding.planner import make_enumerator
 from embedding.layout import FeatureLayout
+from embedding.planner import make_enumerator
 from trainer.models import MODELS
 
 

@@ -21,16 +21,44 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.ray
 
-POSITION_BLIND = ["--users", "40000", "--impressions-per-user", "30", "--test-per-user", "5", "--min-hist", "5",
-                  "--drift", "0.08", "--gamma", "2.0", "--current", "0", "--from-history", "0"]
+POSITION_BLIND = [
+    "--users",
+    "40000",
+    "--impressions-per-user",
+    "30",
+    "--test-per-user",
+    "5",
+    "--min-hist",
+    "5",
+    "--drift",
+    "0.08",
+    "--gamma",
+    "2.0",
+    "--current",
+    "0",
+    "--from-history",
+    "0",
+]
 CI_POSITION_BLIND = [*POSITION_BLIND, "--users", "6000"]  # 150k training rows
 CI_DEFAULT = ["--users", "18000"]  # 144k training rows
 
 
 def train(capsys, name, data, out, *overrides) -> dict:
-    assert main(["train", "--config", str(ROOT / f"configs/{name}_synthetic.yaml"), "--no-progress",
-                 f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"train.out_dir={out}",
-                 *overrides]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(ROOT / f"configs/{name}_synthetic.yaml"),
+                "--no-progress",
+                f"data.train={data / 'train'}",
+                f"data.test={data / 'test'}",
+                f"train.out_dir={out}",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 

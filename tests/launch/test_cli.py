@@ -15,9 +15,16 @@ def last_json(out: str) -> dict:
 
 def test_train_then_eval_tiny(tiny_cfg, tiny_data, tmp_path, capsys):
     out_dir = tmp_path / "run"
-    args = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress",
-            f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}", f"train.out_dir={out_dir}",
-            "train.epochs=3"]
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={out_dir}",
+        "train.epochs=3",
+    ]
     assert main(args) == 0
     result = last_json(capsys.readouterr().out)
     for key in ("model", "auc", "gauc", "logloss", "oracle_auc"):
@@ -48,8 +55,9 @@ def test_train_then_eval_tiny(tiny_cfg, tiny_data, tmp_path, capsys):
     assert "metrics.jsonl" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", [[], ["generate"], ["train"], ["eval"], ["bench"], ["bench", "loader"],
-                                 ["bench", "train"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["generate"], ["train"], ["eval"], ["bench"], ["bench", "loader"], ["bench", "train"]]
+)
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -63,7 +71,10 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny_data, capsys):
     assert err.count("\n") == 1 and "nope.yaml: cannot read config" in err
     assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "train.epocs=1"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "dinrec train: error: train.epocs: unknown key (allowed: epochs, seed, out_dir, log_every, limit_batches, eval_every_epoch, plan, checkpoint_every, keep_checkpoints, resume)"
+    assert err.strip() == (
+        "dinrec train: error: train.epocs: unknown key (allowed: epochs, seed, out_dir, log_every, limit_batches, "
+        "eval_every_epoch, plan, checkpoint_every, keep_checkpoints, resume)"
+    )
     # bad data found while streaming (in the reader thread) still ends as one line, exit 2
     t = pq.read_table(tiny_data / "train" / "part-000.parquet")
     lab = t["label"].to_numpy().copy()
@@ -73,8 +84,17 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny_data, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(t.set_column(0, "label", pa.array(lab)), bad / "x.parquet", row_group_size=100)
-    code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={bad}",
-                 f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'o'}"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--no-progress",
+            f"data.train={bad}",
+            f"data.test={tiny_data / 'test'}",
+            f"train.out_dir={tmp_path / 'o'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "x.parquet: row group" in err and "column 'label': value 3 not in {0, 1}" in err

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,8 +20,15 @@ TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
 
 
 def tiny_args(tiny_data, out, *extra):
-    return ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
-            f"data.test={tiny_data / 'test'}", f"train.out_dir={out}", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={out}",
+        *extra,
+    ]
 
 
 def last_json(text: str) -> dict:
@@ -59,10 +65,22 @@ def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, cap
 
 @pytest.mark.multiprocess
 def test_torchrun_two_processes(tiny_data, tmp_path):
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "launch.torchrun",
-           *tiny_args(tiny_data, tmp_path / "t")]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "launch.torchrun",
+        *tiny_args(tiny_data, tmp_path / "t"),
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     json_lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     assert len(json_lines) == 1  # rank 0 prints
@@ -74,18 +92,45 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
 @pytest.mark.ray
 def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
     temp = Path("/tmp") / f"rayt{port}"  # short: Ray's socket paths must stay under 107 bytes
     ray = str(BIN / "ray")
-    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--temp-dir={temp}", "--disable-usage-stats"]
+    start = [
+        ray,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     try:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                  "--", "python", "-m", "launch.ray_job", *tiny_args(tiny_data, tmp_path / "j", "launch.workers=2")]
+        submit = [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "-m",
+            "launch.ray_job",
+            *tiny_args(tiny_data, tmp_path / "j", "launch.workers=2"),
+        ]
         p = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "succeeded" in p.stdout

@@ -12,14 +12,24 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("model", ["din", "dien"])
 def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, model):
-    args = ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
-            f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'r'}", f"model.name={model}",
-            "train.epochs=1", "model.activation=prelu"]
+    args = [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={tmp_path / 'r'}",
+        f"model.name={model}",
+        "train.epochs=1",
+        "model.activation=prelu",
+    ]
     assert main(["train", *args]) == 0
     capsys.readouterr()
     png = tmp_path / "att.png"
-    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png),
-                 "--candidates", "3", *args]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png), "--candidates", "3", *args])
+        == 0
+    )
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     w = torch.tensor(r["weights"])
@@ -55,9 +65,16 @@ def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, mo
 
 
 def test_attention_plot_refuses_base_model(tiny_data, tmp_path, capsys):
-    args = ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
-            f"data.test={tiny_data / 'test'}", f"train.out_dir={tmp_path / 'r'}", "model.name=base", "train.epochs=1"]
+    args = [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={tmp_path / 'r'}",
+        "model.name=base",
+        "train.epochs=1",
+    ]
     assert main(["train", *args]) == 0
-    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot",
-                 str(tmp_path / "a.png"), *args]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(tmp_path / "a.png"), *args]) == 2
     assert "has no attention" in capsys.readouterr().err

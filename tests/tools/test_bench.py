@@ -5,8 +5,10 @@ import json
 from launch.cli import main
 from tests.conftest import ROOT
 
-BEHAVIOUR_ONLY = ("tables=[{name: item, num_rows: 500, dim: 8, features: [item_id, hist_item_id]}, "
-                  "{name: cate, num_rows: 20, dim: 8, features: [cate_id, hist_cate_id]}]")
+BEHAVIOUR_ONLY = (
+    "tables=[{name: item, num_rows: 500, dim: 8, features: [item_id, hist_item_id]}, "
+    "{name: cate, num_rows: 20, dim: 8, features: [cate_id, hist_cate_id]}]"
+)
 
 
 def run(capsys, *args) -> dict:
@@ -15,29 +17,71 @@ def run(capsys, *args) -> dict:
 
 
 def test_bench_loader(tiny_data, capsys):
-    r = run(capsys, "bench", "loader", "--config", str(ROOT / "configs/tiny.yaml"), "--batches", "20",
-            "--train-steps", "10", f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}")
+    r = run(
+        capsys,
+        "bench",
+        "loader",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--batches",
+        "20",
+        "--train-steps",
+        "10",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+    )
     assert r["loader_cores"] == 1 and r["loader_batches"] == 20 and r["loader_samples"] == 20 * 64
     assert r["loader_samples_per_s"] > 0 and r["train_samples_per_s"] > 0
     assert abs(r["loader_over_train"] - r["loader_samples_per_s"] / r["train_samples_per_s"]) < 0.02
 
 
 def test_bench_train_against_reference(tiny_data, capsys):
-    r = run(capsys, "bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), "--steps", "5", "--warmup", "2",
-            f"data.train={tiny_data / 'train'}", BEHAVIOUR_ONLY, "sparse_optimizer.type=sgd")
+    r = run(
+        capsys,
+        "bench",
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--steps",
+        "5",
+        "--warmup",
+        "2",
+        f"data.train={tiny_data / 'train'}",
+        BEHAVIOUR_ONLY,
+        "sparse_optimizer.type=sgd",
+    )
     assert r["dinrec_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio_dinrec_over_reference"] - r["dinrec_samples_per_s"] / r["reference_samples_per_s"]) < 0.002
     assert r["rounds"] == 5 and len(r["ratio_per_round"]) == 5  # one batch per round, alternating
 
 
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):
-    assert main(["bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    assert (
+        main(["bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    )
     assert "pooled" in capsys.readouterr().err
 
 
 def test_bench_embedding_small(capsys):
-    r = run(capsys, "bench", "embedding", "--rows", "4096", "--dims", "8,16", "--batch", "64", "--ids", "10",
-            "--steps", "2", "--warmup", "1", "--kernels", "auto,cpp")
+    r = run(
+        capsys,
+        "bench",
+        "embedding",
+        "--rows",
+        "4096",
+        "--dims",
+        "8,16",
+        "--batch",
+        "64",
+        "--ids",
+        "10",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--kernels",
+        "auto,cpp",
+    )
     assert [x["dim"] for x in r["results"]] == [8, 16] and r["mba_kernel_auto"] == "cpp"
     for x in r["results"]:
         assert x["a_fbgemm_exact_sgd_ms"] > 0 and x["b_mba_cpp_ms"] > 0
@@ -51,11 +95,24 @@ def test_bench_embedding_refuses_bad_dims(capsys):
 
 
 def test_bench_dien_against_din_and_the_step_loop(tiny_data, capsys):
-    r = run(capsys, "bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), "--steps", "4", "--warmup", "1",
-            f"data.train={tiny_data / 'train'}", "model.name=dien")
+    r = run(
+        capsys,
+        "bench",
+        "dien",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        f"data.train={tiny_data / 'train'}",
+        "model.name=dien",
+    )
     rates = r["samples_per_s"]
     assert set(rates) == {"din", "dien", "dien_step_loop"} and min(rates.values()) > 0
     assert abs(r["dien_over_din"] - rates["dien"] / rates["din"]) < 0.01
     assert r["evolution"] == "augru" and r["steps"] == 4
-    assert main(["bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    assert (
+        main(["bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
+    )
     assert "model.name must be dien" in capsys.readouterr().err

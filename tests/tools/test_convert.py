@@ -13,14 +13,44 @@ from launch.cli import main
 from tools.convert.common import InputError
 
 # (user, item, rating, ts); ties in time on purpose (u1 at 100, u2 at 300)
-RATINGS = [("u1", "m1", 5, 100), ("u1", "m2", 3, 100), ("u2", "m3", 4, 300), ("u1", "m3", 1, 50),
-           ("u2", "m1", 2, 300), ("u3", "m2", 4, 10), ("u1", "m4", 4, 200), ("u2", "m2", 5, 100),
-           ("u3", "m1", 1, 20), ("u3", "m4", 5, 30), ("u1", "m1", 2, 300), ("u2", "m4", 3, 400)]
+RATINGS = [
+    ("u1", "m1", 5, 100),
+    ("u1", "m2", 3, 100),
+    ("u2", "m3", 4, 300),
+    ("u1", "m3", 1, 50),
+    ("u2", "m1", 2, 300),
+    ("u3", "m2", 4, 10),
+    ("u1", "m4", 4, 200),
+    ("u2", "m2", 5, 100),
+    ("u3", "m1", 1, 20),
+    ("u3", "m4", 5, 30),
+    ("u1", "m1", 2, 300),
+    ("u2", "m4", 3, 400),
+]
 # m3: no genre; lists in u.item's flag order, so that every format names the same first genre
 GENRES = {"m1": ["Comedy", "Drama"], "m2": ["Action"], "m3": [], "m4": ["Action", "Drama"]}
 PROFILE = {"u1": ("24", "M", "writer"), "u2": ("53", "F", "other"), "u3": ("24", "F", "writer")}
-U_ITEM = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+U_ITEM = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def expected_movielens(max_hist: int) -> dict[tuple, tuple]:
@@ -39,12 +69,18 @@ def expected_movielens(max_hist: int) -> dict[tuple, tuple]:
 
 def write_recbole(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                               + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in RATINGS))
-    (d / "x.item").write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
-                              + "".join(f"{i}\tTitle {i}\t{' '.join(g)}\n" for i, g in GENRES.items()))
-    (d / "x.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-                              + "".join(f"{u}\t{a}\t{g}\t{o}\t00000\n" for u, (a, g, o) in PROFILE.items()))
+    (d / "x.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in RATINGS)
+    )
+    (d / "x.item").write_text(
+        "item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
+        + "".join(f"{i}\tTitle {i}\t{' '.join(g)}\n" for i, g in GENRES.items())
+    )
+    (d / "x.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        + "".join(f"{u}\t{a}\t{g}\t{o}\t00000\n" for u, (a, g, o) in PROFILE.items())
+    )
     return {"inter": d / "x.inter", "item": d / "x.item", "user": d / "x.user"}
 
 
@@ -63,16 +99,20 @@ def write_grouplens_100k(d: Path) -> dict:
 def write_grouplens_1m(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     (d / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS))
-    (d / "movies.dat").write_text("".join(f"{i}::Title: {i} (1995)::{'|'.join(g) or '(no genres listed)'}\n"
-                                          for i, g in GENRES.items()), encoding="latin-1")
+    (d / "movies.dat").write_text(
+        "".join(f"{i}::Title: {i} (1995)::{'|'.join(g) or '(no genres listed)'}\n" for i, g in GENRES.items()),
+        encoding="latin-1",
+    )
     (d / "users.dat").write_text("".join(f"{u}::{g}::{a}::{o}::00000\n" for u, (a, g, o) in PROFILE.items()))
     return {"inter": d / "ratings.dat", "item": d / "movies.dat", "user": d / "users.dat"}
 
 
 def rows_of(out: Path) -> dict[tuple, tuple]:
     """(original user, ts, original item) -> (label, genre, [history items]) from the Parquet + vocab."""
-    vocab = {name: pq.read_table(out / "vocab" / f"{name}.parquet").column("id").to_pylist()
-             for name in ("user_id", "item_id", "cate_id")}
+    vocab = {
+        name: pq.read_table(out / "vocab" / f"{name}.parquet").column("id").to_pylist()
+        for name in ("user_id", "item_id", "cate_id")
+    }
     got = {}
     for split in ("train", "test"):
         t = pq.read_table(sorted((out / split).glob("*.parquet"))).to_pylist()
@@ -81,13 +121,24 @@ def rows_of(out: Path) -> dict[tuple, tuple]:
             assert key not in got
             got[key] = (r["label"], vocab["cate_id"][r["cate_id"]], [vocab["item_id"][i] for i in r["hist_item_id"]])
             assert [vocab["cate_id"][c] for c in r["hist_cate_id"]] == [
-                (GENRES[i] or ["(no genre)"])[0] for i in got[key][2]]
+                (GENRES[i] or ["(no genre)"])[0] for i in got[key][2]
+            ]
     return got
 
 
 def convert_ml(files: dict, out: Path, *extra) -> dict:
-    args = ["convert", "movielens", "--inter", str(files["inter"]), "--item", str(files["item"]), "--out", str(out),
-            "--no-progress", *extra]
+    args = [
+        "convert",
+        "movielens",
+        "--inter",
+        str(files["inter"]),
+        "--item",
+        str(files["item"]),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     if "user" in files:
         args += ["--user", str(files["user"])]
     assert main(args) == 0
@@ -106,8 +157,12 @@ def test_movielens_every_format_gives_the_same_parquet(tmp_path):
     outs = []
     for name, write in (("recbole", write_recbole), ("100k", write_grouplens_100k), ("1m", write_grouplens_1m)):
         convert_ml(write(tmp_path / name), tmp_path / f"out_{name}")
-        outs.append([pq.read_table(tmp_path / f"out_{name}" / split / "part-000.parquet").to_pylist()
-                     for split in ("train", "test")])
+        outs.append(
+            [
+                pq.read_table(tmp_path / f"out_{name}" / split / "part-000.parquet").to_pylist()
+                for split in ("train", "test")
+            ]
+        )
     assert outs[0] == outs[1] == outs[2] and sum(map(len, outs[0])) == len(RATINGS)
 
 
@@ -117,8 +172,10 @@ def test_movielens_split_is_by_user_and_profiles_are_attached(tmp_path):
     splits = {s: pq.read_table(sorted((out / s).glob("*.parquet"))).to_pylist() for s in ("train", "test")}
     users = {s: {r["user_id"] for r in rows} for s, rows in splits.items()}
     assert users["train"].isdisjoint(users["test"]) and users["train"] | users["test"] == {0, 1, 2}
-    vocab = {n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
-             for n in ("user_id", "age", "gender", "occupation")}
+    vocab = {
+        n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
+        for n in ("user_id", "age", "gender", "occupation")
+    }
     for r in splits["train"] + splits["test"]:
         want = PROFILE[vocab["user_id"][r["user_id"]]]
         assert (vocab["age"][r["age"]], vocab["gender"][r["gender"]], vocab["occupation"][r["occupation"]]) == want
@@ -130,25 +187,43 @@ def test_movielens_output_reads_as_training_data(tmp_path):
 
     out = tmp_path / "out"
     s = convert_ml(write_recbole(tmp_path / "in"), out)
-    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/movielens_din.yaml"),
-                      [f"data.train={out / 'train'}", f"data.test={out / 'test'}",
-                       f"tables.0.num_rows={s['num_rows']['item_id']}", f"tables.1.num_rows={s['num_rows']['cate_id']}"])
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[2] / "configs/movielens_din.yaml"),
+        [
+            f"data.train={out / 'train'}",
+            f"data.test={out / 'test'}",
+            f"tables.0.num_rows={s['num_rows']['item_id']}",
+            f"tables.1.num_rows={s['num_rows']['cate_id']}",
+        ],
+    )
     n = sum(len(b) for split in ("train", "test") for b in stream_from_config(cfg, split).epoch(0))
     assert n == len(RATINGS)
 
 
-@pytest.mark.parametrize(("fmt", "corrupt", "where"), [
-    ("100k", lambda d: (d / "u.data").write_text("u1\tm1\t5\t100\nu1\tm2\t3\n"), "u.data:2"),
-    ("100k", lambda d: (d / "u.data").write_text("u1\tm1\t5\t100\nu1\tm2\tfive\t100\n"), "u.data"),
-    ("recbole", lambda d: (d / "x.inter").write_text("user_id\titem_id:token\n"), "x.inter:1"),
-    ("1m", lambda d: (d / "movies.dat").write_text("m1::Title::Comedy\nm2::Title\n"), "movies.dat:2"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "corrupt", "where"),
+    [
+        ("100k", lambda d: (d / "u.data").write_text("u1\tm1\t5\t100\nu1\tm2\t3\n"), "u.data:2"),
+        ("100k", lambda d: (d / "u.data").write_text("u1\tm1\t5\t100\nu1\tm2\tfive\t100\n"), "u.data"),
+        ("recbole", lambda d: (d / "x.inter").write_text("user_id\titem_id:token\n"), "x.inter:1"),
+        ("1m", lambda d: (d / "movies.dat").write_text("m1::Title::Comedy\nm2::Title\n"), "movies.dat:2"),
+    ],
+)
 def test_movielens_malformed_input_is_one_line_with_file_and_line(tmp_path, capsys, fmt, corrupt, where):
     write = {"recbole": write_recbole, "100k": write_grouplens_100k, "1m": write_grouplens_1m}[fmt]
     files = write(tmp_path / "in")
     corrupt(tmp_path / "in")
-    args = ["convert", "movielens", "--inter", str(files["inter"]), "--item", str(files["item"]),
-            "--out", str(tmp_path / "out"), "--no-progress"]
+    args = [
+        "convert",
+        "movielens",
+        "--inter",
+        str(files["inter"]),
+        "--item",
+        str(files["item"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and where in err, err
@@ -158,24 +233,55 @@ def test_movielens_malformed_input_is_one_line_with_file_and_line(tmp_path, caps
 
 # ---- Amazon
 
-REVIEWS = [("A", "i1", 10), ("A", "i2", 20), ("B", "i2", 5), ("A", "i3", 30), ("B", "i4", 5), ("C", "i1", 1),
-           ("B", "i1", 7), ("A", "i4", 40)]
-META_2014 = {"i1": [["Electronics", "Audio", "Headphones"]], "i2": [["Electronics", "Cameras"], ["Gifts"]],
-             "i3": [["Electronics", "Audio"]]}  # i4: no metadata
+REVIEWS = [
+    ("A", "i1", 10),
+    ("A", "i2", 20),
+    ("B", "i2", 5),
+    ("A", "i3", 30),
+    ("B", "i4", 5),
+    ("C", "i1", 1),
+    ("B", "i1", 7),
+    ("A", "i4", 40),
+]
+META_2014 = {
+    "i1": [["Electronics", "Audio", "Headphones"]],
+    "i2": [["Electronics", "Cameras"], ["Gifts"]],
+    "i3": [["Electronics", "Audio"]],
+}  # i4: no metadata
 
 
 def test_amazon_rows_equal_a_python_loop(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
-    (d / "reviews.json").write_text("".join(json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t,
-                                                        "overall": 5.0}) + "\n" for u, i, t in REVIEWS))
-    (d / "meta.json").write_text("".join(repr({"asin": a, "categories": c, "title": "x"}) + "\n"
-                                         for a, c in META_2014.items()))  # the 2014 Python-literal lines
+    (d / "reviews.json").write_text(
+        "".join(
+            json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t, "overall": 5.0}) + "\n" for u, i, t in REVIEWS
+        )
+    )
+    (d / "meta.json").write_text(
+        "".join(repr({"asin": a, "categories": c, "title": "x"}) + "\n" for a, c in META_2014.items())
+    )  # the 2014 Python-literal lines
     out = tmp_path / "out"
-    assert main(["convert", "amazon", "--reviews", str(d / "reviews.json"), "--meta", str(d / "meta.json"),
-                 "--out", str(out), "--no-progress"]) == 0
-    vocab = {n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
-             for n in ("user_id", "item_id", "cate_id")}
+    assert (
+        main(
+            [
+                "convert",
+                "amazon",
+                "--reviews",
+                str(d / "reviews.json"),
+                "--meta",
+                str(d / "meta.json"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    vocab = {
+        n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
+        for n in ("user_id", "item_id", "cate_id")
+    }
     leaf = {a: c[0][-1] for a, c in META_2014.items()}
     want = {}
     by_user: dict[str, list] = {}
@@ -200,25 +306,48 @@ def test_amazon_rows_equal_a_python_loop(tmp_path):
 
 
 def test_amazon_malformed_line_names_file_and_line(tmp_path, capsys):
-    (tmp_path / "r.json").write_text('{"reviewerID": "A", "asin": "i1", "unixReviewTime": 1}\n{"reviewerID": "A", "asin"\n')
+    (tmp_path / "r.json").write_text(
+        '{"reviewerID": "A", "asin": "i1", "unixReviewTime": 1}\n{"reviewerID": "A", "asin"\n'
+    )
     (tmp_path / "m.json").write_text("")
-    assert main(["convert", "amazon", "--reviews", str(tmp_path / "r.json"), "--meta", str(tmp_path / "m.json"),
-                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "amazon",
+                "--reviews",
+                str(tmp_path / "r.json"),
+                "--meta",
+                str(tmp_path / "m.json"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "r.json:2" in err
 
 
 # ---- Taobao
 
+
 def write_taobao(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "raw_sample.csv").write_text("user,time_stamp,adgroup_id,pid,nonclk,clk\n"
-                                      "1,1000,a1,p1,1,0\n1,100000,a2,p2,0,1\n2,500,a1,p1,0,1\n2,99000,a3,p1,1,0\n")
-    (d / "ad_feature.csv").write_text("adgroup_id,cate_id,campaign_id,customer,brand,price\n"
-                                      "a1,c1,k1,s1,b1,10.0\na2,c2,k1,s1,NULL,5.0\na3,c1,k2,s2,b3,1.0\n")
-    (d / "behavior_log.csv").write_text("user,time_stamp,btag,cate,brand\n"
-                                        "1,10,pv,c1,b1\n1,900,cart,c2,b2\n1,1000,pv,c9,b9\n1,5000,buy,c1,b3\n"
-                                        "2,400,fav,c2,b2\n3,1,pv,c1,b1\n2,98000,pv,c3,b4\n")
+    (d / "raw_sample.csv").write_text(
+        "user,time_stamp,adgroup_id,pid,nonclk,clk\n"
+        "1,1000,a1,p1,1,0\n1,100000,a2,p2,0,1\n2,500,a1,p1,0,1\n2,99000,a3,p1,1,0\n"
+    )
+    (d / "ad_feature.csv").write_text(
+        "adgroup_id,cate_id,campaign_id,customer,brand,price\n"
+        "a1,c1,k1,s1,b1,10.0\na2,c2,k1,s1,NULL,5.0\na3,c1,k2,s2,b3,1.0\n"
+    )
+    (d / "behavior_log.csv").write_text(
+        "user,time_stamp,btag,cate,brand\n"
+        "1,10,pv,c1,b1\n1,900,cart,c2,b2\n1,1000,pv,c9,b9\n1,5000,buy,c1,b3\n"
+        "2,400,fav,c2,b2\n3,1,pv,c1,b1\n2,98000,pv,c3,b4\n"
+    )
     (d / "user_profile.csv").write_text("userid,cms_segid,age_level,new_user_class_level \n1,0,3,2\n2,5,,1\n")
     return d
 
@@ -226,18 +355,45 @@ def write_taobao(d: Path) -> dict:
 def test_taobao_histories_are_strictly_earlier_behaviours(tmp_path):
     d = write_taobao(tmp_path / "in")
     out = tmp_path / "out"
-    assert main(["convert", "taobao-ad", "--raw-sample", str(d / "raw_sample.csv"), "--ad-feature",
-                 str(d / "ad_feature.csv"), "--behavior-log", str(d / "behavior_log.csv"), "--user-profile",
-                 str(d / "user_profile.csv"), "--btags", "pv,cart,buy", "--out", str(out), "--no-progress"]) == 0
-    vocab = {n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
-             for n in ("user_id", "item_id", "cate_id", "adgroup_id", "age_level")}
+    assert (
+        main(
+            [
+                "convert",
+                "taobao-ad",
+                "--raw-sample",
+                str(d / "raw_sample.csv"),
+                "--ad-feature",
+                str(d / "ad_feature.csv"),
+                "--behavior-log",
+                str(d / "behavior_log.csv"),
+                "--user-profile",
+                str(d / "user_profile.csv"),
+                "--btags",
+                "pv,cart,buy",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    vocab = {
+        n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
+        for n in ("user_id", "item_id", "cate_id", "adgroup_id", "age_level")
+    }
     rows = {}
     for split in ("train", "test"):
         for r in pq.read_table(sorted((out / split).glob("*.parquet"))).to_pylist():
             rows[(vocab["user_id"][r["user_id"]], r["ts"])] = (
-                split, r["label"], vocab["item_id"][r["item_id"]], vocab["cate_id"][r["cate_id"]],
-                [vocab["item_id"][i] for i in r["hist_item_id"]], [vocab["cate_id"][c] for c in r["hist_cate_id"]],
-                vocab["adgroup_id"][r["adgroup_id"]], vocab["age_level"][r["age_level"]])
+                split,
+                r["label"],
+                vocab["item_id"][r["item_id"]],
+                vocab["cate_id"][r["cate_id"]],
+                [vocab["item_id"][i] for i in r["hist_item_id"]],
+                [vocab["cate_id"][c] for c in r["hist_cate_id"]],
+                vocab["adgroup_id"][r["adgroup_id"]],
+                vocab["age_level"][r["age_level"]],
+            )
     # the last 24 h of raw_sample (from 100000 − 86400 + 1 = 13601) are the test set; fav is not kept
     assert rows == {
         ("1", 1000): ("train", 0, "b1", "c1", ["b1", "b2"], ["c1", "c2"], "a1", "3"),  # the pv at 1000 is not before
@@ -249,8 +405,19 @@ def test_taobao_histories_are_strictly_earlier_behaviours(tmp_path):
 
 def test_taobao_bad_label_and_header_are_one_line(tmp_path, capsys):
     d = write_taobao(tmp_path / "in")
-    base = ["convert", "taobao-ad", "--raw-sample", str(d / "raw_sample.csv"), "--ad-feature", str(d / "ad_feature.csv"),
-            "--behavior-log", str(d / "behavior_log.csv"), "--out", str(tmp_path / "o"), "--no-progress"]
+    base = [
+        "convert",
+        "taobao-ad",
+        "--raw-sample",
+        str(d / "raw_sample.csv"),
+        "--ad-feature",
+        str(d / "ad_feature.csv"),
+        "--behavior-log",
+        str(d / "behavior_log.csv"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     (d / "raw_sample.csv").write_text("user,time_stamp,adgroup_id,pid,nonclk,clk\n1,1000,a1,p1,1,0\n1,5,a1,p1,0,2\n")
     assert main(base) == 2
     err = capsys.readouterr().err.strip()
@@ -273,14 +440,36 @@ def test_experiment_movielens_trains_three_models_and_writes_table_and_plot(tmp_
     users, items = 80, 30
     lines = [f"u{u}\tm{rng.integers(items)}\t{rng.integers(1, 6)}\t{t}\n" for u in range(users) for t in range(15)]
     (d / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
-    (d / "x.item").write_text("item_id:token\tclass:token_seq\n" + "".join(
-        f"m{i}\t{['Action', 'Drama', 'Comedy'][i % 3]}\n" for i in range(items)))
+    (d / "x.item").write_text(
+        "item_id:token\tclass:token_seq\n"
+        + "".join(f"m{i}\t{['Action', 'Drama', 'Comedy'][i % 3]}\n" for i in range(items))
+    )
     convert_ml({"inter": d / "x.inter", "item": d / "x.item"}, tmp_path / "ml")
     capsys.readouterr()
     md, png = tmp_path / "r.md", tmp_path / "g.png"
-    assert main(["experiment", "movielens", "--data", str(tmp_path / "ml"), "--seeds", "0", "--out", str(md),
-                 "--plot", str(png), "--runs", str(tmp_path / "runs"), "train.epochs=2", "data.batch_size=64", "tables.0.dim=4",
-                 "tables.1.dim=4"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "movielens",
+                "--data",
+                str(tmp_path / "ml"),
+                "--seeds",
+                "0",
+                "--out",
+                str(md),
+                "--plot",
+                str(png),
+                "--runs",
+                str(tmp_path / "runs"),
+                "train.epochs=2",
+                "data.batch_size=64",
+                "tables.0.dim=4",
+                "tables.1.dim=4",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(r["summary"]) == {"base", "din", "din_dice"}
     assert all(len(run["curve"]) == 2 for runs in r["runs"].values() for run in runs)

@@ -44,8 +44,14 @@ def test_deterministic_by_seed(tmp_path):
     spec = WorldSpec(**{**TINY, "users": 50})
     for d in ("a", "b"):
         generate(spec, tmp_path / d, train_files=2, test_files=1, row_group_size=64, progress=False)
-    generate(WorldSpec(**{**TINY, "users": 50, "seed": 4}), tmp_path / "c", train_files=2, test_files=1,
-             row_group_size=64, progress=False)
+    generate(
+        WorldSpec(**{**TINY, "users": 50, "seed": 4}),
+        tmp_path / "c",
+        train_files=2,
+        test_files=1,
+        row_group_size=64,
+        progress=False,
+    )
     assert read(tmp_path / "a", "train").equals(read(tmp_path / "b", "train"))
     assert not read(tmp_path / "a", "train").equals(read(tmp_path / "c", "train"))
 
@@ -56,8 +62,9 @@ def test_p_click_follows_the_documented_click_model(tiny_data):
     spec = WorldSpec(**TINY)
     w = World(spec)
     state = w.users(0, spec.users)
-    interests = {(u, ts): set(i.tolist()) for u, ts, i in zip(state["user_id"], state["ts"], state["interests"],
-                                                               strict=True)}
+    interests = {
+        (u, ts): set(i.tolist()) for u, ts, i in zip(state["user_id"], state["ts"], state["interests"], strict=True)
+    }
     t = read(tiny_data, "test").slice(0, 200).to_pylist()
     assert any(row["cate_id"] in interests[row["user_id"], row["ts"]] for row in t)
     assert not all(row["cate_id"] in interests[row["user_id"], row["ts"]] for row in t)
@@ -67,8 +74,10 @@ def test_p_click_follows_the_documented_click_model(tiny_data):
         assert row["hist_cate_id"] == [int(w.item_cate[h]) for h in row["hist_item_id"]]
         T = len(row["hist_item_id"])
         assert 0 < T <= spec.hist_max
-        soft = sum(spec.recency ** (T - 1 - t) * math.exp(spec.beta * (float(w.item_vec[a] @ w.item_vec[h]) - 1))
-                   for t, h in enumerate(row["hist_item_id"]))
+        soft = sum(
+            spec.recency ** (T - 1 - t) * math.exp(spec.beta * (float(w.item_vec[a] @ w.item_vec[h]) - 1))
+            for t, h in enumerate(row["hist_item_id"])
+        )
         logit = spec.bias + w.item_quality[a] + spec.gamma * math.log1p(soft)
         logit += spec.current * (row["cate_id"] in interests[row["user_id"], row["ts"]])
         assert abs(row["p_click"] - 1 / (1 + math.exp(-logit))) < 1e-5
@@ -103,10 +112,12 @@ def test_from_history_draws_candidates_of_a_category_in_the_history():
     """`from_history` re-draws that share of the candidates as items of the category of one behaviour
     of their own history (retargeting); the histories stay the same. With 1, every candidate's
     category is in its history; with 0.5, about half the candidates change."""
+
     def in_history(rows):  # per row: is the candidate's category among its history's categories?
         off = rows["hist_offsets"]
-        return np.array([rows["cate_id"][i] in set(rows["hist_cate_id"][off[i]:off[i + 1]].tolist())
-                         for i in range(len(off) - 1)])
+        return np.array(
+            [rows["cate_id"][i] in set(rows["hist_cate_id"][off[i] : off[i + 1]].tolist()) for i in range(len(off) - 1)]
+        )
 
     base, again = (World(WorldSpec(**{**TINY, "from_history": f})).users(0, 200) for f in (0.0, 1.0))
     assert np.array_equal(base["hist_item_id"], again["hist_item_id"])

@@ -24,14 +24,28 @@ from trainer.data import stream_from_config
 BIN = Path(sys.executable).parent
 # row-wise Adagrad + MBA with online counts (per-row optimizer state), id dropout (a generator),
 # Dice (running statistics), Adam (dense optimizer state); 2 epochs, a checkpoint every 5 steps
-RUN = ["sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.01", "sparse_optimizer.counts=online",
-       "model.id_dropout=0.1", "train.checkpoint_every=5", "train.keep_checkpoints=0"]
+RUN = [
+    "sparse_optimizer.type=rowwise_adagrad_mba",
+    "sparse_optimizer.lambda=0.01",
+    "sparse_optimizer.counts=online",
+    "model.id_dropout=0.1",
+    "train.checkpoint_every=5",
+    "train.keep_checkpoints=0",
+]
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def args(tiny_data, out, *extra):
-    return ["--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", f"data.train={tiny_data / 'train'}",
-            f"data.test={tiny_data / 'test'}", f"train.out_dir={out}", *RUN, *extra]
+    return [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={out}",
+        *RUN,
+        *extra,
+    ]
 
 
 def dinrec(argv, fault=None, ranks=1, max_restarts=0):
@@ -40,8 +54,15 @@ def dinrec(argv, fault=None, ranks=1, max_restarts=0):
     if ranks == 1:
         cmd = [sys.executable, "-m", "launch.cli", *argv]
     else:
-        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-               f"--max-restarts={max_restarts}", "-m", "launch.cli", *argv]
+        cmd = [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={ranks}",
+            f"--master_port={free_port()}",
+            f"--max-restarts={max_restarts}",
+            "-m",
+            "launch.cli",
+            *argv,
+        ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -137,8 +158,10 @@ def test_ray_restarts_the_worker_group_after_kill_9(tiny_data, tmp_path, referen
     out = tmp_path / "ray"
     os.environ["DINREC_FAULT"] = "kill:1:12"  # read by the Ray workers (they inherit the driver's environment)
     try:
-        assert main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2",
-                     "launch.max_failures=1"]) == 0
+        assert (
+            main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2", "launch.max_failures=1"])
+            == 0
+        )
     finally:
         del os.environ["DINREC_FAULT"]
     r = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -165,8 +188,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
     assert main(["train", *args(tiny_data, out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7): stopped before "
-                       f"its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}")
+    assert err[-1] == (
+        f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7): stopped before "
+        f"its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}"
+    )
     assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
     ok = checkpoint.read_tensors(out / "checkpoints" / "step-000000005")
     assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
@@ -179,8 +204,9 @@ def test_nan_under_ray_stops_without_a_restart(tiny_data, tmp_path, monkeypatch,
     end with status 0)."""
     out = tmp_path / "nan_ray"
     monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
-    assert main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2",
-                 "launch.max_failures=1"]) == 1
+    assert (
+        main(["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2", "launch.max_failures=1"]) == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7)")
     assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
@@ -205,4 +231,7 @@ def test_refusals_are_one_line(tiny_data, tmp_path, reference, capsys):
     assert len(checkpoint.list_checkpoints(one_dir / "checkpoints")) == 15
     assert main(["train", *args(tiny_data, tmp_path / "k"), "train.keep_checkpoints=3", "train.epochs=1"]) == 0
     assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "k" / "checkpoints")] == [
-        "step-000000025", "step-000000030", "step-000000033"]
+        "step-000000025",
+        "step-000000030",
+        "step-000000033",
+    ]

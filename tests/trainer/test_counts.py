@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.counts import load_counts
 from embedding.tables import hash_ids
 from launch.cli import main
 from tests.conftest import ROOT
 from trainer.config import ConfigError
+from trainer.counts import load_counts
 from trainer.data import resolve_paths
 
 
@@ -27,7 +27,7 @@ def python_counts(cfg):
             for f in table.features:
                 v = row[f] if isinstance(row[f], list) else [row[f]]
                 if f.startswith("hist_"):
-                    v = v[-cfg.data.max_hist_len:]
+                    v = v[-cfg.data.max_hist_len :]
                 if table.id_map == "hash":
                     v = hash_ids(np.array(v, dtype=np.int64), table.num_rows).tolist()
                 ids.update(v)
@@ -39,8 +39,14 @@ def python_counts(cfg):
 def test_counts_match_a_per_sample_count(tiny_cfg, tiny_train_copy, capsys):
     data = tiny_train_copy
     cfg = tiny_cfg(f"data.train={data}", "data.max_hist_len=7")
-    args = ["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress",
-            f"data.train={data}", "data.max_hist_len=7"]
+    args = [
+        "count-features",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={data}",
+        "data.max_hist_len=7",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 2100
@@ -55,8 +61,10 @@ def test_counts_match_a_per_sample_count(tiny_cfg, tiny_train_copy, capsys):
         assert summary["tables"][table.name]["rows_touched"] == int((want > 0).sum())
     # stale: another table size, another history cut, a rewritten file
     with pytest.raises(ConfigError, match="counts of table 'item' are stale"):
-        load_counts(tiny_cfg(f"data.train={data}", "data.max_hist_len=7", "tables.0.num_rows=600"),
-                    tiny_cfg(f"data.train={data}", "tables.0.num_rows=600").tables[0])
+        load_counts(
+            tiny_cfg(f"data.train={data}", "data.max_hist_len=7", "tables.0.num_rows=600"),
+            tiny_cfg(f"data.train={data}", "tables.0.num_rows=600").tables[0],
+        )
     with pytest.raises(ConfigError, match="stale"):
         load_counts(tiny_cfg(f"data.train={data}"), cfg.tables[1])
     f = next(data.glob("*.parquet"))
@@ -79,12 +87,19 @@ def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tmp_path
     from trainer.sharding import build_model, process_group
 
     data = tiny_train_copy
-    overrides = [f"data.train={data}", "sparse_optimizer.type=rowwise_adagrad_mba", "sparse_optimizer.lambda=0.1",
-                 "sparse_optimizer.counts=static", "tables.1.sharding_types=[column_wise]"]
+    overrides = [
+        f"data.train={data}",
+        "sparse_optimizer.type=rowwise_adagrad_mba",
+        "sparse_optimizer.lambda=0.1",
+        "sparse_optimizer.counts=static",
+        "tables.1.sharding_types=[column_wise]",
+    ]
     cfg = tiny_cfg(*overrides)
     # without the counts: one line that says how to make them, exit code 2
-    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), *overrides,
-                 f"train.out_dir={tmp_path / 'run'}"]) == 2
+    assert (
+        main(["train", "--config", str(ROOT / "configs/tiny.yaml"), *overrides, f"train.out_dir={tmp_path / 'run'}"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dinrec count-features" in err[0]
     assert main(["count-features", "--config", str(ROOT / "configs/tiny.yaml"), "--no-progress", *overrides]) == 0

@@ -1,6 +1,5 @@
 """The Parquet stream: coverage, rank partition, determinism, Arrow -> KJT fidelity, one-line errors."""
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,22 +25,25 @@ def rows_table(n: int, seed: int, first_user: int = 0) -> pa.Table:
     off = np.r_[0, np.cumsum(lengths)].astype(np.int32)
     hist = rng.integers(0, N_ITEMS, off[-1])
     item = rng.integers(0, N_ITEMS, n)
-    return pa.table({
-        "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
-        "user_id": pa.array(np.arange(first_user, first_user + n, dtype=np.int64)),
-        "item_id": pa.array(item),
-        "cate_id": pa.array(item % N_CATES),
-        "hist_item_id": pa.ListArray.from_arrays(pa.array(off), pa.array(hist)),
-        "hist_cate_id": pa.ListArray.from_arrays(pa.array(off), pa.array(hist % N_CATES)),
-    })
+    return pa.table(
+        {
+            "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
+            "user_id": pa.array(np.arange(first_user, first_user + n, dtype=np.int64)),
+            "item_id": pa.array(item),
+            "cate_id": pa.array(item % N_CATES),
+            "hist_item_id": pa.ListArray.from_arrays(pa.array(off), pa.array(hist)),
+            "hist_cate_id": pa.ListArray.from_arrays(pa.array(off), pa.array(hist % N_CATES)),
+        }
+    )
 
 
 def write_files(dirpath, sizes=(500, 333, 41), row_group_size=100) -> dict[int, pa.Table]:
     dirpath.mkdir(parents=True, exist_ok=True)
     first = 0
     for i, n in enumerate(sizes):
-        pq.write_table(rows_table(n, seed=i, first_user=first), dirpath / f"part-{i}.parquet",
-                       row_group_size=row_group_size)
+        pq.write_table(
+            rows_table(n, seed=i, first_user=first), dirpath / f"part-{i}.parquet", row_group_size=row_group_size
+        )
         first += n
     return pq.read_table(sorted(dirpath.glob("*.parquet")))
 
@@ -63,8 +65,13 @@ def per_row(stream, epoch):
         hist_c = jt["hist_cate_id"].to_dense()
         for r, u in enumerate(b.users.tolist()):
             assert u not in out, f"row {u} delivered twice"
-            out[u] = (int(b.labels[r]), int(jt["item_id"].values()[r]), int(jt["cate_id"].values()[r]),
-                      hist_i[r].tolist(), hist_c[r].tolist())
+            out[u] = (
+                int(b.labels[r]),
+                int(jt["item_id"].values()[r]),
+                int(jt["cate_id"].values()[r]),
+                hist_i[r].tolist(),
+                hist_c[r].tolist(),
+            )
         sizes.append(len(b))
     return out, sizes
 
@@ -161,6 +168,7 @@ def label_with(value):
         lab = t["label"].to_numpy().copy()
         lab[250] = value
         return set_col("label", pa.array(lab))(t)
+
     return f
 
 
@@ -192,17 +200,25 @@ def unreadable(t):
 CASES = {
     "unreadable": (unreadable, "bad.parquet: unreadable Parquet file"),
     "missing column": (lambda t: t.drop_columns(["cate_id"]), "bad.parquet: column 'cate_id': missing"),
-    "mistyped column": (set_col("label", pa.array(np.zeros(300, np.float32))),
-                        "bad.parquet: column 'label': type float, expected int8"),
-    "mistyped list": (set_col("hist_item_id", pa.array([["a"]] * 300)),
-                      "bad.parquet: column 'hist_item_id': type list<element: string>, expected list<int64>"),
+    "mistyped column": (
+        set_col("label", pa.array(np.zeros(300, np.float32))),
+        "bad.parquet: column 'label': type float, expected int8",
+    ),
+    "mistyped list": (
+        set_col("hist_item_id", pa.array([["a"]] * 300)),
+        "bad.parquet: column 'hist_item_id': type list<element: string>, expected list<int64>",
+    ),
     "null label": (null_label, "bad.parquet: row group 0: column 'label': 1 null value(s)"),
     "label not 0/1": (label_with(2), "bad.parquet: row group 2: column 'label': value 2 not in {0, 1}"),
     "id out of range": (out_of_range, "bad.parquet: row group 0: column 'hist_item_id': id 57 out of range [0, 50)"),
-    "negative id": (set_col("item_id", pa.array(np.full(300, -1, np.int64))),
-                    "bad.parquet: row group 0: column 'item_id': id -1 out of range"),
-    "misaligned history": (misaligned, "bad.parquet: row group 1: column 'hist_cate_id': list length differs "
-                                       "from 'hist_item_id' at row 20"),
+    "negative id": (
+        set_col("item_id", pa.array(np.full(300, -1, np.int64))),
+        "bad.parquet: row group 0: column 'item_id': id -1 out of range",
+    ),
+    "misaligned history": (
+        misaligned,
+        "bad.parquet: row group 1: column 'hist_cate_id': list length differs from 'hist_item_id' at row 20",
+    ),
 }
 
 

@@ -126,9 +126,17 @@ def test_dien_depends_on_behaviour_order(tiny_cfg):
     lengths = jts["hist_item_id"].lengths()
     off = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     rev = torch.cat([torch.arange(int(off[i + 1]) - 1, int(off[i]) - 1, -1) for i in range(len(lengths))])
-    values = [jts[k].values()[rev] if k.startswith(("hist_", "neg_hist_")) else jts[k].values() for k in batch.sparse.keys()]
-    batch_rev = type(batch)(**{**batch.__dict__, "sparse": KeyedJaggedTensor(
-        keys=batch.sparse.keys(), values=torch.cat(values), lengths=batch.sparse.lengths())})
+    values = [
+        jts[k].values()[rev] if k.startswith(("hist_", "neg_hist_")) else jts[k].values() for k in batch.sparse.keys()
+    ]
+    batch_rev = type(batch)(
+        **{
+            **batch.__dict__,
+            "sparse": KeyedJaggedTensor(
+                keys=batch.sparse.keys(), values=torch.cat(values), lengths=batch.sparse.lengths()
+            ),
+        }
+    )
     with torch.no_grad():
         a, b = dien(batch), dien(batch_rev)
     multi = lengths > 1
@@ -183,8 +191,12 @@ def _behaviours(rng, rows=400, items=60, max_len=12):
 def test_sampled_negatives_are_other_real_behaviours(how):
     rng = np.random.default_rng(0)
     lists = _behaviours(rng)
-    neg = sample_negatives(lists, [("hist_item_id", "neg_hist_item_id"), ("hist_cate_id", "neg_hist_cate_id")],
-                           how, np.random.default_rng(1))
+    neg = sample_negatives(
+        lists,
+        [("hist_item_id", "neg_hist_item_id"), ("hist_cate_id", "neg_hist_cate_id")],
+        how,
+        np.random.default_rng(1),
+    )
     off, item = lists["hist_item_id"]
     n_off, n_item = neg["neg_hist_item_id"]
     np.testing.assert_array_equal(n_off, off)  # aligned with the history
@@ -219,8 +231,12 @@ def test_negatives_are_deterministic_and_independent_of_world_size(tiny_cfg):
             for b in s.epoch(0):
                 jts = b.sparse.to_dict()
                 neg = jts["neg_hist_item_id"]
-                for u, t, n in zip(b.users.tolist(), jts["item_id"].values().tolist(),
-                                   torch.split(neg.values(), neg.lengths().tolist()), strict=True):
+                for u, t, n in zip(
+                    b.users.tolist(),
+                    jts["item_id"].values().tolist(),
+                    torch.split(neg.values(), neg.lengths().tolist()),
+                    strict=True,
+                ):
                     if rows > 0:
                         out.setdefault((u, t), []).append(tuple(n.tolist()))
                     rows -= 1
@@ -239,8 +255,10 @@ def test_negatives_from_the_file_are_used_as_given(tiny_cfg, tmp_path):
     neg = pa.ListArray.from_arrays(flat.offsets, new_values)
     neg_c = pa.ListArray.from_arrays(flat.offsets, pa.array(np.full(len(new_values), 3, np.int64)))
     (tmp_path / "d").mkdir()
-    pq.write_table(table.append_column("neg_hist_item_id", neg).append_column("neg_hist_cate_id", neg_c),
-                   tmp_path / "d" / "x.parquet")
+    pq.write_table(
+        table.append_column("neg_hist_item_id", neg).append_column("neg_hist_cate_id", neg_c),
+        tmp_path / "d" / "x.parquet",
+    )
     s = stream_from_config(tiny_cfg("model.name=dien", f"data.test={tmp_path / 'd'}"), "test")
     b = next(iter(s.epoch(0)))
     jts = b.sparse.to_dict()

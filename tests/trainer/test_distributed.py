@@ -61,17 +61,28 @@ def run(world, cfg, batches, out):
     return res
 
 
-@pytest.mark.parametrize(("sharding", "optimizer", "model"), [
-    ("table_wise", "sgd", "din"), ("table_wise", "rowwise_adagrad", "din"), ("column_wise", "sgd", "din"),
-    ("column_wise", "rowwise_adagrad", "din"),
-    # DIEN: its auxiliary loss (a mean over each rank's rows) and the reader's negatives too
-    ("table_wise", "sgd", "dien"),
-])
+@pytest.mark.parametrize(
+    ("sharding", "optimizer", "model"),
+    [
+        ("table_wise", "sgd", "din"),
+        ("table_wise", "rowwise_adagrad", "din"),
+        ("column_wise", "sgd", "din"),
+        ("column_wise", "rowwise_adagrad", "din"),
+        # DIEN: its auxiliary loss (a mean over each rank's rows) and the reader's negatives too
+        ("table_wise", "sgd", "dien"),
+    ],
+)
 def test_two_ranks_equal_one_rank_on_the_same_global_batches(tiny_cfg, tmp_path, sharding, optimizer, model):
     overrides = [f"tables.{i}.sharding_types=[{sharding}]" for i in range(3)]
-    cfg = tiny_cfg(f"model.name={model}", "model.activation=prelu", f"sparse_optimizer.type={optimizer}",
-                   "sparse_optimizer.lr=0.5",
-                   "dense_optimizer.lr=0.01", "data.batch_size=32", *overrides)
+    cfg = tiny_cfg(
+        f"model.name={model}",
+        "model.activation=prelu",
+        f"sparse_optimizer.type={optimizer}",
+        "sparse_optimizer.lr=0.5",
+        "dense_optimizer.lr=0.01",
+        "data.batch_size=32",
+        *overrides,
+    )
     r0, r1 = (stream_from_config(cfg, "train", rank=r, world_size=2) for r in range(2))
     per_rank = [pair for _, pair in zip(range(STEPS), zip(r0.epoch(0), r1.epoch(0), strict=True), strict=False)]
     two = run(2, cfg, per_rank, str(tmp_path / "two.pt"))

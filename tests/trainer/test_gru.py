@@ -61,8 +61,9 @@ def test_augru_cell_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, h, a: cell(x, h, a, "augru"), (x, h, a))
     params = tuple(cell.parameters())
     assert torch.autograd.gradcheck(
-        lambda *p: torch.func.functional_call(cell, dict(zip([n for n, _ in cell.named_parameters()], p,
-                                                             strict=True)), (x, h, a, "augru")),
+        lambda *p: torch.func.functional_call(
+            cell, dict(zip([n for n, _ in cell.named_parameters()], p, strict=True)), (x, h, a, "augru")
+        ),
         params,
     )
 
@@ -105,8 +106,10 @@ def test_auxiliary_network_loss_equals_numpy_mlp():
         bn.bias.uniform_(-1.0, 1.0)
     w = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     steps = [(i, t) for i in range(B) for t in range(lengths[i] - 1)]
-    rows = np.array([np.concatenate([h[i, t], e[i, t + 1]]) for i, t in steps]
-                    + [np.concatenate([h[i, t], e_neg[i, t + 1]]) for i, t in steps])
+    rows = np.array(
+        [np.concatenate([h[i, t], e[i, t + 1]]) for i, t in steps]
+        + [np.concatenate([h[i, t], e_neg[i, t + 1]]) for i, t in steps]
+    )
     z = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + bn.eps) * w["net.0.weight"] + w["net.0.bias"]
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     for k in (1, 3):

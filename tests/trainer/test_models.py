@@ -35,8 +35,9 @@ def test_dice_matches_eq9_in_train_and_eval_mode():
     d.eval()  # eval mode: the moving averages, independent of the batch
     x = torch.randn(7, 6)
     out = d(x).detach().numpy()
-    np.testing.assert_allclose(out, numpy_dice(x.numpy().astype(np.float64), alpha, run_mean, run_var),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out, numpy_dice(x.numpy().astype(np.float64), alpha, run_mean, run_var), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(d(x[:1]).detach().numpy(), out[:1], rtol=1e-6)
 
 
@@ -58,9 +59,13 @@ def _din(tiny_cfg, *overrides):
 
 
 def test_din_equals_padded_reference_for_any_padding(tiny_cfg):
-    cfg, layout, din = _din(tiny_cfg, "model.activation=prelu", "tables=[{name: item, num_rows: 500, dim: 8, "
-                            "features: [item_id, hist_item_id]}, {name: cate, num_rows: 20, dim: 8, "
-                            "features: [cate_id, hist_cate_id]}]")
+    cfg, layout, din = _din(
+        tiny_cfg,
+        "model.activation=prelu",
+        "tables=[{name: item, num_rows: 500, dim: 8, "
+        "features: [item_id, hist_item_id]}, {name: cate, num_rows: 20, dim: 8, "
+        "features: [cate_id, hist_cate_id]}]",
+    )
     ref = ReferenceDIN(layout, cfg.model)
     ref.load_from(din)
     din.eval(), ref.eval()
@@ -69,8 +74,9 @@ def test_din_equals_padded_reference_for_any_padding(tiny_cfg):
     with torch.no_grad():
         ours = din(batch)
         for pad in (0, cfg.data.max_hist_len + 7, 60):
-            np.testing.assert_allclose(ref(*padded_inputs(batch, layout, pad)).numpy(), ours.numpy(),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                ref(*padded_inputs(batch, layout, pad)).numpy(), ours.numpy(), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_din_output_per_row_does_not_depend_on_batch_mates(tiny_cfg):
@@ -144,11 +150,15 @@ def test_din_changes_with_a_duplicated_relevant_behaviour(tiny_cfg):
         v, ln = jt[k].values(), jt[k].lengths().clone()
         if k.startswith("hist_"):
             cand = jt[k[5:]].values()[0:1]
-            v = torch.cat([v[: ln[0]], cand, v[ln[0]:]])
+            v = torch.cat([v[: ln[0]], cand, v[ln[0] :]])
             ln[0] += 1
         values.append(v), lengths.append(ln)
-    batch2 = type(batch)(KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)), batch.dense,
-                         batch.labels, batch.users)
+    batch2 = type(batch)(
+        KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
+        batch.dense,
+        batch.labels,
+        batch.users,
+    )
     with torch.no_grad():
         a, b = din(batch), din(batch2)
     assert abs(float(a[0] - b[0])) > 1e-4

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.config import ConfigError
 from trainer.batch import drop_ids
+from trainer.config import ConfigError
 from trainer.data import stream_from_config
 
 
@@ -18,8 +18,11 @@ def test_drop_ids_drops_whole_behaviours_per_sample():
     lengths = {"item_id": np.ones(b, int), "hist_item_id": hist, "hist_cate_id": hist}
     values = {"item_id": rng.integers(0, 1000, b), "hist_item_id": rng.integers(0, 1000, hist.sum())}
     values["hist_cate_id"] = values["hist_item_id"] % 7  # the category of each behaviour
-    kjt = KeyedJaggedTensor(keys=keys, values=torch.tensor(np.concatenate([values[k] for k in keys])),
-                            lengths=torch.tensor(np.concatenate([lengths[k] for k in keys]), dtype=torch.int32))
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(np.concatenate([values[k] for k in keys])),
+        lengths=torch.tensor(np.concatenate([lengths[k] for k in keys]), dtype=torch.int32),
+    )
     out = drop_ids(kjt, {"hist_item_id", "hist_cate_id"}, 0.5, torch.Generator().manual_seed(1)).to_dict()
     src = kjt.to_dict()
     assert torch.equal(out["item_id"].values(), src["item_id"].values())  # untouched feature

@@ -1,4 +1,4 @@
-"""`dinrec convert`: public click/rating logs -> the canonical Parquet schema (DESIGN.md).
+"""`dinrec convert`: public click/rating logs -> the canonical Parquet schema (docs/design.md).
 
   movielens   RecBole atomic files (.inter/.item/.user) or GroupLens u.data/u.item/u.user,
               ratings.dat/movies.dat/users.dat (DIN paper §6.1 protocol)

@@ -42,8 +42,12 @@ NO_CATEGORY = "(no category)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("amazon", help="Amazon reviews + metadata JSON -> Parquet (DIN §6.1, DIEN §5)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "amazon",
+        help="Amazon reviews + metadata JSON -> Parquet (DIN §6.1, DIEN §5)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--reviews", required=True, help="reviews JSON lines (e.g. reviews_Electronics_5.json)")
     p.add_argument("--meta", required=True, help="metadata lines (e.g. meta_Electronics.json)")
     p.add_argument("--seed", type=int, default=0, help="negative sampling seed (default: %(default)s)")
@@ -108,8 +112,9 @@ def read_categories(path: Path) -> dict[str, str]:
     return out
 
 
-def convert(reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed: int = 0,
-            progress: bool = True) -> dict:
+def convert(
+    reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed: int = 0, progress: bool = True
+) -> dict:
     check_max_hist_len("amazon", max_hist_len)
     t0 = time.perf_counter()
     users, items, times = read_reviews(Path(reviews))
@@ -143,24 +148,38 @@ def convert(reviews: Path, meta: Path, out: Path, max_hist_len: int = 100, seed:
         within = np.arange(rows_off[-1]) - np.repeat(rows_off[:-1], lengths[sel])
         pos = positions[np.repeat(offsets[sel], lengths[sel]) + within]
         for label, cand in ((1, it[sel]), (0, neg[sel])):
-            table = impressions_table(np.full(sel.size, label), u[sel], cand, cate_of_item[cand], rows_off,
-                                      it[pos], cate_of_item[it[pos]], t[sel])
+            table = impressions_table(
+                np.full(sel.size, label),
+                u[sel],
+                cand,
+                cate_of_item[cand],
+                rows_off,
+                it[pos],
+                cate_of_item[it[pos]],
+                t[sel],
+            )
             test = pa.array(last[sel])
             w.write("train", table.filter(pc.invert(test)))
             w.write("test", table.filter(test))
     write_vocab(out, "user_id", user_dict)
     write_vocab(out, "item_id", item_dict)
     write_vocab(out, "cate_id", cate_dict)
-    return w.close({
-        "source": {"reviews": str(reviews), "meta": str(meta)},
-        "protocol": "DIN paper §6.1: per user, each review after the first is a positive with the earlier "
-                    "reviews as history, plus one uniform negative; each user's last review is the test set",
-        "num_rows": {"user_id": len(user_dict), "item_id": n_items, "cate_id": len(cate_dict)},
-        "reviews": len(users), "items_without_metadata": int(sum(a not in categories for a in asins)),
-        "max_hist_len": max_hist_len, "seed": seed, "seconds": round(time.perf_counter() - t0, 2),
-    })
+    return w.close(
+        {
+            "source": {"reviews": str(reviews), "meta": str(meta)},
+            "protocol": "DIN paper §6.1: per user, each review after the first is a positive with the earlier "
+            "reviews as history, plus one uniform negative; each user's last review is the test set",
+            "num_rows": {"user_id": len(user_dict), "item_id": n_items, "cate_id": len(cate_dict)},
+            "reviews": len(users),
+            "items_without_metadata": int(sum(a not in categories for a in asins)),
+            "max_hist_len": max_hist_len,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
-    return convert(Path(args.reviews), Path(args.meta), Path(args.out), args.max_hist_len, args.seed,
-                   progress=not args.no_progress)
+    return convert(
+        Path(args.reviews), Path(args.meta), Path(args.out), args.max_hist_len, args.seed, progress=not args.no_progress
+    )

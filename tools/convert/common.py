@@ -24,8 +24,9 @@ class InputError(ConfigError):
 def add_output_arguments(p, max_hist_len: int) -> None:
     """The arguments every converter takes: --out, --max-hist-len, --no-progress."""
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--max-hist-len", type=int, default=max_hist_len,
-                   help="behaviours kept per row (default: %(default)s)")
+    p.add_argument(
+        "--max-hist-len", type=int, default=max_hist_len, help="behaviours kept per row (default: %(default)s)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -34,8 +35,14 @@ def check_max_hist_len(converter: str, max_hist_len: int) -> None:
         raise InputError(f"convert {converter}: --max-hist-len must be >= 1, got {max_hist_len}")
 
 
-def read_delimited(path: Path, delimiter: str, names: list[str] | None, types: dict[str, pa.DataType],
-                   skip_header: bool = False, encoding: str = "utf8") -> pa.Table:
+def read_delimited(
+    path: Path,
+    delimiter: str,
+    names: list[str] | None,
+    types: dict[str, pa.DataType],
+    skip_header: bool = False,
+    encoding: str = "utf8",
+) -> pa.Table:
     """A delimited text file with pyarrow's CSV reader; the first malformed line (wrong number of
     fields, a value that does not parse) raises InputError with file:line."""
     path = Path(path)
@@ -47,8 +54,9 @@ def read_delimited(path: Path, delimiter: str, names: list[str] | None, types: d
         bad.append(row)
         return "error"
 
-    read = pacsv.ReadOptions(column_names=names, skip_rows=1 if skip_header else 0, encoding=encoding,
-                             use_threads=False, block_size=1 << 24)
+    read = pacsv.ReadOptions(
+        column_names=names, skip_rows=1 if skip_header else 0, encoding=encoding, use_threads=False, block_size=1 << 24
+    )
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid)
     convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False)
     try:
@@ -57,8 +65,9 @@ def read_delimited(path: Path, delimiter: str, names: list[str] | None, types: d
         if bad:
             r = bad[0]
             line = (r.number + (1 if skip_header else 0)) if r.number is not None else "?"
-            raise InputError(f"{path}:{line}: expected {r.expected_columns} fields, got {r.actual_columns} "
-                             f"({r.text[:60]!r})") from None
+            raise InputError(
+                f"{path}:{line}: expected {r.expected_columns} fields, got {r.actual_columns} ({r.text[:60]!r})"
+            ) from None
         raise InputError(_value_error(path, str(e), delimiter, skip_header, encoding)) from None
 
 
@@ -84,15 +93,19 @@ def reindex(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     appearance, and the dictionary (row id -> original id)."""
     enc = pc.dictionary_encode(values)
     if isinstance(enc, pa.ChunkedArray):
-        enc = enc.unify_dictionaries().combine_chunks() if enc.num_chunks else pa.DictionaryArray.from_arrays(
-            pa.array([], pa.int32()), pa.array([], values.type))
+        enc = (
+            enc.unify_dictionaries().combine_chunks()
+            if enc.num_chunks
+            else pa.DictionaryArray.from_arrays(pa.array([], pa.int32()), pa.array([], values.type))
+        )
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary
 
 
 def lookup(keys: np.ndarray | pa.Array, dictionary: pa.Array) -> np.ndarray:
     """Row ids of `keys` in a dictionary from `reindex` (-1 where absent)."""
-    idx = pc.index_in(pa.array(keys) if not isinstance(keys, pa.Array | pa.ChunkedArray) else keys,
-                      value_set=dictionary)
+    idx = pc.index_in(
+        pa.array(keys) if not isinstance(keys, pa.Array | pa.ChunkedArray) else keys, value_set=dictionary
+    )
     return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -125,8 +138,14 @@ def histories(user: np.ndarray, order_key: np.ndarray, max_len: int) -> tuple[np
 class Writer:
     """DIR/{train,test}/part-NNN.parquet in row groups, a progress bar, and convert.json."""
 
-    def __init__(self, out: Path, row_group_size: int = 65536, rows_per_file: int = 4_000_000,
-                 progress: bool = True, total: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        row_group_size: int = 65536,
+        rows_per_file: int = 4_000_000,
+        progress: bool = True,
+        total: int | None = None,
+    ):
         self.out = Path(out)
         self.row_group_size, self.rows_per_file = row_group_size, rows_per_file
         self.writers: dict[str, pq.ParquetWriter] = {}
@@ -138,8 +157,9 @@ class Writer:
             (self.out / split).mkdir(parents=True, exist_ok=True)
             for old in (self.out / split).glob("part-*.parquet"):
                 old.unlink()
-        self.bar = tqdm(total=total, unit="rows", unit_scale=True, desc="convert", disable=not progress,
-                        mininterval=1.0)
+        self.bar = tqdm(
+            total=total, unit="rows", unit_scale=True, desc="convert", disable=not progress, mininterval=1.0
+        )
 
     def write(self, split: str, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -162,8 +182,12 @@ class Writer:
         for w in self.writers.values():
             w.close()
         self.bar.close()
-        out = {"out": str(self.out), "rows": self.rows,
-               "ctr": {k: round(self.clicks[k] / max(self.rows[k], 1), 6) for k in self.rows}, **summary}
+        out = {
+            "out": str(self.out),
+            "rows": self.rows,
+            "ctr": {k: round(self.clicks[k] / max(self.rows[k], 1), 6) for k in self.rows},
+            **summary,
+        }
         (self.out / "convert.json").write_text(json.dumps(out, indent=2))
         return out
 
@@ -176,13 +200,22 @@ def write_vocab(out: Path, name: str, dictionary: pa.Array, extra: dict[str, pa.
 
 
 def list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64)),
-                                    pa.array(values.astype(np.int64)))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64)), pa.array(values.astype(np.int64))
+    )
 
 
-def impressions_table(label: np.ndarray, user: np.ndarray, item: np.ndarray, cate: np.ndarray,
-                      offsets: np.ndarray, hist_item: np.ndarray, hist_cate: np.ndarray, ts: np.ndarray,
-                      extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+def impressions_table(
+    label: np.ndarray,
+    user: np.ndarray,
+    item: np.ndarray,
+    cate: np.ndarray,
+    offsets: np.ndarray,
+    hist_item: np.ndarray,
+    hist_cate: np.ndarray,
+    ts: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
     cols = {
         "label": pa.array(label.astype(np.int8)),
         "user_id": pa.array(user.astype(np.int64)),

@@ -41,19 +41,45 @@ from tools.convert.common import (
 )
 
 NO_GENRE = "(no genre)"
-U_ITEM_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+U_ITEM_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("movielens", help="MovieLens (RecBole atomic or GroupLens files) -> Parquet, DIN §6.1",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "movielens",
+        help="MovieLens (RecBole atomic or GroupLens files) -> Parquet, DIN §6.1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--inter", required=True, help="ratings: *.inter, u.data, ratings.dat or ratings.csv")
     p.add_argument("--item", required=True, help="movies: *.item, u.item, movies.dat or movies.csv")
     p.add_argument("--user", help="optional user profiles: *.user, u.user or users.dat")
-    p.add_argument("--test-fraction", type=float, default=0.278,
-                   help="share of users in the test set (default: %(default)s, as 38,493 of 138,493 in the paper)")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.278,
+        help="share of users in the test set (default: %(default)s, as 38,493 of 138,493 in the paper)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the user split's hash seed (default: %(default)s)")
     add_output_arguments(p, max_hist_len=100)
 
@@ -107,19 +133,27 @@ def read_ratings(path: Path) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray
     if _is_recbole(path):
         t, _ = _recbole(path)
         _need(path, t, "user_id", "item_id", "rating", "timestamp")
-        return (t["user_id"].combine_chunks(), t["item_id"].combine_chunks(),
-                _numbers(path, t["rating"].combine_chunks(), "rating"),
-                _numbers(path, t["timestamp"].combine_chunks(), "timestamp"))
+        return (
+            t["user_id"].combine_chunks(),
+            t["item_id"].combine_chunks(),
+            _numbers(path, t["rating"].combine_chunks(), "rating"),
+            _numbers(path, t["timestamp"].combine_chunks(), "timestamp"),
+        )
     if name.endswith(".dat"):  # user::item::rating::ts -> ':' fields 0, 2, 4, 6
         names = ["u", "_1", "i", "_2", "r", "_3", "t"]
-        t = read_delimited(path, ":", names, {"u": pa.string(), "i": pa.string(), "r": pa.float64(),
-                                              "t": pa.float64()})
+        t = read_delimited(path, ":", names, {"u": pa.string(), "i": pa.string(), "r": pa.float64(), "t": pa.float64()})
     elif name.endswith(".csv"):  # userId,movieId,rating,timestamp with a header
-        t = read_delimited(path, ",", ["u", "i", "r", "t"], {"u": pa.string(), "i": pa.string(), "r": pa.float64(),
-                                                             "t": pa.float64()}, skip_header=True)
+        t = read_delimited(
+            path,
+            ",",
+            ["u", "i", "r", "t"],
+            {"u": pa.string(), "i": pa.string(), "r": pa.float64(), "t": pa.float64()},
+            skip_header=True,
+        )
     else:  # u.data: user \t item \t rating \t ts
-        t = read_delimited(path, "\t", ["u", "i", "r", "t"], {"u": pa.string(), "i": pa.string(), "r": pa.float64(),
-                                                               "t": pa.float64()})
+        t = read_delimited(
+            path, "\t", ["u", "i", "r", "t"], {"u": pa.string(), "i": pa.string(), "r": pa.float64(), "t": pa.float64()}
+        )
     return (t["u"].combine_chunks(), t["i"].combine_chunks(), t["r"].to_numpy(), t["t"].to_numpy())
 
 
@@ -180,15 +214,24 @@ def read_users(path: Path) -> tuple[pa.Array, dict[str, pa.Array]]:
     else:  # u.user: id|age|gender|occupation|zip
         names = ["user_id", "age", "gender", "occupation", "zip_code"]
         t = read_delimited(path, "|", names, {n: pa.string() for n in names})
-    return t["user_id"].combine_chunks(), {c: t[c].combine_chunks() for c in t.column_names
-                                           if c != "user_id" and not c.startswith("_")}
+    return t["user_id"].combine_chunks(), {
+        c: t[c].combine_chunks() for c in t.column_names if c != "user_id" and not c.startswith("_")
+    }
 
 
 # ---- conversion --------------------------------------------------------------------------------
 
 
-def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len: int = 100,
-            test_fraction: float = 0.278, seed: int = 0, progress: bool = True) -> dict:
+def convert(
+    inter: Path,
+    item: Path,
+    user: Path | None,
+    out: Path,
+    max_hist_len: int = 100,
+    test_fraction: float = 0.278,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     check_max_hist_len("movielens", max_hist_len)
     if not 0 < test_fraction < 1:
         raise InputError(f"convert movielens: --test-fraction must be in (0, 1), got {test_fraction}")
@@ -240,22 +283,38 @@ def convert(inter: Path, item: Path, user: Path | None, out: Path, max_hist_len:
     write_vocab(out, "cate_id", genre_dict)
     for c, d in profile_dicts.items():
         write_vocab(out, c, d)
-    return w.close({
-        "source": {"inter": str(inter), "item": str(item), "user": str(user) if user else None},
-        "protocol": "DIN paper §6.1: rating >= 4 positive; first listed genre as category; history = earlier "
-                    "ratings in time order; users split by seeded hash",
-        "num_rows": {"user_id": len(user_dict), "item_id": len(item_dict), "cate_id": len(genre_dict),
-                     **{c: len(d) for c, d in profile_dicts.items()}},
-        "users": {"train": int((~is_test_user).sum()), "test": int(is_test_user.sum())},
-        "items_without_genre": int(missing.sum()),
-        "max_hist_len": max_hist_len, "test_fraction": test_fraction, "seed": seed,
-        "seconds": round(time.perf_counter() - t0, 2),
-    })
+    return w.close(
+        {
+            "source": {"inter": str(inter), "item": str(item), "user": str(user) if user else None},
+            "protocol": "DIN paper §6.1: rating >= 4 positive; first listed genre as category; history = earlier "
+            "ratings in time order; users split by seeded hash",
+            "num_rows": {
+                "user_id": len(user_dict),
+                "item_id": len(item_dict),
+                "cate_id": len(genre_dict),
+                **{c: len(d) for c, d in profile_dicts.items()},
+            },
+            "users": {"train": int((~is_test_user).sum()), "test": int(is_test_user.sum())},
+            "items_without_genre": int(missing.sum()),
+            "max_hist_len": max_hist_len,
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
-    return convert(Path(args.inter), Path(args.item), Path(args.user) if args.user else None, Path(args.out),
-                   args.max_hist_len, args.test_fraction, args.seed, progress=not args.no_progress)
+    return convert(
+        Path(args.inter),
+        Path(args.item),
+        Path(args.user) if args.user else None,
+        Path(args.out),
+        args.max_hist_len,
+        args.test_fraction,
+        args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def extract_recbole_ml100k(wheel: Path, out: Path) -> list[Path]:

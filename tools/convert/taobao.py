@@ -48,8 +48,12 @@ BEHAVIOUR = ["user", "time_stamp", "btag", "cate", "brand"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("taobao-ad", help="Taobao ad display/click CSVs -> Parquet",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "taobao-ad",
+        help="Taobao ad display/click CSVs -> Parquet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--raw-sample", required=True, help="raw_sample.csv")
     p.add_argument("--ad-feature", required=True, help="ad_feature.csv")
     p.add_argument("--behavior-log", required=True, help="behavior_log.csv")
@@ -78,12 +82,20 @@ def read_behaviours(path: Path, users: pa.Array, btags: list[str]) -> dict[str, 
     """The kept behaviours, in blocks: user, time, brand and category (strings as read)."""
     _header(path, BEHAVIOUR)
     read = pacsv.ReadOptions(column_names=BEHAVIOUR, skip_rows=1, block_size=1 << 26)
-    convert = pacsv.ConvertOptions(column_types={"user": pa.string(), "time_stamp": pa.int64(), "btag": pa.string(),
-                                                 "cate": pa.string(), "brand": pa.string()})
+    convert = pacsv.ConvertOptions(
+        column_types={
+            "user": pa.string(),
+            "time_stamp": pa.int64(),
+            "btag": pa.string(),
+            "cate": pa.string(),
+            "brand": pa.string(),
+        }
+    )
     parts: dict[str, list] = {k: [] for k in ("user", "time", "brand", "cate")}
     try:
-        reader = pacsv.open_csv(path, read_options=read, convert_options=convert,
-                                parse_options=pacsv.ParseOptions(quote_char=False))
+        reader = pacsv.open_csv(
+            path, read_options=read, convert_options=convert, parse_options=pacsv.ParseOptions(quote_char=False)
+        )
         for block in reader:
             keep = pc.and_(pc.is_in(block["user"], value_set=users), pc.is_in(block["btag"], value_set=pa.array(btags)))
             block = block.filter(keep)
@@ -98,18 +110,40 @@ def read_behaviours(path: Path, users: pa.Array, btags: list[str]) -> dict[str, 
     return {k: pa.chunked_array(v, pa.int64() if k == "time" else pa.string()) for k, v in parts.items()}
 
 
-def convert(raw_sample: Path, ad_feature: Path, behavior_log: Path, user_profile: Path | None, out: Path,
-            btags: list[str], max_hist_len: int = 50, test_from: int | None = None, progress: bool = True) -> dict:
+def convert(
+    raw_sample: Path,
+    ad_feature: Path,
+    behavior_log: Path,
+    user_profile: Path | None,
+    out: Path,
+    btags: list[str],
+    max_hist_len: int = 50,
+    test_from: int | None = None,
+    progress: bool = True,
+) -> dict:
     check_max_hist_len("taobao-ad", max_hist_len)
     bad = [b for b in btags if b not in ("pv", "cart", "fav", "buy")]
     if bad or not btags:
-        raise InputError(f"convert taobao-ad: --btags: {bad[0] if bad else '(empty)'!r} is not one of pv, cart, fav, buy")
+        raise InputError(
+            f"convert taobao-ad: --btags: {bad[0] if bad else '(empty)'!r} is not one of pv, cart, fav, buy"
+        )
     t0 = time.perf_counter()
     raw_sample, ad_feature, behavior_log = Path(raw_sample), Path(ad_feature), Path(behavior_log)
     _header(raw_sample, RAW)
-    raw = read_delimited(raw_sample, ",", RAW, {"user": pa.string(), "time_stamp": pa.int64(), "adgroup_id": pa.string(),
-                                                "pid": pa.string(), "nonclk": pa.int8(), "clk": pa.int8()},
-                         skip_header=True)
+    raw = read_delimited(
+        raw_sample,
+        ",",
+        RAW,
+        {
+            "user": pa.string(),
+            "time_stamp": pa.int64(),
+            "adgroup_id": pa.string(),
+            "pid": pa.string(),
+            "nonclk": pa.int8(),
+            "clk": pa.int8(),
+        },
+        skip_header=True,
+    )
     clk = raw["clk"].to_numpy()
     if ((clk != 0) & (clk != 1)).any():
         line = int(np.flatnonzero((clk != 0) & (clk != 1))[0]) + 2
@@ -125,10 +159,12 @@ def convert(raw_sample: Path, ad_feature: Path, behavior_log: Path, user_profile
     users = pc.unique(raw["user"].combine_chunks())
     beh = read_behaviours(behavior_log, users, btags)
     # one dictionary per shared id space: brands and categories of ads and behaviours together
-    brand_row, brand_dict = reindex(pa.chunked_array([_ids(ads["brand"].combine_chunks()), *beh["brand"].chunks],
-                                                     pa.string()))
-    cate_row, cate_dict = reindex(pa.chunked_array([_ids(ads["cate_id"].combine_chunks()), *beh["cate"].chunks],
-                                                   pa.string()))
+    brand_row, brand_dict = reindex(
+        pa.chunked_array([_ids(ads["brand"].combine_chunks()), *beh["brand"].chunks], pa.string())
+    )
+    cate_row, cate_dict = reindex(
+        pa.chunked_array([_ids(ads["cate_id"].combine_chunks()), *beh["cate"].chunks], pa.string())
+    )
     n_ads = ads.num_rows
     ad_brand, beh_brand = brand_row[:n_ads], brand_row[n_ads:]
     ad_cate, beh_cate = cate_row[:n_ads], cate_row[n_ads:]
@@ -179,9 +215,17 @@ def convert(raw_sample: Path, ad_feature: Path, behavior_log: Path, user_profile
         np.cumsum(lengths[sel], out=offsets[1:])
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths[sel])
         pos = np.repeat(end[sel] - lengths[sel], lengths[sel]) + within
-        table = impressions_table(clk[sel], imp_user[sel], ad_brand[at[sel]], ad_cate[at[sel]], offsets,
-                                  beh_brand_sorted[pos], beh_cate_sorted[pos], imp_time[sel],
-                                  {k: v[sel] for k, v in extra_cols.items()})
+        table = impressions_table(
+            clk[sel],
+            imp_user[sel],
+            ad_brand[at[sel]],
+            ad_cate[at[sel]],
+            offsets,
+            beh_brand_sorted[pos],
+            beh_cate_sorted[pos],
+            imp_time[sel],
+            {k: v[sel] for k, v in extra_cols.items()},
+        )
         test = pa.array(is_test[sel])
         w.write("train", table.filter(pc.invert(test)))
         w.write("test", table.filter(test))
@@ -190,20 +234,40 @@ def convert(raw_sample: Path, ad_feature: Path, behavior_log: Path, user_profile
     write_vocab(out, "cate_id", cate_dict)
     for c, d in dicts.items():
         write_vocab(out, c, d)
-    return w.close({
-        "source": {"raw_sample": str(raw_sample), "ad_feature": str(ad_feature), "behavior_log": str(behavior_log),
-                   "user_profile": str(user_profile) if user_profile else None},
-        "protocol": "label = clk; item = the ad's brand, cate = its category; history = the user's behaviours "
-                    "(brand, category) strictly before the impression; test = impressions from test_from on",
-        "num_rows": {"user_id": len(user_dict), "item_id": len(brand_dict), "cate_id": len(cate_dict),
-                     **{c: len(d) for c, d in dicts.items()}},
-        "behaviours_kept": int(beh_time.size), "btags": btags, "test_from": test_from, "max_hist_len": max_hist_len,
-        "seconds": round(time.perf_counter() - t0, 2),
-    })
+    return w.close(
+        {
+            "source": {
+                "raw_sample": str(raw_sample),
+                "ad_feature": str(ad_feature),
+                "behavior_log": str(behavior_log),
+                "user_profile": str(user_profile) if user_profile else None,
+            },
+            "protocol": "label = clk; item = the ad's brand, cate = its category; history = the user's behaviours "
+            "(brand, category) strictly before the impression; test = impressions from test_from on",
+            "num_rows": {
+                "user_id": len(user_dict),
+                "item_id": len(brand_dict),
+                "cate_id": len(cate_dict),
+                **{c: len(d) for c, d in dicts.items()},
+            },
+            "behaviours_kept": int(beh_time.size),
+            "btags": btags,
+            "test_from": test_from,
+            "max_hist_len": max_hist_len,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
-    return convert(Path(args.raw_sample), Path(args.ad_feature), Path(args.behavior_log),
-                   Path(args.user_profile) if args.user_profile else None, Path(args.out),
-                   [b for b in args.btags.split(",") if b], args.max_hist_len, args.test_from,
-                   progress=not args.no_progress)
+    return convert(
+        Path(args.raw_sample),
+        Path(args.ad_feature),
+        Path(args.behavior_log),
+        Path(args.user_profile) if args.user_profile else None,
+        Path(args.out),
+        [b for b in args.btags.split(",") if b],
+        args.max_hist_len,
+        args.test_from,
+        progress=not args.no_progress,
+    )

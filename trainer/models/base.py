@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from embedding.layout import FeatureLayout, jagged_rows
-from trainer.config import ModelConfig
 from trainer.batch import Batch
+from trainer.config import ModelConfig
 from trainer.models.layers import MLP, SparseArch
 
 

@@ -1,4 +1,4 @@
-"""Deep Interest Evolution Network (dien-paper.md §4, Fig. 1).
+"""Deep Interest Evolution Network (the DIEN paper, §4, Fig. 1).
 
     behaviours e[1..T] --GRU--> interest states h[1..T]            (interest extractor, Eq. 2–5)
                                  + α·L_aux with next behaviours and negatives     (Eq. 6–7)
@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from embedding.layout import FeatureLayout, jagged_rows
-from trainer.config import ModelConfig
 from trainer.batch import Batch
+from trainer.config import ModelConfig
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
 from trainer.models.layers import MLP, SparseArch
@@ -51,8 +51,7 @@ class DIEN(nn.Module):
         self.aux_net = AuxiliaryNet(d) if cfg.aux_net == "mlp" and self.alpha > 0 else None
         self.run = sequence if cfg.gru_kernel == "cpp" else run_sequence
         self.history_sum = cfg.history_sum
-        self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation,
-                       out=1)
+        self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def _interests(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> behaviours e [B, T, D], interest states h [B, T, D], attention a [B, T] (Eq. 8), the
@@ -97,15 +96,22 @@ class AuxiliaryNet(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.BatchNorm1d(2 * dim), nn.Linear(2 * dim, 100), nn.Sigmoid(),
-                                 nn.Linear(100, 50), nn.Sigmoid(), nn.Linear(50, 1))
+        self.net = nn.Sequential(
+            nn.BatchNorm1d(2 * dim),
+            nn.Linear(2 * dim, 100),
+            nn.Sigmoid(),
+            nn.Linear(100, 50),
+            nn.Sigmoid(),
+            nn.Linear(50, 1),
+        )
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:  # [M, H], [M, D] -> [M]
         return self.net(torch.cat([h, e], dim=1)).squeeze(1)
 
 
-def auxiliary_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                   lengths: torch.Tensor, net: AuxiliaryNet | None = None) -> torch.Tensor:
+def auxiliary_loss(
+    states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, lengths: torch.Tensor, net: AuxiliaryNet | None = None
+) -> torch.Tensor:
     """Eq. 6: L_aux = −(1/N) Σ_i Σ_t [log σ(h_t, e[t+1]) + log(1 − σ(h_t, ê[t+1]))].
 
     states [B, T, H]: interest states h_t; pos [B, T, H]: the behaviour embeddings e[t];

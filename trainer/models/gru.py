@@ -1,4 +1,4 @@
-"""GRU cells of DIEN (dien-paper.md §4): the interest extractor's GRU (Eq. 2–5) and the interest
+"""GRU cells of DIEN (the DIEN paper, §4): the interest extractor's GRU (Eq. 2–5) and the interest
 evolving variants with attention (AIGRU Eq. 9, AGRU Eq. 10, AUGRU Eq. 11–13).
 
 Gate convention follows torch.nn.GRU, so that its weights load unchanged: z = σ(W_z x + U_z h),
@@ -38,8 +38,9 @@ class AttentionGRUCell(nn.Module):
         self.x2h = nn.Linear(input_size, 3 * hidden_size)  # rows: r, z, h̃ (torch.nn.GRU order)
         self.h2h = nn.Linear(hidden_size, 3 * hidden_size)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor | None = None,
-                kind: str = "gru") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor | None = None, kind: str = "gru"
+    ) -> torch.Tensor:
         # x [B, I], h [B, H], att [B] -> h' [B, H]
         if kind == "aigru":
             x = att.unsqueeze(1) * x
@@ -62,8 +63,9 @@ class AttentionGRUCell(nn.Module):
         self.h2h.bias.data.copy_(gru.bias_hh_l0)
 
 
-def run_sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
-                 att: torch.Tensor | None = None, kind: str = "gru") -> tuple[torch.Tensor, torch.Tensor]:
+def run_sequence(
+    cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor, att: torch.Tensor | None = None, kind: str = "gru"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """States of every step [B, T, H] and the state after each row's last real step [B, H].
 
     Steps at or beyond a row's length leave its state unchanged (padding has no effect);
@@ -103,8 +105,14 @@ class _Sequence(torch.autograd.Function):
         return dxg, dw, db, datt if ctx.needs_input_grad[3] else None, None, None, None
 
 
-def sequence(cell: AttentionGRUCell, x: torch.Tensor, lengths: torch.Tensor,
-             att: torch.Tensor | None = None, kind: str = "gru", fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence(
+    cell: AttentionGRUCell,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    att: torch.Tensor | None = None,
+    kind: str = "gru",
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`run_sequence`'s result (states [B, T, H], zero at padding; last real state [B, H]) by the
     C++ kernel: no Python loop, one autograd node for the whole sequence. On the CPU each step's
     elementwise work is one fused pass (`fused=False`: the ATen composition that other devices
