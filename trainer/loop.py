@@ -85,10 +85,10 @@ class Run:
     decay: AllRowsDecay | None
     generators: dict[str, torch.Generator]
     stream: ParquetStream
-    log: IO[str] | None  # metrics.jsonl, rank 0 only
     progress: bool
     plan_fingerprint: str
     dropout_keys: set[str]
+    log: IO[str] | None = None  # metrics.jsonl, rank 0 only
     speed: Speed = field(default_factory=Speed)
 
     def batches_in(self, epoch: int) -> int:
@@ -108,32 +108,9 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
     tag, continue_id = run_identity(run_id)
     with process_group(cfg) as (rank, world):
         start_from = resume_point(cfg, continue_id)
-        out = Path(cfg.train.out_dir)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        model = build_model(cfg, world, device)
-        opt, decay = dense_optimizer(cfg, model), all_rows_decay(cfg, model)
-        generators = {"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)}
-        stream = stream_from_config(cfg, "train", rank, world)
-        with open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
-            run = Run(
-                cfg=cfg,
-                rank=rank,
-                world=world,
-                device=device,
-                out=out,
-                tag=tag,
-                model=model,
-                opt=opt,
-                decay=decay,
-                generators=generators,
-                stream=stream,
-                log=log,
-                progress=progress,
-                plan_fingerprint=plan_fingerprint(cfg, world, device.type),
-                dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys),
-            )
+        run = setup(cfg, rank, world, device, tag, progress)
+        with open(run.out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
+            run.log = log
             at = resume(run, start_from) if start_from is not None else Position()
             run.speed = Speed()  # the run's speed counts from here
             last = cfg.train.epochs - 1
@@ -144,6 +121,32 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
                 if epoch < last:
                     save(run, at)
             return finish(run, at)
+
+
+def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, progress: bool) -> Run:
+    """The run directory with the run's config, the sharded model, its optimizers, this rank's
+    training stream."""
+    out = Path(cfg.train.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    model = build_model(cfg, world, device)
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        out=out,
+        tag=tag,
+        model=model,
+        opt=dense_optimizer(cfg, model),
+        decay=all_rows_decay(cfg, model),
+        generators={"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)},
+        stream=stream_from_config(cfg, "train", rank, world),
+        progress=progress,
+        plan_fingerprint=plan_fingerprint(cfg, world, device.type),
+        dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys),
+    )
 
 
 def log_record(run: Run, **record) -> None:
