@@ -35,8 +35,16 @@ def _config_args(p: argparse.ArgumentParser, required: bool = True, baseline: bo
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (`dinrec plan: error: argument --world-size: invalid
+    int value: 'abc' (dinrec plan --help)`), exit 2; subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinrec", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="dinrec", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser(
@@ -148,18 +156,29 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "baseline", None) and result is not None:
             result.update(_rela_impr(result, args.baseline))
     except (ConfigError, DataError) as e:
-        print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(args, e, 2)
     except WorkerFailed as e:
-        print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
-        return 2 if e.user_error else 1
+        return _error(args, e, 2 if e.user_error else 1)
     except NonFiniteLoss as e:
-        print(f"dinrec {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _error(args, e, 1)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank runs main(); rank 0 prints
     if result is not None and rank == 0:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def _error(args: argparse.Namespace, e: Exception, code: int) -> int:
+    """One line on stderr, on a line of its own (open progress bars are closed first). Under
+    torchrun every rank runs this: an error every rank meets alike (a config, the checks before
+    training, rank 0's decisions) is printed by rank 0 only, one found in a rank's own row groups
+    by that rank."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "rank_local", False):
+        print(f"dinrec {args.command}: error: {e}", file=sys.stderr, flush=True)
+    return code
 
 
 def _run(args: argparse.Namespace) -> dict | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
+import traceback
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -38,10 +40,15 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
     quiet_libraries()
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
-    try:
-        result = train(cfg, progress=config.get("progress", True) and rank == 0, run_id=config["run_id"])
+    try:  # the driver draws the progress bar (Progress): the workers' output is not forwarded
+        result = train(cfg, progress=False, run_id=config["run_id"])
     except NonFiniteLoss as e:  # every rank stops at the same step: an answer, not a failure to retry
         result = {"error": str(e)}
+    except BaseException:
+        log = worker_log(cfg.train.out_dir, rank)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        raise
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             Path(d, "result.json").write_text(json.dumps(result))
@@ -50,8 +57,17 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
         ray.train.report({"done": 1})
 
 
+def worker_log(out_dir: str | Path, rank: int) -> Path:
+    """Where a worker that failed leaves its traceback."""
+    return Path(out_dir) / "logs" / f"worker-{rank}.log"
+
+
 def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
-    """Train `cfg` with cfg.launch.workers Ray Train workers; return rank 0's final metrics."""
+    """Train `cfg` with cfg.launch.workers Ray Train workers; return rank 0's final metrics.
+
+    The workers' own output is not forwarded to this process (Ray's `log_to_driver` is off): a
+    failing worker's traceback goes to out_dir/logs/worker-<rank>.log, named in the one line
+    that reports the failure, and the progress bar is drawn here from out_dir/metrics.jsonl."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -64,8 +80,9 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         if address is None:
             start_local_ray(max(cfg.launch.workers, os.cpu_count() or 1), env)
         else:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=False)
         started = True
+    bar = Progress(Path(cfg.train.out_dir) / "metrics.jsonl") if progress else None
     try:
         storage = Path(cfg.train.out_dir).resolve() / "ray"
         trainer = TorchTrainer(
@@ -86,7 +103,10 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         try:
             result = trainer.fit()
         except Exception as e:  # noqa: BLE001 - turned into one line below
-            raise _worker_failure(e) from None
+            raise _worker_failure(e, cfg.train.out_dir) from None
+        finally:
+            if bar is not None:
+                bar.close()
         with result.checkpoint.as_directory() as d:
             out = json.loads(Path(d, "result.json").read_text())
         if "error" in out:
@@ -115,7 +135,7 @@ def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
-        log_to_driver=True,
+        log_to_driver=False,
         logging_config=ray.LoggingConfig(log_level="ERROR"),
         configure_logging=False,
     )
@@ -129,7 +149,7 @@ def _absolute_paths(cfg: Config) -> Config:
     return replace(cfg, data=data, train=replace(cfg.train, out_dir=absolute(cfg.train.out_dir)))
 
 
-def _worker_failure(e: Exception) -> Exception:
+def _worker_failure(e: Exception, out_dir: str) -> Exception:
     failures = getattr(e, "worker_failures", None) or {}
     if not failures:
         return WorkerFailed(-1, _one_line(e), user_error=False)
@@ -138,7 +158,75 @@ def _worker_failure(e: Exception) -> Exception:
     inner = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's exception
     user_error = isinstance(inner, (ConfigError, DataError))
     text = str(inner) if user_error else f"{type(inner).__name__}: {_one_line(inner)}"
-    return WorkerFailed(rank, text, user_error)
+    log = worker_log(out_dir, rank)
+    return WorkerFailed(rank, f"{text} (traceback: {log})" if log.is_file() else text, user_error)
+
+
+class Progress:
+    """The training progress bar of a Ray run, drawn in the driver from the records rank 0 appends
+    to metrics.jsonl: an `epoch_samples` record starts an epoch's bar, each loss record moves it."""
+
+    def __init__(self, path: Path, poll: float = 0.5):
+        from tqdm import tqdm
+
+        self.tqdm, self.path, self.poll = tqdm, path, poll
+        self.offset = path.stat().st_size if path.is_file() else 0  # earlier segments' records
+        self.bar, self.base = None, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True, name="dinrec-progress")
+        self.thread.start()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(self.poll):
+            self._read()
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        lines = data.split(b"\n")[:-1]  # complete lines only
+        self.offset += sum(len(line) + 1 for line in lines)
+        for line in lines:
+            try:
+                self._show(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+
+    def _show(self, r: dict) -> None:
+        if "epoch_samples" in r:
+            self._close_bar(done=True)
+            self.bar = self.tqdm(
+                total=r["epoch_samples"],
+                initial=r["first_samples"],
+                desc=f"epoch {r['epoch']}",
+                unit="samples",
+                unit_scale=True,
+                mininterval=1.0,
+            )
+            self.base = r["run_samples"] - r["first_samples"]
+        elif "loss" in r and self.bar is not None:
+            self.bar.n = r["samples"] - self.base
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}")
+        elif "eval" in r and "steps" in r["eval"]:
+            self._close_bar(done=True)
+
+    def _close_bar(self, done: bool = False) -> None:
+        """Close the bar; `done`: its epoch ended (the steps after the last loss record ran too)."""
+        if self.bar is not None:
+            if done:
+                self.bar.n = self.bar.total
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._close_bar()
 
 
 def _one_line(e: BaseException) -> str:

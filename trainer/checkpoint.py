@@ -9,7 +9,12 @@ A run's checkpoints live in `<out_dir>/checkpoints/step-<step>/`, each one direc
 - `config.yaml`, the run's merged config;
 - `manifest.json`, written last: the step, every rank's data position (epoch, batches done, and
   the file, row group and row offset the next batch starts at), the world size, the config and
-  plan fingerprints and the run id of the launcher that wrote it.
+  plan fingerprints, the run id of the launcher that wrote it, and the size and sha256 of every
+  other file of the checkpoint.
+
+Reading a checkpoint (`load`, `read_config`) first verifies every file against the manifest and
+refuses a damaged one with one line naming the file and what is wrong; `find` (a run directory or
+`latest`) skips damaged checkpoints for the newest intact one and says which it skipped.
 
 A checkpoint is written into `step-<step>.tmp/` and renamed into place after its manifest, so a
 directory named `step-<step>` is always complete; a `.tmp` left by a crash is never read and is
@@ -25,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +42,7 @@ from torch import nn
 from trainer import faults
 from trainer.config import Config, ConfigError, config_from_dict
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest lists every file with its size and sha256
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{9})$")
 
@@ -111,37 +117,108 @@ def latest(directory: str | Path, run_id: str | None = None) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve(spec: str | Path, out_dir: str | Path | None = None) -> Path:
-    """A checkpoint directory from `spec`: 'latest' (of `out_dir`), a checkpoint, a run's
-    `checkpoints/` directory or a run directory (their newest checkpoint)."""
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint to read, verified, and the damaged newer ones skipped for it: (path, why)."""
+
+    path: Path
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+
+def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | None:
+    """The newest checkpoint under `directory` (of launcher run `run_id` if given) that verifies,
+    with the damaged newer ones it skipped; None if there is none."""
+    skipped = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            manifest = verify(path)
+        except ConfigError as e:
+            skipped.append((path, str(e)))
+            continue
+        if run_id is None or manifest.get("run_id") == run_id:
+            return Found(path, tuple(skipped))
+    return None
+
+
+def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
+    """The checkpoint `spec` names, verified: 'latest' (of `out_dir`), a checkpoint, a run's
+    `checkpoints/` directory or a run directory (their newest intact checkpoint)."""
     if str(spec) == "latest":
         if out_dir is None:
             raise ConfigError("--resume latest: no train.out_dir to look in")
         spec = out_dir
     path = Path(spec)
     if (path / MANIFEST).is_file():
-        return path
+        verify(path)
+        return Found(path)
     for directory in (path, root(path)):
-        found = latest(directory)
-        if found is not None:
+        if list_checkpoints(directory):
+            found = newest_intact(directory)
+            if found is None:
+                newest, why = list_checkpoints(directory)[-1], ""
+                try:
+                    verify(newest)
+                except ConfigError as e:
+                    why = str(e)
+                raise ConfigError(f"{directory}: no intact checkpoint (the newest: {why})")
             return found
     if path.name.endswith(".tmp") or (path.is_dir() and path.name.startswith("step-")):
         raise ConfigError(f"{path}: incomplete checkpoint (no {MANIFEST}: its write did not finish)")
     raise ConfigError(f"{path}: no dinrec checkpoint there (nor under {root(path)})")
 
 
+def resolve(spec: str | Path, out_dir: str | Path | None = None) -> Path:
+    """`find(spec, out_dir).path`."""
+    return find(spec, out_dir).path
+
+
 def read_manifest(path: str | Path) -> dict:
     file = Path(path) / MANIFEST
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: unreadable checkpoint manifest ({e})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{file}: damaged manifest (not a JSON object)")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{file}: checkpoint format {manifest.get('format')!r}, this dinrec reads {FORMAT}")
     return manifest
 
 
+_VERIFIED: set[tuple[str, int]] = set()  # (checkpoint, its manifest's mtime) verified by this process
+
+
+def verify(path: str | Path) -> dict:
+    """The manifest of checkpoint `path`, once every file it lists has its size and sha256;
+    otherwise a one-line ConfigError naming the file and what is wrong."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    key = (str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns)
+    if key in _VERIFIED:
+        return manifest
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ConfigError(f"{path / MANIFEST}: damaged manifest (no file list)")
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ConfigError(f"{file}: missing (the checkpoint's manifest lists it)")
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise ConfigError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
+        if _sha256(file) != want["sha256"]:
+            raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
+    _VERIFIED.add(key)
+    return manifest
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_config(path: str | Path) -> Config:
+    """The config a checkpoint (or a run directory's newest intact one) was written under."""
     path = resolve(path)
     return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
 
@@ -271,6 +348,7 @@ def save(
     faults.point("checkpoint", rank, step, out_dir)
     if rank == 0:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
         full = {
             "format": FORMAT,
             "step": step,
@@ -279,7 +357,8 @@ def save(
             **manifest,
             "ranks": positions,
             "write_seconds": round(time.perf_counter() - t0, 3),
-            "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "files": files,
         }
         _write_synced(tmp / MANIFEST, json.dumps(full, indent=1))
         os.replace(tmp, final)
@@ -303,11 +382,14 @@ def load(
     model: nn.Module,
     dense_opt: torch.optim.Optimizer | None = None,
     generators: dict[str, torch.Generator] | None = None,
+    verified: bool = False,
 ) -> dict:
     """Load a checkpoint into `model` in place, whatever its sharding now (and into the dense
-    optimizer and this rank's generators when given: same world size only); return the manifest."""
-    path = resolve(path)
-    manifest = read_manifest(path)
+    optimizer and this rank's generators when given: same world size only); return the manifest.
+    A checkpoint directory is verified first (`verify`) unless `verified` (rank 0 did it, see
+    trainer.resume.on_rank_zero); a run directory resolves to its newest intact checkpoint."""
+    path = Path(path) if verified else resolve(path)
+    manifest = read_manifest(path) if verified else verify(path)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state: dict = {"model": model.state_dict()}
     opt = sparse_optimizer_state(model)

@@ -311,6 +311,17 @@ class _CHECKS:
     def TableConfig(c: TableConfig, path: str) -> None:
         _positive(c.num_rows, f"{path}.num_rows")
         _positive(c.dim, f"{path}.dim")
+        if c.dim % 4:  # FBGEMM's table-batched kernels (CPU and GPU), which every table runs on
+            lo, hi = c.dim - c.dim % 4, c.dim + 4 - c.dim % 4
+            raise ConfigError(
+                f"{path}.dim: {c.dim}: FBGEMM's embedding kernels take dims that are multiples of 4 "
+                f"({f'{lo} or ' if lo else ''}{hi})"
+            )
+        if c.min_partition is not None and c.min_partition % 4:
+            raise ConfigError(
+                f"{path}.min_partition: {c.min_partition}: column-wise shards are FBGEMM tables too, "
+                "their width must be a multiple of 4"
+            )
         if not c.features:
             raise ConfigError(f"{path}.features: a table needs at least one feature")
         if c.min_partition is not None:

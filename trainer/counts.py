@@ -41,17 +41,16 @@ def count_rows(stream: ParquetStream, progress: bool = True) -> tuple[dict[str, 
     tables = layout.tables
     counts = {t.name: np.zeros(t.num_rows, np.uint32) for t in tables}
     samples = 0
-    bar = tqdm(total=stream.num_rows, unit="samples", unit_scale=True, desc="count", disable=not progress)
-    for n, lists in stream.row_groups():
-        for t in tables:
-            # (sample, row) pairs over all the table's features, each pair counted once
-            sample_ids = [np.repeat(np.arange(n, dtype=np.int64), np.diff(lists[f][0])) for f in t.features]
-            rows = [lists[f][1] for f in t.features]
-            pairs = np.unique(np.concatenate(sample_ids) * t.num_rows + np.concatenate(rows))
-            counts[t.name] += np.bincount(pairs % t.num_rows, minlength=t.num_rows).astype(np.uint32)
-        samples += n
-        bar.update(n)
-    bar.close()
+    with tqdm(total=stream.num_rows, unit="samples", unit_scale=True, desc="count", disable=not progress) as bar:
+        for n, lists in stream.row_groups():
+            for t in tables:
+                # (sample, row) pairs over all the table's features, each pair counted once
+                sample_ids = [np.repeat(np.arange(n, dtype=np.int64), np.diff(lists[f][0])) for f in t.features]
+                rows = [lists[f][1] for f in t.features]
+                pairs = np.unique(np.concatenate(sample_ids) * t.num_rows + np.concatenate(rows))
+                counts[t.name] += np.bincount(pairs % t.num_rows, minlength=t.num_rows).astype(np.uint32)
+            samples += n
+            bar.update(n)
     return counts, samples
 
 

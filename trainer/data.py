@@ -35,7 +35,10 @@ from trainer.batch import Batch
 
 
 class DataError(ValueError):
-    """Bad input data: one line naming the file, row group and column."""
+    """Bad input data: one line naming the file, row group and column. `rank_local`: found in a row
+    group this rank read (other ranks may not have it), not in what every rank checks alike."""
+
+    rank_local = False
 
 
 def resolve_paths(spec: str) -> list[str]:
@@ -179,6 +182,17 @@ class ParquetStream:
         self.columns = ["label", "user_id", *(k for k in layout.keys if k not in neg), *self.dense_features]
         if self.has_p_click:
             self.columns.append("p_click")
+
+    def check_rows(self, what: str) -> None:
+        """DataError (one line) unless the data set has rows and every rank a row group to read."""
+        files = f"{len(self.paths)} file(s): {self.paths[0]}{', …' if len(self.paths) > 1 else ''}"
+        if self.num_rows == 0:
+            raise DataError(f"{what}: no rows in {files}")
+        if len(self.units) < self.world_size:
+            raise DataError(
+                f"{what}: {len(self.units)} row group(s) in {files} for {self.world_size} ranks: every rank "
+                "needs at least one row group"
+            )
 
     @property
     def num_rows(self) -> int:
@@ -355,7 +369,11 @@ class ParquetStream:
                 if skip >= n:
                     skip -= n
                     continue
-                chunk = self._read_unit(path, rg, epoch, i)
+                try:
+                    chunk = self._read_unit(path, rg, epoch, i)
+                except DataError as e:
+                    e.rank_local = True
+                    raise
                 yield chunk.slice(skip, chunk.n) if skip else chunk
                 skip = 0
             if not cycle:

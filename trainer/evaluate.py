@@ -4,6 +4,8 @@ set, gathered across ranks; the same for a checkpoint (`dinrec eval`).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ from tqdm import tqdm
 from trainer import checkpoint, metrics
 from trainer.config import Config
 from trainer.data import ParquetStream, stream_from_config
+from trainer.resume import on_rank_zero
 from trainer.sharding import build_model, process_group, worker_device
 
 
@@ -71,8 +74,13 @@ def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
     with process_group(cfg) as (rank, world):
         device = worker_device(cfg)
         model = build_model(cfg, world, device)
-        path = checkpoint.resolve(path)
-        meta = checkpoint.load(path, model)
+        found = on_rank_zero(lambda: checkpoint.find(path))
+        if rank == 0:
+            for p, why in found.skipped:
+                print(f"dinrec: skipped the damaged checkpoint {p} ({why}); evaluating {found.path}", file=sys.stderr)
+        meta = checkpoint.load(found.path, model, verified=True)
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
-        result.update(model=cfg.model.name, checkpoint=str(path), step=meta.get("step"))
+        result.update(model=cfg.model.name, checkpoint=str(found.path), step=meta.get("step"))
+        if found.skipped:
+            result["skipped_checkpoints"] = [{"checkpoint": str(p), "why": why} for p, why in found.skipped]
         return result

@@ -5,7 +5,9 @@ that it fired, so the restarted run goes through):
 - `kill`: the worker kills itself with SIGKILL after training step `step`, as a lost machine would;
 - `checkpoint`: SIGKILL while checkpoint `step` is being written (its shards are on disk, its
   manifest is not);
-- `nan`: the loss of step `step` becomes NaN (the non-finite loss guard must stop the run).
+- `nan`: the loss of step `step` becomes NaN (the non-finite loss guard must stop the run);
+- `damage`: after training step `step`, one byte in the middle of the largest file of the newest
+  checkpoint is flipped, then SIGKILL (a restart must skip that checkpoint for an intact one).
 
 Unset, every call is one dictionary lookup.
 """
@@ -31,6 +33,21 @@ def _armed(point: str, rank: int, step: int, out_dir: str | Path) -> bool:
 def point(name: str, rank: int, step: int, out_dir: str | Path) -> None:
     """SIGKILL this process if DINREC_FAULT names this point (kill, checkpoint)."""
     if _armed(name, rank, step, out_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_end(rank: int, step: int, out_dir: str | Path) -> None:
+    """The faults that fire after a training step: `kill` and `damage`."""
+    point("kill", rank, step, out_dir)
+    if _armed("damage", rank, step, out_dir):
+        checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step-?????????"))
+        if checkpoints:
+            largest = max((f for f in checkpoints[-1].iterdir() if f.is_file()), key=lambda f: f.stat().st_size)
+            with open(largest, "r+b") as f:
+                f.seek(largest.stat().st_size // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
         os.kill(os.getpid(), signal.SIGKILL)
 
 

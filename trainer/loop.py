@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from trainer.batch import Batch, drop_ids
 from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, stream_from_config
 from trainer.evaluate import average_buffers, evaluate
-from trainer.resume import resume_point, run_identity
+from trainer.resume import resume_point, run_identity, segments
 from trainer.sharding import AllRowsDecay, all_rows_decay, build_model, dense_optimizer, process_group, worker_device
 from trainer.step import train_step
 
@@ -85,6 +86,7 @@ class Run:
     decay: AllRowsDecay | None
     generators: dict[str, torch.Generator]
     stream: ParquetStream
+    test: ParquetStream
     progress: bool
     plan_fingerprint: str
     dropout_keys: set[str]
@@ -107,11 +109,14 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
     device = worker_device(cfg)
     tag, continue_id = run_identity(run_id)
     with process_group(cfg) as (rank, world):
-        start_from = resume_point(cfg, continue_id)
-        run = setup(cfg, rank, world, device, tag, progress)
+        start_from = resume_point(cfg, continue_id)  # may refuse the out_dir
+        run = setup(cfg, rank, world, device, tag, progress)  # checks the model, the plan and the data
+        at, loaded = resume(run, start_from) if start_from is not None else (Position(), {})  # may refuse it
+        if rank == 0:  # accepted: from here on the run directory describes this run
+            run.out.mkdir(parents=True, exist_ok=True)
         with open(run.out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
             run.log = log
-            at = resume(run, start_from) if start_from is not None else Position()
+            start_segment(run, at, start_from, loaded)
             run.speed = Speed()  # the run's speed counts from here
             last = cfg.train.epochs - 1
             for epoch in range(at.epoch, cfg.train.epochs):
@@ -124,25 +129,26 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
 
 
 def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, progress: bool) -> Run:
-    """The run directory with the run's config, the sharded model, its optimizers, this rank's
-    training stream."""
-    out = Path(cfg.train.out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The sharded model, its optimizers, this rank's training and test streams. The data is
+    checked here, before the first step: every file of both sets opens, has the schema, and each
+    rank has rows to read."""
+    stream, test = stream_from_config(cfg, "train", rank, world), stream_from_config(cfg, "test", rank, world)
+    stream.check_rows("data.train")
+    test.check_rows("data.test")
     model = build_model(cfg, world, device)
     return Run(
         cfg=cfg,
         rank=rank,
         world=world,
         device=device,
-        out=out,
+        out=Path(cfg.train.out_dir),
         tag=tag,
         model=model,
         opt=dense_optimizer(cfg, model),
         decay=all_rows_decay(cfg, model),
         generators={"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)},
-        stream=stream_from_config(cfg, "train", rank, world),
+        stream=stream,
+        test=test,
         progress=progress,
         plan_fingerprint=plan_fingerprint(cfg, world, device.type),
         dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys),
@@ -155,9 +161,11 @@ def log_record(run: Run, **record) -> None:
         run.log.flush()
 
 
-def resume(run: Run, path: Path) -> Position:
-    """Load checkpoint `path` into the model and the optimizers; where it left off."""
+def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
+    """Load the checkpoint into the model and the optimizers: where it left off, and what the
+    segment record says of the load."""
     t_load = time.perf_counter()
+    path = found.path
     manifest = checkpoint.check_config(path, run.cfg)
     epoch, batches = manifest["position"]["epoch"], manifest["position"]["batches"]
     same_world = manifest["world_size"] == run.world
@@ -167,15 +175,37 @@ def resume(run: Run, path: Path) -> Position:
             f"(after batch {batches}), it resumes on {manifest['world_size']} rank(s) only; a checkpoint "
             f"at an epoch end resumes on any number"
         )
-    checkpoint.load(path, run.model, run.opt, run.generators if same_world else None)
+    checkpoint.load(path, run.model, run.opt, run.generators if same_world else None, verified=True)
+    loaded = {"step": manifest["step"], "load_seconds": round(time.perf_counter() - t_load, 3)}
+    return Position(epoch, batches, manifest["step"], manifest["samples"], manifest["epoch_evals"]), loaded
+
+
+def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded: dict) -> None:
+    """Rank 0 writes the run's config.yaml and, in metrics.jsonl, where this segment of the run
+    starts: its config (the history of a resumed run's configs), the world size, the checkpoint it
+    resumed from and the damaged ones it skipped (also said on stderr)."""
+    if run.rank != 0:
+        return
+    (run.out / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+    skipped = [{"checkpoint": str(p), "why": why} for p, why in (found.skipped if found else ())]
+    for s in skipped:
+        print(
+            f"dinrec: skipped the damaged checkpoint {s['checkpoint']} ({s['why']}); resuming from {found.path}",
+            file=sys.stderr,
+            flush=True,
+        )
     log_record(
         run,
-        step=manifest["step"],
-        resumed_from=str(path),
-        load_seconds=round(time.perf_counter() - t_load, 3),
+        segment=len(segments(run.out)) + 1,
+        run_id=run.tag,
+        step=at.step,
+        config_fingerprint=checkpoint.config_fingerprint(run.cfg),
         world_size=run.world,
+        resumed_from=str(found.path) if found else None,
+        skipped_checkpoints=skipped,
+        **loaded,
+        config=run.cfg.to_dict(),
     )
-    return Position(epoch, batches, manifest["step"], manifest["samples"], manifest["epoch_evals"])
 
 
 def run_epoch(run: Run, at: Position, epoch: int) -> None:
@@ -187,9 +217,16 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
     n = run.batches_in(epoch)
     global_batch = cfg.data.batch_size * world
     run.model.train()
-    if world > 1 and first == 0:
-        rows = run.stream.rows_per_rank(epoch)
-        log_record(run, epoch=epoch, rows_per_rank=rows, padding_rows=world * max(rows) - sum(rows))
+    rows = run.stream.rows_per_rank(epoch)
+    log_record(
+        run,
+        epoch=epoch,
+        epoch_samples=run.stream.steps_for(epoch) * global_batch,
+        first_samples=first * global_batch,
+        run_samples=at.samples,
+        rows_per_rank=rows,
+        padding_rows=world * max(rows) - sum(rows),
+    )
     with tqdm(
         total=run.stream.steps_for(epoch) * global_batch,
         initial=first * global_batch,
@@ -212,7 +249,7 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
                 log_loss(run, at, bar)
             if cfg.train.checkpoint_every and at.step % cfg.train.checkpoint_every == 0 and at.batch < n:
                 save(run, at)  # the epoch's last batch: saved after the epoch (and its eval)
-            faults.point("kill", run.rank, at.step, run.out)
+            faults.step_end(run.rank, at.step, run.out)
 
 
 def epoch_batches(run: Run, epoch: int, first: int, n: int) -> Iterator[Batch]:
@@ -295,19 +332,20 @@ def save(run: Run, at: Position) -> Path:
 def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
     """The test metrics after `epoch`, kept for the result and the checkpoints."""
     average_buffers(run.model, run.world)
-    r = evaluate(run.model, stream_from_config(run.cfg, "test", run.rank, run.world), False, run.device)
+    r = evaluate(run.model, run.test, False, run.device)
     at.epoch_evals.append({"epoch": epoch, **r})
     log_record(run, step=at.step, epoch=epoch, eval=r)
 
 
 def finish(run: Run, at: Position) -> dict:
-    """The final evaluation and checkpoint; the run's result."""
+    """The final checkpoint, then the final evaluation (a bad test row group found there cannot
+    lose the training); the run's result."""
     cfg = run.cfg
     train_seconds = time.perf_counter() - run.speed.t0
+    at.epoch, at.batch = cfg.train.epochs - 1, run.batches_in(cfg.train.epochs - 1)
+    final = save(run, at)
     average_buffers(run.model, run.world)
-    result = evaluate(
-        run.model, stream_from_config(cfg, "test", run.rank, run.world), run.progress and run.rank == 0, run.device
-    )
+    result = evaluate(run.model, run.test, run.progress and run.rank == 0, run.device)
     if cfg.train.eval_every_epoch:
         result["epochs"] = [*at.epoch_evals, {"epoch": cfg.train.epochs - 1, **result}]
     trained = run.speed.samples
@@ -320,7 +358,6 @@ def finish(run: Run, at: Position) -> dict:
     )
     if run.device.type == "cuda":  # against the planner's HBM estimate (`dinrec plan`)
         result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(run.device)
-    at.epoch, at.batch = cfg.train.epochs - 1, run.batches_in(cfg.train.epochs - 1)
-    result["checkpoint"] = str(save(run, at))
+    result["checkpoint"] = str(final)
     log_record(run, step=at.step, eval=result)
     return result

@@ -1,19 +1,33 @@
-"""Which checkpoint a run starts from, and which run it belongs to.
+"""Which checkpoint a run starts from, which run it belongs to, and whether its run directory
+may take it.
 
-A run tags its checkpoints with a run id. A launcher that restarts its workers (Ray Train's
-`max_failures`, torchrun's `--max-restarts`) hands the restarted workers the id of the run they
-continue, so they pick up that run's newest checkpoint; `train.resume` (`--resume`) continues
-any run's; a fresh run refuses an out_dir that already holds checkpoints.
+A run tags its checkpoints and its metrics.jsonl records with a run id. A launcher that restarts
+its workers (Ray Train's `max_failures`, torchrun's `--max-restarts`) hands the restarted workers
+the id of the run they continue, so they pick up that run's newest intact checkpoint;
+`train.resume` (`--resume`) continues any run's; a fresh run refuses an out_dir that already
+holds another run's checkpoints, metrics or config, so that a run directory only ever describes
+one run. Damaged checkpoints (trainer.checkpoint.verify) are skipped for the newest intact one
+when the run looks for "the newest"; a checkpoint named explicitly must verify.
+
+Rank 0 decides (it reads and verifies the files once) and tells the other ranks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError
+
+T = TypeVar("T")
+RUN_FILES = ("metrics.jsonl", "config.yaml")  # what a run writes into its out_dir besides checkpoints/
 
 
 def run_identity(run_id: str | None) -> tuple[str, str | None]:
@@ -31,20 +45,74 @@ def run_identity(run_id: str | None) -> tuple[str, str | None]:
     return uuid.uuid4().hex, None
 
 
-def resume_point(cfg: Config, continue_id: str | None) -> Path | None:
-    """The checkpoint this run starts from: the newest of its own launcher run after a restart,
-    else train.resume; None for a fresh run, which must not start over another run's checkpoints."""
+def on_rank_zero(fn: Callable[[], T]) -> T:
+    """fn() on rank 0, its value (or its ConfigError) handed to every rank."""
+    box: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as e:
+            box[0] = ("config", str(e))
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer forever
+            box[0] = ("crash", f"{type(e).__name__}: {e}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0: {value}")
+    return value
+
+
+def resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | None:
+    """The checkpoint this run starts from (on every rank, decided by rank 0): the newest intact one
+    of its own launcher run after a restart, else train.resume; None for a fresh run, which must
+    not start over another run's files."""
+    return on_rank_zero(lambda: _resume_point(cfg, continue_id))
+
+
+def _resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | None:
     base = checkpoint.root(cfg.train.out_dir)
     if continue_id is not None:
-        found = checkpoint.latest(base, continue_id)
+        found = checkpoint.newest_intact(base, continue_id)
         if found is not None:
             return found
     if cfg.train.resume:
-        return checkpoint.resolve(cfg.train.resume, cfg.train.out_dir)
+        return checkpoint.find(cfg.train.resume, cfg.train.out_dir)
     existing = checkpoint.latest(base)
     if existing is not None:
         raise ConfigError(
             f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
             "continue it with --resume latest, or train into another train.out_dir"
         )
+    out = Path(cfg.train.out_dir)
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not (continue_id is not None and run_ids(out) == {continue_id}):
+        raise ConfigError(
+            f"{out}: holds the {' and '.join(earlier)} of an earlier run (no checkpoint); train into another "
+            "train.out_dir, or remove them"
+        )
     return None
+
+
+def segments(out: Path) -> list[dict]:
+    """The segment records of out/metrics.jsonl (where each run segment started), oldest first."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "segment" in record:
+            found.append(record)
+    return found
+
+
+def run_ids(out: Path) -> set[str]:
+    """The run ids of the segments recorded in out/metrics.jsonl."""
+    return {s.get("run_id") for s in segments(out)}

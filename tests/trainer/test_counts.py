@@ -79,7 +79,7 @@ def test_missing_counts_say_how_to_make_them(tiny_cfg, tiny_data):
         load_counts(cfg, cfg.tables[0])
 
 
-def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tmp_path, capsys):
+def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tiny_data, tmp_path, capsys):
     """`counts: static` puts each shard's rows of the count-features file into its MBA state."""
     import torch
 
@@ -89,6 +89,7 @@ def test_static_counts_reach_every_mba_shard(tiny_cfg, tiny_train_copy, tmp_path
     data = tiny_train_copy
     overrides = [
         f"data.train={data}",
+        f"data.test={tiny_data / 'test'}",
         "sparse_optimizer.type=rowwise_adagrad_mba",
         "sparse_optimizer.lambda=0.1",
         "sparse_optimizer.counts=static",
