@@ -41,6 +41,7 @@ from torch import nn
 
 from trainer import faults
 from trainer.config import Config, ConfigError, config_from_dict
+from trainer.ranks import on_rank_zero
 
 FORMAT = 2  # 2: the manifest lists every file with its size and sha256
 MANIFEST = "manifest.json"
@@ -123,12 +124,13 @@ class Found:
 
     path: Path
     skipped: tuple[tuple[Path, str], ...] = ()
+    verify_seconds: float = 0.0  # reading and hashing the files, the skipped ones included
 
 
 def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | None:
     """The newest checkpoint under `directory` (of launcher run `run_id` if given) that verifies,
     with the damaged newer ones it skipped; None if there is none."""
-    skipped = []
+    skipped, t0 = [], time.perf_counter()
     for path in reversed(list_checkpoints(directory)):
         try:
             manifest = verify(path)
@@ -136,7 +138,7 @@ def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | N
             skipped.append((path, str(e)))
             continue
         if run_id is None or manifest.get("run_id") == run_id:
-            return Found(path, tuple(skipped))
+            return Found(path, tuple(skipped), round(time.perf_counter() - t0, 3))
     return None
 
 
@@ -149,8 +151,9 @@ def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
         spec = out_dir
     path = Path(spec)
     if (path / MANIFEST).is_file():
+        t0 = time.perf_counter()
         verify(path)
-        return Found(path)
+        return Found(path, (), round(time.perf_counter() - t0, 3))
     for directory in (path, root(path)):
         if list_checkpoints(directory):
             found = newest_intact(directory)
@@ -180,6 +183,8 @@ def read_manifest(path: str | Path) -> dict:
         raise ConfigError(f"{file}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"{file}: damaged manifest (not a JSON object)")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise ConfigError(f"{file}: damaged manifest (its content does not match its sha256)")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{file}: checkpoint format {manifest.get('format')!r}, this dinrec reads {FORMAT}")
     return manifest
@@ -193,7 +198,7 @@ def verify(path: str | Path) -> dict:
     otherwise a one-line ConfigError naming the file and what is wrong."""
     path = Path(path)
     manifest = read_manifest(path)
-    key = (str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns)
+    key = _verified_key(path)
     if key in _VERIFIED:
         return manifest
     files = manifest.get("files")
@@ -210,6 +215,24 @@ def verify(path: str | Path) -> dict:
             raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
     _VERIFIED.add(key)
     return manifest
+
+
+def _verified_key(path: Path) -> tuple[str, int]:
+    return str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns
+
+
+def _intact(path: Path) -> bool:
+    try:
+        verify(path)
+    except (ConfigError, OSError):
+        return False
+    return True
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without this digest (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(file: Path) -> str:
@@ -323,7 +346,8 @@ def save(
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    exists = (final / MANIFEST).is_file()  # saved already (the last periodic one is the final one)
+    # saved already (the last periodic one is the final one); a damaged one of this step is replaced
+    exists = on_rank_zero(lambda: _intact(final))
     if rank == 0 and not exists:
         base.mkdir(parents=True, exist_ok=True)
         for stale in base.glob("step-*.tmp"):  # a write that a crash interrupted
@@ -360,8 +384,12 @@ def save(
             "bytes": sum(f["bytes"] for f in files.values()),
             "files": files,
         }
+        full["manifest_sha256"] = _manifest_digest(full)
         _write_synced(tmp / MANIFEST, json.dumps(full, indent=1))
+        if final.exists():  # damaged (see `exists`)
+            shutil.rmtree(final)
         os.replace(tmp, final)
+        _VERIFIED.add(_verified_key(final))
         if keep > 0:
             for old in list_checkpoints(base)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from trainer import checkpoint, metrics
 from trainer.config import Config
 from trainer.data import ParquetStream, stream_from_config
-from trainer.resume import on_rank_zero
+from trainer.ranks import on_rank_zero
 from trainer.sharding import build_model, process_group, worker_device
 
 

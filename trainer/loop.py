@@ -176,7 +176,7 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
             f"at an epoch end resumes on any number"
         )
     checkpoint.load(path, run.model, run.opt, run.generators if same_world else None, verified=True)
-    loaded = {"step": manifest["step"], "load_seconds": round(time.perf_counter() - t_load, 3)}
+    loaded = {"load_seconds": round(time.perf_counter() - t_load, 3)}
     return Position(epoch, batches, manifest["step"], manifest["samples"], manifest["epoch_evals"]), loaded
 
 
@@ -202,6 +202,7 @@ def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded
         config_fingerprint=checkpoint.config_fingerprint(run.cfg),
         world_size=run.world,
         resumed_from=str(found.path) if found else None,
+        verify_seconds=found.verify_seconds if found else None,
         skipped_checkpoints=skipped,
         **loaded,
         config=run.cfg.to_dict(),

@@ -17,16 +17,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError
+from trainer.ranks import on_rank_zero
 
-T = TypeVar("T")
 RUN_FILES = ("metrics.jsonl", "config.yaml")  # what a run writes into its out_dir besides checkpoints/
 
 
@@ -43,26 +39,6 @@ def run_identity(run_id: str | None) -> tuple[str, str | None]:
         tag = os.environ["TORCHELASTIC_RUN_ID"]
         return tag, tag if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 else None
     return uuid.uuid4().hex, None
-
-
-def on_rank_zero(fn: Callable[[], T]) -> T:
-    """fn() on rank 0, its value (or its ConfigError) handed to every rank."""
-    box: list = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except ConfigError as e:
-            box[0] = ("config", str(e))
-        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer forever
-            box[0] = ("crash", f"{type(e).__name__}: {e}")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "config":
-        raise ConfigError(value)
-    if kind == "crash":
-        raise RuntimeError(f"rank 0: {value}")
-    return value
 
 
 def resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | None:

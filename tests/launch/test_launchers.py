@@ -44,7 +44,8 @@ def test_local_ray_two_workers(tiny_data, tmp_path, capsys, model):
     assert r["samples"] == TEST_ROWS  # exact eval over both ranks, padding removed
     assert r["model"] == model and 0 < r["auc"] < 1
     log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert log[0]["rows_per_rank"] and sum(log[0]["rows_per_rank"]) == 2100
+    rows = next(r["rows_per_rank"] for r in log if "rows_per_rank" in r)
+    assert len(rows) == 2 and sum(rows) == 2100
 
 
 @pytest.mark.ray
@@ -58,9 +59,12 @@ def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, cap
     pq.write_table(t.set_column(0, "label", pa.array(lab)), bad / "x.parquet", row_group_size=100)
     args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2", f"data.train={bad}")
     assert main(["train", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("dinrec train: error: worker rank ")
-    assert "x.parquet: row group 6: column 'label': value 5 not in {0, 1}" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # no worker traceback, no Ray failure dump
+    assert err[0].startswith("dinrec train: error: worker rank ")
+    assert "x.parquet: row group 6: column 'label': value 5 not in {0, 1}" in err[0]
+    log = err[0].rsplit("(traceback: ", 1)[1].rstrip(")")
+    assert "DataError" in (tmp_path / "r" / "logs" / Path(log).name).read_text()
 
 
 @pytest.mark.multiprocess
