@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import threading
 import traceback
@@ -82,7 +83,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
-    bar = Progress(Path(cfg.train.out_dir) / "metrics.jsonl") if progress else None
+    follower = Progress(Path(cfg.train.out_dir) / "metrics.jsonl", bars=progress)
     try:
         storage = Path(cfg.train.out_dir).resolve() / "ray"
         trainer = TorchTrainer(
@@ -105,8 +106,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         except Exception as e:  # noqa: BLE001 - turned into one line below
             raise _worker_failure(e, cfg.train.out_dir) from None
         finally:
-            if bar is not None:
-                bar.close()
+            follower.close()
         with result.checkpoint.as_directory() as d:
             out = json.loads(Path(d, "result.json").read_text())
         if "error" in out:
@@ -163,13 +163,15 @@ def _worker_failure(e: Exception, out_dir: str) -> Exception:
 
 
 class Progress:
-    """The training progress bar of a Ray run, drawn in the driver from the records rank 0 appends
-    to metrics.jsonl: an `epoch_samples` record starts an epoch's bar, each loss record moves it."""
+    """What the terminal shows of a Ray run, drawn in the driver from the records rank 0 appends to
+    metrics.jsonl: the damaged checkpoints a segment skipped (a segment record), and with `bars`
+    the training progress bar (an `epoch_samples` record starts an epoch's bar, each loss record
+    moves it)."""
 
-    def __init__(self, path: Path, poll: float = 0.5):
+    def __init__(self, path: Path, bars: bool = True, poll: float = 0.5):
         from tqdm import tqdm
 
-        self.tqdm, self.path, self.poll = tqdm, path, poll
+        self.tqdm, self.path, self.bars, self.poll = tqdm, path, bars, poll
         self.offset = path.stat().st_size if path.is_file() else 0  # earlier segments' records
         self.bar, self.base = None, 0
         self.stop = threading.Event()
@@ -197,7 +199,16 @@ class Progress:
                 continue
 
     def _show(self, r: dict) -> None:
-        if "epoch_samples" in r:
+        if "segment" in r:
+            for s in r.get("skipped_checkpoints") or ():
+                self.tqdm.write(
+                    f"dinrec: skipped the damaged checkpoint {s['checkpoint']} ({s['why']}); "
+                    f"resuming from {r['resumed_from']}",
+                    file=sys.stderr,
+                )
+        elif not self.bars:
+            return
+        elif "epoch_samples" in r:
             self._close_bar(done=True)
             self.bar = self.tqdm(
                 total=r["epoch_samples"],

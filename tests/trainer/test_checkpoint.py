@@ -173,6 +173,35 @@ def test_ray_restarts_the_worker_group_after_kill_9(tiny_data, tmp_path, referen
 
 
 @pytest.mark.multiprocess
+@pytest.mark.ray
+def test_ray_restart_skips_a_damaged_newest_checkpoint(tiny_data, tmp_path, reference, capsys):
+    """Rank 0 flips a byte of the newest checkpoint (step 10) and is SIGKILLed: the restarted group
+    skips it for step 5, says so on stderr and in metrics.jsonl, rewrites step 10, and ends with
+    the weights of the uninterrupted 2-rank run."""
+    out = tmp_path / "ray_damaged"
+    os.environ["DINREC_FAULT"] = "damage:0:12"
+    try:
+        argv = ["train", *args(tiny_data, out), "launch.launcher=ray", "launch.workers=2", "launch.max_failures=1"]
+        assert main(argv) == 0
+    finally:
+        del os.environ["DINREC_FAULT"]
+    captured = capsys.readouterr()
+    r = json.loads(captured.out.splitlines()[-1])
+    assert (out / ".fault-damage-0-12").exists()  # the fault fired
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    segments = [x for x in log if "segment" in x]
+    assert len(segments) == 2 and segments[1]["resumed_from"].endswith("step-000000005")
+    damaged = str(out / "checkpoints" / "step-000000010")
+    assert [s["checkpoint"] for s in segments[1]["skipped_checkpoints"]] == [damaged]
+    assert captured.err.count("dinrec: skipped the damaged checkpoint") == 1
+    checkpoint.verify(out / "checkpoints" / "step-000000010")  # written again
+    ref_dir, ref = reference["two"]
+    final = f"step-{ref['steps']:09d}"
+    assert_identical(ref_dir / "checkpoints" / final, out / "checkpoints" / final)
+    assert r["auc"] == ref["auc"]
+
+
+@pytest.mark.multiprocess
 def test_reshard_two_to_one_and_one_to_two_give_the_same_eval(tiny_data, reference, capsys):
     (two_dir, two), (one_dir, one) = reference["two"], reference["one"]
     assert main(["eval", "--checkpoint", str(two_dir), "--no-progress"]) == 0  # 2 -> 1
