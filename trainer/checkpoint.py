@@ -138,7 +138,7 @@ def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | N
             skipped.append((path, str(e)))
             continue
         if run_id is None or manifest.get("run_id") == run_id:
-            return Found(path, tuple(skipped), round(time.perf_counter() - t0, 3))
+            return Found(path, tuple(skipped), round(time.perf_counter() - t0, 4))
     return None
 
 
@@ -153,7 +153,7 @@ def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
     if (path / MANIFEST).is_file():
         t0 = time.perf_counter()
         verify(path)
-        return Found(path, (), round(time.perf_counter() - t0, 3))
+        return Found(path, (), round(time.perf_counter() - t0, 4))
     for directory in (path, root(path)):
         if list_checkpoints(directory):
             found = newest_intact(directory)
