@@ -93,6 +93,26 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert list((tmp_path / "t" / "checkpoints").glob("step-*/manifest.json"))
 
 
+@pytest.mark.multiprocess
+def test_torchrun_an_error_every_rank_meets_is_printed_once(tiny_data, tmp_path):
+    """Both ranks refuse the config; rank 0 says so (torchrun then adds its own failure summary)."""
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "launch.torchrun",
+        *tiny_args(tiny_data, tmp_path / "t", "tables.0.dim=18"),
+    ]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0
+    ours = [x for x in p.stderr.splitlines() if x.startswith("dinrec train: error: ")]
+    assert ours == [
+        "dinrec train: error: tables.0.dim: 18: FBGEMM's embedding kernels take dims that are multiples of 4 (16 or 20)"
+    ], p.stderr[-3000:]
+
+
 @pytest.mark.ray
 def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
     port, dash = free_port(), free_port()
