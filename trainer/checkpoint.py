@@ -183,10 +183,13 @@ def read_manifest(path: str | Path) -> dict:
         raise ConfigError(f"{file}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"{file}: damaged manifest (not a JSON object)")
+    fmt = f"{file}: checkpoint format {manifest.get('format')!r}, this dinrec reads {FORMAT}"
+    if "manifest_sha256" not in manifest and manifest.get("format") != FORMAT:
+        raise ConfigError(f"{fmt} (an older dinrec wrote it)")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise ConfigError(f"{file}: damaged manifest (its content does not match its sha256)")
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{file}: checkpoint format {manifest.get('format')!r}, this dinrec reads {FORMAT}")
+        raise ConfigError(fmt)
     return manifest
 
 
