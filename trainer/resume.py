@@ -57,7 +57,7 @@ def _resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | No
     if cfg.train.resume:
         return checkpoint.find(cfg.train.resume, cfg.train.out_dir)
     existing = checkpoint.latest(base)
-    if existing is not None:
+    if existing is not None and not (continue_id is not None and _all_of_run(base, continue_id)):
         raise ConfigError(
             f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
             "continue it with --resume latest, or train into another train.out_dir"
@@ -70,6 +70,15 @@ def _resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | No
             "train.out_dir, or remove them"
         )
     return None
+
+
+def _all_of_run(base: Path, run_id: str) -> bool:
+    """Whether every checkpoint under `base` is of launcher run `run_id` (a restart whose every
+    checkpoint is damaged starts over, writing them anew)."""
+    try:
+        return all(checkpoint.read_manifest(p).get("run_id") == run_id for p in checkpoint.list_checkpoints(base))
+    except ConfigError:
+        return False
 
 
 def segments(out: Path) -> list[dict]:
