@@ -211,11 +211,14 @@ def verify(path: str | Path) -> dict:
         file = path / name
         if not file.is_file():
             raise ConfigError(f"{file}: missing (the checkpoint's manifest lists it)")
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            raise ConfigError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
-        if _sha256(file) != want["sha256"]:
-            raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
+        try:
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                raise ConfigError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
+            if _sha256(file) != want["sha256"]:
+                raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
+        except OSError as e:
+            raise ConfigError(f"{file}: unreadable ({e.strerror or type(e).__name__})") from None
     _VERIFIED.add(key)
     return manifest
 
