@@ -11,11 +11,16 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from launch.process import exit_now, quiet_libraries
 from tools import bench, convert, dien_experiment, generate, movielens_experiment, regularization
 from trainer.config import ConfigError, load_config
+
+# Under torchrun: how long a rank other than 0 leaves rank 0 to report an error all ranks met
+# (torchrun stops the waiting ranks as soon as rank 0 exits).
+SHARED_ERROR_WAIT_S = 60
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True, baseline: bool = False) -> None:
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 def _error(args: argparse.Namespace, e: Exception, code: int) -> int:
     """One line on stderr, on a line of its own (open progress bars are closed first). Under
     torchrun every rank runs this: an error every rank meets alike (a config, the checks before
-    training, rank 0's decisions) is printed by rank 0 only, one found in a rank's own row groups
+    training, rank 0's decisions) is printed by rank 0 only, while the other ranks wait for
+    torchrun to stop them once rank 0 has exited; one found in a rank's own row groups is printed
     by that rank."""
     from tqdm import tqdm
 
@@ -178,6 +184,8 @@ def _error(args: argparse.Namespace, e: Exception, code: int) -> int:
         bar.close()
     if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "rank_local", False):
         print(f"dinrec {args.command}: error: {e}", file=sys.stderr, flush=True)
+    else:  # rank 0 says it: exiting first would have torchrun stop rank 0 before it can
+        time.sleep(SHARED_ERROR_WAIT_S)
     return code
 
 
