@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from launch.process import quiet_libraries
+from trainer import checkpoint
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.data import DataError
 from trainer.loop import NonFiniteLoss, train
@@ -201,11 +202,8 @@ class Progress:
     def _show(self, r: dict) -> None:
         if "segment" in r:
             for s in r.get("skipped_checkpoints") or ():
-                self.tqdm.write(
-                    f"dinrec: skipped the damaged checkpoint {s['checkpoint']} ({s['why']}); "
-                    f"resuming from {r['resumed_from']}",
-                    file=sys.stderr,
-                )
+                note = checkpoint.skipped_note(s["checkpoint"], s["why"], f"resuming from {r['resumed_from']}")
+                self.tqdm.write(note, file=sys.stderr)
         elif not self.bars:
             return
         elif "epoch_samples" in r:

@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_argv(tiny_data: Path, out: Path, *extra: str) -> list[str]:
+    """`dinrec train|eval` arguments for the tiny config on the session's data into `out`."""
+    return [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        f"train.out_dir={out}",
+        *extra,
+    ]
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as a whole tensor on rank 0 (sharded tables gathered); a
     collective: all ranks call it, other ranks get {}."""

@@ -122,7 +122,7 @@ def latest(directory: str | Path, run_id: str | None = None) -> Path | None:
 class Found:
     """A checkpoint to read, verified, and the damaged newer ones skipped for it: (path, why)."""
 
-    path: Path
+    path: Path | None
     skipped: tuple[tuple[Path, str], ...] = ()
     verify_seconds: float = 0.0  # reading and hashing the files, the skipped ones included
 
@@ -130,6 +130,12 @@ class Found:
 def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | None:
     """The newest checkpoint under `directory` (of launcher run `run_id` if given) that verifies,
     with the damaged newer ones it skipped; None if there is none."""
+    found = _scan(directory, run_id)
+    return found if found.path is not None else None
+
+
+def _scan(directory: str | Path, run_id: str | None) -> Found:
+    """newest_intact, and when there is none, a Found without a path that keeps the skipped list."""
     skipped, t0 = [], time.perf_counter()
     for path in reversed(list_checkpoints(directory)):
         try:
@@ -139,7 +145,12 @@ def newest_intact(directory: str | Path, run_id: str | None = None) -> Found | N
             continue
         if run_id is None or manifest.get("run_id") == run_id:
             return Found(path, tuple(skipped), round(time.perf_counter() - t0, 4))
-    return None
+    return Found(None, tuple(skipped), round(time.perf_counter() - t0, 4))
+
+
+def skipped_note(damaged: str | Path, why: str, then: str) -> str:
+    """The line that says a damaged checkpoint was skipped, and what happens instead."""
+    return f"dinrec: skipped the damaged checkpoint {damaged} ({why}); {then}"
 
 
 def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
@@ -156,14 +167,9 @@ def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
         return Found(path, (), round(time.perf_counter() - t0, 4))
     for directory in (path, root(path)):
         if list_checkpoints(directory):
-            found = newest_intact(directory)
-            if found is None:
-                newest, why = list_checkpoints(directory)[-1], ""
-                try:
-                    verify(newest)
-                except ConfigError as e:
-                    why = str(e)
-                raise ConfigError(f"{directory}: no intact checkpoint (the newest: {why})")
+            found = _scan(directory, None)
+            if found.path is None:
+                raise ConfigError(f"{directory}: no intact checkpoint (the newest: {found.skipped[0][1]})")
             return found
     if path.name.endswith(".tmp") or (path.is_dir() and path.name.startswith("step-")):
         raise ConfigError(f"{path}: incomplete checkpoint (no {MANIFEST}: its write did not finish)")

@@ -190,8 +190,8 @@ class ParquetStream:
             raise DataError(f"{what}: no rows in {files}")
         if len(self.units) < self.world_size:
             raise DataError(
-                f"{what}: {len(self.units)} row group(s) in {files} for {self.world_size} ranks: every rank "
-                "needs at least one row group"
+                f"{what}: {len(self.units)} row group(s) in {len(self.paths)} file(s) for {self.world_size} ranks "
+                f"({self.paths[0]}{', …' if len(self.paths) > 1 else ''}): every rank needs at least one row group"
             )
 
     @property
@@ -360,10 +360,7 @@ class ParquetStream:
         `skip` rows left out (whole row groups unread)."""
         units = self.units_for(epoch)
         if not units and cycle:
-            raise DataError(
-                f"{self.paths[0]}: {len(self.units)} row group(s) in {len(self.paths)} file(s) for "
-                f"{self.world_size} ranks: every rank needs at least one row group"
-            )
+            self.check_rows("data")  # raises: this rank has no row group
         while True:
             for i, (path, rg, n) in enumerate(units):
                 if skip >= n:

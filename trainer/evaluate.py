@@ -77,7 +77,7 @@ def evaluate_checkpoint(cfg: Config, path: str, progress: bool = True) -> dict:
         found = on_rank_zero(lambda: checkpoint.find(path))
         if rank == 0:
             for p, why in found.skipped:
-                print(f"dinrec: skipped the damaged checkpoint {p} ({why}); evaluating {found.path}", file=sys.stderr)
+                print(checkpoint.skipped_note(p, why, f"evaluating {found.path}"), file=sys.stderr)
         meta = checkpoint.load(found.path, model, verified=True)
         result = evaluate(model, stream_from_config(cfg, "test", rank, world), progress and rank == 0, device)
         result.update(model=cfg.model.name, checkpoint=str(found.path), step=meta.get("step"))

@@ -190,7 +190,7 @@ def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded
     skipped = [{"checkpoint": str(p), "why": why} for p, why in (found.skipped if found else ())]
     for s in skipped:
         print(
-            f"dinrec: skipped the damaged checkpoint {s['checkpoint']} ({s['why']}); resuming from {found.path}",
+            checkpoint.skipped_note(s["checkpoint"], s["why"], f"resuming from {found.path}"),
             file=sys.stderr,
             flush=True,
         )

@@ -13,22 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, tiny_argv
 
 BIN = Path(sys.executable).parent
 TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
 
 
-def tiny_args(tiny_data, out, *extra):
-    return [
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        "--no-progress",
-        f"data.train={tiny_data / 'train'}",
-        f"data.test={tiny_data / 'test'}",
-        f"train.out_dir={out}",
-        *extra,
-    ]
+tiny_args = tiny_argv
 
 
 def last_json(text: str) -> dict:

@@ -15,22 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-from tests.conftest import ROOT
+from tests.conftest import tiny_argv
 from trainer import checkpoint
 
 CKPT = "step-000000010"  # the newest checkpoint of the run below; step-000000005 before it
 
 
-def args(tiny_data, out, *extra):
-    return [
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        "--no-progress",
-        f"data.train={tiny_data / 'train'}",
-        f"data.test={tiny_data / 'test'}",
-        f"train.out_dir={out}",
-        *extra,
-    ]
+args = tiny_argv
 
 
 RUN = ["train.epochs=1", "train.limit_batches=10", "train.checkpoint_every=5", "train.keep_checkpoints=0"]

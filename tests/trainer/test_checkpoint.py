@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.cli import main
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, tiny_argv
 from trainer import checkpoint
 from trainer.data import stream_from_config
 
@@ -36,16 +36,7 @@ ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def args(tiny_data, out, *extra):
-    return [
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        "--no-progress",
-        f"data.train={tiny_data / 'train'}",
-        f"data.test={tiny_data / 'test'}",
-        f"train.out_dir={out}",
-        *RUN,
-        *extra,
-    ]
+    return tiny_argv(tiny_data, out, *RUN, *extra)
 
 
 def dinrec(argv, fault=None, ranks=1, max_restarts=0):
