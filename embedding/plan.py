@@ -16,6 +16,7 @@ from pathlib import Path
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
+from trainer import storage
 from trainer.config import Config, ConfigError
 
 PLAN_VERSION = 1
@@ -148,11 +149,11 @@ def sharding_plan(doc: dict):
 
 def load_plan(path: str | Path, cfg: Config, world_size: int, compute_device: str):
     """Read and validate a plan file for this run; ConfigError (one line) if it does not match."""
-    path = Path(path)
+    path = str(path)
     try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read plan ({e.strerror})") from None
+        doc = json.loads(storage.read_text(path))
+    except storage.StorageError as e:
+        raise ConfigError(f"{path}: cannot read plan ({str(e).removeprefix(path + ': ')})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not a JSON plan (line {e.lineno})") from None
     if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:

@@ -209,8 +209,9 @@ def _run(args: argparse.Namespace) -> dict | None:
             local_world_size=args.local_world_size,
         )
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(doc, f, indent=1)
+            from trainer import storage
+
+            storage.write_text(args.out, json.dumps(doc, indent=1))
         if args.json:
             return doc
         print_plan(doc)
@@ -223,9 +224,11 @@ def _run(args: argparse.Namespace) -> dict | None:
         }
     if args.command == "train":
         # absolute: Ray workers may start in another directory
-        overrides = [*args.overrides, f"train.plan={os.path.abspath(args.plan)}"] if args.plan else args.overrides
+        from trainer import storage
+
+        overrides = [*args.overrides, f"train.plan={storage.absolute(args.plan)}"] if args.plan else args.overrides
         if args.resume:
-            resume = args.resume if args.resume == "latest" else os.path.abspath(args.resume)
+            resume = args.resume if args.resume == "latest" else storage.absolute(args.resume)
             overrides = [*overrides, f"train.resume={resume}"]
         from launch import launcher
 
@@ -257,12 +260,13 @@ def _run(args: argparse.Namespace) -> dict | None:
 
 def _rela_impr(result: dict, run_dir: str) -> dict:
     """RelaImpr of `result` against the final eval record of a finished run's metrics.jsonl."""
+    from trainer import storage
     from trainer.metrics import rela_impr
 
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.join(run_dir, "metrics.jsonl")
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+        records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    except (storage.StorageError, json.JSONDecodeError) as e:
         raise ConfigError(f"--baseline {run_dir}: cannot read {path} ({e})") from None
     evals = [r["eval"] for r in records if "eval" in r]
     if not evals:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from launch.process import quiet_libraries
-from trainer import checkpoint
+from trainer import checkpoint, storage
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.data import DataError
 from trainer.loop import NonFiniteLoss, train
@@ -47,9 +47,7 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
     except NonFiniteLoss as e:  # every rank stops at the same step: an answer, not a failure to retry
         result = {"error": str(e)}
     except BaseException:
-        log = worker_log(cfg.train.out_dir, rank)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(traceback.format_exc())
+        storage.write_text(worker_log(cfg.train.out_dir, rank), traceback.format_exc())
         raise
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
@@ -59,9 +57,9 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
         ray.train.report({"done": 1})
 
 
-def worker_log(out_dir: str | Path, rank: int) -> Path:
+def worker_log(out_dir: str, rank: int) -> str:
     """Where a worker that failed leaves its traceback."""
-    return Path(out_dir) / "logs" / f"worker-{rank}.log"
+    return storage.join(out_dir, "logs", f"worker-{rank}.log")
 
 
 def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
@@ -84,9 +82,8 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
-    follower = Progress(Path(cfg.train.out_dir) / "metrics.jsonl", bars=progress)
+    follower = Progress(storage.join(cfg.train.out_dir, "metrics.jsonl"), bars=progress)
     try:
-        storage = Path(cfg.train.out_dir).resolve() / "ray"
         trainer = TorchTrainer(
             train_fn,
             train_loop_config={"cfg": cfg.to_dict(), "progress": progress, "run_id": uuid.uuid4().hex},
@@ -97,7 +94,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
             ),
             torch_config=TorchConfig(backend=backend(cfg)),
             run_config=RunConfig(
-                storage_path=str(storage),
+                storage_path=storage.join(storage.absolute(cfg.train.out_dir), "ray"),
                 name="train",
                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
             ),
@@ -143,11 +140,8 @@ def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    def absolute(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.abspath(p)
-
-    data = replace(cfg.data, train=absolute(cfg.data.train), test=absolute(cfg.data.test))
-    return replace(cfg, data=data, train=replace(cfg.train, out_dir=absolute(cfg.train.out_dir)))
+    data = replace(cfg.data, train=storage.absolute(cfg.data.train), test=storage.absolute(cfg.data.test))
+    return replace(cfg, data=data, train=replace(cfg.train, out_dir=storage.absolute(cfg.train.out_dir)))
 
 
 def _worker_failure(e: Exception, out_dir: str) -> Exception:
@@ -160,7 +154,14 @@ def _worker_failure(e: Exception, out_dir: str) -> Exception:
     user_error = isinstance(inner, (ConfigError, DataError))
     text = str(inner) if user_error else f"{type(inner).__name__}: {_one_line(inner)}"
     log = worker_log(out_dir, rank)
-    return WorkerFailed(rank, f"{text} (traceback: {log})" if log.is_file() else text, user_error)
+    return WorkerFailed(rank, f"{text} (traceback: {log})" if _exists(log) else text, user_error)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return storage.is_file(path)
+    except storage.StorageError:
+        return False
 
 
 class Progress:
@@ -169,11 +170,12 @@ class Progress:
     the training progress bar (an `epoch_samples` record starts an epoch's bar, each loss record
     moves it)."""
 
-    def __init__(self, path: Path, bars: bool = True, poll: float = 0.5):
+    def __init__(self, path: str, bars: bool = True, poll: float = 0.5):
         from tqdm import tqdm
 
         self.tqdm, self.path, self.bars, self.poll = tqdm, path, bars, poll
-        self.offset = path.stat().st_size if path.is_file() else 0  # earlier segments' records
+        self.poll = max(poll, 2.0) if storage.is_uri(path) else poll  # an object store: a GET per poll
+        self.offset = len(self._data(0))  # earlier segments' records
         self.bar, self.base = None, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True, name="dinrec-progress")
@@ -184,13 +186,14 @@ class Progress:
             self._read()
         self._read()
 
-    def _read(self) -> None:
+    def _data(self, offset: int) -> bytes:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return
+            return storage.read_from(self.path, offset) if storage.is_file(self.path) else b""
+        except storage.StorageError:
+            return b""
+
+    def _read(self) -> None:
+        data = self._data(self.offset)
         lines = data.split(b"\n")[:-1]  # complete lines only
         self.offset += sum(len(line) + 1 for line in lines)
         for line in lines:

@@ -110,3 +110,48 @@ def tiny_train_copy(tiny_data, tmp_path) -> Path:
     for f in (tiny_data / "train").glob("*.parquet"):
         (data / f.name).write_bytes(f.read_bytes())
     return data
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1, and the standard AWS environment pointing
+    at it for this session (every client reads it from there: pyarrow, s3fs, boto3)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = dict(
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def make_bucket(name: str) -> str:
+    """A fresh bucket on the session's S3 server; its s3:// URI."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload(local: Path, uri: str) -> str:
+    """Copy a local directory tree to `uri` (trainer.storage); returns `uri`."""
+    from trainer import storage
+
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            storage.write_bytes(storage.join(uri, str(f.relative_to(local))), f.read_bytes())
+    return uri

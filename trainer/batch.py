@@ -21,10 +21,13 @@ class Batch:
     labels: torch.Tensor  # [B] float32 in {0, 1}
     users: torch.Tensor  # [B] int64, the GAUC grouping key
     p_click: torch.Tensor | None = None  # [B] float32, generator's true probability if present
+    # what this rank's mean loss is multiplied by when the ranks' batches differ in size (see
+    # trainer.data.Segment.loss_scale); None: all ranks have as many rows
+    loss_scale: float | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(v):
-            return None if v is None else v.to(device=device, non_blocking=non_blocking)
+            return v.to(device=device, non_blocking=non_blocking) if torch.is_tensor(v) else v
 
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 

@@ -16,19 +16,20 @@ Reading a checkpoint (`load`, `read_config`) first verifies every file against t
 refuses a damaged one with one line naming the file and what is wrong; `find` (a run directory or
 `latest`) skips damaged checkpoints for the newest intact one and says which it skipped.
 
-A checkpoint is written into `step-<step>.tmp/` and renamed into place after its manifest, so a
-directory named `step-<step>` is always complete; a `.tmp` left by a crash is never read and is
-removed by the next save. The last `train.keep_checkpoints` are kept. Rank 0 renames and prunes:
-on several machines `out_dir` must be a shared file system.
+`out_dir` is a local path or a URI (trainer.storage: `s3://…`, `gs://…`, …); the shards go
+through DCP's file-system writer or its fsspec writer. Object stores have no rename, so one rule
+makes a checkpoint atomic everywhere: the manifest is written last, after every other file, and
+is the only proof that a checkpoint is complete. A `step-<step>` without one (a write that a crash
+interrupted) is never read and is removed by the next save. The last `train.keep_checkpoints`
+are kept. Rank 0 writes the manifest and prunes: on several machines `out_dir` must be storage
+every node reaches (an object store, or a shared file system).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,14 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 
-from trainer import faults
+from trainer import faults, storage
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.ranks import on_rank_zero
 
 FORMAT = 2  # 2: the manifest lists every file with its size and sha256
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{9})$")
+_PARTIAL = re.compile(r"^step-\d{9}(\.tmp)?$")  # `.tmp`: written by an older dinrec, which renamed
 
 # Keys that do not change the weights a run produces (where it writes, how often it logs or saves,
 # how it is launched, how many epochs it runs in all): a checkpoint resumes under other values.
@@ -63,8 +65,8 @@ _FREE = {
 }
 
 
-def root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
+def root(out_dir: str | Path) -> str:
+    return storage.join(str(out_dir), "checkpoints")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -85,7 +87,7 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(_flat(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_config(path: Path, cfg: Config) -> dict:
+def check_config(path: str, cfg: Config) -> dict:
     """The checkpoint's manifest, if it was written under a config with the same weight-relevant
     keys as `cfg`; otherwise a one-line ConfigError naming the first keys that differ."""
     manifest = read_manifest(path)
@@ -101,16 +103,22 @@ def check_config(path: Path, cfg: Config) -> dict:
 # -- finding checkpoints
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """The complete checkpoints (manifest present) under a `checkpoints/` directory, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+def list_checkpoints(directory: str | Path) -> list[str]:
+    """The complete checkpoints (manifest present) under a `checkpoints/` directory, oldest first
+    (one listing of the directory, also on an object store)."""
+    directory = str(directory)
+    names = {f.split("/")[0] for f in storage.sizes(directory, recursive=True) if f.endswith("/" + MANIFEST)}
+    return [storage.join(directory, n) for n in sorted(names) if _NAME.match(n)]
 
 
-def latest(directory: str | Path, run_id: str | None = None) -> Path | None:
+def _partial(directory: str) -> list[str]:
+    """The checkpoint directories under `directory` without a manifest: writes that did not finish."""
+    found = {f.split("/")[0] for f in storage.sizes(directory, recursive=True) if "/" in f}
+    complete = {storage.name(p) for p in list_checkpoints(directory)}
+    return [storage.join(directory, n) for n in sorted(found - complete) if _PARTIAL.match(n)]
+
+
+def latest(directory: str | Path, run_id: str | None = None) -> str | None:
     """The newest complete checkpoint under `directory` (of launcher run `run_id` if given)."""
     found = list_checkpoints(directory)
     if run_id is not None:
@@ -122,8 +130,8 @@ def latest(directory: str | Path, run_id: str | None = None) -> Path | None:
 class Found:
     """A checkpoint to read, verified, and the damaged newer ones skipped for it: (path, why)."""
 
-    path: Path | None
-    skipped: tuple[tuple[Path, str], ...] = ()
+    path: str | None
+    skipped: tuple[tuple[str, str], ...] = ()
     verify_seconds: float = 0.0  # reading and hashing the files, the skipped ones included
 
 
@@ -160,8 +168,8 @@ def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
         if out_dir is None:
             raise ConfigError("--resume latest: no train.out_dir to look in")
         spec = out_dir
-    path = Path(spec)
-    if (path / MANIFEST).is_file():
+    path = str(spec).rstrip("/") or str(spec)
+    if storage.is_file(storage.join(path, MANIFEST)):
         t0 = time.perf_counter()
         verify(path)
         return Found(path, (), round(time.perf_counter() - t0, 4))
@@ -171,20 +179,22 @@ def find(spec: str | Path, out_dir: str | Path | None = None) -> Found:
             if found.path is None:
                 raise ConfigError(f"{directory}: no intact checkpoint (the newest: {found.skipped[0][1]})")
             return found
-    if path.name.endswith(".tmp") or (path.is_dir() and path.name.startswith("step-")):
+    if _PARTIAL.match(storage.name(path)) and storage.is_dir(path):
         raise ConfigError(f"{path}: incomplete checkpoint (no {MANIFEST}: its write did not finish)")
     raise ConfigError(f"{path}: no dinrec checkpoint there (nor under {root(path)})")
 
 
-def resolve(spec: str | Path, out_dir: str | Path | None = None) -> Path:
+def resolve(spec: str | Path, out_dir: str | Path | None = None) -> str:
     """`find(spec, out_dir).path`."""
     return find(spec, out_dir).path
 
 
 def read_manifest(path: str | Path) -> dict:
-    file = Path(path) / MANIFEST
+    file = storage.join(str(path), MANIFEST)
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(storage.read_text(file))
+    except storage.StorageError:
+        raise
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict):
@@ -205,35 +215,37 @@ _VERIFIED: set[tuple[str, int]] = set()  # (checkpoint, its manifest's mtime) ve
 def verify(path: str | Path) -> dict:
     """The manifest of checkpoint `path`, once every file it lists has its size and sha256;
     otherwise a one-line ConfigError naming the file and what is wrong."""
-    path = Path(path)
+    path = str(path)
     manifest = read_manifest(path)
     key = _verified_key(path)
     if key in _VERIFIED:
         return manifest
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise ConfigError(f"{path / MANIFEST}: damaged manifest (no file list)")
+        raise ConfigError(f"{storage.join(path, MANIFEST)}: damaged manifest (no file list)")
+    present = storage.sizes(path)
     for name, want in files.items():
-        file = path / name
-        if not file.is_file():
+        file = storage.join(path, name)
+        if name not in present:
             raise ConfigError(f"{file}: missing (the checkpoint's manifest lists it)")
+        size = present[name]
+        if size != want["bytes"]:
+            raise ConfigError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
         try:
-            size = file.stat().st_size
-            if size != want["bytes"]:
-                raise ConfigError(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
-            if _sha256(file) != want["sha256"]:
-                raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
-        except OSError as e:
-            raise ConfigError(f"{file}: unreadable ({e.strerror or type(e).__name__})") from None
+            digest = storage.sha256(file)
+        except storage.StorageError as e:
+            raise ConfigError(f"{file}: unreadable ({str(e).removeprefix(file + ': ')})") from None
+        if digest != want["sha256"]:
+            raise ConfigError(f"{file}: its sha256 differs from the manifest's (damaged)")
     _VERIFIED.add(key)
     return manifest
 
 
-def _verified_key(path: Path) -> tuple[str, int]:
-    return str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns
+def _verified_key(path: str) -> tuple[str, int]:
+    return storage.absolute(path), storage.info(storage.join(path, MANIFEST)).mtime_ns
 
 
-def _intact(path: Path) -> bool:
+def _intact(path: str) -> bool:
     try:
         verify(path)
     except (ConfigError, OSError):
@@ -247,15 +259,10 @@ def _manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def read_config(path: str | Path) -> Config:
     """The config a checkpoint (or a run directory's newest intact one) was written under."""
     path = resolve(path)
-    return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    return config_from_dict(yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))))
 
 
 # -- state
@@ -288,7 +295,7 @@ def dense_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {f"{names[i]}/{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
 
 
-def _load_dense_optimizer(path: Path, model: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
+def _load_dense_optimizer(path: str, model: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
     names = _dense_params(model)
     index = {n: i for i, n in enumerate(names)}
     target: dict[str, torch.Tensor] = {}
@@ -297,7 +304,7 @@ def _load_dense_optimizer(path: Path, model: nn.Module, opt: torch.optim.Optimiz
             target[key.removeprefix("dense_optimizer.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not target:
         return
-    dcp.load({"dense_optimizer": target}, checkpoint_id=str(path))
+    dcp.load({"dense_optimizer": target}, storage_reader=storage.dcp_reader(path))
     state: dict[int, dict] = {}
     for key, value in target.items():
         name, k = key.rsplit("/", 1)
@@ -316,13 +323,12 @@ def _rank_state(rank: int, generators: dict[str, torch.Generator]) -> dict:
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (sharded tables gathered), by flat dotted key, in
     this process (no process group): for comparing checkpoints."""
-    import tempfile
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as d:
-        dcp_to_torch_save(str(resolve(path)), f"{d}/all.pt")
-        nested = torch.load(f"{d}/all.pt", weights_only=True)
+    nested: dict = {}
+    reader = storage.dcp_reader(resolve(path))
+    _load_state_dict(nested, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
 
     def flat(x: dict, pre: str = "") -> dict:
         out = {}
@@ -346,7 +352,7 @@ def save(
     generators: dict[str, torch.Generator] | None = None,
     position: dict | None = None,
     keep: int = 0,
-) -> Path:
+) -> str:
     """Write checkpoint `step` of this process group (a collective: every rank calls it).
 
     `manifest`: what rank 0 records (the same on all ranks); `position`: this rank's data position
@@ -354,17 +360,16 @@ def save(
     """
     t0 = time.perf_counter()
     base = root(out_dir)
-    final = base / f"step-{step:09d}"
-    tmp = final.with_name(final.name + ".tmp")
+    final = storage.join(base, f"step-{step:09d}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     # saved already (the last periodic one is the final one); a damaged one of this step is replaced
     exists = on_rank_zero(lambda: _intact(final))
     if rank == 0 and not exists:
-        base.mkdir(parents=True, exist_ok=True)
-        for stale in base.glob("step-*.tmp"):  # a write that a crash interrupted
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        storage.make_dirs(base)
+        for stale in _partial(base):  # writes that a crash interrupted
+            storage.remove_tree(stale)
+        storage.remove_tree(final)  # damaged (see `exists`)
     positions: list = [position]
     if world > 1:
         positions = [None] * world
@@ -380,11 +385,14 @@ def save(
     }
     if dense_opt is not None:
         state["dense_optimizer"] = dense_optimizer_state(model, dense_opt)
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp.save(state, storage_writer=storage.dcp_writer(final))
     faults.point("checkpoint", rank, step, out_dir)
     if rank == 0:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        storage.write_text(storage.join(final, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        files = {
+            name: {"bytes": size, "sha256": storage.sha256(storage.join(final, name))}
+            for name, size in sorted(storage.sizes(final).items())
+        }
         full = {
             "format": FORMAT,
             "step": step,
@@ -397,24 +405,15 @@ def save(
             "files": files,
         }
         full["manifest_sha256"] = _manifest_digest(full)
-        _write_synced(tmp / MANIFEST, json.dumps(full, indent=1))
-        if final.exists():  # damaged (see `exists`)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        storage.write_text(storage.join(final, MANIFEST), json.dumps(full, indent=1))  # last: now it is complete
         _VERIFIED.add(_verified_key(final))
         if keep > 0:
             for old in list_checkpoints(base)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                storage.remove(storage.join(old, MANIFEST))  # first: a pruning cut short leaves a partial one
+                storage.remove_tree(old)
     if dist.is_initialized():
         dist.barrier()
     return final
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def load(
@@ -428,9 +427,9 @@ def load(
     optimizer and this rank's generators when given: same world size only); return the manifest.
     A checkpoint directory is verified first (`verify`) unless `verified` (rank 0 did it, see
     trainer.resume.on_rank_zero); a run directory resolves to its newest intact checkpoint."""
-    path = Path(path) if verified else resolve(path)
+    path = str(path) if verified else resolve(path)
     manifest = read_manifest(path) if verified else verify(path)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = storage.dcp_reader(path).read_metadata().state_dict_metadata
     state: dict = {"model": model.state_dict()}
     opt = sparse_optimizer_state(model)
     if opt and any(k.startswith("sparse_optimizer.") for k in saved):
@@ -438,7 +437,7 @@ def load(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if generators is not None:
         state["rng"] = _rank_state(rank, generators)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=storage.dcp_reader(path))
     model.load_state_dict(state["model"])
     if generators is not None:
         for name, g in generators.items():

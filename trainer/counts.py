@@ -10,27 +10,28 @@ counted from, in `counts/` next to the training files.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from embedding.layout import FeatureLayout
+from trainer import storage
 from trainer.config import Config, ConfigError, TableConfig
 from trainer.data import ParquetStream, resolve_paths
 
 FORMAT = 1
 
 
-def counts_dir(cfg: Config) -> Path:
-    return Path(resolve_paths(cfg.data.train)[0]).parent / "counts"
+def counts_dir(cfg: Config) -> str:
+    return storage.join(storage.parent(resolve_paths(cfg.data.train)[0]), "counts")
 
 
 def fingerprint(cfg: Config, table: TableConfig, files: list[str]) -> str:
     """What a table's counts depend on: its rows, features, id map, the history cut, the files."""
-    stats = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+    stats = [(f, *(lambda i: (i.size, i.mtime_ns))(storage.info(f))) for f in files]
     key = json.dumps([FORMAT, table.num_rows, sorted(table.features), table.id_map, cfg.data.max_hist_len, stats])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -67,19 +68,20 @@ def write_counts(cfg: Config, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     counts, samples = count_rows(stream, progress)
     out = counts_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "samples": samples, "files": files, "tables": {}}
     for t in cfg.tables:
-        np.save(out / f"{t.name}.npy", counts[t.name], allow_pickle=False)
+        buf = io.BytesIO()
+        np.save(buf, counts[t.name], allow_pickle=False)
+        storage.write_bytes(storage.join(out, f"{t.name}.npy"), buf.getvalue())
         manifest["tables"][t.name] = {
             "num_rows": t.num_rows,
             "fingerprint": fingerprint(cfg, t, files),
             "rows_touched": int((counts[t.name] > 0).sum()),
             "max_count": int(counts[t.name].max()),
         }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2))
     return {
-        "counts": str(out),
+        "counts": out,
         "samples": samples,
         "seconds": round(time.perf_counter() - t0, 2),
         "tables": manifest["tables"],
@@ -91,8 +93,8 @@ def load_counts(cfg: Config, table: TableConfig) -> np.ndarray:
     out = counts_dir(cfg)
     hint = f"run `dinrec count-features --config …` for data.train={cfg.data.train}"
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    except (storage.StorageError, json.JSONDecodeError):
         raise ConfigError(f"{out}: no feature counts ({hint})") from None
     entry = manifest.get("tables", {}).get(table.name)
     if entry is None:
@@ -103,7 +105,7 @@ def load_counts(cfg: Config, table: TableConfig) -> np.ndarray:
             f"{out}: counts of table '{table.name}' are stale (counted for {entry['num_rows']} rows; the "
             f"table, max_hist_len or the training files changed since) ({hint})"
         )
-    counts = np.load(out / f"{table.name}.npy", allow_pickle=False)
+    counts = np.load(io.BytesIO(storage.read_bytes(storage.join(out, f"{table.name}.npy"))), allow_pickle=False)
     if counts.shape != (table.num_rows,):
         raise ConfigError(f"{out}/{table.name}.npy: {counts.shape[0]} rows, table has {table.num_rows}")
     return counts

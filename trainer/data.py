@@ -1,9 +1,14 @@
 """Streaming Parquet click logs -> `Batch` (trainer.batch): the one Parquet reader.
 
-The unit of work is a row group. Each epoch orders all row groups of all files by a permutation
-seeded by (seed, epoch), and rank r of W reads every W-th of them. Rows are shuffled inside a row
-group (seeded too), cut into batches with the remainder carried into the next row group, and the
-last short batch of an epoch is kept: every row is seen exactly once per epoch.
+The data position is global. Each epoch orders all row groups of all files by a permutation
+seeded by (seed, epoch) and shuffles the rows inside each row group (seeded by the epoch and the
+row group's place in that order): one sequence of rows, the same whatever the world size. A
+`Segment` (a stretch of the epoch at one world size) cuts the rows it has left into W contiguous
+shares of equal size (±1 row), one per rank, each cut into batches with the last one taking the
+rest: every row is trained exactly once per epoch, no rank pads, and a rank reads only the row
+groups of its share (those at a share's edge are read by both ranks, each keeping its part). A
+checkpoint records the segments of its epoch as (world size, batches done) pairs, so a run resumed
+on another world size trains exactly the rows not yet trained (trainer.loop.resume).
 
 Arrow list offsets become KJT lengths directly: no per-row Python anywhere. A background thread
 reads and converts ahead of the trainer. A bad file stops the stream with a `DataError` naming the
@@ -16,11 +21,9 @@ group): the same negatives whatever the world size.
 
 from __future__ import annotations
 
-import glob
-import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, is_sequence
 from embedding.tables import hash_ids
+from trainer import storage
 from trainer.batch import Batch
 
 
@@ -42,13 +46,14 @@ class DataError(ValueError):
 
 
 def resolve_paths(spec: str) -> list[str]:
-    """A file, a directory (its *.parquet) or a glob -> sorted file list; DataError if empty."""
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.parquet")))
-    elif any(c in spec for c in "*?["):
-        paths = sorted(glob.glob(spec))
-    else:
-        paths = [spec] if os.path.exists(spec) else []
+    """A file, a directory (its *.parquet) or a glob, local or a URI (trainer.storage) -> sorted
+    file list; DataError if empty."""
+    try:
+        paths = storage.files(spec)
+        if len(paths) != 1 or paths[0] != spec:  # a directory or a glob: its Parquet files
+            paths = [p for p in paths if p.endswith(".parquet")]
+    except storage.StorageError as e:
+        raise DataError(str(e)) from None
     if not paths:
         raise DataError(f"{spec}: no Parquet files found")
     return paths
@@ -138,6 +143,97 @@ def _is_int(t: pa.DataType) -> bool:
     return pa.types.is_integer(t)
 
 
+# ---------------------------------------------------------------------------------- the epoch's rows
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, end) of row group `unit` (an index into ParquetStream.units), in the row
+    group's shuffled order; `order`: the row group's place in the epoch's order."""
+
+    unit: int
+    order: int
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+def cut(pieces: Sequence[Piece], a: int, b: int) -> list[Piece]:
+    """Rows [a, b) of the row sequence that `pieces` make, as pieces."""
+    out, pos = [], 0
+    for p in pieces:
+        lo, hi = max(a, pos), min(b, pos + p.rows)
+        if lo < hi:
+            out.append(Piece(p.unit, p.order, p.start + lo - pos, p.start + hi - pos))
+        pos += p.rows
+        if pos >= b:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch trained at one world size.
+
+    Its rows (a sequence of pieces in the epoch's global order) are cut into `world_size`
+    contiguous shares of equal size (±1 row); every rank trains `steps` batches of `batch_size`
+    rows of its share, the last batch taking the rest. So every row of the segment is trained
+    once, by one rank, and no rank pads. When fewer rows than ranks would be left for a last
+    step, those rows join the step before (one more row in some ranks' last batch).
+    """
+
+    world_size: int
+    batch_size: int
+    shares: tuple[tuple[Piece, ...], ...]
+    rows: tuple[int, ...]
+    steps: int
+
+    def batch_rows(self, rank: int, k: int) -> int:
+        """Rows of `rank`'s batch number k."""
+        return self.batch_size if k < self.steps - 1 else self.rows[rank] - (self.steps - 1) * self.batch_size
+
+    def global_rows(self, k: int) -> int:
+        """Rows of global batch number k (every rank's batch k)."""
+        return sum(self.batch_rows(r, k) for r in range(self.world_size))
+
+    def rows_through(self, k: int) -> int:
+        """Rows of the segment's first k global batches."""
+        if k >= self.steps:
+            return sum(self.rows)
+        return k * self.batch_size * self.world_size
+
+    def consumed(self, rank: int, batches: int) -> int:
+        """Rows of `rank`'s share in its first `batches` batches."""
+        return self.rows[rank] if batches >= self.steps else batches * self.batch_size
+
+    def remaining(self, batches: int) -> list[Piece]:
+        """The segment's rows not yet trained after `batches` batches on every rank, in order."""
+        return [p for r, share in enumerate(self.shares) for p in cut(share, self.consumed(r, batches), self.rows[r])]
+
+    def loss_scale(self, k: int, n: int) -> float | None:
+        """What a rank's mean loss over its n rows of batch k is multiplied by so that the ranks'
+        gradients, averaged, are the global batch's mean gradient: n·W / (rows of the global
+        batch); None where that is exactly 1 (every rank has the same rows)."""
+        total = self.global_rows(k)
+        return None if n * self.world_size == total else n * self.world_size / total
+
+
+def split(pieces: Sequence[Piece], world_size: int, batch_size: int) -> Segment:
+    """The segment of `pieces` on `world_size` ranks (see `Segment`)."""
+    total = sum(p.rows for p in pieces)
+    steps = max(1, -(-total // (world_size * batch_size)))
+    if steps > 1 and total < world_size * (steps - 1) * batch_size + world_size:
+        steps -= 1  # fewer rows than ranks for a last step: they join the step before
+    base, extra = divmod(total, world_size)
+    rows = tuple(base + (r < extra) for r in range(world_size))
+    bounds = np.concatenate([[0], np.cumsum(rows)]).tolist()
+    shares = tuple(tuple(cut(pieces, bounds[r], bounds[r + 1])) for r in range(world_size))
+    return Segment(world_size, batch_size, shares, rows, steps)
+
+
 # ---------------------------------------------------------------------------------- reader
 
 
@@ -170,28 +266,30 @@ class ParquetStream:
         self.units: list[tuple[str, int, int]] = []  # (file, row group, rows)
         self.has_p_click = True
         self.file_negatives: dict[str, bool] = {}  # file -> it has the neg_hist_* columns
+        self.metadata: dict[str, pq.FileMetaData] = {}  # read once: a row group read needs no footer read
         for path in self.paths:
             pf = self._open(path)
+            self.metadata[path] = pf.metadata
             self._check_schema(path, pf.schema_arrow)
             self.has_p_click &= "p_click" in pf.schema_arrow.names
             self.file_negatives[path] = bool(layout.negatives) and layout.negatives[0][1] in pf.schema_arrow.names
             md = pf.metadata
             self.units += [(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
         self._unit_id = {(path, rg): i for i, (path, rg, _) in enumerate(self.units)}
+        self._segments: dict[tuple, Segment] = {}
         neg = {n for _, n in layout.negatives}
         self.columns = ["label", "user_id", *(k for k in layout.keys if k not in neg), *self.dense_features]
         if self.has_p_click:
             self.columns.append("p_click")
 
     def check_rows(self, what: str) -> None:
-        """DataError (one line) unless the data set has rows and every rank a row group to read."""
+        """DataError (one line) unless the data set has at least one row for every rank."""
         files = f"{len(self.paths)} file(s): {self.paths[0]}{', …' if len(self.paths) > 1 else ''}"
         if self.num_rows == 0:
             raise DataError(f"{what}: no rows in {files}")
-        if len(self.units) < self.world_size:
+        if self.num_rows < self.world_size:
             raise DataError(
-                f"{what}: {len(self.units)} row group(s) in {len(self.paths)} file(s) for {self.world_size} ranks "
-                f"({self.paths[0]}{', …' if len(self.paths) > 1 else ''}): every rank needs at least one row group"
+                f"{what}: {self.num_rows} row(s) in {files} for {self.world_size} ranks: every rank needs a row"
             )
 
     @property
@@ -203,30 +301,38 @@ class ParquetStream:
             return np.arange(len(self.units))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
 
-    def units_for(self, epoch: int, rank: int | None = None) -> list[tuple[str, int, int]]:
-        """A rank's row groups for `epoch` (this rank's by default), in reading order."""
-        rank = self.rank if rank is None else rank
-        return [self.units[i] for i in self._order(epoch)[rank :: self.world_size]]
-
-    def rows_per_rank(self, epoch: int) -> list[int]:
-        return [sum(u[2] for u in self.units_for(epoch, r)) for r in range(self.world_size)]
+    def segment(self, epoch: int, earlier: Sequence[Sequence[int]] = ()) -> Segment:
+        """The rows every rank trains in `epoch` after the epoch's `earlier` segments, each a
+        (world size, batches done) pair: the epoch's rows in its global order, less those the earlier
+        segments trained, split over this stream's world size (see `Segment`)."""
+        key = (epoch, tuple(tuple(e) for e in earlier))
+        if key not in self._segments:
+            pieces = [Piece(int(u), p, 0, self.units[u][2]) for p, u in enumerate(self._order(epoch))]
+            for world, batches in earlier:
+                pieces = split(pieces, world, self.batch_size).remaining(batches)
+            self._segments[key] = split(pieces, self.world_size, self.batch_size)
+        return self._segments[key]
 
     def rows_for(self, epoch: int) -> int:
-        return self.rows_per_rank(epoch)[self.rank]
+        """This rank's rows of `epoch` (a whole epoch: no earlier segment)."""
+        return self.segment(epoch).rows[self.rank]
 
-    def steps_for(self, epoch: int) -> int:
-        """Batches every rank yields in `epoch` (the same on all ranks, see `epoch`)."""
-        return -(-max(self.rows_per_rank(epoch)) // self.batch_size)
+    def steps_for(self, epoch: int, earlier: Sequence[Sequence[int]] = ()) -> int:
+        """Batches every rank yields in the segment of `epoch` after `earlier` (the same on all ranks)."""
+        return self.segment(epoch, earlier).steps
 
     # -- validation
 
-    @staticmethod
-    def _open(path: str) -> pq.ParquetFile:
+    def _open(self, path: str, where: str | None = None) -> pq.ParquetFile:
+        """The Parquet file (on a URI: read by range requests, row group by row group)."""
         try:
-            return pq.ParquetFile(path)
+            return pq.ParquetFile(storage.open_input(path), metadata=self.metadata.get(path))
+        except storage.StorageError as e:
+            raise DataError(f"{where}: {str(e).removeprefix(path + ': ')}" if where else str(e)) from None
         except (OSError, pa.ArrowException) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{path}: unreadable Parquet file ({msg})") from None
+            text = f"{where}: unreadable ({msg})" if where else f"{path}: unreadable Parquet file ({msg})"
+            raise DataError(text) from None
 
     def _check_schema(self, path: str, schema: pa.Schema) -> None:
         def need(col: str, ok, what: str) -> None:
@@ -265,12 +371,14 @@ class ParquetStream:
         if "p_click" in schema.names and not pa.types.is_floating(schema.field("p_click").type):
             raise DataError(f"{path}: column 'p_click': type {schema.field('p_click').type}, expected float32")
 
-    def _read_unit(self, path: str, rg: int, epoch: int, unit_index: int, shuffle: bool | None = None) -> _Chunk:
+    def _read_unit(self, path: str, rg: int, epoch: int, order: int, shuffle: bool | None = None) -> _Chunk:
+        """A row group, checked, id-mapped and (training) shuffled by (seed, epoch, `order`: its
+        place in the epoch's order): the same rows in the same order whichever rank reads it."""
         where = f"{path}: row group {rg}"
         from_file = self.file_negatives[path]
         columns = self.columns + [n for _, n in self.layout.negatives] * from_file
         try:
-            table = pq.ParquetFile(path).read_row_group(rg, columns=columns)
+            table = self._open(path, where).read_row_group(rg, columns=columns)
         except (OSError, pa.ArrowException) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{where}: unreadable ({msg})") from None
@@ -321,7 +429,7 @@ class ParquetStream:
             scalars["p_click"] = table.column("p_click").to_numpy().astype(np.float32)
         chunk = _Chunk(scalars, lists, table.num_rows)
         if self.shuffle if shuffle is None else shuffle:
-            perm = np.random.default_rng([self.seed, epoch, unit_index]).permutation(chunk.n)
+            perm = np.random.default_rng([self.seed, epoch, order]).permutation(chunk.n)
             chunk = chunk.take(perm)
         return chunk
 
@@ -339,7 +447,7 @@ class ParquetStream:
 
     # -- batches
 
-    def _to_batch(self, c: _Chunk) -> Batch:
+    def _to_batch(self, c: _Chunk, seg: Segment, k: int) -> Batch:
         keys = self.layout.keys
         lengths = np.concatenate([np.diff(c.lists[k][0]) for k in keys])
         values = np.concatenate([c.lists[k][1] for k in keys])
@@ -353,83 +461,64 @@ class ParquetStream:
             labels=torch.from_numpy(c.scalars["label"]),
             users=torch.from_numpy(c.scalars["user_id"]),
             p_click=torch.from_numpy(c.scalars["p_click"]) if "p_click" in c.scalars else None,
+            loss_scale=seg.loss_scale(k, c.n),
         )
 
-    def _chunks(self, epoch: int, cycle: bool, skip: int = 0) -> Iterator[_Chunk]:
-        """This rank's row groups of `epoch` in reading order (over again if `cycle`), the first
-        `skip` rows left out (whole row groups unread)."""
-        units = self.units_for(epoch)
-        if not units and cycle:
-            self.check_rows("data")  # raises: this rank has no row group
-        while True:
-            for i, (path, rg, n) in enumerate(units):
-                if skip >= n:
-                    skip -= n
-                    continue
+    def _read_pieces(self, epoch: int, pieces: list[Piece]) -> Iterator[_Chunk]:
+        """The rows of `pieces` in order; a row group is read once for consecutive pieces of it."""
+        last: tuple[int, _Chunk] | None = None
+        for piece in pieces:
+            if last is None or last[0] != piece.unit:
+                path, rg, _ = self.units[piece.unit]
                 try:
-                    chunk = self._read_unit(path, rg, epoch, i)
+                    last = piece.unit, self._read_unit(path, rg, epoch, piece.order)
                 except DataError as e:
                     e.rank_local = True
                     raise
-                yield chunk.slice(skip, chunk.n) if skip else chunk
-                skip = 0
-            if not cycle:
-                return
+            yield last[1].slice(piece.start, piece.end)
 
-    def position(self, epoch: int, batches: int) -> dict:
-        """Where this rank's batch number `batches` of `epoch` starts: the file, row group and
-        row offset (in the row group's shuffled order) its first row comes from."""
-        units = self.units_for(epoch)
-        skip = batches * self.batch_size
-        total = sum(u[2] for u in units)
-        if units and skip >= total:  # past this rank's share: the padding cycles through it again
-            skip %= total
-        for path, rg, n in units:
-            if skip < n:
-                return {"epoch": epoch, "batches": batches, "file": path, "row_group": rg, "row_offset": skip}
-            skip -= n
-        return {"epoch": epoch, "batches": batches, "file": None, "row_group": None, "row_offset": 0}
+    def position(self, epoch: int, batches: int, earlier: Sequence[Sequence[int]] = ()) -> dict:
+        """Where this rank's batch number `batches` of the segment of `epoch` after `earlier` starts:
+        the file, row group and row offset (in the row group's shuffled order) of its first row."""
+        seg = self.segment(epoch, earlier)
+        where = {"epoch": epoch, "batches": batches, "file": None, "row_group": None, "row_offset": 0}
+        ahead = cut(seg.shares[self.rank], seg.consumed(self.rank, batches), seg.rows[self.rank])
+        if ahead:
+            path, rg, _ = self.units[ahead[0].unit]
+            where.update(file=path, row_group=rg, row_offset=ahead[0].start)
+        return where
 
     def row_groups(self) -> Iterator[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]:
         """Every row group of the data set in file order (all ranks' shares), checked and
         id-mapped like training data: (rows, {feature: (offsets, row ids)}) each, histories cut
         to max_hist_len, rows in file order."""
         for i, (path, rg, _) in enumerate(self.units):
-            chunk = self._read_unit(path, rg, epoch=0, unit_index=i, shuffle=False)
+            chunk = self._read_unit(path, rg, epoch=0, order=i, shuffle=False)
             yield chunk.n, chunk.lists
 
-    def _batches(self, epoch: int, total: int, start: int) -> Iterator[Batch]:
-        own = self.rows_for(epoch)
-        skip = start * self.batch_size
-        buf: _Chunk | None = None
-        left = total - skip  # rows still to emit, buffered ones included
-        if left <= 0:
+    def _batches(self, epoch: int, seg: Segment, start: int) -> Iterator[Batch]:
+        bs, last = self.batch_size, seg.steps - 1
+        k = start
+        if k > last:
             return
-        for chunk in self._chunks(epoch, cycle=total > own, skip=skip):
-            have = buf.n if buf is not None else 0
-            if have == left:
-                break
-            chunk = chunk.slice(0, min(chunk.n, left - have))
+        buf: _Chunk | None = None
+        pieces = cut(seg.shares[self.rank], seg.consumed(self.rank, start), seg.rows[self.rank])
+        for chunk in self._read_pieces(epoch, pieces):
             buf = chunk if buf is None else _Chunk.concat(buf, chunk)
-            while buf.n >= self.batch_size:
-                yield self._to_batch(buf.slice(0, self.batch_size))
-                buf = buf.slice(self.batch_size, buf.n)
-                left -= self.batch_size
-        if buf is not None and buf.n:
-            yield self._to_batch(buf)
+            while k < last and buf.n >= bs:
+                yield self._to_batch(buf.slice(0, bs), seg, k)
+                buf, k = buf.slice(bs, buf.n), k + 1
+        if buf is not None and buf.n:  # the last batch: the rest of the share
+            yield self._to_batch(buf, seg, k)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from batch number `start` on (a resumed run), prepared by a
-        background thread `prefetch` batches ahead. Batch k is the same whether the epoch started
-        at 0 or at any `start` <= k: row groups before the start are not read.
-
-        Every rank yields the same number of batches of the same sizes, so that collectives line
-        up and the global batch is world_size x batch_size rows: ranks with fewer rows than the
-        largest rank's share continue from the start of their own share (padding; the first
-        `rows_for(epoch)` rows are this rank's real rows, each exactly once). With one rank there
-        is no padding.
+    def epoch(self, epoch: int, start: int = 0, earlier: Sequence[Sequence[int]] = ()) -> Iterator[Batch]:
+        """This rank's batches of the segment of `epoch` after `earlier` (see `segment`), from batch
+        number `start` on (a resumed run), prepared by a background thread `prefetch` batches ahead.
+        Batch k is the same whether the segment started at 0 or at any `start` <= k: row groups
+        before the start are not read. Every rank yields `steps_for` batches; every row of the
+        segment is in exactly one rank's batches, once.
         """
-        return _prefetch(self._batches(epoch, max(self.rows_per_rank(epoch)), start), self.prefetch)
+        return _prefetch(self._batches(epoch, self.segment(epoch, earlier), start), self.prefetch)
 
 
 _END = object()

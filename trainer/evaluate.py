@@ -56,8 +56,7 @@ def evaluate(
             if batch.p_click is not None:
                 oracle.append(batch.p_click.numpy())
             bar.update(len(batch))
-    own = stream.rows_for(0)  # rows after these are padding (repeats), see ParquetStream.epoch
-    local = [np.concatenate(x)[:own] if x else np.zeros(0) for x in (probs, labels, users, oracle)]
+    local = [np.concatenate(x) if x else np.zeros(0) for x in (probs, labels, users, oracle)]  # each row once
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)

@@ -18,15 +18,17 @@ import os
 import signal
 from pathlib import Path
 
+from trainer import storage
+
 
 def _armed(point: str, rank: int, step: int, out_dir: str | Path) -> bool:
     spec = os.environ.get("DINREC_FAULT")
     if not spec or spec != f"{point}:{rank}:{step}":
         return False
-    marker = Path(out_dir) / f".fault-{point}-{rank}-{step}"
-    if marker.exists():
+    marker = storage.join(str(out_dir), f".fault-{point}-{rank}-{step}")
+    if storage.exists(marker):
         return False
-    marker.touch()
+    storage.write_bytes(marker, b"")
     return True
 
 
@@ -40,14 +42,14 @@ def step_end(rank: int, step: int, out_dir: str | Path) -> None:
     """The faults that fire after a training step: `kill` and `damage`."""
     point("kill", rank, step, out_dir)
     if _armed("damage", rank, step, out_dir):
-        checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step-?????????"))
+        found = storage.sizes(storage.join(str(out_dir), "checkpoints"), recursive=True)
+        checkpoints = sorted({storage.join(str(out_dir), "checkpoints", f.split("/")[0]) for f in found if "/" in f})
         if checkpoints:
-            largest = max((f for f in checkpoints[-1].iterdir() if f.is_file()), key=lambda f: f.stat().st_size)
-            with open(largest, "r+b") as f:
-                f.seek(largest.stat().st_size // 2)
-                byte = f.read(1)
-                f.seek(-1, os.SEEK_CUR)
-                f.write(bytes([byte[0] ^ 0xFF]))
+            sizes = storage.sizes(checkpoints[-1])
+            largest = storage.join(checkpoints[-1], max(sizes, key=sizes.get))
+            data = bytearray(storage.read_bytes(largest))
+            data[len(data) // 2] ^= 0xFF
+            storage.write_bytes(largest, bytes(data))
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -25,8 +25,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -36,7 +34,7 @@ from tqdm import tqdm
 
 from embedding.layout import FeatureLayout
 from embedding.plan import fingerprint as plan_fingerprint
-from trainer import checkpoint, faults
+from trainer import checkpoint, faults, storage
 from trainer.batch import Batch, drop_ids
 from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, stream_from_config
@@ -55,7 +53,8 @@ class Position:
     """Where the run is; what a checkpoint records and a resumed run restores."""
 
     epoch: int = 0
-    batch: int = 0  # batches of `epoch` done
+    batch: int = 0  # batches of the current segment of `epoch` done
+    earlier: list = field(default_factory=list)  # [world size, batches] of the epoch's earlier segments
     step: int = 0  # optimizer steps of the whole run
     samples: int = 0  # global training samples of the whole run
     epoch_evals: list = field(default_factory=list)
@@ -79,7 +78,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    out: Path
+    out: str  # train.out_dir: a local path or a URI (trainer.storage)
     tag: str  # the run id its checkpoints carry
     model: nn.Module
     opt: torch.optim.Optimizer
@@ -90,11 +89,12 @@ class Run:
     progress: bool
     plan_fingerprint: str
     dropout_keys: set[str]
-    log: IO[str] | None = None  # metrics.jsonl, rank 0 only
+    log: storage.AppendLog | None = None  # metrics.jsonl, rank 0 only
     speed: Speed = field(default_factory=Speed)
 
-    def batches_in(self, epoch: int) -> int:
-        n = self.stream.steps_for(epoch)
+    def batches_in(self, epoch: int, earlier: list) -> int:
+        """Batches of the segment of `epoch` after `earlier` (train.limit_batches caps them)."""
+        n = self.stream.steps_for(epoch, earlier)
         return min(n, self.cfg.train.limit_batches) if self.cfg.train.limit_batches else n
 
 
@@ -113,8 +113,9 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
         run = setup(cfg, rank, world, device, tag, progress)  # checks the model, the plan and the data
         at, loaded = resume(run, start_from) if start_from is not None else (Position(), {})  # may refuse it
         if rank == 0:  # accepted: from here on the run directory describes this run
-            run.out.mkdir(parents=True, exist_ok=True)
-        with open(run.out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
+            storage.make_dirs(run.out)
+        metrics = storage.join(run.out, "metrics.jsonl")
+        with storage.AppendLog(metrics) if rank == 0 else contextlib.nullcontext() as log:
             run.log = log
             start_segment(run, at, start_from, loaded)
             run.speed = Speed()  # the run's speed counts from here
@@ -141,7 +142,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, pr
         rank=rank,
         world=world,
         device=device,
-        out=Path(cfg.train.out_dir),
+        out=cfg.train.out_dir,
         tag=tag,
         model=model,
         opt=dense_optimizer(cfg, model),
@@ -158,26 +159,44 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, pr
 def log_record(run: Run, **record) -> None:
     if run.log:
         run.log.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        run.log.flush()
 
 
 def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
     """Load the checkpoint into the model and the optimizers: where it left off, and what the
-    segment record says of the load."""
+    segment record says of the load.
+
+    On the world size that wrote it, the run continues its segment batch for batch. On another,
+    a checkpoint from the middle of an epoch starts a new segment: the rows of the epoch not yet
+    trained (the data position is global, see trainer.data.Segment) are split over the new ranks,
+    and the global batch becomes the new world size × data.batch_size (said in the log). The
+    random generators of the ranks (id dropout) then start afresh."""
     t_load = time.perf_counter()
     path = found.path
     manifest = checkpoint.check_config(path, run.cfg)
-    epoch, batches = manifest["position"]["epoch"], manifest["position"]["batches"]
-    same_world = manifest["world_size"] == run.world
+    pos = manifest["position"]
+    epoch, batches, earlier = pos["epoch"], pos["batches"], [list(e) for e in pos.get("earlier", [])]
+    wrote = manifest["world_size"]
+    same_world = wrote == run.world
+    loaded: dict = {}
     if not same_world and batches:
-        raise ConfigError(
-            f"{path}: written by {manifest['world_size']} rank(s) in the middle of epoch {epoch} "
-            f"(after batch {batches}), it resumes on {manifest['world_size']} rank(s) only; a checkpoint "
-            f"at an epoch end resumes on any number"
-        )
+        earlier, batches = [*earlier, [wrote, batches]], 0
+        left = sum(run.stream.segment(epoch, earlier).rows)
+        if left < run.world:
+            raise ConfigError(
+                f"{path}: {left} row(s) of epoch {epoch} are left to train, fewer than the {run.world} ranks "
+                f"of this run: resume on at most {left}"
+            )
+        loaded["resplit"] = {
+            "epoch": epoch,
+            "from_world_size": wrote,
+            "world_size": run.world,
+            "rows_left": left,
+            "global_batch": run.world * run.cfg.data.batch_size,
+        }
     checkpoint.load(path, run.model, run.opt, run.generators if same_world else None, verified=True)
-    loaded = {"load_seconds": round(time.perf_counter() - t_load, 3)}
-    return Position(epoch, batches, manifest["step"], manifest["samples"], manifest["epoch_evals"]), loaded
+    loaded["load_seconds"] = round(time.perf_counter() - t_load, 3)
+    at = Position(epoch, batches, earlier, manifest["step"], manifest["samples"], manifest["epoch_evals"])
+    return at, loaded
 
 
 def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded: dict) -> None:
@@ -186,7 +205,7 @@ def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded
     resumed from and the damaged ones it skipped (also said on stderr)."""
     if run.rank != 0:
         return
-    (run.out / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+    storage.write_text(storage.join(run.out, "config.yaml"), yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
     skipped = [{"checkpoint": str(p), "why": why} for p, why in (found.skipped if found else ())]
     for s in skipped:
         print(
@@ -194,6 +213,8 @@ def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded
             file=sys.stderr,
             flush=True,
         )
+    if "resplit" in loaded:
+        print(resplit_note(loaded["resplit"]), file=sys.stderr, flush=True)
     log_record(
         run,
         segment=len(segments(run.out)) + 1,
@@ -209,43 +230,54 @@ def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded
     )
 
 
+def resplit_note(r: dict) -> str:
+    """The line that says a mid-epoch checkpoint resumes on another world size."""
+    return (
+        f"dinrec: resuming epoch {r['epoch']} of a {r['from_world_size']}-rank checkpoint on {r['world_size']} "
+        f"rank(s): its {r['rows_left']} rows not yet trained are split over them; the global batch is now "
+        f"{r['global_batch']} rows"
+    )
+
+
 def run_epoch(run: Run, at: Position, epoch: int) -> None:
-    """Train `epoch` from batch `at.batch` (0 unless resumed into it); at the end `at` points at
-    the epoch's last batch done."""
-    cfg, world = run.cfg, run.world
-    first = at.batch if at.epoch == epoch else 0
-    at.epoch, at.batch = epoch, first
-    n = run.batches_in(epoch)
-    global_batch = cfg.data.batch_size * world
+    """Train `epoch` from batch `at.batch` of its current segment (0 unless resumed into it); at
+    the end `at` points at the segment's last batch done."""
+    cfg = run.cfg
+    if at.epoch != epoch:
+        at.batch, at.earlier = 0, []
+    at.epoch, first = epoch, at.batch
+    seg = run.stream.segment(epoch, at.earlier)
+    n = run.batches_in(epoch, at.earlier)
+    before = run.stream.num_rows - sum(seg.rows)  # trained by the epoch's earlier segments
     run.model.train()
-    rows = run.stream.rows_per_rank(epoch)
     log_record(
         run,
         epoch=epoch,
-        epoch_samples=run.stream.steps_for(epoch) * global_batch,
-        first_samples=first * global_batch,
+        epoch_samples=before + seg.rows_through(n),
+        first_samples=before + seg.rows_through(first),
         run_samples=at.samples,
-        rows_per_rank=rows,
-        padding_rows=world * max(rows) - sum(rows),
+        rows_per_rank=list(seg.rows),
+        earlier_segments=at.earlier,
     )
     with tqdm(
-        total=run.stream.steps_for(epoch) * global_batch,
-        initial=first * global_batch,
+        total=before + seg.rows_through(n),
+        initial=before + seg.rows_through(first),
         unit="samples",
         unit_scale=True,
         desc=f"epoch {epoch}",
         disable=not run.progress or run.rank != 0,
         mininterval=1.0,
     ) as bar:
-        for batch in epoch_batches(run, epoch, first, n):
+        for batch in epoch_batches(run, at, first, n):
             loss = train_step(run.model, run.opt, batch, run.decay, functools.partial(check_finite, run, at))
+            rows = seg.global_rows(at.batch)
             at.step += 1
             at.batch += 1
-            at.samples += len(batch) * world
-            run.speed.samples += len(batch) * world
+            at.samples += rows
+            run.speed.samples += rows
             run.speed.loss_sum += loss
             run.speed.loss_n += 1
-            bar.update(len(batch) * world)
+            bar.update(rows)
             if at.step % cfg.train.log_every == 0:  # the same steps on every rank
                 log_loss(run, at, bar)
             if cfg.train.checkpoint_every and at.step % cfg.train.checkpoint_every == 0 and at.batch < n:
@@ -253,10 +285,11 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
             faults.step_end(run.rank, at.step, run.out)
 
 
-def epoch_batches(run: Run, epoch: int, first: int, n: int) -> Iterator[Batch]:
-    """This rank's batches `first` .. `n` − 1 of `epoch`, ready for the step: id dropout applied,
-    on the device. (A pipelined step, torchrec's TrainPipelineSparseDist, takes this iterator.)"""
-    for batch in itertools.islice(run.stream.epoch(epoch, first), n - first):
+def epoch_batches(run: Run, at: Position, first: int, n: int) -> Iterator[Batch]:
+    """This rank's batches `first` .. `n` − 1 of the current segment of `at.epoch`, ready for the
+    step: id dropout applied, on the device. (A pipelined step, torchrec's
+    TrainPipelineSparseDist, takes this iterator.)"""
+    for batch in itertools.islice(run.stream.epoch(at.epoch, first, at.earlier), n - first):
         if run.cfg.model.id_dropout:
             batch.sparse = drop_ids(batch.sparse, run.dropout_keys, run.cfg.model.id_dropout, run.generators["dropout"])
         yield batch.to(run.device)
@@ -294,7 +327,7 @@ def log_loss(run: Run, at: Position, bar: tqdm) -> None:
 
 
 def mean_over_ranks(value: float, world: int, device: torch.device) -> float:
-    """The global-batch mean of a per-rank mean (equal local batch sizes)."""
+    """The global-batch mean of per-rank (scaled, see trainer.step) mean losses."""
     if world == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
@@ -302,12 +335,12 @@ def mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(t) / world
 
 
-def save(run: Run, at: Position) -> Path:
+def save(run: Run, at: Position) -> str:
     """Checkpoint the state after `at.batch` batches of `at.epoch` (a collective)."""
-    epoch, done = at.epoch, at.batch
-    if done >= run.batches_in(epoch):
-        epoch, done = epoch + 1, 0
-    where = {"epoch": epoch, "batches": done}
+    epoch, done, earlier = at.epoch, at.batch, at.earlier
+    if done >= run.batches_in(epoch, earlier):
+        epoch, done, earlier = epoch + 1, 0, []
+    where = {"epoch": epoch, "batches": done, "earlier": earlier}
     meta = {
         "run_id": run.tag,
         "position": where,
@@ -315,9 +348,9 @@ def save(run: Run, at: Position) -> Path:
         "epoch_evals": at.epoch_evals,
         "plan": {"file": run.cfg.train.plan, "fingerprint": run.plan_fingerprint},
     }
-    mine = run.stream.position(epoch, done) if epoch < run.cfg.train.epochs else where
+    mine = run.stream.position(epoch, done, earlier) if epoch < run.cfg.train.epochs else where
     average_buffers(run.model, run.world)
-    return checkpoint.save(
+    path = checkpoint.save(
         run.out,
         at.step,
         run.model,
@@ -328,6 +361,9 @@ def save(run: Run, at: Position) -> Path:
         {**mine, "rank": run.rank},
         keep=run.cfg.train.keep_checkpoints,
     )
+    if run.log:  # on an object store: the log as far as the checkpoint
+        run.log.sync()
+    return path
 
 
 def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
@@ -343,7 +379,9 @@ def finish(run: Run, at: Position) -> dict:
     lose the training); the run's result."""
     cfg = run.cfg
     train_seconds = time.perf_counter() - run.speed.t0
-    at.epoch, at.batch = cfg.train.epochs - 1, run.batches_in(cfg.train.epochs - 1)
+    if at.epoch != cfg.train.epochs - 1:  # resumed from the final checkpoint
+        at.epoch, at.earlier = cfg.train.epochs - 1, []
+    at.batch = run.batches_in(at.epoch, at.earlier)
     final = save(run, at)
     average_buffers(run.model, run.world)
     result = evaluate(run.model, run.test, run.progress and run.rank == 0, run.device)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from pathlib import Path
 
-from trainer import checkpoint
+from trainer import checkpoint, storage
 from trainer.config import Config, ConfigError
 from trainer.ranks import on_rank_zero
 
@@ -59,11 +58,11 @@ def _resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | No
     existing = checkpoint.latest(base)
     if existing is not None and not (continue_id is not None and _all_of_run(base, continue_id)):
         raise ConfigError(
-            f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {existing.name}); "
+            f"{cfg.train.out_dir}: holds the checkpoints of an earlier run (newest: {storage.name(existing)}); "
             "continue it with --resume latest, or train into another train.out_dir"
         )
-    out = Path(cfg.train.out_dir)
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    out = cfg.train.out_dir
+    earlier = [name for name in RUN_FILES if storage.exists(storage.join(out, name))]
     if earlier and not (continue_id is not None and run_ids(out) == {continue_id}):
         raise ConfigError(
             f"{out}: holds the {' and '.join(earlier)} of an earlier run (no checkpoint); train into another "
@@ -72,7 +71,7 @@ def _resume_point(cfg: Config, continue_id: str | None) -> checkpoint.Found | No
     return None
 
 
-def _all_of_run(base: Path, run_id: str) -> bool:
+def _all_of_run(base: str, run_id: str) -> bool:
     """Whether every checkpoint under `base` is of launcher run `run_id` (a restart whose every
     checkpoint is damaged starts over, writing them anew)."""
     try:
@@ -81,12 +80,12 @@ def _all_of_run(base: Path, run_id: str) -> bool:
         return False
 
 
-def segments(out: Path) -> list[dict]:
+def segments(out: str) -> list[dict]:
     """The segment records of out/metrics.jsonl (where each run segment started), oldest first."""
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+    path = storage.join(str(out), "metrics.jsonl")
+    if not storage.is_file(path):
         return []
+    lines = storage.read_text(path).splitlines()
     found = []
     for line in lines:
         try:
@@ -98,6 +97,6 @@ def segments(out: Path) -> list[dict]:
     return found
 
 
-def run_ids(out: Path) -> set[str]:
+def run_ids(out: str) -> set[str]:
     """The run ids of the segments recorded in out/metrics.jsonl."""
     return {s.get("run_id") for s in segments(out)}

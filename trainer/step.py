@@ -2,7 +2,9 @@
 
 Each rank's loss is the mean over its local rows; DDP averages dense gradients over ranks and
 torchrec's collectives divide embedding gradients by the world size, so with equal local batch
-sizes (see trainer.data.ParquetStream.epoch) every update uses the global-batch mean gradient.
+sizes every update uses the global-batch mean gradient. Where the ranks' batches differ in size
+(a segment's last batch, see trainer.data.Segment) each rank's loss is scaled by
+`batch.loss_scale` = n·W / N, which makes the average the mean over the global batch's N rows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     out = model(batch)
     logits, extra = out if isinstance(out, tuple) else (out, None)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-    return loss if extra is None else loss + extra
+    loss = loss if extra is None else loss + extra
+    return loss if batch.loss_scale is None else loss * batch.loss_scale
 
 
 def train_step(

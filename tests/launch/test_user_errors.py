@@ -9,6 +9,7 @@ damaged checkpoint at a Ray restart: tests/trainer/test_checkpoint.py.)
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,7 +39,7 @@ def run_dir(tiny_data, tmp_path_factory):
     """A finished run with checkpoints at steps 5 and 10 (the final one)."""
     out = tmp_path_factory.mktemp("run") / "r"
     assert main(["train", *args(tiny_data, out, *RUN)]) == 0
-    assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005", CKPT]
+    assert [Path(c).name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005", CKPT]
     return out
 
 
@@ -129,7 +130,7 @@ def test_a_bad_test_row_group_found_at_the_final_eval_keeps_the_training(tiny_da
     out = tmp_path / "r"
     assert main(["train", *args(tiny_data, out, *RUN), f"data.test={bad}"]) == 2
     assert "x.parquet: row group" in error_line(capsys)
-    assert [c.name for c in checkpoint.list_checkpoints(out / "checkpoints")][-1] == CKPT  # the final one
+    assert [Path(c).name for c in checkpoint.list_checkpoints(out / "checkpoints")][-1] == CKPT  # the final one
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

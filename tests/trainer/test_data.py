@@ -8,7 +8,7 @@ import pytest
 from embedding.layout import FeatureLayout
 from embedding.tables import hash_ids
 from trainer.config import load_config
-from trainer.data import DataError, ParquetStream
+from trainer.data import DataError, ParquetStream, Piece, split
 
 N_ITEMS, N_CATES = 50, 5
 CONFIG = f"""
@@ -97,34 +97,68 @@ def test_every_row_exactly_once_with_its_own_values(tmp_path, batch_size):
             assert hc == [h % N_CATES for h in hi]
 
 
-def test_ranks_partition_the_rows_by_row_group_and_pad_to_equal_batches(tmp_path):
+def users_of(stream, epoch, start=0, earlier=()):
+    return [[u for u in b.users.tolist()] for b in stream.epoch(epoch, start, earlier)]
+
+
+def test_ranks_take_contiguous_equal_shares_of_the_one_rank_order(tmp_path):
     write_files(tmp_path / "d")  # row groups of 100, 100, 100, 100, 100, 100, 100, 100, 33, 41 rows
-    single = [u for b in make_stream(tmp_path).epoch(3) for u in b.users.tolist()]
+    single = [u for b in users_of(make_stream(tmp_path), 3) for u in b]
     streams = [make_stream(tmp_path, rank=r, world_size=3) for r in range(3)]
-    rows = [s.rows_for(3) for s in streams]
-    assert sum(rows) == len(single) and rows == streams[0].rows_per_rank(3)
-    real, sizes = [], []
-    for s, n in zip(streams, rows, strict=True):
-        users = [u for b in s.epoch(3) for u in b.users.tolist()]
-        sizes.append([len(b) for b in s.epoch(3)])
-        assert len(users) == max(rows)  # padded to the largest share
-        assert len(set(users[:n])) == n  # own rows once ...
-        assert set(users[n:]) <= set(users[:n])  # ... then repeats of its own rows
-        assert users[n:] == users[: max(rows) - n]  # from the start of its share
-        real += users[:n]
-        # whole row groups: a rank holds all of a group's rows or none
-        groups = {}
-        for u in users[:n]:
-            groups.setdefault(u // 100 if u < 800 else (8 if u < 833 else 9), []).append(u)
-        assert all(len(g) in (100, 33, 41) for g in groups.values())
-    assert sorted(real) == sorted(single)
-    assert sizes[0] == sizes[1] == sizes[2] and len(sizes[0]) == streams[0].steps_for(3)
+    batches = [users_of(s, 3) for s in streams]
+    assert [sum(map(len, b)) for b in batches] == [292, 291, 291]  # 874 rows: equal shares, ±1
+    # rank r's rows are the r-th third of the one-rank sequence, in its order: nothing padded, nothing twice
+    assert [u for b in batches for batch in b for u in batch] == single
+    steps = -(-292 // 32)
+    assert [len(b) for b in batches] == [steps] * 3 == [s.steps_for(3) for s in streams]
+    assert all(len(batch) == 32 for b in batches for batch in b[:-1])
+    assert [len(b[-1]) for b in batches] == [292 - 9 * 32, 291 - 9 * 32, 291 - 9 * 32]
 
 
-def test_more_ranks_than_row_groups_is_an_error(tmp_path):
-    write_files(tmp_path / "d", sizes=(150,))
-    with pytest.raises(DataError, match="2 row group\\(s\\) in 1 file\\(s\\) for 3 ranks"):
-        list(make_stream(tmp_path, rank=2, world_size=3).epoch(0))
+def test_fewer_rows_than_ranks_for_a_last_step_join_the_step_before(tmp_path):
+    write_files(tmp_path / "d", sizes=(194,))  # 194 = 2 × 96 + 2: 2 rows for 3 ranks
+    streams = [make_stream(tmp_path, rank=r, world_size=3) for r in range(3)]
+    assert [[len(b) for b in users_of(s, 0)] for s in streams] == [[32, 33], [32, 33], [32, 32]]
+
+
+def test_loss_scale_makes_the_ranks_average_the_global_mean():
+    seg = split([Piece(0, 0, 0, 194)], 3, 32)
+    rng = np.random.default_rng(0)
+    for k in range(seg.steps):
+        losses = [rng.random(seg.batch_rows(r, k)) for r in range(3)]
+        scales = [seg.loss_scale(k, len(x)) or 1.0 for x in losses]
+        ranks_mean = sum(s * x.mean() for s, x in zip(scales, losses, strict=True)) / 3  # DDP's average
+        assert ranks_mean == pytest.approx(np.concatenate(losses).mean(), rel=1e-12)
+    assert seg.loss_scale(0, 32) is None  # equal batches: the plain mean, exactly
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("done", [1, 4, 9])
+def test_a_segment_on_another_world_size_trains_exactly_the_rows_left(tmp_path, before, after, done):
+    """Every row of the epoch exactly once over two segments of different world sizes, with the
+    first stopped after `done` batches on every rank (a checkpoint in the middle of the epoch)."""
+    write_files(tmp_path / "d")
+    everything = sorted(u for b in users_of(make_stream(tmp_path), 2) for u in b)
+    first = [users_of(make_stream(tmp_path, rank=r, world_size=before), 2)[:done] for r in range(before)]
+    earlier = [[before, done]]
+    second = [users_of(make_stream(tmp_path, rank=r, world_size=after), 2, 0, earlier) for r in range(after)]
+    trained = [u for rank in first + second for b in rank for u in b]
+    assert sorted(trained) == everything  # none twice, none lost
+    # the second segment's shares are equal (±1) and its ranks agree on the number of steps
+    rows = [sum(map(len, r)) for r in second]
+    assert max(rows) - min(rows) <= 1 and len({len(r) for r in second}) == 1
+    # and a same-size resume inside the second segment continues it batch for batch
+    again = users_of(make_stream(tmp_path, rank=after - 1, world_size=after), 2, 2, earlier)
+    assert again == second[-1][2:]
+
+
+def test_more_ranks_than_rows_is_an_error(tmp_path):
+    write_files(tmp_path / "d", sizes=(2,))
+    make_stream(tmp_path, rank=1, world_size=2).check_rows("data.train")  # one row each: enough
+    with pytest.raises(
+        DataError, match="data.train: 2 row\\(s\\) in 1 file\\(s\\): .* for 3 ranks: every rank needs a row"
+    ):
+        make_stream(tmp_path, rank=2, world_size=3).check_rows("data.train")
 
 
 def test_order_is_deterministic_per_seed_and_epoch(tmp_path):
