@@ -42,6 +42,7 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
     quiet_libraries()
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
+    os.environ["DINREC_NODE"] = ray.get_runtime_context().get_node_id()  # for the segment record
     try:  # the driver draws the progress bar (Progress): the workers' output is not forwarded
         result = train(cfg, progress=False, run_id=config["run_id"])
     except NonFiniteLoss as e:  # every rank stops at the same step: an answer, not a failure to retry

@@ -34,6 +34,11 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(lo)
     lo.add_argument("--batches", type=int, default=2000, help="batches read (default: %(default)s)")
     lo.add_argument("--train-steps", type=int, default=100, help="training steps timed (default: %(default)s)")
+    lo.add_argument(
+        "--compare",
+        metavar="SPEC",
+        help="the same reader on another copy of data.train (e.g. s3://bucket/train), in the same run",
+    )
     wk = sub.add_parser("workers", help="training samples/s through local Ray with 1, 2, … workers")
     config_args(wk)
     wk.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default: %(default)s)")
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
         return bench_embedding.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.bench == "loader":
-        return bench_loader(cfg, args.batches, args.train_steps)
+        return bench_loader(cfg, args.batches, args.train_steps, args.compare)
     if args.bench == "workers":
         try:
             counts = [int(w) for w in args.workers.split(",")]
@@ -100,33 +105,51 @@ def _take(cfg: Config, n: int) -> list:
     return batches
 
 
-def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
+def _read_on_one_core(cfg: Config, batches: int) -> tuple[int, int, float]:
+    """(batches, rows, seconds) of the reader over data.train, pinned to one core with Arrow's own
+    thread pools at one thread."""
     from trainer.data import stream_from_config
-    from trainer.sharding import build_model, dense_optimizer, process_group
-    from trainer.step import train_step
 
-    machine = _machine()
-    # --- the reader alone, on one core, with Arrow's own thread pools at one thread
     all_cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(all_cpus)})
     cpu_count, io_count = pa.cpu_count(), pa.io_thread_count()
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     try:
-        stream = stream_from_config(cfg, "train")
-        n_rows, n_batches = 0, 0
         t0 = time.perf_counter()
+        stream = stream_from_config(cfg, "train")  # lists the files and reads their footers: timed too
+        n_rows, n_batches = 0, 0
         for b in stream.epoch(0):
             n_rows += len(b)
             n_batches += 1
             if n_batches == batches:
                 break
-        loader_seconds = time.perf_counter() - t0
+        return n_batches, n_rows, time.perf_counter() - t0
     finally:
         os.sched_setaffinity(0, all_cpus)
         pa.set_cpu_count(cpu_count)
         pa.set_io_thread_count(io_count)
+
+
+def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | None = None) -> dict:
+    from dataclasses import replace
+
+    from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import train_step
+
+    machine = _machine()
+    n_batches, n_rows, loader_seconds = _read_on_one_core(cfg, batches)
     loader_rate = n_rows / loader_seconds
+    other = {}
+    if compare:  # the same rows from another store (object storage: range reads of each row group)
+        c_batches, c_rows, c_seconds = _read_on_one_core(replace(cfg, data=replace(cfg.data, train=compare)), batches)
+        other = {
+            "compare_data": compare,
+            "compare_samples": c_rows,
+            "compare_seconds": round(c_seconds, 3),
+            "compare_samples_per_s": round(c_rows / c_seconds, 1),
+            "compare_over_loader": round(c_rows / c_seconds / loader_rate, 3),
+        }
     # --- what training consumes: the training step on in-memory batches, all cores
     data = _take(cfg, train_steps + 10)
     with process_group(cfg) as (_, world):
@@ -136,6 +159,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
     return {
         "bench": "loader",
         **machine,
+        "data": cfg.data.train,
         "loader_cores": 1,
         "loader_batches": n_batches,
         "loader_samples": n_rows,
@@ -144,6 +168,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int) -> dict:
         "train_model": cfg.model.name,
         "train_samples_per_s": round(train_rate, 1),
         "loader_over_train": round(loader_rate / train_rate, 2),
+        **other,
         "batch_size": cfg.data.batch_size,
     }
 

@@ -6,6 +6,8 @@ that it fired, so the restarted run goes through):
 - `checkpoint`: SIGKILL while checkpoint `step` is being written (its shards are on disk, its
   manifest is not);
 - `nan`: the loss of step `step` becomes NaN (the non-finite loss guard must stop the run);
+- `stall`: after training step `step` the worker sleeps (the other ranks wait for it in the next
+  collective), so that a test can take its machine away at a known point;
 - `damage`: after training step `step`, one byte in the middle of the largest file of the newest
   checkpoint is flipped, then SIGKILL (a restart must skip that checkpoint for an intact one).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from trainer import storage
@@ -41,6 +44,8 @@ def point(name: str, rank: int, step: int, out_dir: str | Path) -> None:
 def step_end(rank: int, step: int, out_dir: str | Path) -> None:
     """The faults that fire after a training step: `kill` and `damage`."""
     point("kill", rank, step, out_dir)
+    if _armed("stall", rank, step, out_dir):
+        time.sleep(3600)
     if _armed("damage", rank, step, out_dir):
         found = storage.sizes(storage.join(str(out_dir), "checkpoints"), recursive=True)
         checkpoints = sorted({storage.join(str(out_dir), "checkpoints", f.split("/")[0]) for f in found if "/" in f})

@@ -21,6 +21,8 @@ import contextlib
 import functools
 import itertools
 import json
+import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -117,7 +119,7 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
         metrics = storage.join(run.out, "metrics.jsonl")
         with storage.AppendLog(metrics) if rank == 0 else contextlib.nullcontext() as log:
             run.log = log
-            start_segment(run, at, start_from, loaded)
+            start_segment(run, at, start_from, {**loaded, "nodes": nodes(world)})
             run.speed = Speed()  # the run's speed counts from here
             last = cfg.train.epochs - 1
             for epoch in range(at.epoch, cfg.train.epochs):
@@ -197,6 +199,17 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
     loaded["load_seconds"] = round(time.perf_counter() - t_load, 3)
     at = Position(epoch, batches, earlier, manifest["step"], manifest["samples"], manifest["epoch_evals"])
     return at, loaded
+
+
+def nodes(world: int) -> list[str]:
+    """Every rank's machine: the launcher's node id (DINREC_NODE, set by the Ray launcher) or the
+    host name (a collective)."""
+    mine = os.environ.get("DINREC_NODE") or socket.gethostname()
+    if world == 1:
+        return [mine]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded: dict) -> None:

@@ -1,5 +1,6 @@
-"""The three launchers run the one worker function: local Ray (`dinrec train`), `ray job submit`
-against a head started by the test, and torchrun; a failing worker is one line naming its rank."""
+"""The launchers run the one worker function: local Ray (`dinrec train`) and torchrun (`ray job
+submit` to a two-node cluster: tests/launch/test_cluster.py); a failing worker is one line naming
+its rank."""
 
 import json
 import os
@@ -102,60 +103,6 @@ def test_torchrun_an_error_every_rank_meets_is_printed_once(tiny_data, tmp_path)
     assert ours == [
         "dinrec train: error: tables.0.dim: 18: FBGEMM's embedding kernels take dims that are multiples of 4 (16 or 20)"
     ], p.stderr[-3000:]
-
-
-@pytest.mark.ray
-def test_ray_job_submit_on_a_head_started_here(tiny_data, tmp_path):
-    port, dash = free_port(), free_port()
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    temp = Path("/tmp") / f"rayt{port}"  # short: Ray's socket paths must stay under 107 bytes
-    ray = str(BIN / "ray")
-    start = [
-        ray,
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]
-    p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        submit = [
-            ray,
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dash}",
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "-m",
-            "launch.ray_job",
-            *tiny_args(tiny_data, tmp_path / "j", "launch.workers=2"),
-        ]
-        p = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "succeeded" in p.stdout
-        final = [x for x in p.stdout.splitlines() if x.startswith('{"auc"')]
-        assert final, p.stdout[-3000:]
-        r = json.loads(final[-1])
-        assert r["samples"] == TEST_ROWS and r["model"] == "din"
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("module", ["launch.ray_job", "launch.torchrun"])

@@ -180,3 +180,15 @@ def test_wrong_credentials_are_one_line(tmp_path):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_bench_loader_reads_the_s3_copy_in_the_same_run(s3_data, tiny_data):
+    from tools.bench import bench_loader
+    from trainer.config import load_config
+
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml", [f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}"]
+    )
+    r = bench_loader(cfg, batches=20, train_steps=3, compare=f"{s3_data}/train")
+    assert r["compare_samples"] == r["loader_samples"] == 20 * 64
+    assert r["compare_samples_per_s"] > 0 and r["compare_over_loader"] > 0

@@ -1,0 +1,194 @@
+"""A Ray cluster of two nodes on this machine, click logs and the run directory on an S3 server
+(moto) on 127.0.0.1: `ray job submit --working-dir` to the head runs 2 workers on different nodes
+with the metrics of a one-node run; then the second node is killed mid-run (after a checkpoint)
+and a replacement joins: with `launch.max_failures=1` the run comes back from the S3 checkpoint
+and ends with the weights of the uninterrupted run.
+
+Each node is a `ray start` with one CPU and its own temp dir; everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, free_port, make_bucket, upload
+from trainer import checkpoint, storage
+
+pytestmark = pytest.mark.ray
+
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+RUN = ["train.epochs=2", "train.checkpoint_every=5", "train.keep_checkpoints=0", "launch.workers=2"]
+
+
+class Cluster:
+    """A head and extra nodes started with `ray start`, each with its own temp dir."""
+
+    def __init__(self) -> None:
+        self.port, self.dash = free_port(), free_port()
+        self.base = Path("/tmp") / f"rc{self.port}"  # short: Ray's socket paths must stay under 107 bytes
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            # a lost node is noticed after 3 missed health checks a second apart (Ray's default: 5 × 3 s)
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
+        self.nodes: list[Path] = []
+
+    def start(self, head: bool = False) -> Path:
+        temp = self.base / f"n{len(self.nodes)}"
+        cmd = [
+            RAY,
+            "start",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ]
+        if head:
+            cmd += [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash}",
+            ]
+        else:
+            cmd += [f"--address=127.0.0.1:{self.port}"]
+        p = subprocess.run(cmd, env={**self.env, "RAY_TMPDIR": str(temp)}, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        self.nodes.append(temp)
+        return temp
+
+    def kill(self, temp: Path) -> None:
+        """SIGKILL every process of the node that `temp` is the temp dir of (its raylet first):
+        a machine lost, as far as the cluster can tell."""
+        out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+        assert out, f"no process of the node at {temp}"
+        for pid in map(int, out):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def job(self, *args: str, env_vars: dict, wait: bool = True, submission_id: str | None = None):
+        cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{self.dash}", "--working-dir", str(ROOT)]
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+        if submission_id:
+            cmd += ["--submission-id", submission_id]
+        if not wait:
+            cmd += ["--no-wait"]
+        cmd += ["--", "python", "-m", "launch.ray_job", *args]
+        return subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    def job_cli(self, what: str, submission_id: str) -> str:
+        cmd = [RAY, "job", what, "--address", f"http://127.0.0.1:{self.dash}", submission_id]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120).stdout
+
+    def wait(self, submission_id: str, timeout: float) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED), polled through the job API (in a
+        subprocess: Ray reads RAY_AUTH_MODE when it is imported)."""
+        ask = (
+            "from ray.job_submission import JobSubmissionClient as C; "
+            f"print(C('http://127.0.0.1:{self.dash}').get_job_status('{submission_id}').value)"
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            p = subprocess.run([sys.executable, "-c", ask], env=self.env, capture_output=True, text=True, timeout=120)
+            status = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-500:]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            assert time.monotonic() < deadline, self.job_cli("logs", submission_id)[-3000:]
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for temp in self.nodes[::-1]:
+            subprocess.run([RAY, "stop", "--force"], env={**self.env, "RAY_TMPDIR": str(temp)}, capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def final_json(text: str) -> dict:
+    lines = [x for x in text.splitlines() if x.startswith('{"auc"')]
+    assert lines, text[-3000:]
+    return json.loads(lines[-1])
+
+
+def records(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(f"{uri}/metrics.jsonl").splitlines()]
+
+
+def test_two_nodes_on_s3_then_a_node_lost_and_replaced(s3_server, tiny_data, tmp_path):
+    data = upload(tiny_data, make_bucket("cluster-data") + "/tiny")
+    runs = make_bucket("cluster-runs")
+    config = ["--config", "configs/tiny.yaml", "--no-progress", f"data.train={data}/train", f"data.test={data}/test"]
+    env_vars = {**s3_server, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+    # the one-node reference: the same two ranks under torchrun on this machine, local files
+    ref_dir = tmp_path / "one_node"
+    p = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "launch.cli", "train"]
+        + [*config[:3], f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}"]
+        + [f"train.out_dir={ref_dir}", *RUN],
+        cwd=ROOT,
+        env={**os.environ, **env_vars},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    one_node = final_json(p.stdout)
+
+    cluster = Cluster()
+    try:
+        cluster.start(head=True)
+        second = cluster.start()
+        # 1. two workers, two nodes
+        p = cluster.job(*config, f"train.out_dir={runs}/plain", *RUN, env_vars=env_vars)
+        assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+        plain = final_json(p.stdout)
+        nodes = next(r for r in records(f"{runs}/plain") if "segment" in r)["nodes"]
+        assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # Ray node ids: one worker per node
+        assert {k: plain[k] for k in ("auc", "gauc", "logloss")} == {k: one_node[k] for k in ("auc", "gauc", "logloss")}
+
+        # 2. the second node lost after the step-5 checkpoint, a replacement joining
+        out = f"{runs}/lost"
+        stall = {**env_vars, "DINREC_FAULT": "stall:1:7"}  # rank 1 waits after step 7: a known point to strike
+        p = cluster.job(
+            *config,
+            f"train.out_dir={out}",
+            *RUN,
+            "launch.max_failures=1",
+            env_vars=stall,
+            wait=False,
+            submission_id="lost",
+        )
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        deadline = time.monotonic() + 300
+        while not storage.exists(f"{out}/.fault-stall-1-7"):
+            assert time.monotonic() < deadline, cluster.job_cli("logs", "lost")[-3000:]
+            time.sleep(0.5)
+        assert [storage.name(c) for c in checkpoint.list_checkpoints(f"{out}/checkpoints")] == ["step-000000005"]
+        cluster.kill(second)
+        cluster.start()  # the replacement
+        assert cluster.wait("lost", timeout=300) == "SUCCEEDED", cluster.job_cli("logs", "lost")[-3000:]
+        lost = final_json(cluster.job_cli("logs", "lost"))
+        segments = [r for r in records(out) if "segment" in r]
+        assert len(segments) == 2 and segments[1]["resumed_from"] == f"{out}/checkpoints/step-000000005"
+        assert segments[1]["nodes"] != segments[0]["nodes"]  # one of them is the replacement
+        final = f"checkpoints/step-{plain['steps']:09d}"
+        a, b = checkpoint.read_tensors(f"{runs}/plain/{final}"), checkpoint.read_tensors(f"{out}/{final}")
+        assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+        assert {k: lost[k] for k in ("auc", "gauc", "logloss")} == {k: plain[k] for k in ("auc", "gauc", "logloss")}
+    finally:
+        cluster.stop()
