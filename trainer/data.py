@@ -21,6 +21,7 @@ group): the same negatives whatever the world size.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -55,7 +56,13 @@ def resolve_paths(spec: str) -> list[str]:
     except storage.StorageError as e:
         raise DataError(str(e)) from None
     if not paths:
-        raise DataError(f"{spec}: no Parquet files found")
+        hint = ""
+        if os.environ.get("DINREC_RAY_JOB") and not storage.is_uri(spec) and not os.path.isabs(spec):
+            hint = (
+                " (under `ray job submit` a relative path is inside the uploaded working directory, which "
+                "leaves out what .gitignore lists, data/ included: give a URI such as s3://… or a path every node has)"
+            )
+        raise DataError(f"{spec}: no Parquet files found{hint}")
     return paths
 
 

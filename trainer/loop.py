@@ -22,6 +22,7 @@ import functools
 import itertools
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -92,6 +93,8 @@ class Run:
     plan_fingerprint: str
     dropout_keys: set[str]
     log: storage.AppendLog | None = None  # metrics.jsonl, rank 0 only
+    startup_seconds: float = 0.0
+    base_rss: int = 0
     speed: Speed = field(default_factory=Speed)
 
     def batches_in(self, epoch: int, earlier: list) -> int:
@@ -108,6 +111,8 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
     trainer.resume) continues with the same batches in the same order and ends with the same
     weights as a run that was never interrupted.
     """
+    t_start = time.perf_counter()
+    base_rss = _max_rss()  # the process before the model: interpreter, torch, torchrec, Ray
     device = worker_device(cfg)
     tag, continue_id = run_identity(run_id)
     with process_group(cfg) as (rank, world):
@@ -121,6 +126,8 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
             run.log = log
             start_segment(run, at, start_from, {**loaded, "nodes": nodes(world)})
             run.speed = Speed()  # the run's speed counts from here
+            run.startup_seconds = round(run.speed.t0 - t_start, 2)  # group, model, tables, resume
+            run.base_rss = base_rss
             last = cfg.train.epochs - 1
             for epoch in range(at.epoch, cfg.train.epochs):
                 run_epoch(run, at, epoch)
@@ -204,12 +211,7 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
 def nodes(world: int) -> list[str]:
     """Every rank's machine: the launcher's node id (DINREC_NODE, set by the Ray launcher) or the
     host name (a collective)."""
-    mine = os.environ.get("DINREC_NODE") or socket.gethostname()
-    if world == 1:
-        return [mine]
-    every: list = [None] * world
-    dist.all_gather_object(every, mine)
-    return every
+    return every_rank(os.environ.get("DINREC_NODE") or socket.gethostname(), world)
 
 
 def start_segment(run: Run, at: Position, found: checkpoint.Found | None, loaded: dict) -> None:
@@ -387,6 +389,21 @@ def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
     log_record(run, step=at.step, epoch=epoch, eval=r)
 
 
+def _max_rss() -> int:
+    """This process's peak resident memory so far, in bytes (against `dinrec plan`'s DDR figure:
+    the peak less the process before the model, `base_rss_bytes`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def every_rank(value: int, world: int) -> list:
+    """`value` of every rank, in rank order (a collective)."""
+    if world == 1:
+        return [value]
+    every: list = [None] * world
+    dist.all_gather_object(every, value)
+    return every
+
+
 def finish(run: Run, at: Position) -> dict:
     """The final checkpoint, then the final evaluation (a bad test row group found there cannot
     lose the training); the run's result."""
@@ -407,6 +424,9 @@ def finish(run: Run, at: Position) -> dict:
         train_samples=at.samples,
         train_seconds=round(train_seconds, 2),
         train_samples_per_s=round(trained / train_seconds, 1) if trained else None,
+        startup_seconds=run.startup_seconds,
+        peak_rss_bytes=every_rank(_max_rss(), run.world),
+        base_rss_bytes=every_rank(run.base_rss, run.world),
     )
     if run.device.type == "cuda":  # against the planner's HBM estimate (`dinrec plan`)
         result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(run.device)

@@ -45,6 +45,9 @@ class Cluster:
             "RAY_health_check_period_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
         }
+        # a local Ray started earlier in this process (launch.ray_train.start_local_ray) turns
+        # Ray's cluster mode off in os.environ: these nodes form a cluster
+        self.env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         self.nodes: list[Path] = []
 
     def start(self, head: bool = False) -> Path:
@@ -192,3 +195,21 @@ def test_two_nodes_on_s3_then_a_node_lost_and_replaced(s3_server, tiny_data, tmp
         assert {k: lost[k] for k in ("auc", "gauc", "logloss")} == {k: plain[k] for k in ("auc", "gauc", "logloss")}
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "ray-cluster-aws.yaml"])
+def test_the_deployment_examples_parse_and_keep_the_security_defaults(name):
+    import yaml
+
+    text = (ROOT / "deploy" / name).read_text()
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    assert "RAY_AUTH_MODE" in text and "token" in text  # token authentication for the job API
+    assert "python -m launch.ray_job" in text and "train.out_dir=s3://" in text and "data.train=s3://" in text
+    assert "AWS_SECRET_ACCESS_KEY=" not in text  # credentials never in a file of the repository
+    if name == "ray-cluster-aws.yaml":
+        starts = " ".join(doc["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in starts  # the job API on the head's loopback
+    else:
+        entry = doc["spec"]["entrypoint"]
+        assert entry.startswith("python -m launch.ray_job --config configs/")
