@@ -128,6 +128,9 @@ def build_model(cfg: Config, world_size: int, device: torch.device) -> Distribut
     return dmp
 
 
+INIT_CHUNK_ROWS = 1 << 20
+
+
 def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:
     """Give every local shard of every table its sharding-independent initial rows (see
     embedding.tables.init_rows), so that runs on any world size and plan start from the same
@@ -142,7 +145,9 @@ def init_tables(model: nn.Module, layout: FeatureLayout, seed: int) -> None:
                 raise TypeError(f"{key}: expected a sharded table, got {type(value).__name__}")
             for shard in value.local_shards():
                 (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(init_rows(tables[name], seed, r0, r0 + nr)[:, c0 : c0 + nc])
+                for a in range(0, nr, INIT_CHUNK_ROWS):  # by chunks: no second copy of a large shard
+                    b = min(nr, a + INIT_CHUNK_ROWS)
+                    shard.tensor[a:b].copy_(init_rows(tables[name], seed, r0 + a, r0 + b)[:, c0 : c0 + nc])
 
 
 def load_static_counts(model: nn.Module, cfg: Config) -> None:
