@@ -90,7 +90,9 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     authority = rest.split("/", 1)[0]
     with _errors(path):
         fs = _filesystem(scheme, authority, uri=str(path))
-        return fs, pafs.FileSystem.from_uri(str(path))[1]
+    if scheme in ("hdfs", "viewfs"):  # the authority is the name node: paths start at its root
+        return fs, "/" + rest.split("/", 1)[1].rstrip("/") if "/" in rest else "/"
+    return fs, rest.rstrip("/")  # gs://bucket/key and the like: bucket/key, as pyarrow names it
 
 
 def _filesystem(scheme: str, authority: str, uri: str = "") -> pafs.FileSystem:
