@@ -74,7 +74,15 @@ def absolute(path: str) -> str:
 # ---------------------------------------------------------------------------------- filesystems
 
 _FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
-_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION")
+_ENV = (  # a filesystem is made again when these change (its client reads them when it is made)
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
