@@ -69,6 +69,9 @@ def root(out_dir: str | Path) -> str:
     return storage.join(str(out_dir), "checkpoints")
 
 
+_PATHS = {"data.train", "data.test"}  # compared as absolute paths
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -77,6 +80,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
             continue
         if isinstance(v, dict):
             out.update(_flat(v, key + "."))
+        elif key in _PATHS and isinstance(v, str):
+            out[key] = storage.absolute(v)  # the Ray launcher makes them absolute, the others do not
         else:
             out[key] = v
     return out
@@ -95,6 +100,8 @@ def check_config(path: str, cfg: Config) -> dict:
         return manifest
     saved, now = _flat(read_config(path).to_dict()), _flat(cfg.to_dict())
     diff = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if not diff:  # a fingerprint of the same keys taken before paths were compared as absolute
+        return manifest
     shown = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in diff[:3])
     more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
     raise ConfigError(f"{path}: checkpoint of another config: {shown}{more}")

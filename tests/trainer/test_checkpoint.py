@@ -292,3 +292,12 @@ def test_refusals_are_one_line(tiny_data, tmp_path, reference, capsys):
         "step-000000030",
         "step-000000033",
     ]
+
+
+def test_relative_and_absolute_data_paths_are_the_same_config(tiny_cfg, monkeypatch, tmp_path):
+    """The Ray launcher makes data paths absolute, the others keep the config's: a checkpoint of
+    one resumes under the other (the other resume direction of the elastic check in docs)."""
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = tiny_cfg("data.train=d/train"), tiny_cfg(f"data.train={tmp_path / 'd' / 'train'}")
+    assert checkpoint.config_fingerprint(rel) == checkpoint.config_fingerprint(absolute)
+    assert checkpoint.config_fingerprint(rel) != checkpoint.config_fingerprint(tiny_cfg("data.train=e/train"))
