@@ -31,7 +31,8 @@ def counts_dir(cfg: Config) -> str:
 
 def fingerprint(cfg: Config, table: TableConfig, files: list[str]) -> str:
     """What a table's counts depend on: its rows, features, id map, the history cut, the files."""
-    stats = [(f, *(lambda i: (i.size, i.mtime_ns))(storage.info(f))) for f in files]
+    infos = [storage.info(f) for f in files]
+    stats = [(f, i.size, i.mtime_ns) for f, i in zip(files, infos, strict=True)]
     key = json.dumps([FORMAT, table.num_rows, sorted(table.features), table.id_map, cfg.data.max_hist_len, stats])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
