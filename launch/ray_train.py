@@ -189,8 +189,8 @@ class Progress:
 
     def _data(self, offset: int) -> bytes:
         try:
-            return storage.read_from(self.path, offset) if storage.is_file(self.path) else b""
-        except storage.StorageError:
+            return storage.read_from(self.path, offset)
+        except storage.StorageError:  # not written yet, or the store did not answer this time
             return b""
 
     def _read(self) -> None:

@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(module: str, *argv: str, ranks: int = 2, env: dict | None = None, timeout: int = 600):
+    """`torchrun --nproc_per_node=ranks -m module argv…` from the repository root, gloo on
+    loopback, one thread per rank; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [*cmd, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
 def tiny_argv(tiny_data: Path, out: Path, *extra: str) -> list[str]:
     """`dinrec train|eval` arguments for the tiny config on the session's data into `out`."""
     return [
@@ -115,28 +128,11 @@ def tiny_train_copy(tiny_data, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def s3_server():
     """An S3-compatible server (moto) on 127.0.0.1, and the standard AWS environment pointing
-    at it for this session (every client reads it from there: pyarrow, s3fs, boto3)."""
-    from moto.server import ThreadedMotoServer
+    at it for this session (tools.loader_s3.s3_on_loopback)."""
+    from tools.loader_s3 import s3_on_loopback
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = dict(
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-    )
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with s3_on_loopback() as env:
+        yield env
 
 
 def make_bucket(name: str) -> str:

@@ -114,15 +114,27 @@ def list_checkpoints(directory: str | Path) -> list[str]:
     """The complete checkpoints (manifest present) under a `checkpoints/` directory, oldest first
     (one listing of the directory, also on an object store)."""
     directory = str(directory)
-    names = {f.split("/")[0] for f in storage.sizes(directory, recursive=True) if f.endswith("/" + MANIFEST)}
-    return [storage.join(directory, n) for n in sorted(names) if _NAME.match(n)]
+    return [storage.join(directory, n) for n, complete in _step_dirs(directory).items() if complete and _NAME.match(n)]
 
 
 def _partial(directory: str) -> list[str]:
     """The checkpoint directories under `directory` without a manifest: writes that did not finish."""
-    found = {f.split("/")[0] for f in storage.sizes(directory, recursive=True) if "/" in f}
-    complete = {storage.name(p) for p in list_checkpoints(directory)}
-    return [storage.join(directory, n) for n in sorted(found - complete) if _PARTIAL.match(n)]
+    return [
+        storage.join(directory, n)
+        for n, complete in _step_dirs(directory).items()
+        if not complete and _PARTIAL.match(n)
+    ]
+
+
+def _step_dirs(directory: str) -> dict[str, bool]:
+    """{name: has a manifest} of the directories directly under `directory`, sorted, from one
+    recursive listing (also on an object store)."""
+    found: dict[str, bool] = {}
+    for f in storage.sizes(directory, recursive=True):
+        if "/" in f:
+            name = f.split("/")[0]
+            found[name] = found.get(name, False) or f == f"{name}/{MANIFEST}"
+    return dict(sorted(found.items()))
 
 
 def latest(directory: str | Path, run_id: str | None = None) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, make_bucket, upload
+from tests.conftest import ROOT, free_port, make_bucket, torchrun, upload
 from trainer import checkpoint, storage
 
 pytestmark = pytest.mark.ray
@@ -140,16 +140,8 @@ def test_two_nodes_on_s3_then_a_node_lost_and_replaced(s3_server, tiny_data, tmp
 
     # the one-node reference: the same two ranks under torchrun on this machine, local files
     ref_dir = tmp_path / "one_node"
-    p = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "launch.cli", "train"]
-        + [*config[:3], f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}"]
-        + [f"train.out_dir={ref_dir}", *RUN],
-        cwd=ROOT,
-        env={**os.environ, **env_vars},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    local = [f"data.train={tiny_data / 'train'}", f"data.test={tiny_data / 'test'}", f"train.out_dir={ref_dir}"]
+    p = torchrun("launch.cli", "train", *config[:3], *local, *RUN, env=env_vars)
     one_node = final_json(p.stdout)
 
     cluster = Cluster()

@@ -3,7 +3,6 @@ submit` to a two-node cluster: tests/launch/test_cluster.py); a failing worker i
 its rank."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-from tests.conftest import ROOT, free_port, tiny_argv
+from tests.conftest import ROOT, tiny_argv, torchrun
 
 BIN = Path(sys.executable).parent
 TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
@@ -61,22 +60,7 @@ def test_local_ray_worker_failure_is_one_line_with_rank(tiny_data, tmp_path, cap
 
 @pytest.mark.multiprocess
 def test_torchrun_two_processes(tiny_data, tmp_path):
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "launch.torchrun",
-        *tiny_args(tiny_data, tmp_path / "t"),
-    ]
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
-    )
+    p = torchrun("launch.torchrun", *tiny_args(tiny_data, tmp_path / "t"))
     assert p.returncode == 0, p.stderr[-3000:]
     json_lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     assert len(json_lines) == 1  # rank 0 prints
@@ -88,16 +72,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
 @pytest.mark.multiprocess
 def test_torchrun_an_error_every_rank_meets_is_printed_once(tiny_data, tmp_path):
     """Both ranks refuse the config; rank 0 says so (torchrun then adds its own failure summary)."""
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "launch.torchrun",
-        *tiny_args(tiny_data, tmp_path / "t", "tables.0.dim=18"),
-    ]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    p = torchrun("launch.torchrun", *tiny_args(tiny_data, tmp_path / "t", "tables.0.dim=18"), timeout=300)
     assert p.returncode != 0
     ours = [x for x in p.stderr.splitlines() if x.startswith("dinrec train: error: ")]
     assert ours == [
