@@ -77,7 +77,16 @@ def pick(cfg: Config, user: int | None, n_candidates: int, min_hist: int = 8) ->
         values=torch.cat([v for k in keys for v in per_key[k]]),
         lengths=torch.tensor([len(v) for k in keys for v in per_key[k]], dtype=torch.int32),
     )
-    batch = Batch(kjt, base.dense[r0 : r0 + 1].expand(n, -1).contiguous(), torch.zeros(n), base.users[r0].repeat(n))
+    pooled = None
+    if base.pooled is not None:  # the row's own pooled features on every candidate
+        pjts, pkeys = base.pooled.to_dict(), base.pooled.keys()
+        pooled = KeyedJaggedTensor(
+            keys=pkeys,
+            values=torch.cat([_row(pjts[k], r0).repeat(n) for k in pkeys]),
+            lengths=torch.tensor([len(_row(pjts[k], r0)) for k in pkeys for _ in range(n)], dtype=torch.int32),
+        )
+    dense = base.dense[r0 : r0 + 1].expand(n, -1).contiguous()
+    batch = Batch(kjt, dense, torch.zeros(n), base.users[r0].repeat(n), pooled=pooled)
     return batch, int(base.users[r0])
 
 

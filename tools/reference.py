@@ -46,8 +46,8 @@ class ReferenceDIN(nn.Module):
         """Copy the weights of an unsharded trainer.models.DIN of the same layout."""
         for table, cfg in zip(self.tables, self.layout.seq_tables, strict=True):
             table.weight.data.copy_(din.sparse.ec.embeddings[cfg.name].weight.data)
-        self.attention.load_state_dict(din.attention.mlp.state_dict())
-        self.mlp.load_state_dict(din.mlp.state_dict())
+        self.attention.load_state_dict(din.tower.attention.mlp.state_dict())
+        self.mlp.load_state_dict(din.tower.mlp.state_dict())
 
 
 def padded_inputs(batch: Batch, layout: FeatureLayout, pad_to: int = 0) -> tuple[torch.Tensor, ...]:

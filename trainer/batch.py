@@ -1,5 +1,10 @@
-"""One training or evaluation batch: the sparse features as a torchrec KeyedJaggedTensor (keys in
-embedding.layout.FeatureLayout.keys order), the dense features, the labels and the GAUC key.
+"""One training or evaluation batch: the sparse features as torchrec KeyedJaggedTensors (the
+candidate and behaviour features, FeatureLayout.seq_features order; the pooled features,
+FeatureLayout.pooled_features order), the dense features, the labels and the GAUC key.
+
+A Batch is what torchrec's TrainPipelineSparseDist moves and distributes ahead of the step
+(trainer.step): the model reads both KJTs as plain attributes of its input, so the pipeline can
+start their input distribution for the next batch while this one computes.
 
 Also id dropout (DIN paper §6.5), the one transformation of a batch's ids in training.
 """
@@ -10,13 +15,16 @@ from dataclasses import dataclass, fields
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from embedding.layout import jagged_rows
 
+_MOVABLE = (torch.Tensor, KeyedJaggedTensor)
+
 
 @dataclass
-class Batch:
-    sparse: KeyedJaggedTensor  # keys in FeatureLayout.keys order
+class Batch(Pipelineable):
+    sparse: KeyedJaggedTensor  # candidate and behaviour features, FeatureLayout.seq_features order
     dense: torch.Tensor  # [B, F] float32
     labels: torch.Tensor  # [B] float32 in {0, 1}
     users: torch.Tensor  # [B] int64, the GAUC grouping key
@@ -24,12 +32,23 @@ class Batch:
     # what this rank's mean loss is multiplied by when the ranks' batches differ in size (see
     # trainer.data.Segment.loss_scale); None: all ranks have as many rows
     loss_scale: float | None = None
+    pooled: KeyedJaggedTensor | None = None  # FeatureLayout.pooled_features order; None: no pooled tables
+
+    def _map(self, f) -> Batch:
+        """A Batch with f applied to each tensor and KJT (the other fields as they are)."""
+        return Batch(**{k.name: f(v) if isinstance(v := getattr(self, k.name), _MOVABLE) else v for k in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        def move(v):
-            return v.to(device=device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+        return self._map(lambda v: v.to(device=device, non_blocking=non_blocking))
 
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+    def pin_memory(self) -> Batch:
+        return self._map(lambda v: v.pin_memory())
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """The pipeline's copy stream made these tensors; the step's stream uses them (CUDA)."""
+        for k in fields(self):
+            if isinstance(v := getattr(self, k.name), _MOVABLE):
+                v.record_stream(stream)
 
     def __len__(self) -> int:
         return self.labels.numel()

@@ -455,15 +455,18 @@ class ParquetStream:
     # -- batches
 
     def _to_batch(self, c: _Chunk, seg: Segment, k: int) -> Batch:
-        keys = self.layout.keys
-        lengths = np.concatenate([np.diff(c.lists[k][0]) for k in keys])
-        values = np.concatenate([c.lists[k][1] for k in keys])
-        kjt = KeyedJaggedTensor(
-            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.astype(np.int32))
-        )
+        def kjt(keys: list[str]) -> KeyedJaggedTensor:
+            lengths = np.concatenate([np.diff(c.lists[k][0]) for k in keys])
+            values = np.concatenate([c.lists[k][1] for k in keys])
+            return KeyedJaggedTensor(
+                keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.astype(np.int32))
+            )
+
+        pooled = self.layout.pooled_features
         dense = c.scalars.get("dense")
         return Batch(
-            sparse=kjt,
+            sparse=kjt(self.layout.seq_features),
+            pooled=kjt(pooled) if pooled else None,
             dense=torch.from_numpy(dense) if dense is not None else torch.zeros(c.n, 0),
             labels=torch.from_numpy(c.scalars["label"]),
             users=torch.from_numpy(c.scalars["user_id"]),

@@ -50,14 +50,19 @@ def _measure(cfg: Config, batch_size: int) -> dict[str, int]:
     parameters = dense_params * (3 + OPTIMIZER_STATES[cfg.dense_optimizer.type])
 
     rows = {f: t.num_rows for t in layout.tables for f in t.features}
-    lengths, values = [], []
     gen = torch.Generator().manual_seed(0)
-    for key in layout.keys:
-        n = cfg.data.max_hist_len if is_sequence(key) else 1
-        lengths.append(torch.full((batch_size,), n, dtype=torch.int32))
-        values.append(torch.randint(0, rows[key], (batch_size * n,), generator=gen))
+
+    def kjt(keys: list[str]) -> KeyedJaggedTensor:
+        lengths, values = [], []
+        for key in keys:
+            n = cfg.data.max_hist_len if is_sequence(key) else 1
+            lengths.append(torch.full((batch_size,), n, dtype=torch.int32))
+            values.append(torch.randint(0, rows[key], (batch_size * n,), generator=gen))
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
     batch = Batch(
-        sparse=KeyedJaggedTensor(keys=layout.keys, values=torch.cat(values), lengths=torch.cat(lengths)),
+        sparse=kjt(layout.seq_features),
+        pooled=kjt(layout.pooled_features) if layout.pooled_features else None,
         dense=torch.zeros(batch_size, len(cfg.data.dense_features)),
         labels=(torch.rand(batch_size, generator=gen) < 0.5).float(),
         users=torch.arange(batch_size),

@@ -10,9 +10,12 @@ evaluate, checkpoint. Only rank 0 logs and writes.
         save          a checkpoint at the epoch end
       evaluate        the test set, then the final checkpoint
 
-The model, its sharding and the optimizers come from trainer.sharding; one step is
-trainer.step.train_step over the batches of `epoch_batches`: the place where a pipelined step
-(torchrec's TrainPipelineSparseDist, whose `progress` takes that iterator) goes.
+The model, its sharding and the optimizers come from trainer.sharding; the steps are
+trainer.step.Steps (torchrec's TrainPipelineSparseDist) over the batches of `epoch_batches`.
+
+Nothing in the steady state waits for the device: each step's loss stays on it, summed there, and
+is read at log steps (every train.log_every steps), together with the non-finite-loss guard's
+flags (see `verify_finite`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -44,11 +48,12 @@ from trainer.data import ParquetStream, stream_from_config
 from trainer.evaluate import average_buffers, evaluate
 from trainer.resume import resume_point, run_identity, segments
 from trainer.sharding import AllRowsDecay, all_rows_decay, build_model, dense_optimizer, process_group, worker_device
-from trainer.step import train_step
+from trainer.step import Steps
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before that step's update."""
+    """The training loss became NaN or infinite; the run stopped at the next check, before any
+    checkpoint held an update from it."""
 
 
 @dataclass
@@ -69,7 +74,7 @@ class Speed:
 
     t0: float = field(default_factory=time.perf_counter)
     samples: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0  # on the device: read at log steps only
     loss_n: int = 0
 
 
@@ -86,12 +91,14 @@ class Run:
     model: nn.Module
     opt: torch.optim.Optimizer
     decay: AllRowsDecay | None
-    generators: dict[str, torch.Generator]
     stream: ParquetStream
     test: ParquetStream
     progress: bool
     plan_fingerprint: str
     dropout_keys: set[str]
+    steps: Steps | None = None  # the pipeline (made once the run's position is known)
+    # each step's loss since the last check: (step, epoch, batch, non-finite flag on the device)
+    unchecked: list = field(default_factory=list)
     log: storage.AppendLog | None = None  # metrics.jsonl, rank 0 only
     startup_seconds: float = 0.0
     base_rss: int = 0
@@ -125,6 +132,7 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
         with storage.AppendLog(metrics) if rank == 0 else contextlib.nullcontext() as log:
             run.log = log
             start_segment(run, at, start_from, {**loaded, "nodes": nodes(world)})
+            run.steps = Steps(run.model, run.opt, device, run.decay, functools.partial(record_loss, run, at))
             run.speed = Speed()  # the run's speed counts from here
             run.startup_seconds = round(run.speed.t0 - t_start, 2)  # group, model, tables, resume
             run.base_rss = base_rss
@@ -156,7 +164,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, pr
         model=model,
         opt=dense_optimizer(cfg, model),
         decay=all_rows_decay(cfg, model),
-        generators={"dropout": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)},
         stream=stream,
         test=test,
         progress=progress,
@@ -177,8 +184,7 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
     On the world size that wrote it, the run continues its segment batch for batch. On another,
     a checkpoint from the middle of an epoch starts a new segment: the rows of the epoch not yet
     trained (the data position is global, see trainer.data.Segment) are split over the new ranks,
-    and the global batch becomes the new world size × data.batch_size (said in the log). The
-    random generators of the ranks (id dropout) then start afresh."""
+    and the global batch becomes the new world size × data.batch_size (said in the log)."""
     t_load = time.perf_counter()
     path = found.path
     manifest = checkpoint.check_config(path, run.cfg)
@@ -202,7 +208,7 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
             "rows_left": left,
             "global_batch": run.world * run.cfg.data.batch_size,
         }
-    checkpoint.load(path, run.model, run.opt, run.generators if same_world else None, verified=True)
+    checkpoint.load(path, run.model, run.opt, {} if same_world else None, verified=True)
     loaded["load_seconds"] = round(time.perf_counter() - t_load, 3)
     at = Position(epoch, batches, earlier, manifest["step"], manifest["samples"], manifest["epoch_evals"])
     return at, loaded
@@ -283,8 +289,7 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
         disable=not run.progress or run.rank != 0,
         mininterval=1.0,
     ) as bar:
-        for batch in epoch_batches(run, at, first, n):
-            loss = train_step(run.model, run.opt, batch, run.decay, functools.partial(check_finite, run, at))
+        for loss in run.steps.run(epoch_batches(run, at, first, n)):
             rows = seg.global_rows(at.batch)
             at.step += 1
             at.batch += 1
@@ -298,36 +303,63 @@ def run_epoch(run: Run, at: Position, epoch: int) -> None:
             if cfg.train.checkpoint_every and at.step % cfg.train.checkpoint_every == 0 and at.batch < n:
                 save(run, at)  # the epoch's last batch: saved after the epoch (and its eval)
             faults.step_end(run.rank, at.step, run.out)
+    verify_finite(run, at)
 
 
 def epoch_batches(run: Run, at: Position, first: int, n: int) -> Iterator[Batch]:
     """This rank's batches `first` .. `n` − 1 of the current segment of `at.epoch`, ready for the
-    step: id dropout applied, on the device. (A pipelined step, torchrec's
-    TrainPipelineSparseDist, takes this iterator.)"""
-    for batch in itertools.islice(run.stream.epoch(at.epoch, first, at.earlier), n - first):
+    step: id dropout applied. The pipeline moves them to the device. Id dropout draws from a
+    generator seeded by the batch's place (seed, rank, epoch, segment, batch), so that a resumed
+    run draws what the uninterrupted one drew, however far ahead the pipeline reads."""
+    batches = itertools.islice(run.stream.epoch(at.epoch, first, at.earlier), n - first)
+    for k, batch in enumerate(batches, start=first):
         if run.cfg.model.id_dropout:
-            batch.sparse = drop_ids(batch.sparse, run.dropout_keys, run.cfg.model.id_dropout, run.generators["dropout"])
-        yield batch.to(run.device)
+            g = torch.Generator().manual_seed(dropout_seed(run.cfg.train.seed, run.rank, at.epoch, len(at.earlier), k))
+            batch.sparse = drop_ids(batch.sparse, run.dropout_keys, run.cfg.model.id_dropout, g)
+        yield batch
 
 
-def check_finite(run: Run, at: Position, loss: torch.Tensor) -> torch.Tensor:
-    """The loss, if every rank's is finite (all ranks agree); else stop before the update."""
+def dropout_seed(*place: int) -> int:
+    return int(np.random.SeedSequence(list(place)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def record_loss(run: Run, at: Position, loss: torch.Tensor) -> torch.Tensor:
+    """The step's loss, its non-finiteness noted on the device for the next `verify_finite`
+    (runs inside the step's forward: at.step is the steps before it)."""
     loss = faults.poison(loss, run.rank, at.step + 1, run.out)
-    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if run.world > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
-        good = checkpoint.latest(checkpoint.root(run.out))
-        raise NonFiniteLoss(
-            f"non-finite training loss at step {at.step + 1} (epoch {at.epoch}, batch {at.batch}): "
-            f"stopped before its update; last good checkpoint: {good or 'none'}"
-        )
+    run.unchecked.append((at.step + 1, at.epoch, at.batch, ~torch.isfinite(loss.detach())))
     return loss
 
 
+def verify_finite(run: Run, at: Position) -> None:
+    """The non-finite-loss guard: whether any rank's loss since the last check was NaN or
+    infinite (one read of the device, a collective); if so, stop naming the first such step.
+
+    It runs at every log step, before every checkpoint and evaluation and at each epoch end, so
+    the updates of a non-finite loss live at most train.log_every − 1 further steps, in this
+    process only: no checkpoint is written after one, and a resumed run starts from the last
+    checkpoint, written before it (the bound of the check, see docs/checkpoints.md)."""
+    if not run.unchecked:
+        return
+    steps, flags = run.unchecked, torch.stack([f for *_, f in run.unchecked]).to(torch.float32)
+    run.unchecked = []
+    if run.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad = flags.tolist()
+    if any(bad):
+        step, epoch, batch, _ = steps[bad.index(1.0)]
+        good = checkpoint.latest(checkpoint.root(run.out))
+        raise NonFiniteLoss(
+            f"non-finite training loss at step {step} (epoch {epoch}, batch {batch}), found at step {at.step}: "
+            f"stopped; no checkpoint holds its update; last good checkpoint: {good or 'none'}"
+        )
+
+
 def log_loss(run: Run, at: Position, bar: tqdm) -> None:
-    """The mean loss over ranks since the last log line, to metrics.jsonl and the progress bar."""
-    mean = mean_over_ranks(run.speed.loss_sum / run.speed.loss_n, run.world, run.device)
+    """The mean loss over ranks since the last log line, to metrics.jsonl and the progress bar
+    (the one read of the device per train.log_every steps, with the guard's)."""
+    verify_finite(run, at)
+    mean = mean_over_ranks(run.speed.loss_sum / run.speed.loss_n, run.world)
     if run.log:
         bar.set_postfix(loss=f"{mean:.4f}")
         log_record(
@@ -341,17 +373,18 @@ def log_loss(run: Run, at: Position, bar: tqdm) -> None:
     run.speed.loss_sum, run.speed.loss_n = 0.0, 0
 
 
-def mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     """The global-batch mean of per-rank (scaled, see trainer.step) mean losses."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = value.detach().to(torch.float64).reshape(1)
+    if world > 1:
+        dist.all_reduce(t)
     return float(t) / world
 
 
 def save(run: Run, at: Position) -> str:
-    """Checkpoint the state after `at.batch` batches of `at.epoch` (a collective)."""
+    """Checkpoint the state after `at.batch` batches of `at.epoch` (a collective), once the guard
+    has seen every loss it holds."""
+    verify_finite(run, at)
     epoch, done, earlier = at.epoch, at.batch, at.earlier
     if done >= run.batches_in(epoch, earlier):
         epoch, done, earlier = epoch + 1, 0, []
@@ -372,7 +405,7 @@ def save(run: Run, at: Position) -> str:
         run.cfg,
         meta,
         run.opt,
-        run.generators,
+        {},
         {**mine, "rank": run.rank},
         keep=run.cfg.train.keep_checkpoints,
     )
@@ -383,6 +416,7 @@ def save(run: Run, at: Position) -> str:
 
 def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
     """The test metrics after `epoch`, kept for the result and the checkpoints."""
+    run.steps.detach()  # the model's own forward for evaluation; the next epoch's steps re-attach
     average_buffers(run.model, run.world)
     r = evaluate(run.model, run.test, False, run.device)
     at.epoch_evals.append({"epoch": epoch, **r})
@@ -413,6 +447,7 @@ def finish(run: Run, at: Position) -> dict:
         at.epoch, at.earlier = cfg.train.epochs - 1, []
     at.batch = run.batches_in(at.epoch, at.earlier)
     final = save(run, at)
+    run.steps.detach()
     average_buffers(run.model, run.world)
     result = evaluate(run.model, run.test, run.progress and run.rank == 0, run.device)
     if cfg.train.eval_every_epoch:

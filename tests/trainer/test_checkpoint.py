@@ -249,13 +249,28 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
     assert main(["train", *args(tiny_data, out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
+    # the guard reads its flags at the checkpoint of step 10, before writing it
     assert err[-1] == (
-        f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7): stopped before "
-        f"its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}"
+        f"dinrec train: error: non-finite training loss at step 8 (epoch 0, batch 7), found at step 10: stopped; "
+        f"no checkpoint holds its update; last good checkpoint: {out / 'checkpoints' / 'step-000000005'}"
     )
     assert [Path(c).name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
     ok = checkpoint.read_tensors(out / "checkpoints" / "step-000000005")
     assert all(torch.isfinite(t).all() for t in ok.values() if t.is_floating_point())
+
+
+def test_nan_loss_is_found_within_log_every_steps(tiny_data, tmp_path, monkeypatch, capsys):
+    """The guard's bound: a non-finite loss at step 8 is found at the next log step (9 with
+    train.log_every=3), before the checkpoint of step 10 could be written."""
+    out = tmp_path / "nan3"
+    monkeypatch.setenv("DINREC_FAULT", "nan:0:8")
+    assert main(["train", *args(tiny_data, out), "train.log_every=3", "train.checkpoint_every=5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite training loss at step 8 (epoch 0, batch 7), found at step 9: stopped" in err
+    assert err.endswith(str(out / "checkpoints" / "step-000000005"))
+    assert [Path(c).name for c in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-000000005"]
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x] == [3, 6]  # the log line of step 9 is not written
 
 
 @pytest.mark.ray

@@ -152,7 +152,7 @@ def test_dien_training_loss_adds_alpha_times_auxiliary_loss(tiny_cfg):
     dien.train()
     torch.manual_seed(5)
     logits, aux = dien(batch)
-    dien.alpha = 0.6  # the term scales with α
+    dien.tower.alpha = 0.6  # the term scales with α
     torch.manual_seed(5)
     _, aux2 = dien(batch)
     torch.testing.assert_close(aux2, 2 * aux)

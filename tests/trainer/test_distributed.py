@@ -19,21 +19,29 @@ STEPS = 6
 
 def concat(a: Batch, b: Batch) -> Batch:
     """The global batch: a's rows then b's rows."""
-    ja, jb = a.sparse.to_dict(), b.sparse.to_dict()
-    keys = a.sparse.keys()
-    kjt = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.cat([torch.cat([ja[k].values(), jb[k].values()]) for k in keys]),
-        lengths=torch.cat([torch.cat([ja[k].lengths(), jb[k].lengths()]) for k in keys]),
+
+    def cat(x: KeyedJaggedTensor, y: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        jx, jy = x.to_dict(), y.to_dict()
+        return KeyedJaggedTensor(
+            keys=x.keys(),
+            values=torch.cat([torch.cat([jx[k].values(), jy[k].values()]) for k in x.keys()]),
+            lengths=torch.cat([torch.cat([jx[k].lengths(), jy[k].lengths()]) for k in x.keys()]),
+        )
+
+    return Batch(
+        cat(a.sparse, b.sparse),
+        torch.cat([a.dense, b.dense]),
+        torch.cat([a.labels, b.labels]),
+        torch.cat([a.users, b.users]),
+        pooled=cat(a.pooled, b.pooled) if a.pooled is not None else None,
     )
-    return Batch(kjt, torch.cat([a.dense, b.dense]), torch.cat([a.labels, b.labels]), torch.cat([a.users, b.users]))
 
 
 def worker(rank, world, port, cfg, batches, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     from tests.conftest import full_state_dict
     from trainer.sharding import build_model, dense_optimizer
-    from trainer.step import train_step
+    from trainer.step import Steps
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -41,7 +49,8 @@ def worker(rank, world, port, cfg, batches, out):
         plan = {k: v.sharding_type for m in model.plan.plan.values() for k, v in m.items()}
         opt = dense_optimizer(cfg, model)
         init = full_state_dict(model)
-        losses = [train_step(model, opt, b[rank] if world > 1 else b) for b in batches]
+        steps = Steps(model, opt, torch.device("cpu"))  # the pipelined step training runs
+        losses = [float(loss) for loss in steps.run(b[rank] if world > 1 else b for b in batches)]
         state = full_state_dict(model)
         if rank == 0:
             torch.save({"state": state, "init": init, "losses": losses, "plan": plan}, out)

@@ -158,6 +158,7 @@ def test_din_changes_with_a_duplicated_relevant_behaviour(tiny_cfg):
         batch.dense,
         batch.labels,
         batch.users,
+        pooled=batch.pooled,
     )
     with torch.no_grad():
         a, b = din(batch), din(batch2)
@@ -170,7 +171,7 @@ def test_base_model_sum_pools_the_history(tiny_cfg):
     layout = FeatureLayout.from_config(cfg)
     model = BaseModel(layout, cfg.model, 0).eval()
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
-    cand, hist, lengths, pooled, _ = model.sparse(batch.sparse)
+    cand, hist, lengths, pooled, _ = model.lookups(batch)
     jt = batch.sparse.to_dict()
     emb = model.sparse.ec.embeddings
     rows = jt["hist_item_id"].to_dense()
@@ -182,4 +183,4 @@ def test_base_model_sum_pools_the_history(tiny_cfg):
         torch.testing.assert_close(sum_pool(hist, lengths, len(batch))[r], expect)
     user = model.sparse.ebc.embedding_bags["user"].weight
     assert pooled.shape == (len(batch), 4)
-    torch.testing.assert_close(pooled[3], user[jt["user_id"].values()[3]])
+    torch.testing.assert_close(pooled[3], user[batch.pooled["user_id"].values()[3]])

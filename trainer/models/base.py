@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from embedding.layout import FeatureLayout, jagged_rows
-from trainer.batch import Batch
 from trainer.config import ModelConfig
-from trainer.models.layers import MLP, SparseArch
+from trainer.models.layers import MLP, CTRModel, Lookups
 
 
 def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
@@ -18,14 +17,17 @@ def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Ten
     return hist.new_zeros(batch, hist.shape[1]).index_add_(0, jagged_rows(lengths, hist.shape[0]), hist)
 
 
-class BaseModel(nn.Module):
-    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+class BaseTower(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__()
-        self.sparse = SparseArch(layout, device)
         d = layout.behaviour_dim
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
-    def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
-        x = self.sparse(batch.sparse)
+    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
         user = sum_pool(x.hist, x.lengths, x.cand.shape[0])  # [B, D]
-        return self.mlp(torch.cat([x.cand, user, x.pooled, batch.dense], dim=1)).squeeze(1)
+        return self.mlp(torch.cat([x.cand, user, x.pooled, dense], dim=1)).squeeze(1)
+
+
+class BaseModel(CTRModel):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__(layout, BaseTower(layout, cfg, n_dense), device)

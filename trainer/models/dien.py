@@ -21,11 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from embedding.layout import FeatureLayout, jagged_rows
-from trainer.batch import Batch
 from trainer.config import ModelConfig
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
-from trainer.models.layers import MLP, SparseArch
+from trainer.models.layers import MLP, CTRModel, Lookups
 
 
 def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -38,10 +37,14 @@ def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Ten
     return out.index_put((row, pos), values)
 
 
-class DIEN(nn.Module):
+class DIEN(CTRModel):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__(layout, DIENTower(layout, cfg, n_dense), device)
+
+
+class DIENTower(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__()
-        self.sparse = SparseArch(layout, device)
         d = layout.behaviour_dim
         self.extractor = AttentionGRUCell(d, d)
         self.attention = nn.Linear(d, d, bias=False)  # W of Eq. 8, applied to e_a
@@ -53,7 +56,7 @@ class DIEN(nn.Module):
         self.history_sum = cfg.history_sum
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
-    def _interests(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _interests(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> behaviours e [B, T, D], interest states h [B, T, D], attention a [B, T] (Eq. 8), the
         real steps [B, T] and lengths [B]."""
         lengths = x.lengths.long()
@@ -66,21 +69,19 @@ class DIEN(nn.Module):
         att = F.softmax(scores.masked_fill(~real, torch.finfo(scores.dtype).min), dim=1).masked_fill(~real, 0.0)
         return e, states, att, real, lengths
 
-    def attention_weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_weights(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t of Eq. 8 for every behaviour, [N] (jagged, oldest first), and the lengths [B]."""
-        x = self.sparse(batch.sparse)
         _, _, att, real, lengths = self._interests(x)
         return att[real], lengths
 
-    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x = self.sparse(batch.sparse)
+    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         e, states, att, _, lengths = self._interests(x)
         _, final = self.run(self.evolution, states, lengths, att, self.kind)
         parts = [x.cand, final]
         if self.history_sum:
             total = sum_pool(x.hist, lengths, x.cand.shape[0])
             parts += [total, x.cand * total]
-        logits = self.mlp(torch.cat([*parts, x.pooled, batch.dense], dim=1)).squeeze(1)
+        logits = self.mlp(torch.cat([*parts, x.pooled, dense], dim=1)).squeeze(1)
         if self.training and self.alpha > 0:
             if x.neg is None:
                 raise ValueError("DIEN with an auxiliary loss needs the neg_hist_* features in the batch")

@@ -8,25 +8,26 @@ import torch
 from torch import nn
 
 from embedding.layout import FeatureLayout
-from trainer.batch import Batch
 from trainer.config import ModelConfig
-from trainer.models.layers import MLP, LocalActivationUnit, SparseArch
+from trainer.models.layers import MLP, CTRModel, LocalActivationUnit, Lookups
 
 
-class DIN(nn.Module):
-    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+class DINTower(nn.Module):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__()
-        self.sparse = SparseArch(layout, device)
         d = layout.behaviour_dim
         self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation)
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
-    def forward(self, batch: Batch) -> torch.Tensor:  # -> logits [B]
-        x = self.sparse(batch.sparse)
+    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
         user = self.attention(x.hist, x.cand, x.lengths)  # v_U(A), Eq. 3: [B, D]
-        return self.mlp(torch.cat([x.cand, user, x.pooled, batch.dense], dim=1)).squeeze(1)
+        return self.mlp(torch.cat([x.cand, user, x.pooled, dense], dim=1)).squeeze(1)
 
-    def attention_weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_weights(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor]:
         """The local activation unit's weight of every behaviour, [N], and the lengths [B]."""
-        x = self.sparse(batch.sparse)
         return self.attention.weights(x.hist, x.cand, x.lengths).squeeze(1), x.lengths
+
+
+class DIN(CTRModel):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
+        super().__init__(layout, DINTower(layout, cfg, n_dense), device)

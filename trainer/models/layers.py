@@ -120,7 +120,7 @@ class Lookups(NamedTuple):
 
 
 class SparseArch(nn.Module):
-    """KJT → candidate, behaviours and pooled embeddings, through torchrec modules only, so that
+    """KJTs → candidate, behaviours and pooled embeddings, through torchrec modules only, so that
     DistributedModelParallel can shard them unchanged.
     """
 
@@ -134,14 +134,10 @@ class SparseArch(nn.Module):
             else None
         )
 
-    def forward(self, kjt: KeyedJaggedTensor) -> Lookups:
-        n_seq = len(self.layout.seq_features)
-        if self.ebc is not None:
-            seq_kjt, pooled_kjt = kjt.split([n_seq, len(self.layout.pooled_features)])
-            pooled = self.ebc(pooled_kjt).values()
-        else:
-            seq_kjt, pooled = kjt, None
-        jts = self.ec(seq_kjt)
+    def forward(self, seq: KeyedJaggedTensor, pooled_kjt: KeyedJaggedTensor | None) -> Lookups:
+        # seq: the candidate and behaviour features; pooled_kjt: the pooled ones (Batch.pooled)
+        pooled = self.ebc(pooled_kjt).values() if self.ebc is not None else None
+        jts = self.ec(seq)
         cand = torch.cat([jts[c].values() for c, _ in self.layout.pairs], dim=1)
         hist = torch.cat([jts[h].values() for _, h in self.layout.pairs], dim=1)
         lengths = jts[self.layout.pairs[0][1]].lengths()
@@ -149,3 +145,30 @@ class SparseArch(nn.Module):
         if pooled is None:
             pooled = cand.new_zeros(cand.shape[0], 0)
         return Lookups(cand, hist, lengths, pooled, neg)
+
+
+class CTRModel(nn.Module):
+    """A model of the zoo: the sparse front end (`sparse`, the torchrec modules that
+    DistributedModelParallel shards) and the model's own dense part (`tower`, which holds no
+    sharded module).
+
+    The split is what torchrec's TrainPipelineSparseDist needs (trainer.step): it traces this
+    forward with FX, with every module that holds no sharded module as a leaf, and pipelines the
+    embedding modules whose inputs are plain attributes of the batch (`batch.sparse`,
+    `batch.pooled`). The tower, a leaf, may use data-dependent shapes and Python control flow
+    (DIEN's time loop, Dice's batch statistics)."""
+
+    def __init__(self, layout: FeatureLayout, tower: nn.Module, device: torch.device | None = None):
+        super().__init__()
+        self.sparse = SparseArch(layout, device)
+        self.tower = tower
+
+    def lookups(self, batch) -> Lookups:
+        return self.sparse(batch.sparse, batch.pooled)
+
+    def forward(self, batch):  # -> logits [B], or (logits, training term) (DIEN)
+        return self.tower(self.sparse(batch.sparse, batch.pooled), batch.dense)
+
+    def attention_weights(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's attention weight of every behaviour, [N] (jagged), and the lengths [B]."""
+        return self.tower.attention_weights(self.lookups(batch))
