@@ -24,41 +24,46 @@ from embedding.mba_triton import (
 )
 
 
+def build(kernel, args: dict[str, str], consts: dict, arch: int = 90, num_warps: int = 4) -> str:
+    """Compile one Triton kernel for CUDA sm_<arch> without a GPU (Triton's compiler, then ptxas);
+    its line: the constants, the warps, ptxas's registers and spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    signature = {**args, **dict.fromkeys(consts, "constexpr")}
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=consts),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps},
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run(
+            [get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return (
+        f"{kernel.__name__} {consts} num_warps={num_warps}: {regs.group(1) if regs else '?'} registers, "
+        f"{spills.group(1) if spills else '?'} bytes spilled"
+    )
+
+
 def compile_kernels(arch: int = 90) -> list[str]:
     """Compile the Triton kernels as the wrappers launch them (dims 16, 64, 128; one table and
     three; SGD and Adagrad; static and online counts; fp32 and bf16 weights) for CUDA sm_<arch>,
     without a GPU: Triton's compiler and ptxas check the types and lowering that the interpreter
     lets through. Run without TRITON_INTERPRET. One line per kernel compiled, with ptxas's
     register and spill report (`python -m embedding.mba_compile 90` prints them)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", arch, 32)
     done = []
 
-    def build(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
-        signature = {**args, **dict.fromkeys(consts, "constexpr")}
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=consts),
-            target=target,
-            options={"num_warps": num_warps},
-        )
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-            ptx.write(compiled.asm["ptx"])
-            ptx.flush()
-            log = subprocess.run(
-                [get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stderr
-        regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores", log)
-        done.append(
-            f"{kernel.__name__} {consts} num_warps={num_warps}: {regs.group(1) if regs else '?'} registers, "
-            f"{spills.group(1) if spills else '?'} bytes spilled"
-        )
+    def build_one(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
+        done.append(build(kernel, args, consts, arch, num_warps))
 
     i64, i32, f32 = "*i64", "*i32", "*fp32"
     for pooled, linearize, samples in [
@@ -67,7 +72,7 @@ def compile_kernels(arch: int = 90) -> list[str]:
         (False, True, True),
         (False, False, False),
     ]:
-        build(
+        build_one(
             _occurrences_kernel,
             dict(
                 indices_ptr=i64,
@@ -98,7 +103,7 @@ def compile_kernels(arch: int = 90) -> list[str]:
             # which Triton specializes as a constant
             keys, new, div = (("*i64" if adagrad else i32), i32, {}) if online else (i32, f32, {"DIV": 1})
             div_arg = {} if div else {"DIV": "i32"}
-            build(
+            build_one(
                 _carry_kernel,
                 dict(
                     sums_ptr=f32,
@@ -114,7 +119,7 @@ def compile_kernels(arch: int = 90) -> list[str]:
                 ),
                 dict(T=n_tables, BLOCK_T=block_t, C=c, BLOCK_D=block_d, ONLINE=online, **div),
             )
-            build(
+            build_one(
                 _update_kernel,
                 dict(
                     weight_ptr=weight,

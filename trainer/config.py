@@ -82,9 +82,11 @@ class ModelConfig:
     # authors' released DIEN code does (its MLP input: user, item, Σ history, item ⊙ Σ history,
     # final interest state); the paper's text names the final state only (false).
     history_sum: bool = True
-    # DIEN's two GRUs: `cpp`, the sequence kernel with its time loop in C++; `loop`, the Python
+    # DIEN's two GRUs: `auto`, the Triton sequence kernel on a GPU and the C++ one on the CPU;
+    # `cpp`, the time loop in C++ (on a GPU: ATen ops per step); `triton`, the whole time loop in
+    # one Triton kernel each way (GPU, or the CPU under TRITON_INTERPRET=1); `loop`, the Python
     # step loop through the cell (the reference; slower, see `dinrec bench dien`).
-    gru_kernel: Literal["cpp", "loop"] = "cpp"
+    gru_kernel: Literal["auto", "cpp", "triton", "loop"] = "auto"
 
 
 @dataclass(frozen=True)

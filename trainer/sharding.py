@@ -34,7 +34,7 @@ from embedding.tables import init_rows
 from trainer.config import Config, ConfigError
 from trainer.counts import load_counts
 from trainer.dense_memory import dense_memory
-from trainer.models import MODELS
+from trainer.models import MODELS, gru_triton
 
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}  # FBGEMM's fused kernels
@@ -117,6 +117,11 @@ def sharding_plan(
 def build_model(cfg: Config, world_size: int, device: torch.device) -> DistributedModelParallel:
     """The config's model with its tables sharded by a plan, initialised, with MBA's static counts
     loaded; sparse optimizer fused in the backward pass."""
+    if cfg.model.name == "dien" and cfg.model.gru_kernel == "triton" and not gru_triton.available(device):
+        raise ConfigError(
+            "model.gru_kernel: triton runs on a GPU (launch.use_gpu=true), or on the CPU under TRITON_INTERPRET=1 "
+            "with triton installed; use auto or cpp here"
+        )
     torch.manual_seed(cfg.train.seed)
     model, layout = model_on_meta(cfg)
     sharders = sharders_for(cfg.sparse_optimizer)

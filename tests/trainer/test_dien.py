@@ -40,6 +40,69 @@ def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def _triton_case(kind: str, device: str, b: int = 20, t: int = 7, h: int = 12, seed: int = 0):
+    """A float32 case for the Triton kernel (two programs of 16 rows, the last part full; H
+    padded to 16) and its float64 step-loop reference with the same weights."""
+    torch.manual_seed(seed)
+    cell = AttentionGRUCell(5, h).to(device)
+    x = torch.randn(b, t, 5, device=device, requires_grad=True)
+    att = torch.rand(b, t, device=device, requires_grad=True)
+    lengths = torch.randint(0, t + 1, (b,), device=device)
+    lengths[:2] = torch.tensor([t, 0])
+    ref = AttentionGRUCell(5, h).double().to(device)
+    ref.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
+    return cell, x, att, lengths, ref
+
+
+@pytest.mark.parametrize("kind", ["gru", "aigru", "agru", "augru"])
+def test_triton_sequence_kernel_equals_step_loop(kind):
+    """The Triton kernel (here in Triton's interpreter) against the float64 step loop: states,
+    last state and every gradient, to float32 rounding."""
+    cell, x, att, lengths, ref = _triton_case(kind, "cpu")
+    got_s, got_h = sequence(cell, x, lengths, att, kind, kernel="triton")
+    x64, att64 = x.detach().double().requires_grad_(), att.detach().double().requires_grad_()
+    want_s, want_h = run_sequence(ref, x64, lengths, att64, kind)
+    torch.testing.assert_close(got_s, want_s.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, want_h.float(), rtol=1e-5, atol=1e-6)
+    assert not got_s[1].any()  # a row without behaviours: zero states
+    ws, wh = torch.randn_like(got_s), torch.randn_like(got_h)
+    got = torch.autograd.grad((got_s * ws).sum() + (got_h * wh).sum(), [x, att, *cell.parameters()], allow_unused=True)
+    want = torch.autograd.grad(
+        (want_s * ws.double()).sum() + (want_h * wh.double()).sum(), [x64, att64, *ref.parameters()], allow_unused=True
+    )
+    for w, g in zip(want, got, strict=True):
+        if w is None:
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_triton_sequence_kernel_refuses_what_it_cannot_run():
+    cell = AttentionGRUCell(3, 4).double()
+    with pytest.raises(ValueError, match="float32 inputs only"):
+        sequence(cell, torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([3, 1]), kernel="triton")
+    big = AttentionGRUCell(3, 129)
+    with pytest.raises(ValueError, match="hidden size 129 above 128"):
+        sequence(big, torch.randn(2, 3, 3), torch.tensor([3, 1]), kernel="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gru", "agru", "augru"])
+def test_triton_sequence_kernel_on_cuda_equals_step_loop(kind):
+    """What the GPU runs by default (kernel auto, float32): the Triton kernel compiled."""
+    cell, x, att, lengths, ref = _triton_case(kind, "cuda", b=300, t=50, h=32)
+    got = sequence(cell, x, lengths, att, kind)
+    x64, att64 = x.detach().double().requires_grad_(), att.detach().double().requires_grad_()
+    want = run_sequence(ref, x64, lengths, att64, kind)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5)
+    gg = torch.autograd.grad(sum(t.sum() for t in got), [x, att, *cell.parameters()], allow_unused=True)
+    gw = torch.autograd.grad(sum(t.sum() for t in want), [x64, att64, *ref.parameters()], allow_unused=True)
+    for w, g in zip(gw, gg, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gru", "agru", "augru"])
 def test_sequence_kernel_on_cuda_equals_step_loop(kind):
@@ -280,3 +343,42 @@ def test_dien_trains_in_one_process(tiny_cfg):
     log = [json.loads(x) for x in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if "loss" in x]
     assert len(losses) > 10 and np.mean(losses[-3:]) < np.mean(losses[:3])  # training lowers L = L_target + α·L_aux
+
+
+def test_triton_sequence_kernels_compile_for_the_gpu():
+    """Both GRU kernels, every mode and width the wrapper launches, compile for an H100/H200
+    (sm_90) with Triton's compiler and ptxas, here without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run(
+        [sys.executable, "-m", "trainer.models.gru_triton", "90"],
+        env=env,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [x for x in p.stdout.splitlines() if "registers" in x]
+    assert len(lines) == 2 * 3 * 3  # forward and backward; GRU, AGRU, AUGRU; BLOCK_H 32, 64, 128
+
+
+def test_dien_with_the_triton_kernel_equals_the_cpp_kernel(tiny_cfg):
+    """The whole model, loss and gradients, with model.gru_kernel=triton (as on a GPU; here in
+    Triton's interpreter) against the C++ kernel, same weights and batch."""
+    from trainer.step import training_loss
+
+    cfg, _, cpp = _dien(tiny_cfg, "model.aux_loss=0.5", "model.gru_kernel=cpp")
+    _, _, tri = _dien(tiny_cfg, "model.aux_loss=0.5", "model.gru_kernel=triton")
+    tri.load_state_dict(cpp.state_dict())
+    batch = next(iter(stream_from_config(cfg, "train").epoch(0)))
+    cpp.train(), tri.train()
+    want, got = training_loss(cpp, batch), training_loss(tri, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    gw = torch.autograd.grad(want, list(cpp.tower.parameters()))
+    gg = torch.autograd.grad(got, list(tri.tower.parameters()))
+    for w, g in zip(gw, gg, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -10,11 +10,14 @@ The sum-pooled history and its product with the candidate (`model.history_sum`) 
 the MLP in the authors' released code, not in the paper's text.
 
 The interest state has the width of a behaviour (H = D), so that Eq. 6 can take the inner product
-of h_t and e[t+1]. Both GRUs run through the C++ sequence kernel (trainer.models.gru.sequence) by default.
+of h_t and e[t+1]. Both GRUs run through a sequence kernel (trainer.models.gru.sequence: Triton on
+a GPU, C++ on the CPU) by default.
 In training with α > 0 the model returns (logits, α·L_aux); otherwise logits.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -52,7 +55,7 @@ class DIENTower(nn.Module):
         self.kind = cfg.evolution
         self.alpha = cfg.aux_loss
         self.aux_net = AuxiliaryNet(d) if cfg.aux_net == "mlp" and self.alpha > 0 else None
-        self.run = sequence if cfg.gru_kernel == "cpp" else run_sequence
+        self.run = run_sequence if cfg.gru_kernel == "loop" else functools.partial(sequence, kernel=cfg.gru_kernel)
         self.history_sum = cfg.history_sum
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 

@@ -13,9 +13,9 @@ gate is u = 1 − z:
 Shape legend: B batch, T steps, I input size, H hidden size; a is one scalar per row and step.
 
 `sequence` is what the models run: the input projection of every step in one matmul, then the
-time loop in C++ (csrc/attgru.cpp) with a hand-written backward, one autograd node for the
-whole sequence. `run_sequence` is the plain Python step loop through the cell: the reference the
-tests hold `sequence` to.
+time loop in C++ (csrc/attgru.cpp; the CPU) or in Triton (trainer.models.gru_triton; CUDA),
+each with a hand-written backward, one autograd node for the whole sequence. `run_sequence` is
+the plain Python step loop through the cell: the reference the tests hold `sequence` to.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from embedding import cpp
+from trainer.models import gru_triton
 
 KINDS = ("gru", "aigru", "agru", "augru")
 _MODE = {"gru": 0, "aigru": 0, "agru": 1, "augru": 2}  # the C++ kernel's modes; AIGRU = GRU on a·x
@@ -112,11 +113,13 @@ def sequence(
     att: torch.Tensor | None = None,
     kind: str = "gru",
     fused: bool = True,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`run_sequence`'s result (states [B, T, H], zero at padding; last real state [B, H]) by the
-    C++ kernel: no Python loop, one autograd node for the whole sequence. On the CPU each step's
-    elementwise work is one fused pass (`fused=False`: the ATen composition that other devices
-    run, kept testable here)."""
+    """`run_sequence`'s result (states [B, T, H], zero at padding; last real state [B, H]) in one
+    autograd node for the whole sequence, by `kernel`: "cpp", the C++ kernel (on the CPU each
+    step's elementwise work is one fused pass; `fused=False`: the ATen composition, kept testable
+    here), "triton", the Triton kernel (trainer.models.gru_triton: the whole time loop in one
+    launch each way; float32), or "auto": Triton for float32 on CUDA, C++ otherwise."""
     if kind not in KINDS:
         raise ValueError(f"unknown GRU kind {kind!r} (one of {', '.join(KINDS)})")
     if kind != "gru" and att is None:
@@ -125,6 +128,8 @@ def sequence(
         x = att.unsqueeze(2) * x
     xg = cell.x2h(x)  # every step's input gates in one matmul
     a = att if kind in ("agru", "augru") else x.new_empty(0)
+    if kernel == "triton" or (kernel == "auto" and x.is_cuda and x.dtype == torch.float32):
+        return gru_triton.sequence(xg, cell.h2h.weight, cell.h2h.bias, a, lengths, kind)
     return _Sequence.apply(xg, cell.h2h.weight, cell.h2h.bias, a, lengths.to(torch.int64), _MODE[kind], fused)
 
 
