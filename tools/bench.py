@@ -5,11 +5,15 @@ module's parsers.
 - `dinrec bench loader`: Parquet → Batch throughput of the streaming reader pinned to one core,
   against the rate at which training consumes batches (measured in the same run, in memory).
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
-  FBGEMM fused sparse optimizer, jagged attention) against a plain-PyTorch DIN of the same shape
-  (nn.Embedding with sparse gradients, padded histories), on the same batches, alternating in
-  blocks within one run.
+  FBGEMM fused sparse optimizer, jagged attention, torchrec's TrainPipelineSparseDist) against the
+  same step without the pipeline (`train_step`, the plain loop) and against a plain-PyTorch DIN
+  of the same shape (nn.Embedding with sparse gradients, padded histories), on the same batches,
+  alternating in blocks within one run.
 - `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
-  DIEN's C++ sequence kernel against the Python step loop.
+  DIEN's sequence kernel (C++ on the CPU, Triton on a GPU) against the Python step loop.
+- `dinrec bench e2e`: the training step fed from the Parquet files (the reader, its loader
+  workers, the pipeline's copy to the device) against the same step on batches already in memory
+  on the device, in one run; on a GPU with the GPU's busy time.
 - `dinrec bench embedding`: the MBA embedding step against FBGEMM's fused SGD and torch's sparse
   SGD (tools/bench_embedding.py).
 """
@@ -17,6 +21,7 @@ module's parsers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import time
@@ -63,6 +68,16 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
         default="cpu",
         help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)",
     )
+    e2e = sub.add_parser("e2e", help="training from the Parquet files vs on in-memory batches, one process")
+    config_args(e2e)
+    e2e.add_argument("--steps", type=int, default=200, help="timed steps each way (default: %(default)s)")
+    e2e.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    e2e.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU, NCCL (default: %(default)s)",
+    )
     bench_embedding.add_parser(sub)
 
 
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> dict:
         return bench_workers(cfg, counts, args.steps)
     if args.bench == "dien":
         return bench_dien(cfg, args.steps, args.warmup, args.device)
+    if args.bench == "e2e":
+        return bench_e2e(cfg, args.steps, args.warmup, args.device)
     return bench_train(cfg, args.steps, args.warmup, args.rounds)
 
 
@@ -135,7 +152,6 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
     from dataclasses import replace
 
     from trainer.sharding import build_model, dense_optimizer, process_group
-    from trainer.step import train_step
 
     machine = _machine()
     n_batches, n_rows, loader_seconds = _read_on_one_core(cfg, batches)
@@ -155,7 +171,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        train_rate = _time_steps(lambda b: train_step(model, opt, b), data, warmup=10)
+        train_rate = _time_pipelined(model, opt, torch.device("cpu"), data, warmup=10)
     return {
         "bench": "loader",
         **machine,
@@ -173,23 +189,43 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
     }
 
 
-def _time_steps(step, data: list, warmup: int, size=len) -> float:
-    """Samples per second of `step` over data[warmup:], after running it on data[:warmup]."""
-    for b in data[:warmup]:
-        step(b)
-    timed = data[warmup:]
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_pipelined(model, opt, device: torch.device, batches, warmup: int) -> float:
+    """Samples/s of the pipelined training step (trainer.step.Steps) over `batches` (a list or an
+    iterator) after `warmup` untimed steps; the clock stops when the device is done."""
+    from trainer.step import Steps
+
+    sizes: list[int] = []
+
+    def sized():
+        for b in batches:
+            sizes.append(len(b))
+            yield b
+
+    run = Steps(model, opt, device).run(sized())
+    for _ in itertools.islice(run, warmup):
+        pass
+    _sync(device)
     t0 = time.perf_counter()
-    for b in timed:
-        step(b)
+    n, last = 0, None
+    for last in run:  # noqa: B007 - the last step's loss is read after the loop
+        n += 1
+    if last is not None:
+        float(last)  # the last step's loss: the device has finished every step
+    _sync(device)
     seconds = time.perf_counter() - t0
-    return sum(size(b) for b in timed) / seconds
+    return sum(sizes[warmup : warmup + n]) / seconds  # the pipeline reads ahead: count the steps run
 
 
 def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     from embedding.layout import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
     from trainer.sharding import build_model, dense_optimizer, process_group
-    from trainer.step import train_step
+    from trainer.step import Steps, train_step
 
     if cfg.model.name != "din":
         raise ConfigError(f"bench train: model.name must be din (the reference is a DIN), got {cfg.model.name}")
@@ -207,12 +243,20 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     data = _take(cfg, warmup + steps)
     lr = cfg.sparse_optimizer.lr
     with process_group(cfg) as (_, world):
-        # --- ours
+        # --- ours: the pipelined step training runs, and the same step without the pipeline
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
+        pipelined = Steps(model, opt, torch.device("cpu"))
+        plain_model = build_model(cfg, world, torch.device("cpu"))
+        plain_opt = dense_optimizer(cfg, plain_model)
 
-        def our_step(i: int) -> None:
-            train_step(model, opt, data[i])
+        def our_steps(idx) -> None:
+            for _ in pipelined.run(data[i] for i in idx):
+                pass
+
+        def plain_steps(idx) -> None:
+            for i in idx:
+                train_step(plain_model, plain_opt, data[i])
 
         # --- reference: same shapes and optimizers, inputs padded in advance (not timed)
         torch.manual_seed(cfg.train.seed)
@@ -223,31 +267,32 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         dense_opt = torch.optim.Adam(dense_params, lr=cfg.dense_optimizer.lr)
         padded = [padded_inputs(b, layout) for b in data]
 
-        def ref_step(i: int) -> None:
-            cand, hist, mask = padded[i]
-            loss = nn.functional.binary_cross_entropy_with_logits(ref(cand, hist, mask), data[i].labels)
-            sparse_opt.zero_grad(set_to_none=True)
-            dense_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sparse_opt.step()
-            dense_opt.step()
+        def ref_steps(idx) -> None:
+            for i in idx:
+                cand, hist, mask = padded[i]
+                loss = nn.functional.binary_cross_entropy_with_logits(ref(cand, hist, mask), data[i].labels)
+                sparse_opt.zero_grad(set_to_none=True)
+                dense_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sparse_opt.step()
+                dense_opt.step()
 
-        # Alternate the two in `rounds` blocks of the same batches, so that a change of the
-        # machine's speed during the run (a shared host) hits both alike.
-        for i in range(warmup):
-            our_step(i)
-            ref_step(i)
+        # Alternate the three in `rounds` blocks of the same batches, so that a change of the
+        # machine's speed during the run (a shared host) hits them alike.
+        runs = {"ours": our_steps, "plain": plain_steps, "reference": ref_steps}
+        for run_steps in runs.values():
+            run_steps(range(warmup))
         timed = range(warmup, warmup + steps)
         blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
-        seconds = {"ours": [], "reference": []}
+        seconds = {name: [] for name in runs}
         for block in blocks:
-            for name, step in (("ours", our_step), ("reference", ref_step)):
+            for name, run_steps in runs.items():
                 t0 = time.perf_counter()
-                for i in block:
-                    step(i)
+                run_steps(block)
                 seconds[name].append(time.perf_counter() - t0)
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
+    plain = sum(samples) / sum(seconds["plain"])
     reference = sum(samples) / sum(seconds["reference"])
     per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
     hist_feature = layout.pairs[0][1]
@@ -264,8 +309,10 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "dense_optimizer": "adam",
         "rounds": len(blocks),
         "dinrec_samples_per_s": round(ours, 1),
+        "dinrec_plain_loop_samples_per_s": round(plain, 1),
         "reference_samples_per_s": round(reference, 1),
         "ratio_dinrec_over_reference": round(ours / reference, 3),
+        "ratio_pipeline_over_plain_loop": round(ours / plain, 3),
         "ratio_per_round": [round(r, 3) for r in per_round],
     }
 
@@ -312,7 +359,6 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
 
     from embedding.layout import FeatureLayout
     from trainer.sharding import build_model, dense_optimizer, process_group
-    from trainer.step import train_step
 
     if cfg.model.name != "dien":
         raise ConfigError(f"bench dien: model.name must be dien, got {cfg.model.name}")
@@ -325,6 +371,8 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
         "dien": cfg,
         "dien_step_loop": replace(cfg, model=replace(cfg.model, gru_kernel="loop")),
     }
+    if device == "cuda":  # the C++ kernel's ATen path: one set of small kernels per time step
+        variants["dien_cpp_aten"] = replace(cfg, model=replace(cfg.model, gru_kernel="cpp"))
     rates = {}
     for name, c in variants.items():
         data = [b.to(device) for b in _take(c, warmup + steps)]
@@ -333,7 +381,7 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
             model = build_model(c, world, torch.device(device))
             opt = dense_optimizer(c, model)
             model.train()
-            rates[name] = _time_steps(lambda b, model=model, opt=opt: train_step(model, opt, b), data, warmup)
+            rates[name] = _time_pipelined(model, opt, torch.device(device), data, warmup)
         if name == "dien":  # the same rows for every variant: measure the histories once
             hist = FeatureLayout.from_config(c).pairs[0][1]
             mean_hist = sum(float(b.sparse[hist].lengths().sum()) for b in data) / sum(len(b) for b in data)
@@ -349,5 +397,85 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
         "aux_loss": cfg.model.aux_loss,
         "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
         "dien_over_din": round(rates["dien"] / rates["din"], 3),
-        "cpp_kernel_over_step_loop": round(rates["dien"] / rates["dien_step_loop"], 3),
+        "gru_kernel": "triton" if device == "cuda" else "cpp",
+        "kernel_over_step_loop": round(rates["dien"] / rates["dien_step_loop"], 3),
+        **({"triton_over_cpp_aten": round(rates["dien"] / rates["dien_cpp_aten"], 3)} if device == "cuda" else {}),
+    }
+
+
+def _gpu_busy(model, opt, device: torch.device, batches, steps: int) -> float:
+    """The share of wall time in which the GPU runs a kernel (the union of the kernels' intervals,
+    from torch.profiler) over `steps` pipelined steps fed from `batches`; measured under the
+    profiler, so a little below the unprofiled run's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.step import Steps
+
+    run = Steps(model, opt, device).run(batches)
+    next(run)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in itertools.islice(run, steps):
+            pass
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / wall_us
+
+
+def bench_e2e(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dict:
+    """The config's training step, one process, fed two ways in one run: from the Parquet files
+    (the reader with data.loader_workers processes, the pipeline's copy to the device) and from
+    batches already in memory on the device; their samples/s and ratio, and on a GPU the GPU's
+    busy share when fed from the files."""
+    from dataclasses import replace
+
+    from trainer.data import stream_from_config
+    from trainer.sharding import build_model, dense_optimizer, process_group
+
+    if steps < 1 or warmup < 1:
+        raise ConfigError(f"bench e2e: --steps and --warmup must be >= 1, got {steps} and {warmup}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("bench e2e: --device cuda, but torch sees no GPU")
+        cfg = replace(cfg, launch=replace(cfg.launch, use_gpu=True))
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    in_memory = [b.to(dev) for b in _take(cfg, warmup + steps)]
+    rates: dict[str, float] = {}
+    busy = None
+    with process_group(cfg) as (_, world):
+
+        def fresh():
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(cfg, world, dev)
+            model.train()
+            return model, dense_optimizer(cfg, model)
+
+        rates["in_memory"] = _time_pipelined(*fresh(), dev, in_memory, warmup)
+        del in_memory
+        stream = stream_from_config(cfg, "train")
+        try:
+            rates["parquet"] = _time_pipelined(*fresh(), dev, itertools.islice(stream.epoch(0), warmup + steps), warmup)
+            if device == "cuda":
+                busy = _gpu_busy(*fresh(), dev, stream.epoch(0), min(steps, 50))
+        finally:
+            stream.close()
+    return {
+        "bench": "e2e",
+        **_machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": cfg.model.name,
+        "sparse_optimizer": cfg.sparse_optimizer.type,
+        "batch_size": cfg.data.batch_size,
+        "loader_workers": cfg.data.loader_workers,
+        "steps": steps,
+        "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "parquet_over_in_memory": round(rates["parquet"] / rates["in_memory"], 3),
+        "gpu_busy_fraction_from_parquet": round(busy, 3) if busy is not None else None,
     }

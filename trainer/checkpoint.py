@@ -62,6 +62,7 @@ _FREE = {
     "train.epochs",
     "train.eval_every_epoch",
     "data.prefetch",
+    "data.loader_workers",
 }
 
 

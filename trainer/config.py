@@ -33,6 +33,9 @@ class DataConfig:
     seed: int = 0  # row-group and row order per epoch
     dense_features: list[str] = field(default_factory=list)  # float32 columns
     prefetch: int = 4  # batches prepared ahead by the background reader
+    # processes that read and decode the training row groups ahead of the reader (0: the reader's
+    # thread reads them); a GPU that trains faster than one core reads needs a few (docs/gpu.md)
+    loader_workers: int = 0
     # DIEN's auxiliary-loss negatives when the files have no neg_hist_* columns, drawn per row
     # group for every behaviour from its other behaviours (never the behaviour's own item, unless
     # the row group has one item only): `frequency` picks a behaviour position uniformly, so
@@ -308,6 +311,8 @@ class _CHECKS:
         _positive(c.batch_size, f"{path}.batch_size")
         _positive(c.max_hist_len, f"{path}.max_hist_len")
         _positive(c.prefetch, f"{path}.prefetch")
+        if c.loader_workers < 0:
+            raise ConfigError(f"{path}.loader_workers: must be >= 0, got {c.loader_workers}")
 
     @staticmethod
     def TableConfig(c: TableConfig, path: str) -> None:

@@ -11,7 +11,10 @@ checkpoint records the segments of its epoch as (world size, batches done) pairs
 on another world size trains exactly the rows not yet trained (trainer.loop.resume).
 
 Arrow list offsets become KJT lengths directly: no per-row Python anywhere. A background thread
-reads and converts ahead of the trainer. A bad file stops the stream with a `DataError` naming the
+reads and converts ahead of the trainer; with `data.loader_workers` = K > 0, K worker processes
+read and decode the row groups (the costly part: Parquet decoding, id mapping, the shuffle), K
+ahead of the one being cut into batches, and the thread only cuts and assembles the batches: the
+same batches in the same order as without workers. A bad file stops the stream with a `DataError` naming the
 file, row group and column.
 
 DIEN's negatives (`neg_hist_*`, see embedding.layout) come from the file when it has them, aligned
@@ -21,9 +24,12 @@ group): the same negatives whatever the world size.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -260,6 +266,7 @@ class ParquetStream:
         world_size: int = 1,
         shuffle: bool = True,
         prefetch: int = 4,
+        loader_workers: int = 0,
     ):
         self.paths = list(paths)
         self.layout = layout
@@ -270,6 +277,20 @@ class ParquetStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle = shuffle
         self.prefetch = prefetch
+        self.loader_workers = loader_workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._args = dict(
+            paths=self.paths,
+            layout=layout,
+            batch_size=batch_size,
+            max_hist_len=max_hist_len,
+            dense_features=self.dense_features,
+            negatives=negatives,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+        )
         self.units: list[tuple[str, int, int]] = []  # (file, row group, rows)
         self.has_p_click = True
         self.file_negatives: dict[str, bool] = {}  # file -> it has the neg_hist_* columns
@@ -475,17 +496,52 @@ class ParquetStream:
         )
 
     def _read_pieces(self, epoch: int, pieces: list[Piece]) -> Iterator[_Chunk]:
-        """The rows of `pieces` in order; a row group is read once for consecutive pieces of it."""
-        last: tuple[int, _Chunk] | None = None
+        """The rows of `pieces` in order; a row group is read once for consecutive pieces of it
+        (by the loader workers, `loader_workers` row groups ahead, when there are any)."""
+        runs: list[list[Piece]] = []  # consecutive pieces of one row group
         for piece in pieces:
-            if last is None or last[0] != piece.unit:
-                path, rg, _ = self.units[piece.unit]
-                try:
-                    last = piece.unit, self._read_unit(path, rg, epoch, piece.order)
-                except DataError as e:
-                    e.rank_local = True
-                    raise
-            yield last[1].slice(piece.start, piece.end)
+            if runs and runs[-1][0].unit == piece.unit:
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        for run, chunk in zip(runs, self._read_units(epoch, runs), strict=True):
+            for piece in run:
+                yield chunk.slice(piece.start, piece.end)
+
+    def _read_units(self, epoch: int, runs: list[list[Piece]]) -> Iterator[_Chunk]:
+        jobs = [(*self.units[run[0].unit][:2], epoch, run[0].order) for run in runs]
+        try:
+            if not self.loader_workers:
+                for job in jobs:
+                    yield self._read_unit(*job)
+                return
+            pool = self._loader_pool()
+            ahead: list[concurrent.futures.Future] = []
+            for i in range(len(jobs)):
+                while len(ahead) < self.loader_workers + 1 and i + len(ahead) < len(jobs):
+                    ahead.append(pool.submit(_read_in_worker, *jobs[i + len(ahead)]))
+                yield ahead.pop(0).result()
+        except DataError as e:
+            e.rank_local = True
+            raise
+
+    def close(self) -> None:
+        """Stop the loader workers, if any (they also stop on their own when this process ends)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _loader_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        """The loader's worker processes (started on first use, kept for the stream's life). They
+        are spawned, not forked: the trainer has threads (gloo, the prefetcher) by then."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.loader_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self._args,),
+            )
+        return self._pool
 
     def position(self, epoch: int, batches: int, earlier: Sequence[Sequence[int]] = ()) -> dict:
         """Where this rank's batch number `batches` of the segment of `epoch` after `earlier` starts:
@@ -532,6 +588,26 @@ class ParquetStream:
 
 
 _END = object()
+
+_WORKER: ParquetStream | None = None  # a loader worker's stream
+
+
+def _start_worker(args: dict) -> None:
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = ParquetStream(**args, prefetch=1)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the trainer may leave by os._exit or be killed: no shutdown reaches us
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True, name="loader-parent-watch").start()
+
+
+def _read_in_worker(path: str, rg: int, epoch: int, order: int) -> _Chunk:
+    return _WORKER._read_unit(path, rg, epoch, order)
 
 
 def _prefetch(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
@@ -590,4 +666,5 @@ def stream_from_config(
         world_size=world_size,
         shuffle=(split == "train") if shuffle is None else shuffle,
         prefetch=cfg.data.prefetch,
+        loader_workers=cfg.data.loader_workers if split == "train" else 0,
     )

@@ -137,13 +137,16 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
             run.startup_seconds = round(run.speed.t0 - t_start, 2)  # group, model, tables, resume
             run.base_rss = base_rss
             last = cfg.train.epochs - 1
-            for epoch in range(at.epoch, cfg.train.epochs):
-                run_epoch(run, at, epoch)
-                if epoch < last and cfg.train.eval_every_epoch:
-                    evaluate_epoch(run, at, epoch)
-                if epoch < last:
-                    save(run, at)
-            return finish(run, at)
+            try:
+                for epoch in range(at.epoch, cfg.train.epochs):
+                    run_epoch(run, at, epoch)
+                    if epoch < last and cfg.train.eval_every_epoch:
+                        evaluate_epoch(run, at, epoch)
+                    if epoch < last:
+                        save(run, at)
+                return finish(run, at)
+            finally:
+                run.stream.close()  # the loader workers (data.loader_workers)
 
 
 def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, progress: bool) -> Run:

@@ -53,6 +53,8 @@ def test_bench_train_against_reference(tiny_data, capsys):
     assert r["dinrec_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio_dinrec_over_reference"] - r["dinrec_samples_per_s"] / r["reference_samples_per_s"]) < 0.002
     assert r["rounds"] == 5 and len(r["ratio_per_round"]) == 5  # one batch per round, alternating
+    plain = r["dinrec_plain_loop_samples_per_s"]
+    assert plain > 0 and abs(r["ratio_pipeline_over_plain_loop"] - r["dinrec_samples_per_s"] / plain) < 0.002
 
 
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):
@@ -116,3 +118,24 @@ def test_bench_dien_against_din_and_the_step_loop(tiny_data, capsys):
         main(["bench", "dien", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
     )
     assert "model.name must be dien" in capsys.readouterr().err
+
+
+def test_bench_e2e_parquet_against_in_memory_with_loader_workers(tiny_data, capsys):
+    r = run(
+        capsys,
+        "bench",
+        "e2e",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--steps",
+        "12",
+        "--warmup",
+        "3",
+        f"data.train={tiny_data / 'train'}",
+        f"data.test={tiny_data / 'test'}",
+        "data.loader_workers=1",
+    )
+    rates = r["samples_per_s"]
+    assert set(rates) == {"in_memory", "parquet"} and min(rates.values()) > 0
+    assert abs(r["parquet_over_in_memory"] - rates["parquet"] / rates["in_memory"]) < 0.01
+    assert r["loader_workers"] == 1 and r["device"] == "cpu" and r["gpu_busy_fraction_from_parquet"] is None

@@ -1,5 +1,7 @@
 """The Parquet stream: coverage, rank partition, determinism, Arrow -> KJT fidelity, one-line errors."""
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -268,3 +270,28 @@ def test_bad_input_is_one_line_naming_file_row_group_column(tmp_path, case):
             pass
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_loader_workers_deliver_the_same_batches_in_the_same_order(tmp_path):
+    """data.loader_workers: row groups read in worker processes, the batches identical, one for
+    one, to the reader's own (two epochs, two ranks, a resumed start); a bad row group read in a
+    worker is the same one-line DataError."""
+    import torch
+
+    write_files(tmp_path / "d")
+
+    def batches(stream, epoch, start=0):
+        return [(b.sparse.values(), b.sparse.lengths(), b.labels, b.users) for b in stream.epoch(epoch, start)]
+
+    for rank in (0, 1):
+        plain = make_stream(tmp_path, rank=rank, world_size=2)
+        pooled = make_stream(tmp_path, rank=rank, world_size=2, loader_workers=2)
+        for epoch, start in ((0, 0), (1, 0), (1, 3)):
+            want, got = batches(plain, epoch, start), batches(pooled, epoch, start)
+            assert len(want) == len(got) > 0
+            for w, g in zip(want, got, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(w, g, strict=True))
+    mutate, message = CASES["id out of range"]
+    with pytest.raises(DataError, match=re.escape(message)):
+        for _ in make_stream(tmp_path, paths=[bad_file(tmp_path, mutate)], shuffle=False, loader_workers=1).epoch(0):
+            pass
