@@ -67,6 +67,7 @@ class FeatureLayout:
     pooled_tables: tuple[TableConfig, ...]
     pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
     negatives: tuple[tuple[str, str], ...] = ()  # (behaviour feature, its negative), pair order
+    max_hist_len: int = 0  # behaviours per row at most (data.max_hist_len; 0: not known)
 
     @staticmethod
     def from_config(cfg: Config) -> FeatureLayout:
@@ -80,7 +81,7 @@ class FeatureLayout:
                 negatives.extend(tn)
             (seq if tp else pooled).append(t)
             pairs.extend(tp)
-        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives))
+        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives), cfg.data.max_hist_len)
 
     @property
     def tables(self) -> tuple[TableConfig, ...]:

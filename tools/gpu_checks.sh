@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a GPU machine with torchrec 1.6.1 + fbgemm-gpu 1.6.0 importable.
 # Run from the project root with PYTHONPATH set to the
-# bundle and the project: `bash tools/gpu_checks.sh [SECTION ...]` (default: all, in this order);
-# results go to $OUT (default /tmp/gpu-out):
-#   dien:        pytest_dien_gpu.txt   DIEN's GRU kernel on CUDA against the step loop
-#                bench_dien_gpu.json   dinrec bench dien --device cuda at batch 4096
+# bundle and the project: `bash tools/gpu_checks.sh [SECTION ...]` (default: all, in this order:
+# mba dien e2e checkpoint); results go to $OUT (default /tmp/gpu-out):
+#   dien:        pytest_dien_gpu.txt   DIEN's GRU kernels on CUDA (the Triton one compiled, the C++ one's ATen
+#                                      path) against the step loop
+#                bench_dien_gpu.json   dinrec bench dien --device cuda at batch 4096 (Triton kernel; the
+#                                      C++ kernel's ATen path and the step loop in the same run)
+#   e2e:         e2e_w{0,4,8}.json     dinrec bench e2e --device cuda, DIN at batch 4096: Parquet-fed through the
+#                                      pipeline with 0, 4, 8 loader workers vs in-memory batches, GPU busy share
+#                e2e_mba_w8.json       the same with sgd_mba, 8 loader workers
 #   checkpoint:  checkpoint_gpu.json   exact resume after a kill on the GPU (tensors compared with the
 #                                      uninterrupted run), a checkpoint loaded under another plan
 #                                      (same eval), write/load time and size with a 1e8-row table
@@ -27,11 +32,15 @@ from tools.generate import WorldSpec, generate
 generate(WorldSpec(users=300, items=500, cates=20, impressions_per_user=10, test_per_user=3, hist_max=30, seed=3),
          Path('$TINY'), train_files=3, test_files=2, row_group_size=256, progress=False)"
 
-dien() {  # the GRU sequence kernel's ATen path on CUDA against the step loop; the training step at batch 4096
+synthetic() {  # the default synthetic data, once
+  [ -f /tmp/synthetic/train/_SUCCESS ] || timeout 60 python3 -m launch.cli generate --out /tmp/synthetic --no-progress > /dev/null 2>&1
+}
+
+dien() {  # the GRU sequence kernels on CUDA against the step loop; the training step at batch 4096
   timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/trainer/test_dien.py > "$OUT/pytest_dien_gpu.txt" 2>&1
   echo "pytest rc=$?" >> "$OUT/pytest_dien_gpu.txt"
   tail -3 "$OUT/pytest_dien_gpu.txt"
-  timeout 60 python3 -m launch.cli generate --out /tmp/synthetic --no-progress > /dev/null 2>&1
+  synthetic
   timeout 200 python3 -m launch.cli bench dien --config configs/dien_synthetic.yaml --device cuda --steps 20 --warmup 3 \
     data.batch_size=4096 "data.train=/tmp/synthetic/train/*.parquet" > "$OUT/bench_dien_gpu.json" 2> "$OUT/bench_dien_gpu.err"
   tail -1 "$OUT/bench_dien_gpu.json"; tail -2 "$OUT/bench_dien_gpu.err"
@@ -97,6 +106,20 @@ mba() {
   tail -1 "$OUT/din_mba_gpu.json"; tail -3 "$OUT/din_mba_gpu.err"
 }
 
-for section in "${@:-dien checkpoint mba}"; do
+e2e() {  # DIN at batch 4096 on one GPU, fed from Parquet (0, 4, 8 loader workers) vs in memory; then sgd_mba
+  synthetic
+  local data="data.train=/tmp/synthetic/train/*.parquet"
+  for w in 0 4 8; do
+    timeout 150 python3 -m launch.cli bench e2e --config configs/din_synthetic.yaml --device cuda --steps 80 --warmup 10 \
+      data.batch_size=4096 data.loader_workers=$w "$data" > "$OUT/e2e_w$w.json" 2> "$OUT/e2e_w$w.err"
+    tail -1 "$OUT/e2e_w$w.json"; tail -2 "$OUT/e2e_w$w.err"
+  done
+  timeout 150 python3 -m launch.cli bench e2e --config configs/din_synthetic.yaml --device cuda --steps 80 --warmup 10 \
+    data.batch_size=4096 data.loader_workers=8 sparse_optimizer.type=sgd_mba sparse_optimizer.lambda=0.01 "$data" \
+    > "$OUT/e2e_mba_w8.json" 2> "$OUT/e2e_mba_w8.err"
+  tail -1 "$OUT/e2e_mba_w8.json"; tail -2 "$OUT/e2e_mba_w8.err"
+}
+
+for section in "${@:-mba dien e2e checkpoint}"; do
   for s in $section; do echo "== $s"; "$s"; done
 done

@@ -267,6 +267,7 @@ class ParquetStream:
         shuffle: bool = True,
         prefetch: int = 4,
         loader_workers: int = 0,
+        pin_memory: bool = False,
     ):
         self.paths = list(paths)
         self.layout = layout
@@ -278,6 +279,7 @@ class ParquetStream:
         self.shuffle = shuffle
         self.prefetch = prefetch
         self.loader_workers = loader_workers
+        self.pin_memory = pin_memory  # batches in page-locked memory: the GPU copy runs asynchronously
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._args = dict(
             paths=self.paths,
@@ -572,10 +574,13 @@ class ParquetStream:
         for chunk in self._read_pieces(epoch, pieces):
             buf = chunk if buf is None else _Chunk.concat(buf, chunk)
             while k < last and buf.n >= bs:
-                yield self._to_batch(buf.slice(0, bs), seg, k)
+                yield self._ready(self._to_batch(buf.slice(0, bs), seg, k))
                 buf, k = buf.slice(bs, buf.n), k + 1
         if buf is not None and buf.n:  # the last batch: the rest of the share
-            yield self._to_batch(buf, seg, k)
+            yield self._ready(self._to_batch(buf, seg, k))
+
+    def _ready(self, batch: Batch) -> Batch:
+        return batch.pin_memory() if self.pin_memory else batch
 
     def epoch(self, epoch: int, start: int = 0, earlier: Sequence[Sequence[int]] = ()) -> Iterator[Batch]:
         """This rank's batches of the segment of `epoch` after `earlier` (see `segment`), from batch
@@ -667,4 +672,5 @@ def stream_from_config(
         shuffle=(split == "train") if shuffle is None else shuffle,
         prefetch=cfg.data.prefetch,
         loader_workers=cfg.data.loader_workers if split == "train" else 0,
+        pin_memory=cfg.launch.use_gpu and split == "train",
     )

@@ -382,3 +382,24 @@ def test_dien_with_the_triton_kernel_equals_the_cpp_kernel(tiny_cfg):
     gg = torch.autograd.grad(got, list(tri.tower.parameters()))
     for w, g in zip(gw, gg, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("evolution", ["augru", "aigru"])
+def test_dien_padded_to_the_configured_longest_history_is_the_same(tiny_cfg, evolution):
+    """On a GPU DIEN pads every batch to data.max_hist_len (no read of the device for the batch's
+    longest): the loss and its gradients are those of padding to the batch's longest."""
+    from trainer.step import training_loss
+
+    cfg, _, dien = _dien(tiny_cfg, f"model.evolution={evolution}", "model.aux_loss=0.5", "data.max_hist_len=40")
+    batch = next(iter(stream_from_config(cfg, "train").epoch(0)))
+    assert int(batch.sparse["hist_item_id"].lengths().max()) <= 30  # so 10+ steps of padding more
+    dien.train()
+    out = {}
+    for static in (False, True):
+        dien.tower.static_steps = static
+        torch.manual_seed(3)
+        loss = training_loss(dien, batch)
+        out[static] = (loss, torch.autograd.grad(loss, list(dien.tower.parameters())))
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

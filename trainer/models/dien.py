@@ -57,13 +57,23 @@ class DIENTower(nn.Module):
         self.aux_net = AuxiliaryNet(d) if cfg.aux_net == "mlp" and self.alpha > 0 else None
         self.run = run_sequence if cfg.gru_kernel == "loop" else functools.partial(sequence, kernel=cfg.gru_kernel)
         self.history_sum = cfg.history_sum
+        self.max_steps, self.static_steps = layout.max_hist_len, None
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
+
+    def _steps(self, lengths: torch.Tensor) -> int:
+        """T of the padded histories: the configured longest history on a GPU (no read of the
+        device, the same shapes every step) or with `static_steps`; else the batch's longest.
+        Steps past a row's length change nothing (the tests' padding invariance)."""
+        static = lengths.is_cuda if self.static_steps is None else self.static_steps
+        if static and self.max_steps:
+            return self.max_steps
+        return int(lengths.max()) if lengths.numel() else 0
 
     def _interests(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> behaviours e [B, T, D], interest states h [B, T, D], attention a [B, T] (Eq. 8), the
         real steps [B, T] and lengths [B]."""
         lengths = x.lengths.long()
-        steps = int(lengths.max()) if lengths.numel() else 0
+        steps = self._steps(lengths)
         e = padded(x.hist, lengths, steps)  # [B, T, D]
         states, _ = self.run(self.extractor, e, lengths)  # h_t, zero after the length
         real = torch.arange(steps, device=e.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from embedding.mba_compile import build
+
 try:  # Triton is optional on the CPU (tests run the kernels under TRITON_INTERPRET=1).
     import triton
     import triton.language as tl
@@ -274,8 +276,6 @@ def compile_kernels(arch: int = 90) -> list[str]:
     """Compile both kernels (GRU, AGRU, AUGRU; BLOCK_H = 32, 64 and 128) for CUDA sm_<arch> without a GPU,
     as embedding.mba_compile does for MBA's; one line per kernel with ptxas's register report.
     Run without TRITON_INTERPRET."""
-    from embedding.mba_compile import build
-
     f32, i64 = "*fp32", "*i64"
     done = []
     for block_h in (32, 64, 128):
