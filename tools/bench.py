@@ -222,6 +222,8 @@ def _time_pipelined(model, opt, device: torch.device, batches, warmup: int) -> f
 
 
 def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
+    from dataclasses import replace
+
     from embedding.layout import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
     from trainer.sharding import build_model, dense_optimizer, process_group
@@ -249,9 +251,17 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         pipelined = Steps(model, opt, torch.device("cpu"))
         plain_model = build_model(cfg, world, torch.device("cpu"))
         plain_opt = dense_optimizer(cfg, plain_model)
+        other = "bf16" if cfg.model.precision == "fp32" else "fp32"  # the other precision, pipelined
+        other_cfg = replace(cfg, model=replace(cfg.model, precision=other))
+        other_model = build_model(other_cfg, world, torch.device("cpu"))
+        other_steps = Steps(other_model, dense_optimizer(other_cfg, other_model), torch.device("cpu"))
 
         def our_steps(idx) -> None:
             for _ in pipelined.run(data[i] for i in idx):
+                pass
+
+        def precision_steps(idx) -> None:
+            for _ in other_steps.run(data[i] for i in idx):
                 pass
 
         def plain_steps(idx) -> None:
@@ -279,7 +289,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
 
         # Alternate the three in `rounds` blocks of the same batches, so that a change of the
         # machine's speed during the run (a shared host) hits them alike.
-        runs = {"ours": our_steps, "plain": plain_steps, "reference": ref_steps}
+        runs = {"ours": our_steps, "plain": plain_steps, "other": precision_steps, "reference": ref_steps}
         for run_steps in runs.values():
             run_steps(range(warmup))
         timed = range(warmup, warmup + steps)
@@ -293,6 +303,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
     plain = sum(samples) / sum(seconds["plain"])
+    rate = {cfg.model.precision: ours, other: sum(samples) / sum(seconds["other"])}
     reference = sum(samples) / sum(seconds["reference"])
     per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
     hist_feature = layout.pairs[0][1]
@@ -313,6 +324,9 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "reference_samples_per_s": round(reference, 1),
         "ratio_dinrec_over_reference": round(ours / reference, 3),
         "ratio_pipeline_over_plain_loop": round(ours / plain, 3),
+        "precision": cfg.model.precision,
+        "samples_per_s_by_precision": {k: round(v, 1) for k, v in rate.items()},
+        "ratio_bf16_over_fp32": round(rate["bf16"] / rate["fp32"], 3),
         "ratio_per_round": [round(r, 3) for r in per_round],
     }
 

@@ -68,6 +68,9 @@ class ModelConfig:
     attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
     mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
     activation: Literal["dice", "prelu"] = "prelu"
+    # the model's dense part (attention, GRUs' projections, MLP) in fp32, or under bfloat16
+    # autocast (fp32 weights, statistics, logits and loss); see `dinrec bench train`
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.
     id_dropout: float = 0.0

@@ -55,6 +55,9 @@ def test_bench_train_against_reference(tiny_data, capsys):
     assert r["rounds"] == 5 and len(r["ratio_per_round"]) == 5  # one batch per round, alternating
     plain = r["dinrec_plain_loop_samples_per_s"]
     assert plain > 0 and abs(r["ratio_pipeline_over_plain_loop"] - r["dinrec_samples_per_s"] / plain) < 0.002
+    by = r["samples_per_s_by_precision"]
+    assert by["fp32"] == r["dinrec_samples_per_s"] and by["bf16"] > 0  # the config's fp32, and bf16 beside it
+    assert abs(r["ratio_bf16_over_fp32"] - by["bf16"] / by["fp32"]) < 0.002
 
 
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):

@@ -184,3 +184,34 @@ def test_base_model_sum_pools_the_history(tiny_cfg):
     user = model.sparse.ebc.embedding_bags["user"].weight
     assert pooled.shape == (len(batch), 4)
     torch.testing.assert_close(pooled[3], user[batch.pooled["user_id"].values()[3]])
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_bf16_autocast_tower_against_float64(tiny_cfg, activation):
+    """model.precision=bf16: the tower under bfloat16 autocast, fp32 weights and outputs. Its loss
+    and gradients against the same model in float64, within bf16's rounding: loss to 1e-2
+    relative, each parameter's gradient to 10 % in norm (‖g − g64‖ / ‖g64‖; seen: at most 5.5 %,
+    the attention's first bias, a sum over every behaviour in bf16; most below 1 %)."""
+    from trainer.step import training_loss
+
+    cfg, _, bf16 = _din(tiny_cfg, f"model.activation={activation}", "model.precision=bf16")
+    _, _, f64 = _din(tiny_cfg, f"model.activation={activation}")
+    f64.load_state_dict(bf16.state_dict())
+    f64.tower.double()
+    batch = next(iter(stream_from_config(cfg, "train").epoch(0)))
+    bf16.train(), f64.train()
+    loss = training_loss(bf16, batch)
+    assert loss.dtype == torch.float32
+    x = f64.lookups(batch)
+    x = type(x)(*(t.double() if t is not None and t.is_floating_point() else t for t in x))
+    logits = f64.tower(x, batch.dense.double())
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.double())
+    assert abs(float(loss) - float(want)) <= 1e-2 * float(want)
+    got_g = torch.autograd.grad(loss, list(bf16.tower.parameters()))
+    want_g = torch.autograd.grad(want, list(f64.tower.parameters()))
+    errors = []
+    for g, w in zip(got_g, want_g, strict=True):
+        assert g.dtype == torch.float32  # master weights and their gradients stay fp32
+        errors.append(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)))
+    assert max(errors) <= 0.1, errors
+    assert max(errors) > 1e-4  # bf16 did run (fp32 against float64: about 1e-6)

@@ -5,11 +5,10 @@ then an MLP to one click logit.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from embedding.layout import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
-from trainer.models.layers import MLP, CTRModel, Lookups
+from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 
 
 def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
@@ -17,13 +16,13 @@ def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Ten
     return hist.new_zeros(batch, hist.shape[1]).index_add_(0, jagged_rows(lengths, hist.shape[0]), hist)
 
 
-class BaseTower(nn.Module):
+class BaseTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__()
+        super().__init__(cfg.precision)
         d = layout.behaviour_dim
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
-    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
+    def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
         user = sum_pool(x.hist, x.lengths, x.cand.shape[0])  # [B, D]
         return self.mlp(torch.cat([x.cand, user, x.pooled, dense], dim=1)).squeeze(1)
 

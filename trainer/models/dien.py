@@ -27,7 +27,7 @@ from embedding.layout import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
 from trainer.models.base import sum_pool
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
-from trainer.models.layers import MLP, CTRModel, Lookups
+from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 
 
 def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -45,9 +45,9 @@ class DIEN(CTRModel):
         super().__init__(layout, DIENTower(layout, cfg, n_dense), device)
 
 
-class DIENTower(nn.Module):
+class DIENTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__()
+        super().__init__(cfg.precision)
         d = layout.behaviour_dim
         self.extractor = AttentionGRUCell(d, d)
         self.attention = nn.Linear(d, d, bias=False)  # W of Eq. 8, applied to e_a
@@ -87,7 +87,7 @@ class DIENTower(nn.Module):
         _, _, att, real, lengths = self._interests(x)
         return att[real], lengths
 
-    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         e, states, att, _, lengths = self._interests(x)
         _, final = self.run(self.evolution, states, lengths, att, self.kind)
         parts = [x.cand, final]

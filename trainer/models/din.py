@@ -5,21 +5,20 @@ history replaced by the local activation unit, so the user vector v_U(A) depends
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.models.layers import MLP, CTRModel, LocalActivationUnit, Lookups
+from trainer.models.layers import MLP, CTRModel, LocalActivationUnit, Lookups, Tower
 
 
-class DINTower(nn.Module):
+class DINTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__()
+        super().__init__(cfg.precision)
         d = layout.behaviour_dim
         self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation)
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
-    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
+    def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
         user = self.attention(x.hist, x.cand, x.lengths)  # v_U(A), Eq. 3: [B, D]
         return self.mlp(torch.cat([x.cand, user, x.pooled, dense], dim=1)).squeeze(1)
 

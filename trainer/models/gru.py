@@ -126,7 +126,8 @@ def sequence(
         raise ValueError(f"{kind} needs attention scores")
     if kind == "aigru":
         x = att.unsqueeze(2) * x
-    xg = cell.x2h(x)  # every step's input gates in one matmul
+    # every step's input gates in one matmul (in bf16 under autocast); the recurrence in x's dtype
+    xg = cell.x2h(x).to(x.dtype)
     a = att if kind in ("agru", "augru") else x.new_empty(0)
     if kernel == "triton" or (kernel == "auto" and x.is_cuda and x.dtype == torch.float32):
         return gru_triton.sequence(xg, cell.h2h.weight, cell.h2h.bias, a, lengths, kind)

@@ -39,8 +39,9 @@ class Dice(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
         if self.training:
-            mean = s.mean(0)
-            var = s.var(0, unbiased=False)
+            t = s.to(self.running_mean.dtype)  # the statistics in the module's dtype, also under bf16 autocast
+            mean = t.mean(0)
+            var = t.var(0, unbiased=False)
             with torch.no_grad():
                 n = s.shape[0]
                 unbiased = var * (n / (n - 1)) if n > 1 else var
@@ -145,6 +146,26 @@ class SparseArch(nn.Module):
         if pooled is None:
             pooled = cand.new_zeros(cand.shape[0], 0)
         return Lookups(cand, hist, lengths, pooled, neg)
+
+
+class Tower(nn.Module):
+    """The dense part of a model: `compute(lookups, dense)` -> logits [B] (or (logits, training
+    term)). With precision "bf16" it runs under bfloat16 autocast (matmuls in bf16, weights,
+    statistics and outputs in fp32), the mixed precision of GPU training, on the CPU too."""
+
+    def __init__(self, precision: str = "fp32"):
+        super().__init__()
+        self.bf16 = precision == "bf16"
+
+    def compute(self, x: Lookups, dense: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, x: Lookups, dense: torch.Tensor):
+        if not self.bf16:
+            return self.compute(x, dense)
+        with torch.autocast(dense.device.type, dtype=torch.bfloat16):
+            out = self.compute(x, dense)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 class CTRModel(nn.Module):
