@@ -215,3 +215,21 @@ def test_bf16_autocast_tower_against_float64(tiny_cfg, activation):
         errors.append(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)))
     assert max(errors) <= 0.1, errors
     assert max(errors) > 1e-4  # bf16 did run (fp32 against float64: about 1e-6)
+
+
+def test_rows_linear_pads_under_bf16_autocast_without_changing_the_result():
+    from trainer.models.layers import BF16_ROWS, rows_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(BF16_ROWS + 37, 24, requires_grad=True)
+    w, b = torch.randn(16, 24, requires_grad=True), torch.randn(16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = rows_linear(x, w, b), torch.nn.functional.linear(x, w, b)
+    assert got.shape == want.shape == (BF16_ROWS + 37, 16) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    g = torch.randn_like(got, dtype=torch.float32)
+    gg = torch.autograd.grad((got.float() * g).sum(), [x, w, b])
+    gw = torch.autograd.grad((want.float() * g).sum(), [x, w, b])
+    for a, c in zip(gg, gw, strict=True):
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(rows_linear(x, w, b), torch.nn.functional.linear(x, w, b))  # fp32: F.linear

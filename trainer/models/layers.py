@@ -74,6 +74,21 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+BF16_ROWS = 256  # jagged row counts rounded up to this under bf16 autocast on the CPU
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over jagged rows [N, I]. Under bf16 autocast on the CPU the rows are zero-padded
+    to a multiple of BF16_ROWS and the padding cut off again: a bf16 GEMM there costs about 6 ms
+    for each shape it has not seen (fp32 does not), and N, the batch's behaviours, is new in
+    almost every batch. Padded rows get no gradient (they are cut off) and enter no statistic."""
+    if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight, bias)
+    n = x.shape[0]
+    pad = -n % BF16_ROWS
+    return F.linear(F.pad(x, (0, 0, 0, pad)), weight, bias)[:n]
+
+
 class LocalActivationUnit(nn.Module):
     """DIN's attention, Eq. 3 and Fig. 2: v_U(A) = Σ_j a(e_j, v_A)·e_j, with
     a(e_j, v_A) = MLP([e_j, v_A, e_j − v_A, e_j ⊙ v_A]) a scalar, *not* softmax-normalised.
@@ -96,9 +111,9 @@ class LocalActivationUnit(nn.Module):
         w_e, w_v, w_diff, w_prod = first.weight.split(self.dim, dim=1)  # each [H, D]
         per_row = F.linear(cand, w_v - w_diff, first.bias)  # [B, H]
         per_behaviour = torch.cat([hist, hist * cand.index_select(0, seg)], dim=1)  # [N, 2D]
-        z = F.linear(per_behaviour, torch.cat([w_e + w_diff, w_prod], dim=1)) + per_row.index_select(0, seg)
+        z = rows_linear(per_behaviour, torch.cat([w_e + w_diff, w_prod], dim=1)) + per_row.index_select(0, seg)
         for layer in list(self.mlp)[1:]:
-            z = layer(z)
+            z = rows_linear(z, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(z)
         return z
 
     def weights(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
