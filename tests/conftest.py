@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,9 +46,6 @@ def free_port() -> int:
 def torchrun(module: str, *argv: str, ranks: int = 2, env: dict | None = None, timeout: int = 600):
     """`torchrun --nproc_per_node=ranks -m module argv…` from the repository root, gloo on
     loopback, one thread per rank; the CompletedProcess."""
-    import subprocess
-    import sys
-
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
@@ -151,3 +150,12 @@ def upload(local: Path, uri: str) -> str:
         if f.is_file():
             storage.write_bytes(storage.join(uri, str(f.relative_to(local))), f.read_bytes())
     return uri
+
+
+def compiled_for_the_gpu(*argv: str) -> subprocess.CompletedProcess:
+    """`python argv…` from the project root without TRITON_INTERPRET: Triton's compiler and
+    ptxas lower the kernels for a GPU, here without one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p

@@ -58,27 +58,24 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
         default=5,
         help="timed blocks, alternating dinrec and the reference (default: %(default)s)",
     )
-    dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's C++ GRU kernel vs the step loop")
+    dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's GRU kernel vs the step loop")
     config_args(dn)
-    dn.add_argument("--steps", type=int, default=60, help="timed steps per model (default: %(default)s)")
-    dn.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
-    dn.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="cuda: one GPU, NCCL, batches moved there before timing (default: %(default)s)",
-    )
+    _steps_and_device(dn, steps=60, warmup=5, what="timed steps per model")
     e2e = sub.add_parser("e2e", help="training from the Parquet files vs on in-memory batches, one process")
     config_args(e2e)
-    e2e.add_argument("--steps", type=int, default=200, help="timed steps each way (default: %(default)s)")
-    e2e.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
-    e2e.add_argument(
+    _steps_and_device(e2e, steps=200, warmup=20, what="timed steps each way")
+    bench_embedding.add_parser(sub)
+
+
+def _steps_and_device(p: argparse.ArgumentParser, steps: int, warmup: int, what: str) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"{what} (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first (default: %(default)s)")
+    p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
         help="cuda: one GPU, NCCL (default: %(default)s)",
     )
-    bench_embedding.add_parser(sub)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -5,11 +5,6 @@ The kernels see a group of two tables of different dims in one flat storage (as 
 out, here with a gap before each table), their Adagrad state in another, and gradients as
 element offsets into a flat upstream gradient."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -285,14 +280,7 @@ def test_online_counts_count_samples_not_occurrences():
 def test_triton_kernels_compile_for_the_gpu():
     """The Triton kernels, as the wrappers launch them, compile for an H100 (sm_90) with Triton's
     compiler and ptxas, here without a GPU (the interpreter above does not lower them)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run(
-        [sys.executable, "-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))"],
-        env=env,
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    from tests.conftest import compiled_for_the_gpu
+
+    p = compiled_for_the_gpu("-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))")
     assert int(p.stdout.split()[-1]) == 4 + 3 * 3 * 2  # occurrences; per dim, carry + update of 3 variants

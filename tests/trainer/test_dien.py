@@ -348,20 +348,9 @@ def test_dien_trains_in_one_process(tiny_cfg):
 def test_triton_sequence_kernels_compile_for_the_gpu():
     """Both GRU kernels, every mode and width the wrapper launches, compile for an H100/H200
     (sm_90) with Triton's compiler and ptxas, here without a GPU."""
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import compiled_for_the_gpu
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run(
-        [sys.executable, "-m", "trainer.models.gru_triton", "90"],
-        env=env,
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = compiled_for_the_gpu("-m", "trainer.models.gru_triton", "90")
     lines = [x for x in p.stdout.splitlines() if "registers" in x]
     assert len(lines) == 2 * 3 * 3  # forward and backward; GRU, AGRU, AUGRU; BLOCK_H 32, 64, 128
 
