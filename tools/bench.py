@@ -253,13 +253,12 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         other_model = build_model(other_cfg, world, torch.device("cpu"))
         other_steps = Steps(other_model, dense_optimizer(other_cfg, other_model), torch.device("cpu"))
 
-        def our_steps(idx) -> None:
-            for _ in pipelined.run(data[i] for i in idx):
-                pass
+        def through(steps: Steps):
+            def run_steps(idx) -> None:
+                for _ in steps.run(data[i] for i in idx):
+                    pass
 
-        def precision_steps(idx) -> None:
-            for _ in other_steps.run(data[i] for i in idx):
-                pass
+            return run_steps
 
         def plain_steps(idx) -> None:
             for i in idx:
@@ -286,7 +285,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
 
         # Alternate the three in `rounds` blocks of the same batches, so that a change of the
         # machine's speed during the run (a shared host) hits them alike.
-        runs = {"ours": our_steps, "plain": plain_steps, "other": precision_steps, "reference": ref_steps}
+        runs = {"ours": through(pipelined), "plain": plain_steps, "other": through(other_steps), "reference": ref_steps}
         for run_steps in runs.values():
             run_steps(range(warmup))
         timed = range(warmup, warmup + steps)

@@ -48,6 +48,39 @@ if triton is not None:
         return tl.load(ptr, mask=(a[:, None] < H) & (a[None, :] < H), other=0.0)
 
     @triton.jit
+    def _program_rows(len_ptr, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+        """This program's rows and columns, their masks, and the rows' lengths."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, BLOCK_H)
+        rmask = rows < B
+        cmask = cols < H
+        m2 = rmask[:, None] & cmask[None, :]
+        return rows, cols, rmask, cmask, m2, tl.load(len_ptr + rows, mask=rmask, other=0)
+
+    @triton.jit
+    def _u_blocks(w_ptr, H, BLOCK_H: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """U's three gate blocks r, z, h̃ (see `_u_block`)."""
+        ur = _u_block(w_ptr, 0, H, BLOCK_H, TRANSPOSED)
+        uz = _u_block(w_ptr, 1, H, BLOCK_H, TRANSPOSED)
+        un = _u_block(w_ptr, 2, H, BLOCK_H, TRANSPOSED)
+        return ur, uz, un
+
+    @triton.jit
+    def _update_gate(u, att_ptr, rows, rmask, T, t, MODE: tl.constexpr):
+        """(the update gate as applied, ũ; the attention a of step t, [BLOCK_B, 1]): GRU ũ = u,
+        AGRU ũ = a, AUGRU ũ = a·u (GRU: a is not read; u stands in for it)."""
+        if MODE == 0:
+            uu = u
+            a = u
+        elif MODE == 1:
+            a = tl.load(att_ptr + rows * T + t, mask=rmask, other=0.0)[:, None]
+            uu = a + tl.zeros_like(u)
+        else:
+            a = tl.load(att_ptr + rows * T + t, mask=rmask, other=0.0)[:, None]
+            uu = a * u
+        return uu, a
+
+    @triton.jit
     def _forward_kernel(
         xg_ptr,  # [B, T, 3H] input gates
         w_ptr,  # [3H, H]
@@ -64,15 +97,8 @@ if triton is not None:
         BLOCK_B: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_H)
-        rmask = rows < B
-        cmask = cols < H
-        m2 = rmask[:, None] & cmask[None, :]
-        lengths = tl.load(len_ptr + rows, mask=rmask, other=0)
-        ur = _u_block(w_ptr, 0, H, BLOCK_H, True)
-        uz = _u_block(w_ptr, 1, H, BLOCK_H, True)
-        un = _u_block(w_ptr, 2, H, BLOCK_H, True)
+        rows, cols, rmask, cmask, m2, lengths = _program_rows(len_ptr, B, H, BLOCK_B, BLOCK_H)
+        ur, uz, un = _u_blocks(w_ptr, H, BLOCK_H, True)
         br = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         bz = tl.load(b_ptr + H + cols, mask=cmask, other=0.0)
         bn = tl.load(b_ptr + 2 * H + cols, mask=cmask, other=0.0)
@@ -89,14 +115,7 @@ if triton is not None:
             u = tl.sigmoid(-(xz + hz))  # the paper's update gate, 1 − z
             pre = xn + r * hn
             c = 2.0 * tl.sigmoid(2.0 * pre) - 1.0  # tanh
-            if MODE == 0:
-                uu = u
-            else:
-                a = tl.load(att_ptr + rows * T + t, mask=rmask, other=0.0)[:, None]
-                if MODE == 1:
-                    uu = a + tl.zeros_like(u)
-                else:
-                    uu = a * u
+            uu, a = _update_gate(u, att_ptr, rows, rmask, T, t, MODE)
             new = h + uu * (c - h)
             real = (t < lengths)[:, None]
             h = tl.where(real, new, h)
@@ -127,15 +146,8 @@ if triton is not None:
         BLOCK_B: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_H)
-        rmask = rows < B
-        cmask = cols < H
-        m2 = rmask[:, None] & cmask[None, :]
-        lengths = tl.load(len_ptr + rows, mask=rmask, other=0)
-        ur = _u_block(w_ptr, 0, H, BLOCK_H, False)
-        uz = _u_block(w_ptr, 1, H, BLOCK_H, False)
-        un = _u_block(w_ptr, 2, H, BLOCK_H, False)
+        rows, cols, rmask, cmask, m2, lengths = _program_rows(len_ptr, B, H, BLOCK_B, BLOCK_H)
+        ur, uz, un = _u_blocks(w_ptr, H, BLOCK_H, False)
         dh = tl.load(gl_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
         for i in range(T):
             t = T - 1 - i
@@ -149,14 +161,7 @@ if triton is not None:
             hn = tl.load(saved_ptr + s + 3 * H, mask=m2, other=0.0)
             has_prev = (tl.zeros_like(lengths) + t) > 0
             prev = tl.load(states_ptr + at - H, mask=m2 & has_prev[:, None], other=0.0)  # h_{t−1}; 0 at t = 0
-            if MODE == 0:
-                uu = u
-            else:
-                a = tl.load(att_ptr + rows * T + t, mask=rmask, other=0.0)[:, None]
-                if MODE == 1:
-                    uu = a + tl.zeros_like(u)
-                else:
-                    uu = a * u
+            uu, a = _update_gate(u, att_ptr, rows, rmask, T, t, MODE)
             d_uu = dh * (c - prev)
             d_pre_n = dh * uu * (1.0 - c * c)
             d_hn = d_pre_n * r

@@ -203,7 +203,7 @@ class CTRModel(nn.Module):
         return self.sparse(batch.sparse, batch.pooled)
 
     def forward(self, batch):  # -> logits [B], or (logits, training term) (DIEN)
-        return self.tower(self.sparse(batch.sparse, batch.pooled), batch.dense)
+        return self.tower(self.lookups(batch), batch.dense)
 
     def attention_weights(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's attention weight of every behaviour, [N] (jagged), and the lengths [B]."""
