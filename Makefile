@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean lint reproduce-movielens
+.PHONY: setup train test data clean lint reproduce-movielens peers
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,13 @@ data/movielens/convert.json: $(ML_WHEEL)
 $(ML_WHEEL):
 	$(VENV)/bin/pip download -q --no-deps recbole==1.2.1 -d data/downloads
 
+# DeepCTR-Torch for `dinrec bench peers` only, outside the venv (tools/peers-requirements.txt)
+peers: setup .peers/.installed
+
+.peers/.installed: tools/peers-requirements.txt
+	$(BIN)/pip install -q --no-deps --target .peers -r tools/peers-requirements.txt
+	touch $@
+
 # ruff first: a lint or format error fails in seconds, before the 15-minute suite
 test: setup
 	$(BIN)/ruff check .
@@ -55,7 +62,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs .peers
 
 lint: setup
 	$(BIN)/ruff check .

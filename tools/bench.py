@@ -14,6 +14,7 @@ module's parsers.
 - `dinrec bench e2e`: the training step fed from the Parquet files (the reader, its loader
   workers, the pipeline's copy to the device) against the same step on batches already in memory
   on the device, in one run; on a GPU with the GPU's busy time.
+- `dinrec bench peers`: DIN, DIEN and BaseModel steps against DeepCTR-Torch's (tools/peers.py).
 - `dinrec bench embedding`: the MBA embedding step against FBGEMM's fused SGD and torch's sparse
   SGD (tools/bench_embedding.py).
 """
@@ -30,7 +31,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from tools import bench_embedding
+from tools import bench_embedding, peers
 from trainer.config import Config, ConfigError, load_config
 
 
@@ -65,6 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
     config_args(e2e)
     _steps_and_device(e2e, steps=200, warmup=20, what="timed steps each way")
     bench_embedding.add_parser(sub)
+    peers.add_parser(sub, config_args)
 
 
 def _steps_and_device(p: argparse.ArgumentParser, steps: int, warmup: int, what: str) -> None:
@@ -81,6 +83,8 @@ def _steps_and_device(p: argparse.ArgumentParser, steps: int, warmup: int, what:
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "embedding":
         return bench_embedding.run(args)
+    if args.bench == "peers":
+        return peers.run(args)
     cfg = load_config(args.config, args.overrides)
     if args.bench == "loader":
         return bench_loader(cfg, args.batches, args.train_steps, args.compare)
