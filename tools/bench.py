@@ -6,7 +6,8 @@ module's parsers.
   against the rate at which training consumes batches (measured in the same run, in memory).
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
   FBGEMM fused sparse optimizer, jagged attention, torchrec's TrainPipelineSparseDist) against the
-  same step without the pipeline (`train_step`, the plain loop) and against a plain-PyTorch DIN
+  same step without the pipeline (`train_step`, the plain loop), in the other precision (fp32 /
+  bf16), with the tower compiled or not (model.compile), and against a plain-PyTorch DIN
   of the same shape (nn.Embedding with sparse gradients, padded histories), on the same batches,
   alternating in blocks within one run.
 - `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
@@ -256,6 +257,9 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         other_cfg = replace(cfg, model=replace(cfg.model, precision=other))
         other_model = build_model(other_cfg, world, torch.device("cpu"))
         other_steps = Steps(other_model, dense_optimizer(other_cfg, other_model), torch.device("cpu"))
+        flip_cfg = replace(cfg, model=replace(cfg.model, compile=not cfg.model.compile))  # the tower (not) compiled
+        flip_model = build_model(flip_cfg, world, torch.device("cpu"))
+        flip_steps = Steps(flip_model, dense_optimizer(flip_cfg, flip_model), torch.device("cpu"))
 
         def through(steps: Steps):
             def run_steps(idx) -> None:
@@ -289,7 +293,13 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
 
         # Alternate the three in `rounds` blocks of the same batches, so that a change of the
         # machine's speed during the run (a shared host) hits them alike.
-        runs = {"ours": through(pipelined), "plain": plain_steps, "other": through(other_steps), "reference": ref_steps}
+        runs = {
+            "ours": through(pipelined),
+            "plain": plain_steps,
+            "other": through(other_steps),
+            "flip": through(flip_steps),
+            "reference": ref_steps,
+        }
         for run_steps in runs.values():
             run_steps(range(warmup))
         timed = range(warmup, warmup + steps)
@@ -304,6 +314,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     ours = sum(samples) / sum(seconds["ours"])
     plain = sum(samples) / sum(seconds["plain"])
     rate = {cfg.model.precision: ours, other: sum(samples) / sum(seconds["other"])}
+    flip = sum(samples) / sum(seconds["flip"])
+    compiled, eager = (ours, flip) if cfg.model.compile else (flip, ours)
     reference = sum(samples) / sum(seconds["reference"])
     per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
     hist_feature = layout.pairs[0][1]
@@ -327,6 +339,9 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "precision": cfg.model.precision,
         "samples_per_s_by_precision": {k: round(v, 1) for k, v in rate.items()},
         "ratio_bf16_over_fp32": round(rate["bf16"] / rate["fp32"], 3),
+        "compile": cfg.model.compile,
+        "samples_per_s_by_compile": {"eager": round(eager, 1), "compiled": round(compiled, 1)},
+        "ratio_compiled_over_eager": round(compiled / eager, 3),
         "ratio_per_round": [round(r, 3) for r in per_round],
     }
 

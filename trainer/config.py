@@ -71,6 +71,10 @@ class ModelConfig:
     # the model's dense part (attention, GRUs' projections, MLP) in fp32, or under bfloat16
     # autocast (fp32 weights, statistics, logits and loss); see `dinrec bench train`
     precision: Literal["fp32", "bf16"] = "fp32"
+    # the model's dense part through torch.compile (inductor, dynamic shapes): its elementwise work
+    # (PReLU/Dice, masks, the weighted sum) fused into generated C++ loops with the GEMMs between;
+    # the first steps compile (tens of seconds, cached on disk for later runs); see docs/speed.md
+    compile: bool = False
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.
     id_dropout: float = 0.0

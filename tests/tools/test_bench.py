@@ -58,6 +58,9 @@ def test_bench_train_against_reference(tiny_data, capsys):
     by = r["samples_per_s_by_precision"]
     assert by["fp32"] == r["dinrec_samples_per_s"] and by["bf16"] > 0  # the config's fp32, and bf16 beside it
     assert abs(r["ratio_bf16_over_fp32"] - by["bf16"] / by["fp32"]) < 0.002
+    c = r["samples_per_s_by_compile"]
+    assert r["compile"] is False and c["eager"] == r["dinrec_samples_per_s"] and c["compiled"] > 0
+    assert abs(r["ratio_compiled_over_eager"] - c["compiled"] / c["eager"]) < 0.002
 
 
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):

@@ -233,3 +233,41 @@ def test_rows_linear_pads_under_bf16_autocast_without_changing_the_result():
     for a, c in zip(gg, gw, strict=True):
         torch.testing.assert_close(a, c, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(rows_linear(x, w, b), torch.nn.functional.linear(x, w, b))  # fp32: F.linear
+
+
+@pytest.mark.parametrize("name,activation", [("din", "dice"), ("dien", "prelu")])
+def test_compiled_tower_against_eager_float64(tiny_cfg, name, activation):
+    """model.compile: the tower through torch.compile (dynamic shapes) against the same weights run
+    eagerly in float64, on two batches of different shapes (one graph for both) and in evaluation
+    (Dice's moving averages): logits to 1e-4, gradients to 1e-4 relative in norm (fp32 rounding;
+    the compiled graph reorders sums), Dice's running statistics updated alike."""
+    from trainer.models import MODELS
+
+    cfg = tiny_cfg(f"model.name={name}", f"model.activation={activation}", "model.compile=true")
+    layout = FeatureLayout.from_config(cfg)
+    torch.manual_seed(1)
+    compiled = MODELS[name](layout, cfg.model, 0)
+    eager = MODELS[name](layout, tiny_cfg(f"model.name={name}", f"model.activation={activation}").model, 0)
+    eager.load_state_dict(compiled.state_dict())
+    eager.tower.double()
+    stream = iter(stream_from_config(cfg, "train").epoch(0))
+    batches = [next(stream), next(stream)]
+    assert batches[0].sparse.values().numel() != batches[1].sparse.values().numel()
+    torch._dynamo.reset()
+    for mode in ("train", "train", "eval"):
+        batch = batches.pop(0) if batches else next(stream)
+        compiled.train(mode == "train"), eager.train(mode == "train")
+        x = compiled.lookups(batch)
+        out = compiled.tower(x, batch.dense)
+        x64 = type(x)(*(t.detach().double() if t is not None and t.is_floating_point() else t for t in x))
+        want = eager.tower(x64, batch.dense.double())
+        logits, want = (out[0], want[0]) if isinstance(out, tuple) else (out, want)
+        torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)
+        if mode == "train":
+            got_g = torch.autograd.grad(logits.sum(), list(compiled.tower.parameters()), allow_unused=True)
+            want_g = torch.autograd.grad(want.sum(), list(eager.tower.parameters()), allow_unused=True)
+            for g, w in zip(got_g, want_g, strict=True):
+                if w is not None:
+                    assert float((g.double() - w).norm() / w.norm().clamp_min(1e-12)) < 1e-4
+    for (k, a), b in zip(compiled.tower.state_dict().items(), eager.tower.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6, msg=k)

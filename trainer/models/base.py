@@ -18,7 +18,7 @@ def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Ten
 
 class BaseTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__(cfg.precision)
+        super().__init__(cfg.precision, cfg.compile)
         d = layout.behaviour_dim
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 

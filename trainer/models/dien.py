@@ -47,7 +47,7 @@ class DIEN(CTRModel):
 
 class DIENTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__(cfg.precision)
+        super().__init__(cfg.precision, cfg.compile)
         d = layout.behaviour_dim
         self.extractor = AttentionGRUCell(d, d)
         self.attention = nn.Linear(d, d, bias=False)  # W of Eq. 8, applied to e_a

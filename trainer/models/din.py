@@ -13,7 +13,7 @@ from trainer.models.layers import MLP, CTRModel, LocalActivationUnit, Lookups, T
 
 class DINTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
-        super().__init__(cfg.precision)
+        super().__init__(cfg.precision, cfg.compile)
         d = layout.behaviour_dim
         self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation)
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)

@@ -106,6 +106,7 @@ class _Sequence(torch.autograd.Function):
         return dxg, dw, db, datt if ctx.needs_input_grad[3] else None, None, None, None
 
 
+@torch.compiler.disable  # model.compile: the sequence kernels (C++, Triton) run as they are, between graphs
 def sequence(
     cell: AttentionGRUCell,
     x: torch.Tensor,
