@@ -7,7 +7,11 @@ which table each one looks up, and the KJT key order. The one place of the namin
 - `neg_hist_X` is DIEN's negative of behaviour `hist_X` (aligned with it, one per behaviour): it
   joins the table of `hist_X` by itself when the model has an auxiliary loss, read from the file
   when the file has the column, else sampled by the reader;
-- every other feature is pooled (sum, EmbeddingBagCollection).
+- every other feature is pooled (sum, EmbeddingBagCollection);
+- a model that only sums the behaviours (BaseModel) has its behaviour tables pooled too
+  (`history_pooled`): FBGEMM sums each history inside the lookup and its backward, with no
+  [N, D] tensor of behaviours (5× less time than the unpooled lookup and backward at batch 1024
+  on the CPU, docs/results.md).
 
 Also `jagged_rows`, the row of each value of a jagged tensor, which every layer that works on the
 jagged behaviours needs.
@@ -68,10 +72,12 @@ class FeatureLayout:
     pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
     negatives: tuple[tuple[str, str], ...] = ()  # (behaviour feature, its negative), pair order
     max_hist_len: int = 0  # behaviours per row at most (data.max_hist_len; 0: not known)
+    history_pooled: bool = False  # the behaviour tables sum-pooled too (BaseModel)
 
     @staticmethod
     def from_config(cfg: Config) -> FeatureLayout:
         with_negatives = cfg.model.name == "dien" and cfg.model.aux_loss > 0
+        history_pooled = cfg.model.name == "base"
         seq, pooled, pairs, negatives = [], [], [], []
         for t in cfg.tables:
             tp = [(c, f) for f in t.features if (c := candidate_of(f)) is not None and c in t.features]
@@ -79,9 +85,11 @@ class FeatureLayout:
                 tn = [(h, negative_of(h)) for _, h in tp]
                 t = dataclasses.replace(t, features=[*t.features, *(n for _, n in tn)])
                 negatives.extend(tn)
-            (seq if tp else pooled).append(t)
+            (seq if tp and not history_pooled else pooled).append(t)
             pairs.extend(tp)
-        return FeatureLayout(tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives), cfg.data.max_hist_len)
+        return FeatureLayout(
+            tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives), cfg.data.max_hist_len, history_pooled
+        )
 
     @property
     def tables(self) -> tuple[TableConfig, ...]:
@@ -96,6 +104,13 @@ class FeatureLayout:
         return [f for t in self.pooled_tables for f in t.features]
 
     @property
+    def other_pooled_features(self) -> list[str]:
+        """The pooled features that are neither a candidate nor a behaviour (with
+        `history_pooled` those are pooled too)."""
+        paired = {f for pair in self.pairs for f in pair}
+        return [f for f in self.pooled_features if f not in paired]
+
+    @property
     def keys(self) -> list[str]:
         return self.seq_features + self.pooled_features
 
@@ -106,17 +121,14 @@ class FeatureLayout:
         return [k for k in self.keys if is_sequence(k)]
 
     @property
-    def seq_dim(self) -> int:
-        return self.seq_tables[0].dim if self.seq_tables else 0
-
-    @property
     def behaviour_dim(self) -> int:
         """Width of one behaviour (and of the candidate): its pairs' embeddings concatenated."""
-        return self.seq_dim * len(self.pairs)
+        return sum(self.table_of(c).dim for c, _ in self.pairs)
 
     @property
     def pooled_dim(self) -> int:
-        return sum(t.dim * len(t.features) for t in self.pooled_tables)
+        """Width of the other pooled features' embeddings concatenated."""
+        return sum(self.table_of(f).dim for f in self.other_pooled_features)
 
     def table_of(self, feature: str) -> TableConfig:
         for t in self.tables:

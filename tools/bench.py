@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import time
 
 import pyarrow as pa
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from tools import bench_embedding, peers
+from tools.timing import machine, take, time_pipelined
 from trainer.config import Config, ConfigError, load_config
 
 
@@ -102,28 +102,6 @@ def run(args: argparse.Namespace) -> dict:
     return bench_train(cfg, args.steps, args.warmup, args.rounds)
 
 
-def _machine() -> dict:
-    return {
-        "machine": platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-
-
-def _take(cfg: Config, n: int) -> list:
-    from trainer.data import stream_from_config
-
-    batches = []
-    for b in stream_from_config(cfg, "train").epoch(0):
-        batches.append(b)
-        if len(batches) == n:
-            break
-    if len(batches) < n:
-        raise ConfigError(f"bench: the training data has only {len(batches)} batches, {n} needed")
-    return batches
-
-
 def _read_on_one_core(cfg: Config, batches: int) -> tuple[int, int, float]:
     """(batches, rows, seconds) of the reader over data.train, pinned to one core with Arrow's own
     thread pools at one thread."""
@@ -155,7 +133,7 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
 
     from trainer.sharding import build_model, dense_optimizer, process_group
 
-    machine = _machine()
+    host = machine()
     n_batches, n_rows, loader_seconds = _read_on_one_core(cfg, batches)
     loader_rate = n_rows / loader_seconds
     other = {}
@@ -169,14 +147,14 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
             "compare_over_loader": round(c_rows / c_seconds / loader_rate, 3),
         }
     # --- what training consumes: the training step on in-memory batches, all cores
-    data = _take(cfg, train_steps + 10)
+    data = take(cfg, train_steps + 10)
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        train_rate = _time_pipelined(model, opt, torch.device("cpu"), data, warmup=10)
+        train_rate = time_pipelined(model, opt, torch.device("cpu"), data, warmup=10)
     return {
         "bench": "loader",
-        **machine,
+        **host,
         "data": cfg.data.train,
         "loader_cores": 1,
         "loader_batches": n_batches,
@@ -189,38 +167,6 @@ def bench_loader(cfg: Config, batches: int, train_steps: int, compare: str | Non
         **other,
         "batch_size": cfg.data.batch_size,
     }
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_pipelined(model, opt, device: torch.device, batches, warmup: int) -> float:
-    """Samples/s of the pipelined training step (trainer.step.Steps) over `batches` (a list or an
-    iterator) after `warmup` untimed steps; the clock stops when the device is done."""
-    from trainer.step import Steps
-
-    sizes: list[int] = []
-
-    def sized():
-        for b in batches:
-            sizes.append(len(b))
-            yield b
-
-    run = Steps(model, opt, device).run(sized())
-    for _ in itertools.islice(run, warmup):
-        pass
-    _sync(device)
-    t0 = time.perf_counter()
-    n, last = 0, None
-    for last in run:  # noqa: B007 - the last step's loss is read after the loop
-        n += 1
-    if last is not None:
-        float(last)  # the last step's loss: the device has finished every step
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return sum(sizes[warmup : warmup + n]) / seconds  # the pipeline reads ahead: count the steps run
 
 
 def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
@@ -244,7 +190,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         raise ConfigError("bench train: set dense_optimizer.type=adam (as the reference)")
     if rounds < 1:
         raise ConfigError(f"bench train: --rounds must be >= 1, got {rounds}")
-    data = _take(cfg, warmup + steps)
+    data = take(cfg, warmup + steps)
     lr = cfg.sparse_optimizer.lr
     with process_group(cfg) as (_, world):
         # --- ours: the pipelined step training runs, and the same step without the pipeline
@@ -319,10 +265,10 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     reference = sum(samples) / sum(seconds["reference"])
     per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
     hist_feature = layout.pairs[0][1]
-    mean_hist = sum(float(b.sparse[hist_feature].lengths().sum()) for b in data) / sum(len(b) for b in data)
+    mean_hist = sum(float(b.feature(hist_feature).lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
         "bench": "train",
-        **_machine(),
+        **machine(),
         "model": "din",
         "batch_size": cfg.data.batch_size,
         "steps": steps,
@@ -372,7 +318,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
     base = runs[str(counts[0])]["train_samples_per_s"]
     return {
         "bench": "workers",
-        **_machine(),
+        **machine(),
         "model": cfg.model.name,
         "batch_size_per_worker": cfg.data.batch_size,
         "runs": runs,
@@ -404,19 +350,19 @@ def bench_dien(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dic
         variants["dien_cpp_aten"] = replace(cfg, model=replace(cfg.model, gru_kernel="cpp"))
     rates = {}
     for name, c in variants.items():
-        data = [b.to(device) for b in _take(c, warmup + steps)]
+        data = [b.to(device) for b in take(c, warmup + steps)]
         with process_group(c) as (_, world):
             torch.manual_seed(c.train.seed)
             model = build_model(c, world, torch.device(device))
             opt = dense_optimizer(c, model)
             model.train()
-            rates[name] = _time_pipelined(model, opt, torch.device(device), data, warmup)
+            rates[name] = time_pipelined(model, opt, torch.device(device), data, warmup)
         if name == "dien":  # the same rows for every variant: measure the histories once
             hist = FeatureLayout.from_config(c).pairs[0][1]
-            mean_hist = sum(float(b.sparse[hist].lengths().sum()) for b in data) / sum(len(b) for b in data)
+            mean_hist = sum(float(b.feature(hist).lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
         "bench": "dien",
-        **_machine(),
+        **machine(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "batch_size": cfg.data.batch_size,
         "steps": steps,
@@ -475,7 +421,7 @@ def bench_e2e(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dict
             raise ConfigError("bench e2e: --device cuda, but torch sees no GPU")
         cfg = replace(cfg, launch=replace(cfg.launch, use_gpu=True))
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-    in_memory = [b.to(dev) for b in _take(cfg, warmup + steps)]
+    in_memory = [b.to(dev) for b in take(cfg, warmup + steps)]
     rates: dict[str, float] = {}
     busy = None
     with process_group(cfg) as (_, world):
@@ -486,18 +432,18 @@ def bench_e2e(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> dict
             model.train()
             return model, dense_optimizer(cfg, model)
 
-        rates["in_memory"] = _time_pipelined(*fresh(), dev, in_memory, warmup)
+        rates["in_memory"] = time_pipelined(*fresh(), dev, in_memory, warmup)
         del in_memory
         stream = stream_from_config(cfg, "train")
         try:
-            rates["parquet"] = _time_pipelined(*fresh(), dev, itertools.islice(stream.epoch(0), warmup + steps), warmup)
+            rates["parquet"] = time_pipelined(*fresh(), dev, itertools.islice(stream.epoch(0), warmup + steps), warmup)
             if device == "cuda":
                 busy = _gpu_busy(*fresh(), dev, stream.epoch(0), min(steps, 50))
         finally:
             stream.close()
     return {
         "bench": "e2e",
-        **_machine(),
+        **machine(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": cfg.model.name,
         "sparse_optimizer": cfg.sparse_optimizer.type,

@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tools.bench import _machine
+    from tools.timing import machine
     from trainer.config import ConfigError, load_config
 
     models = [m for m in args.models.split(",") if m]
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
                 results[m][side].append(_child(args, m, side, peers))
     out: dict = {
         "bench": "peers",
-        **_machine(),
+        **machine(),
         "batch_size": cfg.data.batch_size,
         "max_hist_len": cfg.data.max_hist_len,
         "dim": cfg.tables[0].dim,
@@ -138,28 +138,28 @@ def _child(args: argparse.Namespace, model: str, side: str, peers: Path) -> dict
 
 
 def _batches(cfg, n: int) -> list:
-    from tools.bench import _take
+    from tools.timing import take
 
-    return _take(cfg, n)
+    return take(cfg, n)
 
 
 def _mean_hist(batches, layout) -> float:
     hist = layout.pairs[0][1]
-    return round(sum(float(b.sparse[hist].lengths().sum()) for b in batches) / sum(len(b) for b in batches), 2)
+    return round(sum(float(b.feature(hist).lengths().sum()) for b in batches) / sum(len(b) for b in batches), 2)
 
 
 def _dinrec(cfg, steps: int, warmup: int) -> dict:
     import torch
 
     from embedding.layout import FeatureLayout
-    from tools.bench import _time_pipelined
+    from tools.timing import time_pipelined
     from trainer.sharding import build_model, dense_optimizer, process_group
 
     data = _batches(cfg, warmup + steps)
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
-        rate = _time_pipelined(model, opt, torch.device("cpu"), data, warmup)
+        rate = time_pipelined(model, opt, torch.device("cpu"), data, warmup)
     samples = sum(len(b) for b in data[warmup:])
     return {
         "samples": samples,
@@ -197,12 +197,11 @@ def deepctr_inputs(batch, feature_index: dict, max_len: int):
     n = len(batch)
     width = max(end for _, end in feature_index.values())
     x = torch.zeros(n, width)
-    jts = batch.sparse.to_dict()
     lengths = None
     for name, (start, end) in feature_index.items():
         if name == "seq_length":
             continue
-        jt = jts[name]
+        jt = batch.feature(name)
         dense = jt.to_padded_dense(desired_length=end - start, padding_value=-1) + 1
         x[:, start:end] = dense.to(x.dtype)
         if end - start == max_len and lengths is None:

@@ -1,6 +1,8 @@
 """One training or evaluation batch: the sparse features as torchrec KeyedJaggedTensors (the
 candidate and behaviour features, FeatureLayout.seq_features order; the pooled features,
-FeatureLayout.pooled_features order), the dense features, the labels and the GAUC key.
+FeatureLayout.pooled_features order; with `history_pooled`, BaseModel's, the candidate and
+behaviour features are pooled ones and `sparse` is empty), the dense features, the labels and
+the GAUC key.
 
 A Batch is what torchrec's TrainPipelineSparseDist moves and distributes ahead of the step
 (trainer.step): the model reads both KJTs as plain attributes of its input, so the pipeline can
@@ -52,6 +54,23 @@ class Batch(Pipelineable):
 
     def __len__(self) -> int:
         return self.labels.numel()
+
+    def feature(self, name: str):
+        """The JaggedTensor of one feature, from whichever KJT holds it."""
+        for kjt in (self.sparse, self.pooled):
+            if kjt is not None and name in kjt.keys():
+                return kjt[name]
+        raise KeyError(name)
+
+
+def features_kjt(keys: list[str], lengths: list[torch.Tensor], values: list[torch.Tensor]) -> KeyedJaggedTensor:
+    """A KJT of `keys` from per-key lengths (int32) and ids (int64); no keys: an empty KJT (a
+    batch whose features are all of the other kind)."""
+    if not keys:
+        return KeyedJaggedTensor(
+            keys=[], values=torch.empty(0, dtype=torch.int64), lengths=torch.empty(0, dtype=torch.int32)
+        )
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 def drop_ids(kjt: KeyedJaggedTensor, keys: set[str], p: float, generator: torch.Generator) -> KeyedJaggedTensor:

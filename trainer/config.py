@@ -73,7 +73,7 @@ class ModelConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # the model's dense part through torch.compile (inductor, dynamic shapes): its elementwise work
     # (PReLU/Dice, masks, the weighted sum) fused into generated C++ loops with the GEMMs between;
-    # the first steps compile (tens of seconds, cached on disk for later runs); see docs/speed.md
+    # the first steps compile (tens of seconds, cached on disk for later runs); see docs/results.md
     compile: bool = False
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.

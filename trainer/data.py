@@ -42,7 +42,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embedding.layout import FeatureLayout, is_sequence
 from embedding.tables import hash_ids
 from trainer import storage
-from trainer.batch import Batch
+from trainer.batch import Batch, features_kjt
 
 
 class DataError(ValueError):
@@ -479,11 +479,8 @@ class ParquetStream:
 
     def _to_batch(self, c: _Chunk, seg: Segment, k: int) -> Batch:
         def kjt(keys: list[str]) -> KeyedJaggedTensor:
-            lengths = np.concatenate([np.diff(c.lists[k][0]) for k in keys])
-            values = np.concatenate([c.lists[k][1] for k in keys])
-            return KeyedJaggedTensor(
-                keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.astype(np.int32))
-            )
+            lengths = [torch.from_numpy(np.diff(c.lists[k][0]).astype(np.int32)) for k in keys]
+            return features_kjt(keys, lengths, [torch.from_numpy(c.lists[k][1]) for k in keys])
 
         pooled = self.layout.pooled_features
         dense = c.scalars.get("dense")

@@ -20,7 +20,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, is_sequence
-from trainer.batch import Batch
+from trainer.batch import Batch, features_kjt
 from trainer.config import Config
 from trainer.models import MODELS
 from trainer.step import training_loss
@@ -58,7 +58,7 @@ def _measure(cfg: Config, batch_size: int) -> dict[str, int]:
             n = cfg.data.max_hist_len if is_sequence(key) else 1
             lengths.append(torch.full((batch_size,), n, dtype=torch.int32))
             values.append(torch.randint(0, rows[key], (batch_size * n,), generator=gen))
-        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        return features_kjt(keys, lengths, values)
 
     batch = Batch(
         sparse=kjt(layout.seq_features),

@@ -319,6 +319,8 @@ def epoch_batches(run: Run, at: Position, first: int, n: int) -> Iterator[Batch]
         if run.cfg.model.id_dropout:
             g = torch.Generator().manual_seed(dropout_seed(run.cfg.train.seed, run.rank, at.epoch, len(at.earlier), k))
             batch.sparse = drop_ids(batch.sparse, run.dropout_keys, run.cfg.model.id_dropout, g)
+            if batch.pooled is not None:  # the behaviours are pooled features with history_pooled (BaseModel)
+                batch.pooled = drop_ids(batch.pooled, run.dropout_keys, run.cfg.model.id_dropout, g)
         yield batch
 
 

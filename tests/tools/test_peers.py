@@ -27,10 +27,10 @@ def _argv(tiny_data, *extra):
 
 
 def test_deepctr_inputs_match_the_batch(tiny_cfg):
-    from tools.bench import _take
+    from tools.timing import take
 
     cfg = tiny_cfg(BEHAVIOUR_ONLY)
-    (batch,) = _take(cfg, 1)
+    (batch,) = take(cfg, 1)
     L = cfg.data.max_hist_len
     index = {
         "item_id": (0, 1),
@@ -44,7 +44,7 @@ def test_deepctr_inputs_match_the_batch(tiny_cfg):
     for name, (start, _) in index.items():
         if name == "seq_length":
             continue
-        jt = batch.sparse[name]
+        jt = batch.feature(name)
         vals, lens = jt.values().tolist(), jt.lengths().tolist()
         pos = 0
         for row, n in enumerate(lens):

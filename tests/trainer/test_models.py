@@ -169,21 +169,24 @@ def test_din_changes_with_a_duplicated_relevant_behaviour(tiny_cfg):
 def test_base_model_sum_pools_the_history(tiny_cfg):
     cfg = tiny_cfg("model.name=base")
     layout = FeatureLayout.from_config(cfg)
+    assert layout.history_pooled and not layout.seq_tables  # every table pooled, by FBGEMM
     model = BaseModel(layout, cfg.model, 0).eval()
+    assert model.sparse.ec is None
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
-    cand, hist, lengths, pooled, _ = model.lookups(batch)
-    jt = batch.sparse.to_dict()
-    emb = model.sparse.ec.embeddings
-    rows = jt["hist_item_id"].to_dense()
-    rows_c = jt["hist_cate_id"].to_dense()
+    assert batch.sparse.keys() == [] and batch.pooled is not None
+    x = model.lookups(batch)
+    assert x.hist is None and x.hist_sum is not None
+    jt = batch.pooled.to_dict()
+    emb = model.sparse.ebc.embedding_bags
+    rows, rows_c = jt["hist_item_id"].to_dense(), jt["hist_cate_id"].to_dense()
     for r in range(len(batch)):
         expect = torch.cat([emb["item"].weight[rows[r]].sum(0), emb["cate"].weight[rows_c[r]].sum(0)])
-        from trainer.models.base import sum_pool
-
-        torch.testing.assert_close(sum_pool(hist, lengths, len(batch))[r], expect)
-    user = model.sparse.ebc.embedding_bags["user"].weight
-    assert pooled.shape == (len(batch), 4)
-    torch.testing.assert_close(pooled[3], user[batch.pooled["user_id"].values()[3]])
+        torch.testing.assert_close(x.hist_sum[r], expect)
+        cand = torch.cat([emb["item"].weight[jt["item_id"].values()[r]], emb["cate"].weight[jt["cate_id"].values()[r]]])
+        torch.testing.assert_close(x.cand[r], cand)
+    user = emb["user"].weight
+    assert x.pooled.shape == (len(batch), 4)  # the user feature only: the candidate and history are apart
+    torch.testing.assert_close(x.pooled[3], user[batch.pooled["user_id"].values()[3]])
 
 
 @pytest.mark.parametrize("activation", ["prelu", "dice"])

@@ -23,7 +23,8 @@ class BaseTower(Tower):
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]
-        user = sum_pool(x.hist, x.lengths, x.cand.shape[0])  # [B, D]
+        # [B, D]: summed by the lookup (layout.history_pooled, the layout of this model), or here
+        user = x.hist_sum if x.hist_sum is not None else sum_pool(x.hist, x.lengths, x.cand.shape[0])
         return self.mlp(torch.cat([x.cand, user, x.pooled, dense], dim=1)).squeeze(1)
 
 

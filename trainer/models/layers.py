@@ -129,21 +129,24 @@ class LocalActivationUnit(nn.Module):
 
 class Lookups(NamedTuple):
     cand: torch.Tensor  # [B, D] candidate
-    hist: torch.Tensor  # [N, D] behaviours, jagged
-    lengths: torch.Tensor  # [B] behaviours per row
-    pooled: torch.Tensor  # [B, P]
+    hist: torch.Tensor | None  # [N, D] behaviours, jagged (None with history_pooled)
+    lengths: torch.Tensor | None  # [B] behaviours per row (None with history_pooled)
+    pooled: torch.Tensor  # [B, P] the other pooled features
     neg: torch.Tensor | None  # [N, D] DIEN's negative behaviours, aligned with hist (or None)
+    hist_sum: torch.Tensor | None = None  # [B, D] the behaviours summed by the lookup (history_pooled)
 
 
 class SparseArch(nn.Module):
     """KJTs → candidate, behaviours and pooled embeddings, through torchrec modules only, so that
-    DistributedModelParallel can shard them unchanged.
+    DistributedModelParallel can shard them unchanged. With `layout.history_pooled` every table is
+    in the EmbeddingBagCollection: the candidate is a bag of one id, each history a bag summed by
+    FBGEMM (`Lookups.hist_sum`), and there is no EmbeddingCollection.
     """
 
     def __init__(self, layout: FeatureLayout, device: torch.device | None = None):
         super().__init__()
         self.layout = layout
-        self.ec = EmbeddingCollection(tables=embedding_configs(layout), device=device)
+        self.ec = EmbeddingCollection(tables=embedding_configs(layout), device=device) if layout.seq_tables else None
         self.ebc = (
             EmbeddingBagCollection(tables=embedding_bag_configs(layout), device=device)
             if layout.pooled_tables
@@ -152,12 +155,20 @@ class SparseArch(nn.Module):
 
     def forward(self, seq: KeyedJaggedTensor, pooled_kjt: KeyedJaggedTensor | None) -> Lookups:
         # seq: the candidate and behaviour features; pooled_kjt: the pooled ones (Batch.pooled)
+        layout = self.layout
+        if layout.history_pooled:
+            kt = self.ebc(pooled_kjt).to_dict()
+            cand = torch.cat([kt[c] for c, _ in layout.pairs], dim=1)
+            hist_sum = torch.cat([kt[h] for _, h in layout.pairs], dim=1)
+            others = [kt[f] for f in layout.other_pooled_features]
+            pooled = torch.cat(others, dim=1) if others else cand.new_zeros(cand.shape[0], 0)
+            return Lookups(cand, None, None, pooled, None, hist_sum)
         pooled = self.ebc(pooled_kjt).values() if self.ebc is not None else None
         jts = self.ec(seq)
-        cand = torch.cat([jts[c].values() for c, _ in self.layout.pairs], dim=1)
-        hist = torch.cat([jts[h].values() for _, h in self.layout.pairs], dim=1)
-        lengths = jts[self.layout.pairs[0][1]].lengths()
-        neg = torch.cat([jts[n].values() for _, n in self.layout.negatives], dim=1) if self.layout.negatives else None
+        cand = torch.cat([jts[c].values() for c, _ in layout.pairs], dim=1)
+        hist = torch.cat([jts[h].values() for _, h in layout.pairs], dim=1)
+        lengths = jts[layout.pairs[0][1]].lengths()
+        neg = torch.cat([jts[n].values() for _, n in layout.negatives], dim=1) if layout.negatives else None
         if pooled is None:
             pooled = cand.new_zeros(cand.shape[0], 0)
         return Lookups(cand, hist, lengths, pooled, neg)
