@@ -8,12 +8,13 @@ import torch
 
 from embedding.layout import FeatureLayout, jagged_rows
 from trainer.config import ModelConfig
+from trainer.models.jagged import segment_sum
 from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 
 
 def sum_pool(hist: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
     """Eq. 1 with sum pooling: hist [N, D], lengths [B] -> [B, D]."""
-    return hist.new_zeros(batch, hist.shape[1]).index_add_(0, jagged_rows(lengths, hist.shape[0]), hist)
+    return segment_sum(hist, jagged_rows(lengths, hist.shape[0]), batch)
 
 
 class BaseTower(Tower):

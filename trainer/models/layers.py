@@ -17,6 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, jagged_rows
 from embedding.tables import embedding_bag_configs, embedding_configs
+from trainer.models.jagged import gather_rows, segment_sum
 
 
 class Dice(nn.Module):
@@ -110,8 +111,8 @@ class LocalActivationUnit(nn.Module):
         first = self.mlp[0]
         w_e, w_v, w_diff, w_prod = first.weight.split(self.dim, dim=1)  # each [H, D]
         per_row = F.linear(cand, w_v - w_diff, first.bias)  # [B, H]
-        per_behaviour = torch.cat([hist, hist * cand.index_select(0, seg)], dim=1)  # [N, 2D]
-        z = rows_linear(per_behaviour, torch.cat([w_e + w_diff, w_prod], dim=1)) + per_row.index_select(0, seg)
+        per_behaviour = torch.cat([hist, hist * gather_rows(cand, seg)], dim=1)  # [N, 2D]
+        z = rows_linear(per_behaviour, torch.cat([w_e + w_diff, w_prod], dim=1)) + gather_rows(per_row, seg)
         for layer in list(self.mlp)[1:]:
             z = rows_linear(z, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(z)
         return z
@@ -123,8 +124,7 @@ class LocalActivationUnit(nn.Module):
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
         seg = jagged_rows(lengths, hist.shape[0])
-        out = torch.zeros_like(cand)
-        return out.index_add_(0, seg, self._weights(hist, cand, seg) * hist)
+        return segment_sum(self._weights(hist, cand, seg) * hist, seg, cand.shape[0])
 
 
 class Lookups(NamedTuple):
