@@ -9,6 +9,7 @@ from embedding.layout import FeatureLayout
 from tools.reference import ReferenceDIN, padded_inputs
 from trainer.data import stream_from_config
 from trainer.models import DIN, BaseModel
+from trainer.models.dice import dice_train
 from trainer.models.layers import Dice, LocalActivationUnit
 
 
@@ -46,6 +47,68 @@ def test_dice_constant_channel_has_finite_gradient():
     x = torch.ones(1, 3, requires_grad=True)  # a batch of one: zero variance
     d(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "aten"])
+def test_dice_backward_against_autograd_of_eq9(use_kernel):
+    """Dice's written-out training function and backward (trainer.models.dice: the C++ kernel,
+    and the ATen ops of other devices) against autograd through the plain Eq. 9 with batch
+    statistics, in float64, including a constant channel (variance floored at ε²) and more rows
+    than one block of the kernel; and by finite differences."""
+    torch.manual_seed(0)
+    d = Dice(5, use_kernel=use_kernel).double()
+    d.alpha.data = torch.linspace(-0.7, 0.4, 5, dtype=torch.float64)
+    x = torch.randn(1300, 5, dtype=torch.float64) * 2 + 0.5
+    x[:, 3] = 1.5  # constant: zero variance
+    g = torch.randn(1300, 5, dtype=torch.float64)
+
+    def plain(s, alpha, eps=1e-8):
+        mean, var = s.mean(0), s.var(0, unbiased=False)
+        p = torch.sigmoid((s - mean) / (var.clamp_min(eps**2).sqrt() + eps))
+        return s * (p + (1 - p) * alpha)
+
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    alpha = d.alpha.detach().clone().requires_grad_()
+    want_y = plain(xa, alpha)
+    got_y = d(xb)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(want_y, [xa, alpha], g)
+    got = torch.autograd.grad(got_y, [xb, d.alpha], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    alpha4 = torch.tensor([-0.3, 0.2, 0.9, 0.0], dtype=torch.float64, requires_grad=True)
+    x4 = x[:40, [0, 1, 2, 4]].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, a: dice_train(s, a, 1e-8, use_kernel)[0], (x4, alpha4))
+
+
+def test_dice_kernel_on_bfloat16_against_float64():
+    """Under bf16 autocast Dice gets bfloat16 activations and returns bfloat16, computing in float:
+    the kernel's output and gradients against float64 on the same (bf16-rounded) values, to
+    bf16 rounding (statistics and ∂L/∂α, reduced in float, to float rounding)."""
+    torch.manual_seed(1)
+    x = (torch.randn(3000, 7) * 3 - 1).bfloat16()
+    alpha = torch.linspace(-0.5, 0.5, 7)
+    g = torch.randn(3000, 7).bfloat16()
+    y, mean, var, _ = dice_train(x, alpha, 1e-8)
+    assert y.dtype == torch.bfloat16
+    y64, mean64, var64, _ = dice_train(x.double(), alpha.double(), 1e-8)
+    torch.testing.assert_close(y.double(), y64, rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-6)
+    xs, a32 = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    x64, a64 = x.double().requires_grad_(), alpha.double().requires_grad_()
+    got = torch.autograd.grad(dice_train(xs, a32, 1e-8)[0], [xs, a32], g)
+    want = torch.autograd.grad(dice_train(x64, a64, 1e-8)[0], [x64, a64], g.double())
+    assert got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].double(), want[0], rtol=8e-3, atol=1e-4)  # ds rounded to bf16
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-3)
+
+
+def test_dice_passes_an_empty_batch_through():
+    d = Dice(3)
+    out = d(torch.zeros(0, 3))
+    assert out.shape == (0, 3)
+    assert torch.equal(d.running_mean, torch.zeros(3)) and torch.equal(d.running_var, torch.ones(3))
 
 
 def _din(tiny_cfg, *overrides):

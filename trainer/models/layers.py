@@ -17,41 +17,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, jagged_rows
 from embedding.tables import embedding_bag_configs, embedding_configs
+from trainer.models.dice import Dice
 from trainer.models.jagged import gather_rows, segment_sum
-
-
-class Dice(nn.Module):
-    """Data-adaptive activation, paper Eq. 9, per channel:
-
-        f(s) = p(s)·s + (1 − p(s))·α·s,   p(s) = sigmoid((s − E[s]) / (sqrt(Var[s]) + ε))
-
-    Training uses the mini-batch mean and (biased) variance; evaluation uses their moving
-    averages. Variance is floored at ε² before the square root: the value changes by at most ε
-    in the denominator, and a constant channel (e.g. a batch of one row) gives a zero gradient
-    instead of 0·∞ = NaN.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-8, momentum: float = 0.01):
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.alpha = nn.Parameter(torch.zeros(dim))
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_var", torch.ones(dim))
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
-        if self.training:
-            t = s.to(self.running_mean.dtype)  # the statistics in the module's dtype, also under bf16 autocast
-            mean = t.mean(0)
-            var = t.var(0, unbiased=False)
-            with torch.no_grad():
-                n = s.shape[0]
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((s - mean) / (var.clamp_min(self.eps**2).sqrt() + self.eps))
-        return s * (p + (1 - p) * self.alpha)
 
 
 def activation(name: str, dim: int) -> nn.Module:

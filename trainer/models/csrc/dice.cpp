@@ -1,0 +1,200 @@
+// Dice in training (DIN paper Eq. 9, batch statistics) on the CPU: forward and backward, each as
+// two passes over the [N, H] activations, parallel over blocks of rows (trainer/models/dice.py
+// holds the math and the same computation in ATen ops for other devices).
+//
+//   c = s − μ,  r = sqrt(max(σ², ε²)),  d = r + ε,  p = σ(c / d),  y = s·(α + (1 − α)·p)
+//   q = g·s·(1 − α)·p·(1 − p)
+//   ∂L/∂s = g·(α + (1 − α)·p) + (q − mean(q) − c·mean(q·c)·[σ² ≥ ε²] / (d·r)) / d
+//   ∂L/∂α = Σ g·s·(1 − p)
+//
+// s, y and g may be bfloat16 (under autocast) with α in float; everything is computed in α's
+// type. Column sums are taken per block of BLOCK rows and the blocks added in order: the result
+// does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 512;
+
+// bfloat16 <-> float on the bits (c10's conversions do not vectorize here); round to nearest
+// even, NaN kept NaN
+template <typename T>
+inline T widen(T v) { return v; }
+inline float widen(at::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename S, typename T>
+inline S narrow(T v) { return S(v); }
+template <>
+inline at::BFloat16 narrow<at::BFloat16, float>(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof f);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return at::BFloat16(uint16_t(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
+}
+
+int64_t blocks(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
+
+// Σ over the blocks' partial sums [nb, k, H] (in the compute type) -> [k, H] in double, in block order
+template <typename P, typename A>
+void combine(const std::vector<P>& part, int64_t nb, int64_t k, int64_t h, std::vector<A>& acc) {
+  acc.assign(k * h, A(0));
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t i = 0; i < k * h; ++i) acc[i] += A(part[b * k * h + i]);
+}
+
+template <typename S, typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& s_, const at::Tensor& alpha_, double eps) {
+  using A = double;  // the column sums over the blocks (within a block: T)
+  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
+  const S* s = s_.data_ptr<S>();
+  const T* alpha = alpha_.data_ptr<T>();
+  // the column sums of s − s[0] and their squares (shifted by the first row: no cancellation)
+  std::vector<T> part(nb * 2 * h, T(0));
+  std::vector<A> acc;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* sum = part.data() + b * 2 * h;
+      T* sq = sum + h;
+      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
+        const S* row = s + i * h;
+#pragma omp simd
+        for (int64_t j = 0; j < h; ++j) {
+          const T x = widen(row[j]) - widen(s[j]);
+          sum[j] += x, sq[j] += x * x;
+        }
+      }
+    }
+  });
+  combine(part, nb, 2, h, acc);
+  auto opts = alpha_.options();
+  at::Tensor mean_ = at::empty({h}, opts), var_ = at::empty({h}, opts), root_ = at::empty({h}, opts);
+  T* mean = mean_.data_ptr<T>();
+  T* var = var_.data_ptr<T>();
+  T* root = root_.data_ptr<T>();
+  for (int64_t j = 0; j < h; ++j) {
+    const A m = acc[j] / A(n);
+    mean[j] = T(m + A(widen(s[j])));
+    var[j] = T(std::max(acc[h + j] / A(n) - m * m, A(0)));
+    root[j] = std::sqrt(std::max(var[j], T(eps * eps)));
+  }
+  at::Tensor y_ = at::empty({n, h}, s_.options());
+  S* y = y_.data_ptr<S>();
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
+      const S* row = s + i * h;
+      S* out = y + i * h;
+#pragma omp simd
+      for (int64_t j = 0; j < h; ++j) {
+        const T t = widen(row[j]);
+        const T p = T(1) / (T(1) + std::exp(-(t - mean[j]) / (root[j] + T(eps))));
+        out[j] = narrow<S, T>(t * (alpha[j] + (T(1) - alpha[j]) * p));
+      }
+    }
+  });
+  return {y_, mean_, var_, root_};
+}
+
+template <typename S, typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_,
+                                      const at::Tensor& mean_, const at::Tensor& var_, const at::Tensor& root_,
+                                      double eps) {
+  using A = double;
+  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
+  const S* g = g_.data_ptr<S>();
+  const S* s = s_.data_ptr<S>();
+  const T *alpha = alpha_.data_ptr<T>(), *mean = mean_.data_ptr<T>(), *var = var_.data_ptr<T>();
+  const T* root = root_.data_ptr<T>();
+  // per column: Σ q, Σ q·c, Σ g·s·(1 − p)
+  std::vector<T> part(nb * 3 * h, T(0));
+  std::vector<A> acc;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* sq = part.data() + b * 3 * h;
+      T* sqc = sq + h;
+      T* sa = sqc + h;
+      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
+        const S* row = s + i * h;
+        const S* grow = g + i * h;
+#pragma omp simd
+        for (int64_t j = 0; j < h; ++j) {
+          const T t = widen(row[j]), c = t - mean[j];
+          const T p = T(1) / (T(1) + std::exp(-c / (root[j] + T(eps))));
+          const T gs = widen(grow[j]) * t;
+          const T q = gs * (T(1) - alpha[j]) * p * (T(1) - p);
+          sq[j] += q, sqc[j] += q * c, sa[j] += gs * (T(1) - p);
+        }
+      }
+    }
+  });
+  combine(part, nb, 3, h, acc);
+  std::vector<T> mq(h), through(h);
+  at::Tensor dalpha_ = at::empty({h}, alpha_.options());
+  T* dalpha = dalpha_.data_ptr<T>();
+  for (int64_t j = 0; j < h; ++j) {
+    const T d = root[j] + T(eps);
+    mq[j] = T(acc[j] / A(n));
+    through[j] = var[j] >= T(eps * eps) ? T(acc[h + j] / A(n)) / (d * root[j]) : T(0);
+    dalpha[j] = T(acc[2 * h + j]);
+  }
+  at::Tensor ds_ = at::empty({n, h}, s_.options());
+  S* ds = ds_.data_ptr<S>();
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
+      const S* row = s + i * h;
+      const S* grow = g + i * h;
+      S* out = ds + i * h;
+#pragma omp simd
+      for (int64_t j = 0; j < h; ++j) {
+        const T t = widen(row[j]), c = t - mean[j], d = root[j] + T(eps);
+        const T p = T(1) / (T(1) + std::exp(-c / d));
+        const T gj = widen(grow[j]), q = gj * t * (T(1) - alpha[j]) * p * (T(1) - p);
+        out[j] = narrow<S, T>(gj * (alpha[j] + (T(1) - alpha[j]) * p) + (q - mq[j] - c * through[j]) / d);
+      }
+    }
+  });
+  return {ds_, dalpha_};
+}
+
+void check(const at::Tensor& s, const at::Tensor& alpha) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.is_contiguous(), "dice: s must be a contiguous [N, H] CPU tensor");
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == s.size(1) && alpha.is_contiguous(), "dice: alpha must be [H]");
+  const auto want = s.scalar_type() == at::kBFloat16 ? at::kFloat : s.scalar_type();
+  TORCH_CHECK(alpha.scalar_type() == want, "dice: alpha must be float for bfloat16 s, else of s's type");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& s, const at::Tensor& alpha, double eps) {
+  check(s, alpha);
+  TORCH_CHECK(s.size(0) > 0, "dice: an empty batch has no statistics");
+  if (s.scalar_type() == at::kBFloat16) return forward_impl<at::BFloat16, float>(s, alpha, eps);
+  if (s.scalar_type() == at::kFloat) return forward_impl<float, float>(s, alpha, eps);
+  TORCH_CHECK(s.scalar_type() == at::kDouble, "dice: s must be bfloat16, float or double");
+  return forward_impl<double, double>(s, alpha, eps);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& g, const at::Tensor& s, const at::Tensor& alpha,
+                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& root, double eps) {
+  check(s, alpha);
+  TORCH_CHECK(g.sizes() == s.sizes() && g.scalar_type() == s.scalar_type() && g.is_contiguous(),
+              "dice: the gradient must be contiguous, of s's shape and type");
+  if (s.scalar_type() == at::kBFloat16) return backward_impl<at::BFloat16, float>(g, s, alpha, mean, var, root, eps);
+  if (s.scalar_type() == at::kFloat) return backward_impl<float, float>(g, s, alpha, mean, var, root, eps);
+  return backward_impl<double, double>(g, s, alpha, mean, var, root, eps);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "Dice with batch statistics: y, mean, biased variance, sqrt(max(var, eps^2))");
+  m.def("backward", &backward, "its gradients with respect to s and alpha");
+}
