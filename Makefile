@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import fbgemm_gpu, torchrec; print('torchrec', torchrec.__version__, 'fbgemm_gpu', fbgemm_gpu.__version__)"
 	$(BIN)/python -m embedding.mba_cpp  # compiles the MBA C++ CPU kernel once (about a minute)
 	$(BIN)/python -m trainer.models.gru  # and DIEN's GRU sequence kernel
-	$(BIN)/python -c "from trainer.models import dice; dice.kernel()"  # and Dice's
+	$(BIN)/python -c "from trainer.models import activations; activations.kernel()"  # and PReLU's and Dice's
 	touch $@
 
 data: setup $(DATA)/train/_SUCCESS

@@ -95,26 +95,26 @@ def test_stale_plans_are_refused(tiny_data, tmp_path):
 
 
 def test_infeasible_plan_names_the_table_and_the_world_size_that_fits(capsys):
-    # at batch 1, tiny's dense side takes ~76 KiB and its tables ~38 KiB with the optimizer state;
-    # a 128 KiB GPU leaves ~34 KiB for tables after the reservation, so one GPU is too few, two do
-    args = ["plan", "--config", TINY, "--hbm", "128KiB", "--batch-size", "1"]
+    # at batch 1, tiny's dense side takes ~68 KiB and its tables ~38 KiB with the optimizer state;
+    # a 110 KiB GPU leaves ~25 KiB for tables after the reservation, so one GPU is too few, two do
+    args = ["plan", "--config", TINY, "--hbm", "110KiB", "--batch-size", "1"]
     assert main([*args, "--world-size", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "does not fit: it needs" in err[0] and "1 × 128.0 KiB leave" in err[0]
+    assert "does not fit: it needs" in err[0] and "1 × 110.0 KiB leave" in err[0]
     assert err[0].endswith("the smallest that fits: world size 2")
     assert main([*args, "--world-size", "2", "--json"]) == 0
 
 
 def test_a_dense_side_larger_than_the_device_is_named(capsys):
-    # at batch 64 the dense side alone (~1 MiB of activations) exceeds a 160 KiB GPU: no world size helps
+    # at batch 64 the dense side alone (~600 KiB, mostly activations) exceeds a 160 KiB GPU: no world size helps
     assert main(["plan", "--config", TINY, "--world-size", "1", "--hbm", "160KiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     m = re.match(
-        r"dinrec plan: error: the dense side does not fit: it needs ([0-9.]+) MiB of HBM on every rank", err[0]
+        r"dinrec plan: error: the dense side does not fit: it needs ([0-9.]+) (KiB|MiB) of HBM on every rank", err[0]
     )
-    assert m and float(m.group(1)) > 160 / 1024, err[0]
+    assert m and float(m.group(1)) * {"KiB": 1, "MiB": 1024}[m.group(2)] > 160, err[0]
     assert err[0].endswith("a smaller --batch-size or more HBM per rank")
 
 

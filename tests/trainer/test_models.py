@@ -9,8 +9,8 @@ from embedding.layout import FeatureLayout
 from tools.reference import ReferenceDIN, padded_inputs
 from trainer.data import stream_from_config
 from trainer.models import DIN, BaseModel
-from trainer.models.dice import dice_train
-from trainer.models.layers import Dice, LocalActivationUnit
+from trainer.models.activations import Dice, PReLU, dice_train, prelu
+from trainer.models.layers import LocalActivationUnit
 
 
 def numpy_dice(s, alpha, mean, var, eps=1e-8):
@@ -50,8 +50,44 @@ def test_dice_constant_channel_has_finite_gradient():
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "aten"])
+def test_prelu_against_numpy_and_finite_differences(use_kernel):
+    """PReLU (trainer.models.activations: the C++ kernel and the ATen ops): values and both
+    gradients against numpy's Eq. 8 in float64 (more rows than one kernel block, exact zeros
+    included), finite differences, and bf16 activations against float64."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1100, 6))
+    x[::7, 2] = 0.0
+    alpha = np.linspace(-0.4, 0.6, 6)
+    g = rng.normal(size=x.shape)
+    m = PReLU(6, use_kernel=use_kernel).double()
+    m.weight.data = torch.from_numpy(alpha)
+    xt = torch.from_numpy(x).requires_grad_()
+    y = m(xt)
+    np.testing.assert_allclose(y.detach().numpy(), np.where(x > 0, x, alpha * x), rtol=1e-15)
+    dx, da = torch.autograd.grad(y, [xt, m.weight], torch.from_numpy(g))
+    np.testing.assert_allclose(dx.numpy(), np.where(x > 0, g, alpha * g), rtol=1e-15)
+    np.testing.assert_allclose(da.numpy(), np.where(x > 0, 0.0, g * x).sum(0), rtol=1e-12)
+    x4 = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    a4 = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, a: prelu(s, a, use_kernel), (x4, a4))
+    xb = torch.from_numpy(x).bfloat16()
+    gb = torch.from_numpy(g).bfloat16()
+    xb.requires_grad_()
+    m32 = PReLU(6, use_kernel=use_kernel)
+    m32.weight.data = torch.from_numpy(alpha).float()
+    yb = m32(xb)
+    assert yb.dtype == torch.bfloat16
+    x64 = xb.detach().double().numpy()
+    np.testing.assert_allclose(yb.double().detach().numpy(), np.where(x64 > 0, x64, alpha * x64), rtol=8e-3)
+    dxb, dab = torch.autograd.grad(yb, [xb, m32.weight], gb)
+    g64 = gb.double().numpy()
+    np.testing.assert_allclose(dxb.double().numpy(), np.where(x64 > 0, g64, alpha * g64), rtol=8e-3)
+    np.testing.assert_allclose(dab.double().numpy(), np.where(x64 > 0, 0.0, g64 * x64).sum(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "aten"])
 def test_dice_backward_against_autograd_of_eq9(use_kernel):
-    """Dice's written-out training function and backward (trainer.models.dice: the C++ kernel,
+    """Dice's written-out training function and backward (trainer.models.activations: the C++ kernel,
     and the ATen ops of other devices) against autograd through the plain Eq. 9 with batch
     statistics, in float64, including a constant channel (variance floored at ε²) and more rows
     than one block of the kernel; and by finite differences."""

@@ -17,16 +17,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, jagged_rows
 from embedding.tables import embedding_bag_configs, embedding_configs
-from trainer.models.dice import Dice
+from trainer.models.activations import activation
 from trainer.models.jagged import gather_rows, segment_sum
-
-
-def activation(name: str, dim: int) -> nn.Module:
-    if name == "dice":
-        return Dice(dim)
-    if name == "prelu":
-        return nn.PReLU(dim, init=0.25)  # Eq. 8, one α per channel
-    raise ValueError(f"unknown activation {name!r}")
 
 
 class MLP(nn.Sequential):

@@ -1,8 +1,9 @@
-"""Dice, the DIN paper's data-adaptive activation (Eq. 9), with its training-mode function and
-backward written out as one custom op each way: C++ on the CPU (csrc/dice.cpp: two passes over
-the activations each way, parallel over blocks of rows), ATen ops on other devices.
+"""The DIN paper's activations, PReLU (Eq. 8) and Dice (Eq. 9), each with its function and
+backward as custom ops: C++ on the CPU (csrc/activations.cpp: parallel over blocks of rows, one
+pass each way for PReLU, two for Dice), ATen ops on other devices (and with `use_kernel=False`).
 
-With c = s − μ, r = sqrt(max(σ², ε²)), d = r + ε, p = σ(c / d), y = s·(α + (1 − α)·p) and the
+PReLU: y = s > 0 ? s : α·s, ∂L/∂s = g·(s > 0 ? 1 : α), ∂L/∂α = Σ g·s·[s ≤ 0] (torch's
+convention at 0). Dice, with c = s − μ, r = sqrt(max(σ², ε²)), d = r + ε, p = σ(c / d), y = s·(α + (1 − α)·p) and the
 incoming gradient g (μ and σ² the batch's mean and biased variance, functions of the whole
 column):
 
@@ -10,9 +11,12 @@ column):
     ∂L/∂s = g·(α + (1 − α)·p) + (q − mean(q) − c·mean(q·c)·[σ² ≥ ε²] / (d·r)) / d
     ∂L/∂α = Σ g·s·(1 − p)
 
-As custom ops they reach torch.compile as calls; compiled from the plain expression, the column
-reductions of the backward ran as one thread per group of columns and took about 3x as long
-(docs/results.md, "CPU speed").
+Both keep the input's dtype (bf16 under autocast, where the next matmul would round to bf16
+anyway) and compute in the parameters' (fp32). Eager, ATen's PReLU backward and the autograd graph
+of Dice's plain expression were 2-5x slower than these kernels; compiled from the plain
+expressions, Inductor ran the column reductions with one thread per group of columns and fused
+them with the padding of the matmul rows, about 3x slower in the model (docs/results.md,
+"CPU speed").
 """
 
 from __future__ import annotations
@@ -26,10 +30,66 @@ from embedding import cpp
 
 
 def kernel():
-    """The C++ Dice kernel (built on first use, cached; `make setup` builds it ahead)."""
+    """The C++ kernels (built on first use, cached; `make setup` builds them ahead)."""
     # -march=native: the exp and the bfloat16 conversions vectorize (AVX-512 where the CPU has it)
     flags = ("-ffast-math", "-fopenmp-simd", "-march=native")
-    return cpp.load(Path(__file__).with_name("csrc") / "dice.cpp", "dinrec_dice", flags)
+    return cpp.load(Path(__file__).with_name("csrc") / "activations.cpp", "dinrec_activations", flags)
+
+
+@torch.library.custom_op("dinrec::prelu", mutates_args=())
+def prelu(s: torch.Tensor, alpha: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
+    """s [N, H], α [H] -> [N, H] in s's dtype."""
+    if s.device.type == "cpu" and use_kernel:
+        return kernel().prelu_forward(s.contiguous(), alpha.contiguous())
+    t = s.to(alpha.dtype)
+    return torch.where(t > 0, t, alpha * t).to(s.dtype)
+
+
+@torch.library.custom_op("dinrec::prelu_backward", mutates_args=())
+def prelu_backward(
+    g: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, use_kernel: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = g.to(s.dtype)
+    if s.device.type == "cpu" and use_kernel:
+        return tuple(kernel().prelu_backward(g.contiguous(), s.contiguous(), alpha.contiguous()))
+    t, g = s.to(alpha.dtype), g.to(alpha.dtype)
+    pos = t > 0
+    return torch.where(pos, g, alpha * g).to(s.dtype), torch.where(pos, 0, g * t).sum(0)
+
+
+@prelu.register_fake
+def _(s, alpha, use_kernel=True):
+    return torch.empty_like(s)
+
+
+@prelu_backward.register_fake
+def _(g, s, alpha, use_kernel=True):
+    return torch.empty_like(s), torch.empty_like(alpha)
+
+
+def _prelu_setup(ctx, inputs, output) -> None:
+    s, alpha, ctx.use_kernel = inputs
+    ctx.save_for_backward(s, alpha)
+
+
+def _prelu_grad(ctx, g):
+    s, alpha = ctx.saved_tensors
+    return *prelu_backward(g, s, alpha, ctx.use_kernel), None
+
+
+prelu.register_autograd(_prelu_grad, setup_context=_prelu_setup)
+
+
+class PReLU(nn.Module):
+    """PReLU with one α per channel over [N, H] rows (the parameter is `weight`, as torch.nn.PReLU's)."""
+
+    def __init__(self, dim: int, init: float = 0.25, use_kernel: bool = True):
+        super().__init__()
+        self.use_kernel = use_kernel
+        self.weight = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return prelu(s, self.weight, self.use_kernel)
 
 
 def _aten_forward(s: torch.Tensor, alpha: torch.Tensor, eps: float):
@@ -59,7 +119,7 @@ def dice_train(
     r [H] (no gradient flows back through those three). `use_kernel=False`: the ATen ops on the
     CPU too (the other devices' path, kept testable here)."""
     if s.device.type == "cpu" and use_kernel:
-        return tuple(kernel().forward(s.contiguous(), alpha.contiguous(), eps))
+        return tuple(kernel().dice_forward(s.contiguous(), alpha.contiguous(), eps))
     return _aten_forward(s, alpha, eps)
 
 
@@ -76,7 +136,7 @@ def dice_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = g.to(s.dtype)
     if s.device.type == "cpu" and use_kernel:
-        return tuple(kernel().backward(g.contiguous(), s.contiguous(), alpha, mean, var, root, eps))
+        return tuple(kernel().dice_backward(g.contiguous(), s.contiguous(), alpha, mean, var, root, eps))
     return _aten_backward(g, s, alpha, mean, var, root, eps)
 
 
@@ -91,7 +151,7 @@ def _(g, s, alpha, mean, var, root, eps, use_kernel=True):
     return torch.empty_like(s), torch.empty_like(alpha)
 
 
-def _setup(ctx, inputs, output) -> None:
+def _dice_setup(ctx, inputs, output) -> None:
     s, alpha, eps, use_kernel = inputs
     _, mean, var, root = output
     ctx.save_for_backward(s, alpha, mean, var, root)
@@ -99,13 +159,13 @@ def _setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, var, root)
 
 
-def _backward(ctx, g, _mean, _var, _root):
+def _dice_grad(ctx, g, _mean, _var, _root):
     s, alpha, mean, var, root = ctx.saved_tensors
     ds, dalpha = dice_train_backward(g, s, alpha, mean, var, root, ctx.eps, ctx.use_kernel)
     return ds, dalpha, None, None
 
 
-dice_train.register_autograd(_backward, setup_context=_setup)
+dice_train.register_autograd(_dice_grad, setup_context=_dice_setup)
 
 
 class Dice(nn.Module):
@@ -141,3 +201,11 @@ class Dice(nn.Module):
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(unbiased, self.momentum)
         return out
+
+
+def activation(name: str, dim: int) -> nn.Module:
+    if name == "dice":
+        return Dice(dim)
+    if name == "prelu":
+        return PReLU(dim, init=0.25)  # Eq. 8, one α per channel
+    raise ValueError(f"unknown activation {name!r}")

@@ -1,7 +1,10 @@
-// Dice in training (DIN paper Eq. 9, batch statistics) on the CPU: forward and backward, each as
-// two passes over the [N, H] activations, parallel over blocks of rows (trainer/models/dice.py
-// holds the math and the same computation in ATen ops for other devices).
+// DIN's activations on the CPU (trainer/models/activations.py holds the math and the same
+// computation in ATen ops for other devices), parallel over blocks of rows of [N, H]:
 //
+// PReLU (Eq. 8), one α per channel: y = s > 0 ? s : α·s; one pass each way,
+//   ∂L/∂s = g·(s > 0 ? 1 : α),  ∂L/∂α = Σ g·s·[s ≤ 0]
+//
+// Dice in training (Eq. 9, batch statistics): two passes each way,
 //   c = s − μ,  r = sqrt(max(σ², ε²)),  d = r + ε,  p = σ(c / d),  y = s·(α + (1 − α)·p)
 //   q = g·s·(1 − α)·p·(1 − p)
 //   ∂L/∂s = g·(α + (1 − α)·p) + (q − mean(q) − c·mean(q·c)·[σ² ≥ ε²] / (d·r)) / d
@@ -54,7 +57,7 @@ void combine(const std::vector<P>& part, int64_t nb, int64_t k, int64_t h, std::
 }
 
 template <typename S, typename T>
-std::vector<at::Tensor> forward_impl(const at::Tensor& s_, const at::Tensor& alpha_, double eps) {
+std::vector<at::Tensor> dice_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_, double eps) {
   using A = double;  // the column sums over the blocks (within a block: T)
   const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
   const S* s = s_.data_ptr<S>();
@@ -106,7 +109,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& s_, const at::Tensor& alp
 }
 
 template <typename S, typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_,
+std::vector<at::Tensor> dice_backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_,
                                       const at::Tensor& mean_, const at::Tensor& var_, const at::Tensor& root_,
                                       double eps) {
   using A = double;
@@ -166,35 +169,104 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g_, const at::Tensor& s_
   return {ds_, dalpha_};
 }
 
-void check(const at::Tensor& s, const at::Tensor& alpha) {
-  TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.is_contiguous(), "dice: s must be a contiguous [N, H] CPU tensor");
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == s.size(1) && alpha.is_contiguous(), "dice: alpha must be [H]");
-  const auto want = s.scalar_type() == at::kBFloat16 ? at::kFloat : s.scalar_type();
-  TORCH_CHECK(alpha.scalar_type() == want, "dice: alpha must be float for bfloat16 s, else of s's type");
+template <typename S, typename T>
+at::Tensor prelu_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_) {
+  const int64_t n = s_.size(0), h = s_.size(1);
+  const S* s = s_.data_ptr<S>();
+  const T* alpha = alpha_.data_ptr<T>();
+  at::Tensor y_ = at::empty({n, h}, s_.options());
+  S* y = y_.data_ptr<S>();
+  at::parallel_for(0, blocks(n), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
+#pragma omp simd
+      for (int64_t j = 0; j < h; ++j) {
+        const T t = widen(s[i * h + j]);
+        y[i * h + j] = narrow<S, T>(t > T(0) ? t : alpha[j] * t);
+      }
+    }
+  });
+  return y_;
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& s, const at::Tensor& alpha, double eps) {
+template <typename S, typename T>
+std::vector<at::Tensor> prelu_backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_) {
+  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
+  const S* g = g_.data_ptr<S>();
+  const S* s = s_.data_ptr<S>();
+  const T* alpha = alpha_.data_ptr<T>();
+  at::Tensor ds_ = at::empty({n, h}, s_.options());
+  S* ds = ds_.data_ptr<S>();
+  std::vector<T> part(nb * h, T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* sa = part.data() + b * h;
+      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
+#pragma omp simd
+        for (int64_t j = 0; j < h; ++j) {
+          const T t = widen(s[i * h + j]), gj = widen(g[i * h + j]);
+          const bool pos = t > T(0);
+          ds[i * h + j] = narrow<S, T>(pos ? gj : alpha[j] * gj);
+          sa[j] += pos ? T(0) : gj * t;
+        }
+      }
+    }
+  });
+  std::vector<double> acc;
+  combine(part, nb, 1, h, acc);
+  at::Tensor dalpha_ = at::empty({h}, alpha_.options());
+  T* dalpha = dalpha_.data_ptr<T>();
+  for (int64_t j = 0; j < h; ++j) dalpha[j] = T(acc[j]);
+  return {ds_, dalpha_};
+}
+
+void check(const at::Tensor& s, const at::Tensor& alpha) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.is_contiguous(), "activation: s must be a contiguous [N, H] CPU tensor");
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == s.size(1) && alpha.is_contiguous(), "activation: alpha must be [H]");
+  TORCH_CHECK(s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble,
+              "activation: s must be bfloat16, float or double");
+  const auto want = s.scalar_type() == at::kBFloat16 ? at::kFloat : s.scalar_type();
+  TORCH_CHECK(alpha.scalar_type() == want, "activation: alpha must be float for bfloat16 s, else of s's type");
+}
+
+void check_grad(const at::Tensor& g, const at::Tensor& s) {
+  TORCH_CHECK(g.sizes() == s.sizes() && g.scalar_type() == s.scalar_type() && g.is_contiguous(),
+              "activation: the gradient must be contiguous, of s's shape and type");
+}
+
+// the (S, T) pair of s's dtype: bf16 -> (BFloat16, float), float -> (float, float), double -> (double, double)
+#define DISPATCH(s, CALL)                                                        \
+  if ((s).scalar_type() == at::kBFloat16) { using S = at::BFloat16; using T = float; return CALL; } \
+  if ((s).scalar_type() == at::kFloat) { using S = float; using T = float; return CALL; }           \
+  { using S = double; using T = double; return CALL; }
+
+at::Tensor prelu_forward(const at::Tensor& s, const at::Tensor& alpha) {
+  check(s, alpha);
+  DISPATCH(s, (prelu_forward_impl<S, T>(s, alpha)))
+}
+
+std::vector<at::Tensor> prelu_backward(const at::Tensor& g, const at::Tensor& s, const at::Tensor& alpha) {
+  check(s, alpha), check_grad(g, s);
+  DISPATCH(s, (prelu_backward_impl<S, T>(g, s, alpha)))
+}
+
+std::vector<at::Tensor> dice_forward(const at::Tensor& s, const at::Tensor& alpha, double eps) {
   check(s, alpha);
   TORCH_CHECK(s.size(0) > 0, "dice: an empty batch has no statistics");
-  if (s.scalar_type() == at::kBFloat16) return forward_impl<at::BFloat16, float>(s, alpha, eps);
-  if (s.scalar_type() == at::kFloat) return forward_impl<float, float>(s, alpha, eps);
-  TORCH_CHECK(s.scalar_type() == at::kDouble, "dice: s must be bfloat16, float or double");
-  return forward_impl<double, double>(s, alpha, eps);
+  DISPATCH(s, (dice_forward_impl<S, T>(s, alpha, eps)))
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& g, const at::Tensor& s, const at::Tensor& alpha,
-                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& root, double eps) {
-  check(s, alpha);
-  TORCH_CHECK(g.sizes() == s.sizes() && g.scalar_type() == s.scalar_type() && g.is_contiguous(),
-              "dice: the gradient must be contiguous, of s's shape and type");
-  if (s.scalar_type() == at::kBFloat16) return backward_impl<at::BFloat16, float>(g, s, alpha, mean, var, root, eps);
-  if (s.scalar_type() == at::kFloat) return backward_impl<float, float>(g, s, alpha, mean, var, root, eps);
-  return backward_impl<double, double>(g, s, alpha, mean, var, root, eps);
+std::vector<at::Tensor> dice_backward(const at::Tensor& g, const at::Tensor& s, const at::Tensor& alpha,
+                                      const at::Tensor& mean, const at::Tensor& var, const at::Tensor& root,
+                                      double eps) {
+  check(s, alpha), check_grad(g, s);
+  DISPATCH(s, (dice_backward_impl<S, T>(g, s, alpha, mean, var, root, eps)))
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Dice with batch statistics: y, mean, biased variance, sqrt(max(var, eps^2))");
-  m.def("backward", &backward, "its gradients with respect to s and alpha");
+  m.def("prelu_forward", &prelu_forward, "PReLU, one alpha per channel");
+  m.def("prelu_backward", &prelu_backward, "its gradients with respect to s and alpha");
+  m.def("dice_forward", &dice_forward, "Dice with batch statistics: y, mean, biased variance, sqrt(max(var, eps^2))");
+  m.def("dice_backward", &dice_backward, "its gradients with respect to s and alpha");
 }
