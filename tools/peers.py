@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> dict:
                 for a, b in zip(sides["dinrec"], sides["deepctr"], strict=True)
             ],
             "mean_hist_len": sides["dinrec"][0]["mean_hist_len"],
+            # the first round's step against the GEMM rates at its own shapes (tools.timing.gemm_account)
+            "dinrec_gemm": sides["dinrec"][0]["gemm"],
+            "deepctr_gemm": sides["deepctr"][0]["gemm"],
         }
     return out
 
@@ -152,20 +155,25 @@ def _dinrec(cfg, steps: int, warmup: int) -> dict:
     import torch
 
     from embedding.layout import FeatureLayout
-    from tools.timing import time_pipelined
+    from tools.timing import gemm_account, gemm_shapes, time_pipelined
     from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import Steps
 
     data = _batches(cfg, warmup + steps)
     with process_group(cfg) as (_, world):
         model = build_model(cfg, world, torch.device("cpu"))
         opt = dense_optimizer(cfg, model)
         rate = time_pipelined(model, opt, torch.device("cpu"), data, warmup)
+        run = Steps(model, opt, torch.device("cpu")).run(iter(data[warmup:]))
+        next(run)
+        shapes = gemm_shapes(lambda: next(run))
     samples = sum(len(b) for b in data[warmup:])
     return {
         "samples": samples,
         "seconds": samples / rate,
         "samples_per_s": rate,
         "mean_hist_len": _mean_hist(data, FeatureLayout.from_config(cfg)),
+        "gemm": gemm_account(shapes, len(data[warmup]) / rate),
     }
 
 
@@ -277,11 +285,15 @@ def _deepctr(cfg, model: str, steps: int, warmup: int) -> dict:
         step(x, y)
     seconds = time.perf_counter() - t0
     samples = sum(len(b) for b in data[warmup:])
+    from tools.timing import gemm_account, gemm_shapes
+
+    shapes = gemm_shapes(lambda: step(xs[warmup], ys[warmup]))
     return {
         "samples": samples,
         "seconds": seconds,
         "samples_per_s": samples / seconds,
         "mean_hist_len": _mean_hist(data, layout),
+        "gemm": gemm_account(shapes, seconds * len(data[warmup]) / samples),
     }
 
 

@@ -65,3 +65,63 @@ def time_pipelined(model, opt, device: torch.device, batches, warmup: int) -> fl
     sync(device)
     seconds = time.perf_counter() - t0
     return sum(sizes[warmup : warmup + n]) / seconds  # the pipeline reads ahead: count the steps run
+
+
+_GEMMS = ("mm.default", "addmm.default", "bmm.default", "baddbmm.default")
+
+
+def gemm_shapes(step) -> list[tuple[int, int, int, int, torch.dtype]]:
+    """(batch, m, k, n, dtype) of every matrix product that one call of `step()` runs, forward and
+    backward (recorded at the dispatcher, so autocast's dtype and autograd's products count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {getattr(torch.ops.aten, n.split(".")[0]).default for n in _GEMMS}
+    seen: list[tuple[int, int, int, int, torch.dtype]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in names:
+                a, b = (args[1], args[2]) if func.__name__.startswith(("addmm", "baddbmm")) else (args[0], args[1])
+                batch = a.shape[0] if a.dim() == 3 else 1
+                seen.append((batch, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return seen
+
+
+def gemm_account(shapes: list[tuple[int, int, int, int, torch.dtype]], seconds_per_step: float) -> dict:
+    """The step's matrix products against the machine's GEMM rates at the same shapes: their
+    GFLOP per step, the time each set would take alone as contiguous fp32 and bf16 GEMMs (timed
+    here, one shape at a time, after a warm-up call: a bf16 GEMM's first call at a shape is slow),
+    and the GFLOP/s the whole step reaches."""
+    flop = sum(2 * b * m * k * n for b, m, k, n, _ in shapes)
+    count: dict[tuple[int, int, int, int], int] = {}
+    for b, m, k, n, _ in shapes:
+        count[(b, m, k, n)] = count.get((b, m, k, n), 0) + 1
+    alone = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        total = 0.0
+        for (b, m, k, n), c in count.items():
+            x, y = torch.randn(b, m, k).to(dtype), torch.randn(b, k, n).to(dtype)
+            torch.bmm(x, y)
+            reps = 5
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.bmm(x, y)
+            total += c * (time.perf_counter() - t0) / reps
+        alone[dtype] = total
+    gflop = flop / 1e9
+    return {
+        "gemm_gflop_per_step": round(gflop, 4),
+        "gemms_per_step": len(shapes),
+        "gemm_dtypes": sorted({str(d).removeprefix("torch.") for *_, d in shapes}),
+        "step_ms": round(seconds_per_step * 1e3, 2),
+        "step_gflops": round(gflop / seconds_per_step, 1),
+        "gemms_alone_ms": {"fp32": round(alone[torch.float32] * 1e3, 2), "bf16": round(alone[torch.bfloat16] * 1e3, 2)},
+        "gemm_gflops_at_these_shapes": {
+            "fp32": round(gflop / alone[torch.float32], 1),
+            "bf16": round(gflop / alone[torch.bfloat16], 1),
+        },
+    }

@@ -73,3 +73,34 @@ def test_bench_peers_runs_both_sides(tiny_data, capsys):
         assert got["dinrec_samples_per_s"] > 0 and got["deepctr_samples_per_s"] > 0
         ratio = got["dinrec_samples_per_s"] / got["deepctr_samples_per_s"]
         assert abs(got["ratio_dinrec_over_deepctr"] - ratio) < 0.01 and len(got["ratio_per_round"]) == 1
+
+
+def test_gemm_shapes_and_account_against_a_linear_layer():
+    """tools.timing.gemm_shapes records a Linear's forward product and both backward ones (input
+    and weight gradients), under bf16 autocast in bf16; gemm_account's GFLOP is 2·m·k·n summed."""
+    import torch
+
+    from tools.timing import gemm_account, gemm_shapes
+
+    lin = torch.nn.Linear(256, 128)
+    x = torch.randn(512, 256, requires_grad=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+        y.float().sum().backward()
+
+    shapes = gemm_shapes(step)
+    got = sorted((b, m, k, n) for b, m, k, n, _ in shapes)
+    # forward [512 x 256] x [256 x 128]; input gradient [512 x 128] x [128 x 256]; weight gradient
+    # [128 x 512] x [512 x 256] (or its transpose, as autograd orders it)
+    assert got in (
+        sorted([(1, 512, 256, 128), (1, 512, 128, 256), (1, 128, 512, 256)]),
+        sorted([(1, 512, 256, 128), (1, 512, 128, 256), (1, 256, 512, 128)]),
+    ), got
+    assert {d for *_, d in shapes} == {torch.bfloat16}
+    acc = gemm_account(shapes, 0.001)
+    assert acc["gemm_gflop_per_step"] == round(3 * 2 * 512 * 256 * 128 / 1e9, 4) == 0.1007
+    assert acc["step_gflops"] == round(acc["gemm_gflop_per_step"] / 0.001, 1)
+    assert acc["gemms_per_step"] == 3 and acc["gemm_dtypes"] == ["bfloat16"]
+    assert acc["gemms_alone_ms"]["fp32"] > 0 and acc["gemms_alone_ms"]["bf16"] > 0
