@@ -41,6 +41,10 @@ def train_fn(config: dict) -> None:  # a required parameter: Ray Train V2 drops 
 
     quiet_libraries()
     cfg = config_from_dict(config["cfg"])
+    if config.get("threads"):  # a CPU worker computes with the cores Ray gave it
+        import torch
+
+        torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
     os.environ["DINREC_NODE"] = ray.get_runtime_context().get_node_id()  # for the segment record
     try:  # the driver draws the progress bar (Progress): the workers' output is not forwarded
@@ -77,9 +81,10 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     if address is None:  # local workers need not share the driver's working directory
         cfg = _absolute_paths(cfg)
     started = False
+    cpus = cpus_per_worker(cfg, address)
     if not ray.is_initialized():
         if address is None:
-            start_local_ray(max(cfg.launch.workers, os.cpu_count() or 1), env)
+            start_local_ray(max(cfg.launch.workers * cpus, os.cpu_count() or 1), env)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
@@ -87,11 +92,16 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     try:
         trainer = TorchTrainer(
             train_fn,
-            train_loop_config={"cfg": cfg.to_dict(), "progress": progress, "run_id": uuid.uuid4().hex},
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "progress": progress,
+                "run_id": uuid.uuid4().hex,
+                "threads": None if cfg.launch.use_gpu else cpus,
+            },
             scaling_config=ScalingConfig(
                 num_workers=cfg.launch.workers,
                 use_gpu=cfg.launch.use_gpu,
-                resources_per_worker=None if cfg.launch.use_gpu else {"CPU": 1},
+                resources_per_worker=None if cfg.launch.use_gpu else {"CPU": cpus},
             ),
             torch_config=TorchConfig(backend=backend(cfg)),
             run_config=RunConfig(
@@ -114,6 +124,16 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+def cpus_per_worker(cfg: Config, address: str | None) -> int:
+    """The cores (and torch threads) of each CPU worker: `launch.cpus_per_worker`, or with 0 the
+    machine's cores divided among the workers of a local Ray (at least 1), 1 on a cluster."""
+    if cfg.launch.cpus_per_worker:
+        return cfg.launch.cpus_per_worker
+    if address is not None:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // cfg.launch.workers)
 
 
 def start_local_ray(num_cpus: int, env: dict[str, str]) -> None:

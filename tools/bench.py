@@ -294,11 +294,13 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
 
 def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
     """The config's training through local Ray at each worker count (same per-rank batch size,
-    `steps` steps each, then the full evaluation); global training samples/s of each run."""
+    `steps` steps each, then the full evaluation; each worker with launch.cpus_per_worker cores,
+    by default the machine's divided among them); global training samples/s of each run."""
     import tempfile
     from dataclasses import replace
 
     from launch import launcher
+    from launch.ray_train import cpus_per_worker
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,6 +312,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
             )
             r = launcher.run(replace(c, launch=replace(c.launch, ray_address=None)))
             runs[str(w)] = {
+                "cpus_per_worker": cpus_per_worker(c, None),
                 "train_samples_per_s": r["train_samples_per_s"],
                 "steps": r["steps"],
                 "train_samples": r["train_samples"],

@@ -153,6 +153,9 @@ class LaunchConfig:
     # local: one process, no Ray (debugging). torchrun and `ray job submit` ignore this key.
     launcher: Literal["ray", "local"] = "ray"
     workers: int = 2
+    # CPU workers (launcher=ray): the cores, and torch threads, each one gets; 0: a local Ray
+    # divides the machine's cores among the workers (at least 1 each), a cluster gives each 1
+    cpus_per_worker: int = 0
     use_gpu: bool = False  # one worker per GPU, NCCL
     ray_address: str | None = None  # an existing cluster for launcher=ray (None: start a local one)
     # launcher=ray: restarts of the worker group after a worker dies, each resuming from the
@@ -386,6 +389,8 @@ class _CHECKS:
     @staticmethod
     def LaunchConfig(c: LaunchConfig, path: str) -> None:
         _positive(c.workers, f"{path}.workers")
+        if c.cpus_per_worker < 0:
+            raise ConfigError(f"{path}.cpus_per_worker: must be >= 0, got {c.cpus_per_worker}")
         if c.max_failures < 0:
             raise ConfigError(f"{path}.max_failures: must be >= 0, got {c.max_failures}")
 

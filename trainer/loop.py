@@ -467,6 +467,7 @@ def finish(run: Run, at: Position) -> dict:
         startup_seconds=run.startup_seconds,
         peak_rss_bytes=every_rank(_max_rss(), run.world),
         base_rss_bytes=every_rank(run.base_rss, run.world),
+        torch_threads=every_rank(torch.get_num_threads(), run.world),
     )
     if run.device.type == "cuda":  # against the planner's HBM estimate (`dinrec plan`)
         result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(run.device)

@@ -3,6 +3,7 @@ submit` to a two-node cluster: tests/launch/test_cluster.py); a failing worker i
 its rank."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,33 @@ def test_local_ray_two_workers(tiny_data, tmp_path, capsys, model):
     log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     rows = next(r["rows_per_rank"] for r in log if "rows_per_rank" in r)
     assert len(rows) == 2 and sum(rows) == 2100
+    cores = len(os.sched_getaffinity(0))
+    assert r["torch_threads"] == [max(1, cores // 2)] * 2  # the machine's cores divided among the workers
+
+
+@pytest.mark.ray
+def test_local_ray_one_worker_computes_with_every_core(tiny_data, tmp_path, capsys):
+    """launch.cpus_per_worker=0 (the default): one local worker gets all the machine's cores as
+    torch threads, not Ray's one CPU per worker."""
+    args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=1")
+    assert main(["train", *args]) == 0
+    assert last_json(capsys.readouterr().out)["torch_threads"] == [len(os.sched_getaffinity(0))]
+
+
+def test_cpus_per_worker():
+    from launch.ray_train import cpus_per_worker
+    from trainer.config import ConfigError, load_config
+
+    cores = len(os.sched_getaffinity(0))
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), ["launch.workers=1"])
+    assert cpus_per_worker(cfg, None) == cores
+    assert cpus_per_worker(cfg, "127.0.0.1:6379") == 1  # a cluster: one core each unless stated
+    many = load_config(str(ROOT / "configs/tiny.yaml"), [f"launch.workers={cores + 1}"])
+    assert cpus_per_worker(many, None) == 1
+    three = load_config(str(ROOT / "configs/tiny.yaml"), ["launch.cpus_per_worker=3"])
+    assert cpus_per_worker(three, None) == cpus_per_worker(three, "127.0.0.1:6379") == 3
+    with pytest.raises(ConfigError, match="launch.cpus_per_worker: must be >= 0, got -1"):
+        load_config(str(ROOT / "configs/tiny.yaml"), ["launch.cpus_per_worker=-1"])
 
 
 @pytest.mark.ray
