@@ -174,6 +174,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
 
     from embedding.layout import FeatureLayout
     from tools.reference import ReferenceDIN, padded_inputs
+    from trainer.models.layers import resolved_precision
     from trainer.sharding import build_model, dense_optimizer, process_group
     from trainer.step import Steps, train_step
 
@@ -199,7 +200,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         pipelined = Steps(model, opt, torch.device("cpu"))
         plain_model = build_model(cfg, world, torch.device("cpu"))
         plain_opt = dense_optimizer(cfg, plain_model)
-        other = "bf16" if cfg.model.precision == "fp32" else "fp32"  # the other precision, pipelined
+        precision = resolved_precision(cfg.model.precision, torch.device("cpu"))
+        other = "bf16" if precision == "fp32" else "fp32"  # the other precision, pipelined
         other_cfg = replace(cfg, model=replace(cfg.model, precision=other))
         other_model = build_model(other_cfg, world, torch.device("cpu"))
         other_steps = Steps(other_model, dense_optimizer(other_cfg, other_model), torch.device("cpu"))
@@ -259,7 +261,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
     plain = sum(samples) / sum(seconds["plain"])
-    rate = {cfg.model.precision: ours, other: sum(samples) / sum(seconds["other"])}
+    rate = {precision: ours, other: sum(samples) / sum(seconds["other"])}
     flip = sum(samples) / sum(seconds["flip"])
     compiled, eager = (ours, flip) if cfg.model.compile else (flip, ours)
     reference = sum(samples) / sum(seconds["reference"])
@@ -282,7 +284,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "reference_samples_per_s": round(reference, 1),
         "ratio_dinrec_over_reference": round(ours / reference, 3),
         "ratio_pipeline_over_plain_loop": round(ours / plain, 3),
-        "precision": cfg.model.precision,
+        "precision": precision,
         "samples_per_s_by_precision": {k: round(v, 1) for k, v in rate.items()},
         "ratio_bf16_over_fp32": round(rate["bf16"] / rate["fp32"], 3),
         "compile": cfg.model.compile,
@@ -300,7 +302,6 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
     from dataclasses import replace
 
     from launch import launcher
-    from launch.ray_train import cpus_per_worker
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,7 +313,7 @@ def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:
             )
             r = launcher.run(replace(c, launch=replace(c.launch, ray_address=None)))
             runs[str(w)] = {
-                "cpus_per_worker": cpus_per_worker(c, None),
+                "torch_threads_per_worker": r["torch_threads"],
                 "train_samples_per_s": r["train_samples_per_s"],
                 "steps": r["steps"],
                 "train_samples": r["train_samples"],

@@ -69,8 +69,10 @@ class ModelConfig:
     mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
     activation: Literal["dice", "prelu"] = "prelu"
     # the model's dense part (attention, GRUs' projections, MLP) in fp32, or under bfloat16
-    # autocast (fp32 weights, statistics, logits and loss); see `dinrec bench train`
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # autocast (fp32 weights, statistics, logits and loss); auto: bf16 on a CPU with AVX512-BF16
+    # (where its GEMMs run about 6x fp32's), else fp32 (GPUs included: not measured there); see
+    # docs/results.md "CPU speed"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # the model's dense part through torch.compile (inductor, dynamic shapes): its elementwise work
     # (PReLU/Dice, masks, the weighted sum) fused into generated C++ loops with the GEMMs between;
     # the first steps compile (tens of seconds, cached on disk for later runs); see docs/results.md

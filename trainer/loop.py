@@ -46,6 +46,7 @@ from trainer.batch import Batch, drop_ids
 from trainer.config import Config, ConfigError
 from trainer.data import ParquetStream, stream_from_config
 from trainer.evaluate import average_buffers, evaluate
+from trainer.models.layers import resolved_precision
 from trainer.resume import resume_point, run_identity, segments
 from trainer.sharding import AllRowsDecay, all_rows_decay, build_model, dense_optimizer, process_group, worker_device
 from trainer.step import Steps
@@ -460,6 +461,7 @@ def finish(run: Run, at: Position) -> dict:
     trained = run.speed.samples
     result.update(
         model=cfg.model.name,
+        precision=resolved_precision(cfg.model.precision, run.device),
         steps=at.step,
         train_samples=at.samples,
         train_seconds=round(train_seconds, 2),

@@ -133,35 +133,44 @@ class SparseArch(nn.Module):
         return Lookups(cand, hist, lengths, pooled, neg)
 
 
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """model.precision on `device`: "auto" is bf16 on a CPU with AVX512-BF16, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
 class Tower(nn.Module):
     """The dense part of a model: `compute(lookups, dense)` -> logits [B] (or (logits, training
-    term)). With precision "bf16" it runs under bfloat16 autocast (matmuls in bf16, weights,
-    statistics and outputs in fp32), the mixed precision of GPU training, on the CPU too.
+    term)). With precision "bf16" (or "auto" on a CPU with AVX512-BF16) it runs under bfloat16
+    autocast (matmuls in bf16, weights, statistics and outputs in fp32), the mixed precision of
+    GPU training, on the CPU too.
     With `compile` the forward (and so its backward) goes through torch.compile with dynamic
     shapes: one graph for every batch size and history total, one more for evaluation."""
 
     def __init__(self, precision: str = "fp32", compile: bool = False):
         super().__init__()
-        self.bf16 = precision == "bf16"
+        self.precision = precision
         self.compiled = compile
 
     def compute(self, x: Lookups, dense: torch.Tensor):
         raise NotImplementedError
 
-    def _run(self, x: Lookups, dense: torch.Tensor):
-        if not self.bf16:
+    def _run(self, x: Lookups, dense: torch.Tensor, bf16: bool):
+        if not bf16:
             return self.compute(x, dense)
         with torch.autocast(dense.device.type, dtype=torch.bfloat16):
             out = self.compute(x, dense)
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def forward(self, x: Lookups, dense: torch.Tensor):
+        bf16 = resolved_precision(self.precision, dense.device) == "bf16"
         if not self.compiled:
-            return self._run(x, dense)
+            return self._run(x, dense, bf16)
         fn = self.__dict__.get("_compiled")  # not a module attribute: state_dict and copies skip it
         if fn is None:
             fn = self.__dict__["_compiled"] = torch.compile(self._run, dynamic=True)
-        return fn(x, dense)
+        return fn(x, dense, bf16)
 
 
 class CTRModel(nn.Module):
