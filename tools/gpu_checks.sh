@@ -111,11 +111,11 @@ e2e() {  # DIN at batch 4096 on one GPU, fed from Parquet (0, 4, 8 loader worker
   local data="data.train=/tmp/synthetic/train/*.parquet"
   for w in 0 4 8; do
     timeout 150 python3 -m launch.cli bench e2e --config configs/din_synthetic.yaml --device cuda --steps 80 --warmup 10 \
-      data.batch_size=4096 data.loader_workers=$w "$data" > "$OUT/e2e_w$w.json" 2> "$OUT/e2e_w$w.err"
+      data.batch_size=4096 data.loader_workers=$w model.compile=false "$data" > "$OUT/e2e_w$w.json" 2> "$OUT/e2e_w$w.err"
     tail -1 "$OUT/e2e_w$w.json"; tail -2 "$OUT/e2e_w$w.err"
   done
   timeout 150 python3 -m launch.cli bench e2e --config configs/din_synthetic.yaml --device cuda --steps 80 --warmup 10 \
-    data.batch_size=4096 data.loader_workers=8 sparse_optimizer.type=sgd_mba sparse_optimizer.lambda=0.01 "$data" \
+    data.batch_size=4096 data.loader_workers=8 model.compile=false sparse_optimizer.type=sgd_mba sparse_optimizer.lambda=0.01 "$data" \
     > "$OUT/e2e_mba_w8.json" 2> "$OUT/e2e_mba_w8.err"
   tail -1 "$OUT/e2e_mba_w8.json"; tail -2 "$OUT/e2e_mba_w8.err"
 }
