@@ -74,8 +74,9 @@ class ModelConfig:
     # docs/results.md "CPU speed"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # the model's dense part through torch.compile (inductor, dynamic shapes): its elementwise work
-    # (PReLU/Dice, masks, the weighted sum) fused into generated C++ loops with the GEMMs between;
-    # the first steps compile (tens of seconds, cached on disk for later runs); see docs/results.md
+    # (casts, masks, the products and sums around the GEMMs) fused into generated C++ loops, with
+    # our PReLU/Dice kernels, the GEMMs and the row gathers as calls between; the first steps
+    # compile (tens of seconds, cached on disk for later runs); see docs/results.md
     compile: bool = False
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.

@@ -3,20 +3,19 @@ backward as custom ops: C++ on the CPU (csrc/activations.cpp: parallel over bloc
 pass each way for PReLU, two for Dice), ATen ops on other devices (and with `use_kernel=False`).
 
 PReLU: y = s > 0 ? s : α·s, ∂L/∂s = g·(s > 0 ? 1 : α), ∂L/∂α = Σ g·s·[s ≤ 0] (torch's
-convention at 0). Dice, with c = s − μ, r = sqrt(max(σ², ε²)), d = r + ε, p = σ(c / d), y = s·(α + (1 − α)·p) and the
-incoming gradient g (μ and σ² the batch's mean and biased variance, functions of the whole
-column):
+convention at 0). Dice, with c = s − μ, r = sqrt(max(σ², ε²)), d = r + ε, p = σ(c / d),
+y = s·(α + (1 − α)·p) and the incoming gradient g (μ and σ² the batch's mean and biased
+variance, functions of the whole column):
 
     q     = g·s·(1 − α)·p·(1 − p)                                   (∂L/∂(c/d))
     ∂L/∂s = g·(α + (1 − α)·p) + (q − mean(q) − c·mean(q·c)·[σ² ≥ ε²] / (d·r)) / d
     ∂L/∂α = Σ g·s·(1 − p)
 
 Both keep the input's dtype (bf16 under autocast, where the next matmul would round to bf16
-anyway) and compute in the parameters' (fp32). Eager, ATen's PReLU backward and the autograd graph
-of Dice's plain expression were 2-5x slower than these kernels; compiled from the plain
-expressions, Inductor ran the column reductions with one thread per group of columns and fused
-them with the padding of the matmul rows, about 3x slower in the model (docs/results.md,
-"CPU speed").
+anyway) and compute in the parameters' (fp32). Eager, ATen's PReLU backward and the autograd
+graph of Dice's plain expression were several times slower than these kernels at DIN's shapes;
+compiled from the plain expressions, Inductor ran the column reductions with one thread per
+group of columns, fused with the padding of the matmul rows (docs/results.md, "CPU speed").
 """
 
 from __future__ import annotations
@@ -115,8 +114,8 @@ def _aten_backward(g, s, alpha, mean, var, root, eps: float):
 def dice_train(
     s: torch.Tensor, alpha: torch.Tensor, eps: float, use_kernel: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s [N, H] (N ≥ 1), α [H] -> y [N, H] in s's dtype (computed in α's), and the batch's mean, biased variance and
-    r [H] (no gradient flows back through those three). `use_kernel=False`: the ATen ops on the
+    """s [N, H] (N ≥ 1), α [H] -> y [N, H] in s's dtype (computed in α's), and the batch's mean,
+    biased variance and r [H] (no gradient flows back through those three). `use_kernel=False`: the ATen ops on the
     CPU too (the other devices' path, kept testable here)."""
     if s.device.type == "cpu" and use_kernel:
         return tuple(kernel().dice_forward(s.contiguous(), alpha.contiguous(), eps))

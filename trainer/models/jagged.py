@@ -6,8 +6,8 @@
 Each is the other's backward. As ops of their own they reach torch.compile as calls of the eager
 kernels (index_select, index_add_), around which Inductor fuses the elementwise work. Written as
 plain tensor code, Inductor generates its own scatter for index_add_ (and for index_select's
-backward), which on the CPU ran 3-7x slower than the eager kernel (docs/results.md, "CPU
-speed"). Eager results are those of the plain ops, bit for bit.
+backward), which on the CPU ran several times slower than the eager kernel (docs/results.md,
+"CPU speed"). Eager results are those of the plain ops, bit for bit.
 """
 
 from __future__ import annotations
