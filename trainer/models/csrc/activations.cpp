@@ -48,61 +48,64 @@ inline at::BFloat16 narrow<at::BFloat16, float>(float f) {
 
 int64_t blocks(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
 
-// Σ over the blocks' partial sums [nb, k, H] (in the compute type) -> [k, H] in double, in block order
-template <typename P, typename A>
-void combine(const std::vector<P>& part, int64_t nb, int64_t k, int64_t h, std::vector<A>& acc) {
-  acc.assign(k * h, A(0));
+// row(i) for every row i < n, blocks of BLOCK rows in parallel
+template <typename F>
+void each_row(int64_t n, const F& row) {
+  at::parallel_for(0, blocks(n), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) row(i);
+  });
+}
+
+// k per-column sums [k, H] over the rows: row(i, sums) adds row i's terms to its block's sums
+// (type T), and the blocks' sums are added in block order, in double
+template <typename T, typename F>
+std::vector<double> column_sums(int64_t n, int64_t h, int64_t k, const F& row) {
+  const int64_t nb = blocks(n);
+  std::vector<T> part(nb * k * h, T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) row(i, part.data() + b * k * h);
+  });
+  std::vector<double> acc(k * h, 0.0);
   for (int64_t b = 0; b < nb; ++b)
-    for (int64_t i = 0; i < k * h; ++i) acc[i] += A(part[b * k * h + i]);
+    for (int64_t i = 0; i < k * h; ++i) acc[i] += double(part[b * k * h + i]);
+  return acc;
 }
 
 template <typename S, typename T>
 std::vector<at::Tensor> dice_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_, double eps) {
-  using A = double;  // the column sums over the blocks (within a block: T)
-  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
+  const int64_t n = s_.size(0), h = s_.size(1);
   const S* s = s_.data_ptr<S>();
   const T* alpha = alpha_.data_ptr<T>();
-  // the column sums of s − s[0] and their squares (shifted by the first row: no cancellation)
-  std::vector<T> part(nb * 2 * h, T(0));
-  std::vector<A> acc;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* sum = part.data() + b * 2 * h;
-      T* sq = sum + h;
-      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
-        const S* row = s + i * h;
+  // the column sums of s − s[0] and of their squares (shifted by the first row: no cancellation)
+  const auto acc = column_sums<T>(n, h, 2, [&](int64_t i, T* sums) {
+    const S* row = s + i * h;
+    T* sq = sums + h;
 #pragma omp simd
-        for (int64_t j = 0; j < h; ++j) {
-          const T x = widen(row[j]) - widen(s[j]);
-          sum[j] += x, sq[j] += x * x;
-        }
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T x = widen(row[j]) - widen(s[j]);
+      sums[j] += x, sq[j] += x * x;
     }
   });
-  combine(part, nb, 2, h, acc);
   auto opts = alpha_.options();
   at::Tensor mean_ = at::empty({h}, opts), var_ = at::empty({h}, opts), root_ = at::empty({h}, opts);
-  T* mean = mean_.data_ptr<T>();
-  T* var = var_.data_ptr<T>();
-  T* root = root_.data_ptr<T>();
+  T *mean = mean_.data_ptr<T>(), *var = var_.data_ptr<T>(), *root = root_.data_ptr<T>();
   for (int64_t j = 0; j < h; ++j) {
-    const A m = acc[j] / A(n);
-    mean[j] = T(m + A(widen(s[j])));
-    var[j] = T(std::max(acc[h + j] / A(n) - m * m, A(0)));
+    const double m = acc[j] / double(n);
+    mean[j] = T(m + double(widen(s[j])));
+    var[j] = T(std::max(acc[h + j] / double(n) - m * m, 0.0));
     root[j] = std::sqrt(std::max(var[j], T(eps * eps)));
   }
   at::Tensor y_ = at::empty({n, h}, s_.options());
   S* y = y_.data_ptr<S>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
-      const S* row = s + i * h;
-      S* out = y + i * h;
+  each_row(n, [&](int64_t i) {
+    const S* row = s + i * h;
+    S* out = y + i * h;
 #pragma omp simd
-      for (int64_t j = 0; j < h; ++j) {
-        const T t = widen(row[j]);
-        const T p = T(1) / (T(1) + std::exp(-(t - mean[j]) / (root[j] + T(eps))));
-        out[j] = narrow<S, T>(t * (alpha[j] + (T(1) - alpha[j]) * p));
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T t = widen(row[j]);
+      const T p = T(1) / (T(1) + std::exp(-(t - mean[j]) / (root[j] + T(eps))));
+      out[j] = narrow<S, T>(t * (alpha[j] + (T(1) - alpha[j]) * p));
     }
   });
   return {y_, mean_, var_, root_};
@@ -110,60 +113,47 @@ std::vector<at::Tensor> dice_forward_impl(const at::Tensor& s_, const at::Tensor
 
 template <typename S, typename T>
 std::vector<at::Tensor> dice_backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_,
-                                      const at::Tensor& mean_, const at::Tensor& var_, const at::Tensor& root_,
-                                      double eps) {
-  using A = double;
-  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
-  const S* g = g_.data_ptr<S>();
-  const S* s = s_.data_ptr<S>();
+                                           const at::Tensor& mean_, const at::Tensor& var_, const at::Tensor& root_,
+                                           double eps) {
+  const int64_t n = s_.size(0), h = s_.size(1);
+  const S *g = g_.data_ptr<S>(), *s = s_.data_ptr<S>();
   const T *alpha = alpha_.data_ptr<T>(), *mean = mean_.data_ptr<T>(), *var = var_.data_ptr<T>();
   const T* root = root_.data_ptr<T>();
   // per column: Σ q, Σ q·c, Σ g·s·(1 − p)
-  std::vector<T> part(nb * 3 * h, T(0));
-  std::vector<A> acc;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* sq = part.data() + b * 3 * h;
-      T* sqc = sq + h;
-      T* sa = sqc + h;
-      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
-        const S* row = s + i * h;
-        const S* grow = g + i * h;
+  const auto acc = column_sums<T>(n, h, 3, [&](int64_t i, T* sums) {
+    const S* row = s + i * h;
+    const S* grow = g + i * h;
+    T *sqc = sums + h, *sa = sums + 2 * h;
 #pragma omp simd
-        for (int64_t j = 0; j < h; ++j) {
-          const T t = widen(row[j]), c = t - mean[j];
-          const T p = T(1) / (T(1) + std::exp(-c / (root[j] + T(eps))));
-          const T gs = widen(grow[j]) * t;
-          const T q = gs * (T(1) - alpha[j]) * p * (T(1) - p);
-          sq[j] += q, sqc[j] += q * c, sa[j] += gs * (T(1) - p);
-        }
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T t = widen(row[j]), c = t - mean[j];
+      const T p = T(1) / (T(1) + std::exp(-c / (root[j] + T(eps))));
+      const T gs = widen(grow[j]) * t;
+      const T q = gs * (T(1) - alpha[j]) * p * (T(1) - p);
+      sums[j] += q, sqc[j] += q * c, sa[j] += gs * (T(1) - p);
     }
   });
-  combine(part, nb, 3, h, acc);
   std::vector<T> mq(h), through(h);
   at::Tensor dalpha_ = at::empty({h}, alpha_.options());
   T* dalpha = dalpha_.data_ptr<T>();
   for (int64_t j = 0; j < h; ++j) {
     const T d = root[j] + T(eps);
-    mq[j] = T(acc[j] / A(n));
-    through[j] = var[j] >= T(eps * eps) ? T(acc[h + j] / A(n)) / (d * root[j]) : T(0);
+    mq[j] = T(acc[j] / double(n));
+    through[j] = var[j] >= T(eps * eps) ? T(acc[h + j] / double(n)) / (d * root[j]) : T(0);
     dalpha[j] = T(acc[2 * h + j]);
   }
   at::Tensor ds_ = at::empty({n, h}, s_.options());
   S* ds = ds_.data_ptr<S>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
-      const S* row = s + i * h;
-      const S* grow = g + i * h;
-      S* out = ds + i * h;
+  each_row(n, [&](int64_t i) {
+    const S* row = s + i * h;
+    const S* grow = g + i * h;
+    S* out = ds + i * h;
 #pragma omp simd
-      for (int64_t j = 0; j < h; ++j) {
-        const T t = widen(row[j]), c = t - mean[j], d = root[j] + T(eps);
-        const T p = T(1) / (T(1) + std::exp(-c / d));
-        const T gj = widen(grow[j]), q = gj * t * (T(1) - alpha[j]) * p * (T(1) - p);
-        out[j] = narrow<S, T>(gj * (alpha[j] + (T(1) - alpha[j]) * p) + (q - mq[j] - c * through[j]) / d);
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T t = widen(row[j]), c = t - mean[j], d = root[j] + T(eps);
+      const T p = T(1) / (T(1) + std::exp(-c / d));
+      const T gj = widen(grow[j]), q = gj * t * (T(1) - alpha[j]) * p * (T(1) - p);
+      out[j] = narrow<S, T>(gj * (alpha[j] + (T(1) - alpha[j]) * p) + (q - mq[j] - c * through[j]) / d);
     }
   });
   return {ds_, dalpha_};
@@ -176,13 +166,11 @@ at::Tensor prelu_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_) {
   const T* alpha = alpha_.data_ptr<T>();
   at::Tensor y_ = at::empty({n, h}, s_.options());
   S* y = y_.data_ptr<S>();
-  at::parallel_for(0, blocks(n), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0 * BLOCK; i < std::min(n, b1 * BLOCK); ++i) {
+  each_row(n, [&](int64_t i) {
 #pragma omp simd
-      for (int64_t j = 0; j < h; ++j) {
-        const T t = widen(s[i * h + j]);
-        y[i * h + j] = narrow<S, T>(t > T(0) ? t : alpha[j] * t);
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T t = widen(s[i * h + j]);
+      y[i * h + j] = narrow<S, T>(t > T(0) ? t : alpha[j] * t);
     }
   });
   return y_;
@@ -190,29 +178,21 @@ at::Tensor prelu_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_) {
 
 template <typename S, typename T>
 std::vector<at::Tensor> prelu_backward_impl(const at::Tensor& g_, const at::Tensor& s_, const at::Tensor& alpha_) {
-  const int64_t n = s_.size(0), h = s_.size(1), nb = blocks(n);
-  const S* g = g_.data_ptr<S>();
-  const S* s = s_.data_ptr<S>();
+  const int64_t n = s_.size(0), h = s_.size(1);
+  const S *g = g_.data_ptr<S>(), *s = s_.data_ptr<S>();
   const T* alpha = alpha_.data_ptr<T>();
   at::Tensor ds_ = at::empty({n, h}, s_.options());
   S* ds = ds_.data_ptr<S>();
-  std::vector<T> part(nb * h, T(0));
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* sa = part.data() + b * h;
-      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
+  // one pass: ∂L/∂s written, Σ g·s·[s ≤ 0] summed
+  const auto acc = column_sums<T>(n, h, 1, [&](int64_t i, T* sa) {
 #pragma omp simd
-        for (int64_t j = 0; j < h; ++j) {
-          const T t = widen(s[i * h + j]), gj = widen(g[i * h + j]);
-          const bool pos = t > T(0);
-          ds[i * h + j] = narrow<S, T>(pos ? gj : alpha[j] * gj);
-          sa[j] += pos ? T(0) : gj * t;
-        }
-      }
+    for (int64_t j = 0; j < h; ++j) {
+      const T t = widen(s[i * h + j]), gj = widen(g[i * h + j]);
+      const bool pos = t > T(0);
+      ds[i * h + j] = narrow<S, T>(pos ? gj : alpha[j] * gj);
+      sa[j] += pos ? T(0) : gj * t;
     }
   });
-  std::vector<double> acc;
-  combine(part, nb, 1, h, acc);
   at::Tensor dalpha_ = at::empty({h}, alpha_.options());
   T* dalpha = dalpha_.data_ptr<T>();
   for (int64_t j = 0; j < h; ++j) dalpha[j] = T(acc[j]);
