@@ -1,5 +1,6 @@
-"""What the benchmarks share: the machine's description, batches read into memory, and the
-samples/s of the pipelined training step."""
+"""What the benchmarks share: the machine's description, batches read into memory, the samples/s
+of the pipelined training step, and the matrix products of one step against the machine's GEMM
+rates (`bench peers`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import itertools
 import os
 import platform
 import time
+from collections import Counter
 
 import torch
 
@@ -98,9 +100,7 @@ def gemm_account(shapes: list[tuple[int, int, int, int, torch.dtype]], seconds_p
     here, one shape at a time, the fastest of 5 calls after a warm-up call: a bf16 GEMM's first
     call at a shape is slow), and the GFLOP/s the whole step reaches."""
     flop = sum(2 * b * m * k * n for b, m, k, n, _ in shapes)
-    count: dict[tuple[int, int, int, int], int] = {}
-    for b, m, k, n, _ in shapes:
-        count[(b, m, k, n)] = count.get((b, m, k, n), 0) + 1
+    count = Counter((b, m, k, n) for b, m, k, n, _ in shapes)
     alone = {}
     for dtype in (torch.float32, torch.bfloat16):
         total = 0.0

@@ -115,8 +115,8 @@ def dice_train(
     s: torch.Tensor, alpha: torch.Tensor, eps: float, use_kernel: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """s [N, H] (N ≥ 1), α [H] -> y [N, H] in s's dtype (computed in α's), and the batch's mean,
-    biased variance and r [H] (no gradient flows back through those three). `use_kernel=False`: the ATen ops on the
-    CPU too (the other devices' path, kept testable here)."""
+    biased variance and r [H] (no gradient flows back through those three). `use_kernel=False`:
+    the ATen ops on the CPU too (the other devices' path, kept testable here)."""
     if s.device.type == "cpu" and use_kernel:
         return tuple(kernel().dice_forward(s.contiguous(), alpha.contiguous(), eps))
     return _aten_forward(s, alpha, eps)
