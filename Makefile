@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m embedding.mba_cpp  # compiles the MBA C++ CPU kernel once (about a minute)
 	$(BIN)/python -m trainer.models.gru  # and DIEN's GRU sequence kernel
 	$(BIN)/python -c "from trainer.models import activations; activations.kernel()"  # and PReLU's and Dice's
+	$(BIN)/python -c "from trainer.models import jagged; jagged.kernel()"  # and the jagged segment sum
 	touch $@
 
 data: setup $(DATA)/train/_SUCCESS

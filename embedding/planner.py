@@ -34,17 +34,23 @@ from trainer.config import ConfigError, SparseOptimizerConfig
 MAX_WORLD = 4096  # the largest world size an infeasible plan is retried with
 
 
-def constraints_for(layout: FeatureLayout) -> dict[str, ParameterConstraints]:
+def constraints_for(layout: FeatureLayout, world_size: int) -> dict[str, ParameterConstraints]:
     """Every table on an FBGEMM fused kernel (the config's `compute_kernel`), so that its optimizer
     runs inside the backward pass, with the sharding types and min partition its config gives.
 
     (A data-parallel table would get the dense kernel, whose in-backward optimizer hooks do not
     survive sharding; the fused kernel keeps one update path for every table.)
+
+    On one rank a table whose config names no sharding type is table-wise: every type keeps the
+    whole table on that rank, and table-wise is the one without row-wise's bucketize of the ids
+    and permute of the embeddings (whose backward is a scatter-add), which torchrec's planner
+    sometimes picked there (docs/results.md, "CPU speed").
     """
+    alone = ["table_wise"] if world_size == 1 else None
     return {
         t.name: ParameterConstraints(
             compute_kernels=[EmbeddingComputeKernel(t.compute_kernel).value],
-            sharding_types=list(t.sharding_types) or None,
+            sharding_types=list(t.sharding_types) or alone,
             min_partition=t.min_partition,
         )
         for t in layout.tables
@@ -83,7 +89,7 @@ def make_enumerator(
     layout: FeatureLayout, topology: Topology, batch_size: int, mba: bool = False
 ) -> EmbeddingEnumerator:
     """torchrec's enumerator with our constraints, estimating storage with the MBA counts."""
-    constraints = constraints_for(layout)
+    constraints = constraints_for(layout, topology.world_size)
     mba_tables = {t.name for t in layout.tables} if mba else set()
     estimators = [
         EmbeddingPerfEstimator(topology=topology, constraints=constraints),
@@ -107,7 +113,7 @@ def make_planner(
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=constraints_for(layout),
+        constraints=constraints_for(layout, topology.world_size),
         enumerator=make_enumerator(layout, topology, batch_size, mba),
         storage_reservation=reservation,
     )
@@ -217,7 +223,7 @@ def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_w
         w *= 2
     try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
         reserved = make_planner(layout, topology, batch, mba, dense_bytes)._storage_reservation.reserve(
-            topology, batch, model, sharders, constraints_for(layout)
+            topology, batch, model, sharders, constraints_for(layout, topology.world_size)
         )
         usable = sum(getattr(d.storage, mem) for d in reserved.devices)
         avail = f"leave {gib(usable)} for tables after torchrec's reservation (dense side, inputs, 15%)"

@@ -2,6 +2,7 @@
 finite differences (gradcheck, float64), and the same values and gradients through torch.compile."""
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.models.jagged import gather_rows, segment_sum
@@ -50,3 +51,19 @@ def test_compiled_equals_eager():
         else:
             for a, b in zip((out.detach(), v.grad, t.grad), want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_segment_sum_kernel_float_bits_bf16_rounding_and_unsorted_rows():
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(0, 60, (300,), generator=g)
+    rows = torch.repeat_interleave(torch.arange(300), lengths)
+    values = torch.randn(rows.numel(), 80, generator=g)
+    # float: index_add_'s sum bit for bit (both add a row's values in order)
+    want = values.new_zeros(300, 80).index_add_(0, rows, values)
+    assert torch.equal(segment_sum(values, rows, 300), want)
+    # bfloat16: summed in float, rounded once: within half a bf16 ulp of the float64 sum
+    exact = values.bfloat16().double().new_zeros(300, 80).index_add_(0, rows, values.bfloat16().double())
+    got = segment_sum(values.bfloat16(), rows, 300).double()
+    assert torch.all((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-30)
+    with pytest.raises(RuntimeError, match="nondecreasing"):
+        segment_sum(values[:3], torch.tensor([1, 0, 2]), 300)

@@ -20,6 +20,8 @@ the plain Python step loop through the cell: the reference the tests hold `seque
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import torch
@@ -86,6 +88,7 @@ def run_sequence(
     return torch.stack(states, 1) if states else x.new_zeros(b, 0, cell.hidden_size), h
 
 
+@functools.cache
 def kernel():
     """The C++ sequence kernel (built on first use, cached; `make setup` builds it ahead)."""
     return cpp.load(Path(__file__).with_name("csrc") / "attgru.cpp", "dinrec_attgru", ("-ffast-math", "-fopenmp-simd"))

@@ -159,6 +159,8 @@ std::vector<at::Tensor> dice_backward_impl(const at::Tensor& g_, const at::Tenso
   return {ds_, dalpha_};
 }
 
+// PReLU's loops are branch-free (max/min, a 0/1 factor; exact): with -fopenmp, GCC compiled the
+// same loops written with `?:` to code about 20 times slower
 template <typename S, typename T>
 at::Tensor prelu_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_) {
   const int64_t n = s_.size(0), h = s_.size(1);
@@ -167,10 +169,12 @@ at::Tensor prelu_forward_impl(const at::Tensor& s_, const at::Tensor& alpha_) {
   at::Tensor y_ = at::empty({n, h}, s_.options());
   S* y = y_.data_ptr<S>();
   each_row(n, [&](int64_t i) {
+    const S* row = s + i * h;
+    S* out = y + i * h;
 #pragma omp simd
     for (int64_t j = 0; j < h; ++j) {
-      const T t = widen(s[i * h + j]);
-      y[i * h + j] = narrow<S, T>(t > T(0) ? t : alpha[j] * t);
+      const T t = widen(row[j]);
+      out[j] = narrow<S, T>(std::max(t, T(0)) + alpha[j] * std::min(t, T(0)));
     }
   });
   return y_;
@@ -185,12 +189,15 @@ std::vector<at::Tensor> prelu_backward_impl(const at::Tensor& g_, const at::Tens
   S* ds = ds_.data_ptr<S>();
   // one pass: ∂L/∂s written, Σ g·s·[s ≤ 0] summed
   const auto acc = column_sums<T>(n, h, 1, [&](int64_t i, T* sa) {
+    const S* row = s + i * h;
+    const S* grow = g + i * h;
+    S* out = ds + i * h;
 #pragma omp simd
     for (int64_t j = 0; j < h; ++j) {
-      const T t = widen(s[i * h + j]), gj = widen(g[i * h + j]);
-      const bool pos = t > T(0);
-      ds[i * h + j] = narrow<S, T>(pos ? gj : alpha[j] * gj);
-      sa[j] += pos ? T(0) : gj * t;
+      const T t = widen(row[j]), gj = widen(grow[j]);
+      const T neg = T(t <= T(0)), slope = neg * alpha[j] + (T(1) - neg);  // exact: neg is 0 or 1
+      out[j] = narrow<S, T>(gj * slope);
+      sa[j] += neg * gj * t;
     }
   });
   at::Tensor dalpha_ = at::empty({h}, alpha_.options());
