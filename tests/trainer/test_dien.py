@@ -17,14 +17,16 @@ from trainer.models.dien import DIEN, padded
 from trainer.models.gru import AttentionGRUCell, run_sequence, sequence
 
 
+@pytest.mark.parametrize("rows", [6, 150], ids=["6rows", "150rows"])  # 150: several parallel chunks of rows
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu_fused", "aten"])
 @pytest.mark.parametrize("kind", ["gru", "aigru", "agru", "augru"])
-def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused):
+def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused, rows):
     torch.manual_seed(0)
     cell = AttentionGRUCell(3, 4).double()
-    x = torch.randn(6, 7, 3, dtype=torch.float64, requires_grad=True)
-    att = torch.rand(6, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(rows, 7, 3, dtype=torch.float64, requires_grad=True)
+    att = torch.rand(rows, 7, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([7, 4, 0, 1, 3, 7])
+    lengths = torch.cat([lengths, torch.randint(0, 8, (rows - 6,))])
     want_s, want_h = run_sequence(cell, x, lengths, att, kind)
     got_s, got_h = sequence(cell, x, lengths, att, kind, fused)
     torch.testing.assert_close(got_s, want_s, rtol=1e-12, atol=1e-12)
@@ -37,6 +39,12 @@ def test_sequence_kernel_equals_step_loop_values_and_gradients(kind, fused):
         if w is None:
             assert g is None or not g.abs().any()  # attention does not enter a plain GRU
         else:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # the last state alone (DIEN's evolution layer): no gradient comes through the states
+    want = torch.autograd.grad((run_sequence(cell, x, lengths, att, kind)[1] * wh).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((sequence(cell, x, lengths, att, kind, fused)[1] * wh).sum(), params, allow_unused=True)
+    for w, g in zip(want, got, strict=True):
+        if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 

@@ -5,8 +5,10 @@
 //   hg = W_hh h + b_hh;  r = σ(xr + hr);  z = σ(xz + hz);  n = tanh(xn + r ∘ hn);  u = 1 − z
 //   ũ = u (GRU, AIGRU),  a_t·u (AUGRU),  a_t (AGRU)
 //   h_t = h + m_t·ũ ∘ (n − h)          m_t = 1 while t < length, else 0: padding leaves h unchanged
-// Shapes: B rows, T steps, H hidden; tensors are time-major inside. Only ATen ops, so the same
+// Shapes: B rows, T steps, H hidden; tensors are time-major inside. On the CPU (`fused`) each
+// step's elementwise pass runs on torch's threads over row blocks; elsewhere only ATen ops, so the same
 // code runs on any device; autograd is bypassed (one node for the whole sequence).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -14,6 +16,11 @@
 #include <vector>
 
 namespace {
+
+// Rows per parallel task of a step on the CPU. The row loops are functions of their own (with
+// __restrict pointers) called from at::parallel_for: inside the lambda the pointers would be
+// captures, and GCC would not vectorize the loops.
+constexpr int64_t ROWS = 64;
 
 enum Mode : int64_t { GRU = 0, AGRU = 1, AUGRU = 2 };
 
@@ -28,8 +35,8 @@ at::Tensor update_gate(const at::Tensor& u, const at::Tensor& a, int64_t mode) {
 template <typename T, int64_t MODE>
 void step_cpu(const T* __restrict x, const T* __restrict g, const T* __restrict bias, const T* __restrict h,
               const T* __restrict a, const T* __restrict m, T* __restrict r, T* __restrict z, T* __restrict n,
-              T* __restrict hn, T* __restrict out, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+              T* __restrict hn, T* __restrict out, int64_t b0, int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * 3 * H;
     const T* gb = g + b * 3 * H;
     const T ab = MODE == GRU ? T(1) : a[b], mb = m[b];
@@ -54,8 +61,8 @@ template <typename T, int64_t MODE>
 void step_back_cpu(const T* __restrict gh, const T* __restrict gs, const T* __restrict h, const T* __restrict a,
                    const T* __restrict m, const T* __restrict r, const T* __restrict z, const T* __restrict n,
                    const T* __restrict hn, T* __restrict dx, T* __restrict dhg, T* __restrict da,
-                   T* __restrict direct, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+                   T* __restrict direct, int64_t b0, int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
     const T ab = MODE == GRU ? T(1) : a[b], mb = m[b];
     T dab = 0;
 #pragma omp simd reduction(+ : dab)
@@ -103,10 +110,12 @@ std::vector<at::Tensor> forward(const at::Tensor& xg, const at::Tensor& w_hh, co
       AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "attgru_step", [&] {
         const auto step = mode == AUGRU ? step_cpu<scalar_t, AUGRU>
                           : mode == AGRU ? step_cpu<scalar_t, AGRU> : step_cpu<scalar_t, GRU>;
-        step(x[t].data_ptr<scalar_t>(), hg_buf.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-             h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
-             mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
-             n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(), B, H);
+        at::parallel_for(0, B, ROWS, [&](int64_t b0, int64_t b1) {
+          step(x[t].data_ptr<scalar_t>(), hg_buf.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+               h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
+               mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
+               n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(), b0, b1, H);
+        });
       });
       continue;
     }
@@ -146,12 +155,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_states, const at::Tensor
       AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "attgru_step_back", [&] {
         const auto step = mode == AUGRU ? step_back_cpu<scalar_t, AUGRU>
                           : mode == AGRU ? step_back_cpu<scalar_t, AGRU> : step_back_cpu<scalar_t, GRU>;
-        step(gh.data_ptr<scalar_t>(), gs_c.defined() ? gs_c[t].data_ptr<scalar_t>() : nullptr,
-             h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
-             mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
-             n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), dxg[t].data_ptr<scalar_t>(),
-             dhg[t].data_ptr<scalar_t>(), mode == GRU ? nullptr : datt[t].data_ptr<scalar_t>(),
-             next.data_ptr<scalar_t>(), B, H);
+        at::parallel_for(0, B, ROWS, [&](int64_t b0, int64_t b1) {
+          step(gh.data_ptr<scalar_t>(), gs_c.defined() ? gs_c[t].data_ptr<scalar_t>() : nullptr,
+               h.data_ptr<scalar_t>(), mode == GRU ? nullptr : a[t].data_ptr<scalar_t>(),
+               mask[t].data_ptr<scalar_t>(), r[t].data_ptr<scalar_t>(), z[t].data_ptr<scalar_t>(),
+               n[t].data_ptr<scalar_t>(), hn[t].data_ptr<scalar_t>(), dxg[t].data_ptr<scalar_t>(),
+               dhg[t].data_ptr<scalar_t>(), mode == GRU ? nullptr : datt[t].data_ptr<scalar_t>(),
+               next.data_ptr<scalar_t>(), b0, b1, H);
+        });
       });
       next.addmm_(dhg[t], w_hh);
       std::swap(gh, next);
