@@ -8,10 +8,13 @@ which table each one looks up, and the KJT key order. The one place of the namin
   joins the table of `hist_X` by itself when the model has an auxiliary loss, read from the file
   when the file has the column, else sampled by the reader;
 - every other feature is pooled (sum, EmbeddingBagCollection);
-- a model that only sums the behaviours (BaseModel) has its behaviour tables pooled too
+- a model that does not look at the behaviours one by one (BaseModel and the other baselines:
+  every model but those of SEQUENCE_MODELS) has its behaviour tables pooled too
   (`history_pooled`): FBGEMM sums each history inside the lookup and its backward, with no
   [N, D] tensor of behaviours (5× less time than the unpooled lookup and backward at batch 1024
-  on the CPU, docs/results.md).
+  on the CPU, docs/results.md);
+- `data.profile` and `data.context` label some of the other features (sparse or dense) as the
+  user-profile and context groups (MIAN §3.1); `fields` gives a model each feature's own slice.
 
 Also `jagged_rows`, the row of each value of a jagged tensor, which every layer that works on the
 jagged behaviours needs.
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 
 HISTORY = "hist_"
 NEGATIVE = "neg_"
+# models that attend over the behaviours one by one (looked up unpooled); the others sum them
+SEQUENCE_MODELS = ("din", "dien", "mian")
 
 
 def behaviour_of(candidate: str) -> str:
@@ -72,12 +77,15 @@ class FeatureLayout:
     pairs: tuple[tuple[str, str], ...]  # (candidate feature, behaviour feature), table order
     negatives: tuple[tuple[str, str], ...] = ()  # (behaviour feature, its negative), pair order
     max_hist_len: int = 0  # behaviours per row at most (data.max_hist_len; 0: not known)
-    history_pooled: bool = False  # the behaviour tables sum-pooled too (BaseModel)
+    history_pooled: bool = False  # the behaviour tables sum-pooled too (the models not in SEQUENCE_MODELS)
+    dense: tuple[str, ...] = ()  # the dense features, the columns of Batch.dense
+    profile: tuple[str, ...] = ()  # user-profile features (sparse or dense), data.profile order
+    context: tuple[str, ...] = ()  # context features (sparse or dense), data.context order
 
     @staticmethod
     def from_config(cfg: Config) -> FeatureLayout:
         with_negatives = cfg.model.name == "dien" and cfg.model.aux_loss > 0
-        history_pooled = cfg.model.name == "base"
+        history_pooled = cfg.model.name not in SEQUENCE_MODELS
         seq, pooled, pairs, negatives = [], [], [], []
         for t in cfg.tables:
             tp = [(c, f) for f in t.features if (c := candidate_of(f)) is not None and c in t.features]
@@ -88,7 +96,15 @@ class FeatureLayout:
             (seq if tp and not history_pooled else pooled).append(t)
             pairs.extend(tp)
         return FeatureLayout(
-            tuple(seq), tuple(pooled), tuple(pairs), tuple(negatives), cfg.data.max_hist_len, history_pooled
+            tuple(seq),
+            tuple(pooled),
+            tuple(pairs),
+            tuple(negatives),
+            cfg.data.max_hist_len,
+            history_pooled,
+            tuple(cfg.data.dense_features),
+            tuple(cfg.data.profile),
+            tuple(cfg.data.context),
         )
 
     @property
@@ -129,6 +145,26 @@ class FeatureLayout:
     def pooled_dim(self) -> int:
         """Width of the other pooled features' embeddings concatenated."""
         return sum(self.table_of(f).dim for f in self.other_pooled_features)
+
+    @property
+    def candidate_dims(self) -> list[int]:
+        """The width of each candidate feature (pair order): how Lookups.cand and a behaviour split."""
+        return [self.table_of(c).dim for c, _ in self.pairs]
+
+    def field(self, feature: str) -> tuple[str, int, int]:
+        """Where a non-candidate feature's values are in a batch's lookups: ("pooled", start, end),
+        its columns of Lookups.pooled (an embedding), or ("dense", i, i + 1), its column of the
+        dense features (a scalar)."""
+        start = 0
+        for f in self.other_pooled_features:
+            d = self.table_of(f).dim
+            if f == feature:
+                return "pooled", start, start + d
+            start += d
+        if feature in self.dense:
+            i = self.dense.index(feature)
+            return "dense", i, i + 1
+        raise KeyError(feature)
 
     def table_of(self, feature: str) -> TableConfig:
         for t in self.tables:

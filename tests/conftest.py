@@ -113,6 +113,52 @@ def tiny_cfg(tiny_data, tmp_path):
     return make
 
 
+# The tiny world with the generator's profile and context features (tools.generate), and the
+# tiny config's overrides that read them as MIAN's groups; every table 8 wide (the FM models).
+ZOO_TABLES = (
+    "tables=[{name: item, num_rows: 500, dim: 8, features: [item_id, hist_item_id]},"
+    " {name: cate, num_rows: 20, dim: 8, features: [cate_id, hist_cate_id]},"
+    " {name: user, num_rows: 1000, dim: 8, features: [user_id], id_map: hash},"
+    " {name: gender, num_rows: 2, dim: 8, features: [gender]},"
+    " {name: age, num_rows: 7, dim: 8, features: [age]},"
+    " {name: occupation, num_rows: 21, dim: 8, features: [occupation]},"
+    " {name: hour, num_rows: 24, dim: 8, features: [hour]},"
+    " {name: weekday, num_rows: 7, dim: 8, features: [weekday]}]"
+)
+ZOO_GROUPS = ("data.profile=[gender, age, occupation]", "data.context=[hour, weekday]")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_data(tmp_path_factory) -> Path:
+    from tools.generate import WorldSpec, generate
+
+    out = tmp_path_factory.mktemp("tiny_zoo")
+    spec = WorldSpec(**TINY, profile=1.0, context=1.0)
+    generate(spec, out, train_files=3, test_files=2, row_group_size=256, progress=False)
+    return out
+
+
+@pytest.fixture
+def zoo_cfg(tiny_zoo_data, tmp_path):
+    """The tiny config on the tiny world with profile and context features, read as groups."""
+    from trainer.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [
+                f"data.train={tiny_zoo_data / 'train'}",
+                f"data.test={tiny_zoo_data / 'test'}",
+                f"train.out_dir={tmp_path / 'run'}",
+                ZOO_TABLES,
+                *ZOO_GROUPS,
+                *overrides,
+            ],
+        )
+
+    return make
+
+
 @pytest.fixture
 def tiny_train_copy(tiny_data, tmp_path) -> Path:
     """A private copy of the tiny training files, so that `count-features` writes its counts/

@@ -31,6 +31,17 @@ and a long review history: most of what the data says about interests is in the 
 sequences, which DIEN's auxiliary loss supervises step by step (the paper, §5: the loss gains less
 where many labelled instances train the embeddings).
 
+Profile and context (off by default; the default world is the one above): with `profile` > 0
+every user has a gender (2 values), an age bucket (7) and an occupation (21), and with `context`
+> 0 every impression an hour (24) and a weekday (7), drawn uniformly from streams of their own
+(so the rest of the world is unchanged). Each value f = v has a planted affinity A_f[v, c] ~ N(0, 1)
+with every category c, and the logit gains
+
+    + profile · Σ_f A_f[v_f(user), category(a)] / sqrt(3) + context · Σ_f A_f[v_f(impression), category(a)] / sqrt(2)
+
+so that a model that reads these features with the candidate's category can beat one that does
+not; p_click includes the terms (the oracle stays exact).
+
 Train/test split by time: each user's last `test_per_user` impressions form the test set.
 """
 
@@ -74,7 +85,14 @@ class WorldSpec:
     recency: float = 0.97
     current: float = 2.0  # + current x [the candidate's category is one of the user's interests now]
     from_history: float = 0.3  # share of candidates re-drawn from the category of a past behaviour
+    profile: float = 0.0  # strength of the profile × category affinities (0: no profile columns)
+    context: float = 0.0  # strength of the context × category affinities (0: no context columns)
     seed: int = 0
+
+
+# the profile and context fields of the generator, and their number of values
+PROFILE_FIELDS = {"gender": 2, "age": 7, "occupation": 21}
+CONTEXT_FIELDS = {"hour": 24, "weekday": 7}
 
 
 def _zipf_cdf(n: int, s: float) -> np.ndarray:
@@ -109,6 +127,11 @@ class World:
         # Global popularity: a Zipf rank over all items.
         self.global_cdf = _zipf_cdf(spec.items, spec.zipf)
         self.global_order = rng.permutation(spec.items)
+        # Planted affinities of every profile and context value with every category (a stream of
+        # their own: the world above does not change with the flags)
+        rng_aff = np.random.default_rng([spec.seed, 4])
+        fields = {**PROFILE_FIELDS, **CONTEXT_FIELDS}
+        self.affinity = {f: rng_aff.standard_normal((n, spec.cates)) for f, n in fields.items()}
 
     def sample_in_cate(self, rng: np.random.Generator, cate: np.ndarray) -> np.ndarray:
         """One item of each given category, Zipf-popular within the category."""
@@ -176,6 +199,17 @@ class World:
         logit = s.bias + self.item_quality[cand] + s.gamma * np.log1p(soft_count)
         if s.current:  # which of the history's categories are still interests: an order question
             logit += s.current * (cur == self.item_cate[cand][:, None]).any(axis=1)
+        extra = {}
+        rng_pc = np.random.default_rng([s.seed, 5, first_user])  # profile and context values
+        for strength, fields, per_user in ((s.profile, PROFILE_FIELDS, True), (s.context, CONTEXT_FIELDS, False)):
+            if not strength:
+                continue
+            term = np.zeros(n)
+            for f, card in fields.items():
+                v = rng_pc.integers(0, card, n_users)[u_local] if per_user else rng_pc.integers(0, card, n)
+                term += self.affinity[f][v, self.item_cate[cand]]
+                extra[f] = v.astype(np.int64)
+            logit += strength * term / np.sqrt(len(fields))
         p = 1.0 / (1.0 + np.exp(-logit))
         label = (rng.random(n) < p).astype(np.int8)
         return {
@@ -188,6 +222,7 @@ class World:
             "hist_cate_id": self.item_cate[hist_item],
             "ts": t_flat.astype(np.int64),
             "p_click": p.astype(np.float32),
+            **extra,  # profile and context columns (with the flags)
             "interests": cur,  # [n, interests]: the user's interests at the impression (not written)
             "is_test": np.tile(np.arange(n_imp) >= n_imp - s.test_per_user, n_users),
         }
@@ -212,6 +247,9 @@ def _to_table(cols: dict[str, np.ndarray], idx: np.ndarray) -> pa.Table:
         "ts": pa.array(cols["ts"][idx]),
         "p_click": pa.array(cols["p_click"][idx]),
     }
+    for f in (*PROFILE_FIELDS, *CONTEXT_FIELDS):
+        if f in cols:
+            arrays[f] = pa.array(cols[f][idx])
     return pa.table(arrays)
 
 
@@ -321,6 +359,7 @@ def _validate(spec: WorldSpec, args: argparse.Namespace) -> None:
         (args.train_files > 0 and args.test_files > 0, "--train-files and --test-files must be > 0"),
         (args.row_group_size > 0, "--row-group-size must be > 0"),
         (math.isfinite(spec.gamma) and math.isfinite(spec.beta), "--gamma and --beta must be finite"),
+        (spec.profile >= 0 and spec.context >= 0, "--profile and --context must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -32,6 +32,12 @@ class DataConfig:
     max_hist_len: int = 50  # longer histories keep their most recent behaviours
     seed: int = 0  # row-group and row order per epoch
     dense_features: list[str] = field(default_factory=list)  # float32 columns
+    # Feature groups (MIAN §3.1): the user-profile and the context features, each a sparse feature
+    # that a table reads (int64 or list<int64>, not a candidate or behaviour) or one of
+    # dense_features. MIAN's IUIM and ICIM attend over them field by field; the other models read
+    # them as they read any other feature (a pooled embedding, or a dense input).
+    profile: list[str] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)
     prefetch: int = 4  # batches prepared ahead by the background reader
     # processes that read and decode the training row groups ahead of the reader (0: the reader's
     # thread reads them); a GPU that trains faster than one core reads needs a few (docs/gpu.md)
@@ -64,7 +70,8 @@ class TableConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["base", "din", "dien"] = "din"
+    # the model zoo (docs/models.md): the DIN paper's baselines and DIN, DIEN, MIAN
+    name: Literal["lr", "base", "wide_deep", "pnn", "deepfm", "dcn", "xdeepfm", "din", "dien", "mian"] = "din"
     attention_mlp: list[int] = field(default_factory=lambda: [80, 40])
     mlp: list[int] = field(default_factory=lambda: [200, 80])  # hidden sizes; the output is 1 logit
     activation: Literal["dice", "prelu"] = "prelu"
@@ -100,6 +107,19 @@ class ModelConfig:
     # one Triton kernel each way (GPU, or the CPU under TRITON_INTERPRET=1); `loop`, the Python
     # step loop through the cell (the reference; slower, see `dinrec bench dien`).
     gru_kernel: Literal["auto", "cpp", "triton", "loop"] = "auto"
+    # Deep&Cross: the cross network's layers; `v1`, DCN's x_{l+1} = x_0 (x_lᵀ w_l) + b_l + x_l, or
+    # `v2`, DCN-v2's x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l (torchrec's VectorCrossNet / CrossNet)
+    cross_layers: int = 3
+    cross: Literal["v1", "v2"] = "v1"
+    # xDeepFM: the feature maps of each CIN layer
+    cin_layers: list[int] = field(default_factory=lambda: [64, 64])
+    # MIAN's IBIM: the Pre-LN Transformer's attention heads (they divide the behaviour width) and
+    # its feed-forward hidden width (Eq. 5)
+    heads: int = 2
+    ffn: int = 64
+    # MIAN's GIM (Eq. 15): `sum`, the weighted sum of the parts as written; `concat`, the weighted
+    # parts side by side (docs/models.md)
+    gim: Literal["sum", "concat"] = "sum"
 
 
 @dataclass(frozen=True)
@@ -357,6 +377,10 @@ class _CHECKS:
             _positive(n, f"{path}.attention_mlp.{i}")
         for i, n in enumerate(c.mlp):
             _positive(n, f"{path}.mlp.{i}")
+        for i, n in enumerate(c.cin_layers):
+            _positive(n, f"{path}.cin_layers.{i}")
+        for key in ("cross_layers", "heads", "ffn"):
+            _positive(getattr(c, key), f"{path}.{key}")
 
     @staticmethod
     def SparseOptimizerConfig(c: SparseOptimizerConfig, path: str) -> None:
@@ -433,10 +457,53 @@ class _CHECKS:
                     f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
                     "the MBA optimizer runs on the fused kernel only"
                 )
+        _check_groups(c)
         seq_dims = {t.dim for t in c.tables if any(candidate_of(f) for f in t.features)}
         if len(seq_dims) > 1:
             raise ConfigError(
                 f"tables: behaviour tables must share one dim (EmbeddingCollection), got {sorted(seq_dims)}"
+            )
+
+
+# models whose interaction layer takes inner products between fields: one embedding width for all
+FIELD_MODELS = ("pnn", "deepfm", "xdeepfm")
+
+
+def _check_groups(c: Config) -> None:
+    """data.profile / data.context name sparse features of a table (not a candidate or behaviour)
+    or dense features, each in one group at most; the FM-like models need one field width."""
+    table_of = {f: t for t in c.tables for f in t.features}
+    grouped: dict[str, str] = {}
+    for group in ("profile", "context"):
+        for i, f in enumerate(getattr(c.data, group)):
+            path = f"data.{group}.{i}"
+            if f in grouped:
+                raise ConfigError(f"{path}: {f!r} is already in data.{grouped[f]}")
+            grouped[f] = group
+            t = table_of.get(f)
+            if t is not None and (candidate_of(f) is not None or behaviour_of(f) in t.features):
+                raise ConfigError(f"{path}: {f!r} is a candidate or behaviour feature, not a {group} feature")
+            if t is None and f not in c.data.dense_features:
+                raise ConfigError(
+                    f"{path}: {f!r} is neither read by a table (tables.*.features) nor in data.dense_features"
+                )
+    if c.model.name == "mian":
+        for group in ("profile", "context"):
+            dims = {table_of[f].dim for f in getattr(c.data, group) if f in table_of}
+            if len(dims) > 1:
+                raise ConfigError(
+                    f"data.{group}: MIAN sums a group's fields (Eq. 11, 13), so its features need one "
+                    f"table dim, got {sorted(dims)}"
+                )
+        width = sum(table_of[f].dim for f in table_of if behaviour_of(f) in table_of)
+        if width % c.model.heads:
+            raise ConfigError(f"model.heads: {c.model.heads} does not divide the behaviour width {width}")
+    if c.model.name in FIELD_MODELS:
+        dims = {t.dim for t in c.tables}
+        if len(dims) > 1:
+            raise ConfigError(
+                f"tables: model {c.model.name} takes inner products between fields, so every table needs "
+                f"one dim, got {sorted(dims)}"
             )
 
 

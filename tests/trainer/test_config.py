@@ -53,7 +53,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
     [
         (TABLES + "train: {epoch: 2}\n", [], "train.epoch: unknown key"),
         (TABLES + "train: {epochs: two}\n", [], "train.epochs: expected int, got str"),
-        (TABLES + "model: {name: gpt}\n", [], 'model.name: str "gpt" is not one of base|din'),
+        (TABLES + "model: {name: gpt}\n", [], 'model.name: str "gpt" is not one of lr|base|wide_deep'),
         (TABLES, ["train.epochs=1.5"], "train.epochs: expected int, got float"),
         (TABLES, ["tables.3.dim=1"], "tables.3: list index '3' out of range"),
         (TABLES, ["data.batch_size=0"], "data.batch_size: must be > 0"),

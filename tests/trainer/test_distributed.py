@@ -21,6 +21,8 @@ def concat(a: Batch, b: Batch) -> Batch:
     """The global batch: a's rows then b's rows."""
 
     def cat(x: KeyedJaggedTensor, y: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not x.keys():  # no feature of this kind (BaseModel and the baselines: no sequence features)
+            return x
         jx, jy = x.to_dict(), y.to_dict()
         return KeyedJaggedTensor(
             keys=x.keys(),
@@ -79,11 +81,18 @@ def run(world, cfg, batches, out):
         ("column_wise", "rowwise_adagrad", "din"),
         # DIEN: its auxiliary loss (a mean over each rank's rows) and the reader's negatives too
         ("table_wise", "sgd", "dien"),
+        # the zoo on the world with profile and context features (every table in the lookup)
+        ("table_wise", "sgd_mba", "mian"),
+        ("column_wise", "rowwise_adagrad", "deepfm"),
     ],
 )
-def test_two_ranks_equal_one_rank_on_the_same_global_batches(tiny_cfg, tmp_path, sharding, optimizer, model):
-    overrides = [f"tables.{i}.sharding_types=[{sharding}]" for i in range(3)]
-    cfg = tiny_cfg(
+def test_two_ranks_equal_one_rank_on_the_same_global_batches(request, tmp_path, sharding, optimizer, model):
+    make = request.getfixturevalue("zoo_cfg" if model in ("mian", "deepfm") else "tiny_cfg")
+    n_tables = len(make().tables)
+    overrides = [f"tables.{i}.sharding_types=[{sharding}]" for i in range(n_tables)]
+    if optimizer.endswith("_mba"):
+        overrides.append("sparse_optimizer.lambda=0.05")
+    cfg = make(
         f"model.name={model}",
         "model.activation=prelu",
         f"sparse_optimizer.type={optimizer}",

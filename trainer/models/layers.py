@@ -122,7 +122,10 @@ class SparseArch(nn.Module):
             others = [kt[f] for f in layout.other_pooled_features]
             pooled = torch.cat(others, dim=1) if others else cand.new_zeros(cand.shape[0], 0)
             return Lookups(cand, None, None, pooled, None, hist_sum)
-        pooled = self.ebc(pooled_kjt).values() if self.ebc is not None else None
+        pooled = None
+        if self.ebc is not None:  # by name: a sharded collection orders its outputs by shard, not config
+            kt = self.ebc(pooled_kjt).to_dict()
+            pooled = torch.cat([kt[f] for f in layout.other_pooled_features], dim=1)
         jts = self.ec(seq)
         cand = torch.cat([jts[c].values() for c, _ in layout.pairs], dim=1)
         hist = torch.cat([jts[h].values() for _, h in layout.pairs], dim=1)
