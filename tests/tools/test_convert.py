@@ -2,6 +2,7 @@
 records; every input format of a data set gives the same Parquet; malformed input is one line
 naming file:line."""
 
+import datetime
 import json
 from pathlib import Path
 
@@ -174,11 +175,37 @@ def test_movielens_split_is_by_user_and_profiles_are_attached(tmp_path):
     assert users["train"].isdisjoint(users["test"]) and users["train"] | users["test"] == {0, 1, 2}
     vocab = {
         n: pq.read_table(out / "vocab" / f"{n}.parquet").column("id").to_pylist()
-        for n in ("user_id", "age", "gender", "occupation")
+        for n in ("user_id", "age", "gender", "occupation", "zip_prefix")
     }
+    groups = {"24": "18", "53": "50"}  # years -> the 1M file's age groups (18–24, 50–55)
     for r in splits["train"] + splits["test"]:
-        want = PROFILE[vocab["user_id"][r["user_id"]]]
-        assert (vocab["age"][r["age"]], vocab["gender"][r["gender"]], vocab["occupation"][r["occupation"]]) == want
+        age, gender, occupation = PROFILE[vocab["user_id"][r["user_id"]]]
+        got = (vocab["age"][r["age"]], vocab["gender"][r["gender"]], vocab["occupation"][r["occupation"]])
+        assert got == (groups[age], gender, occupation)
+        # context: the rating's hour and weekday in UTC, by the standard library
+        when = datetime.datetime.fromtimestamp(r["ts"], datetime.UTC)
+        assert (r["hour"], r["weekday"]) == (when.hour, when.weekday())
+        assert vocab["zip_prefix"][r["zip_prefix"]] == "0"
+
+
+def test_context_columns_against_the_standard_library():
+    from tools.convert.common import time_columns
+    from tools.convert.movielens import age_groups
+
+    ts = np.random.default_rng(0).integers(0, 2_000_000_000, 500)
+    got = time_columns(ts, ("hour", "weekday", "month"))
+    want = [datetime.datetime.fromtimestamp(int(t), datetime.UTC) for t in ts]
+    assert got["hour"].tolist() == [w.hour for w in want]
+    assert got["weekday"].tolist() == [w.weekday() for w in want]
+    assert got["month"].tolist() == [w.month - 1 for w in want]
+    import pyarrow as pa
+
+    years = pa.array(["7", "17", "18", "24", "25", "44", "45", "49", "50", "55", "56", "73"])
+    assert age_groups(Path("u.user"), years).to_pylist() == "1 1 18 18 25 35 45 45 50 50 56 56".split()
+    codes = pa.array(["1", "18", "25", "35", "45", "50", "56"])  # MovieLens-1M's codes stay as they are
+    assert age_groups(Path("users.dat"), codes).to_pylist() == codes.to_pylist()
+    with pytest.raises(InputError, match="u.user: age 'old' is not a number"):
+        age_groups(Path("u.user"), pa.array(["24", "old"]))
 
 
 def test_movielens_output_reads_as_training_data(tmp_path):
@@ -297,6 +324,8 @@ def test_amazon_rows_equal_a_python_loop(tmp_path):
             key = (vocab["user_id"][r["user_id"]], r["ts"])
             item = vocab["item_id"][r["item_id"]]
             assert vocab["cate_id"][r["cate_id"]] == leaf.get(item, "(no category)")
+            when = datetime.datetime.fromtimestamp(r["ts"], datetime.UTC)  # context: the review's time
+            assert (r["weekday"], r["month"]) == (when.weekday(), when.month - 1)
             rec = (split, item, [vocab["item_id"][i] for i in r["hist_item_id"]])
             (got_pos if r["label"] == 1 else got_neg)[key] = rec
     assert got_pos == want
@@ -384,6 +413,7 @@ def test_taobao_histories_are_strictly_earlier_behaviours(tmp_path):
     rows = {}
     for split in ("train", "test"):
         for r in pq.read_table(sorted((out / split).glob("*.parquet"))).to_pylist():
+            assert r["hour"] == datetime.datetime.fromtimestamp(r["ts"], datetime.UTC).hour  # context
             rows[(vocab["user_id"][r["user_id"]], r["ts"])] = (
                 split,
                 r["label"],

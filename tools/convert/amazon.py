@@ -8,7 +8,9 @@
   split: "we predict the last one given the first n−1 reviewed goods");
 - category: the last entry of the item's first category path in the metadata (`categories`, 2014
   files, as the DIN/DIEN preprocessing does) or the last entry of `category` (2018 files); items
-  without metadata get "(no category)".
+  without metadata get "(no category)";
+- context: `weekday` (0 Monday … 6 Sunday) and `month` (0 January … 11) of the review time
+  of the impression's target review, UTC (the negative shares its positive's time).
 
 Reviews: one JSON object per line with `reviewerID`, `asin`, `unixReviewTime`. Metadata: one
 object per line with `asin` and `categories` or `category`, strict JSON or the Python-literal
@@ -28,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tools.convert.common import (
+    TIME_COLUMNS,
     InputError,
     Writer,
     add_output_arguments,
@@ -35,10 +38,13 @@ from tools.convert.common import (
     histories,
     impressions_table,
     reindex,
+    time_columns,
     write_vocab,
 )
 
 NO_CATEGORY = "(no category)"
+
+CONTEXT = ("weekday", "month")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +163,7 @@ def convert(
                 it[pos],
                 cate_of_item[it[pos]],
                 t[sel],
+                time_columns(t[sel], CONTEXT),
             )
             test = pa.array(last[sel])
             w.write("train", table.filter(pc.invert(test)))
@@ -169,7 +176,13 @@ def convert(
             "source": {"reviews": str(reviews), "meta": str(meta)},
             "protocol": "DIN paper §6.1: per user, each review after the first is a positive with the earlier "
             "reviews as history, plus one uniform negative; each user's last review is the test set",
-            "num_rows": {"user_id": len(user_dict), "item_id": n_items, "cate_id": len(cate_dict)},
+            "num_rows": {
+                "user_id": len(user_dict),
+                "item_id": n_items,
+                "cate_id": len(cate_dict),
+                **{c: TIME_COLUMNS[c] for c in CONTEXT},
+            },
+            "context": list(CONTEXT),
             "reviews": len(users),
             "items_without_metadata": int(sum(a not in categories for a in asins)),
             "max_hist_len": max_hist_len,

@@ -205,6 +205,21 @@ def list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     )
 
 
+TIME_COLUMNS = {"hour": 24, "weekday": 7, "month": 12}  # context columns of a timestamp, and their values
+
+
+def time_columns(ts: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Context columns of Unix timestamps, UTC: `hour` 0–23, `weekday` 0 (Monday) – 6, `month` 0
+    (January) – 11 (1970-01-01 was a Thursday)."""
+    t = ts.astype(np.int64)
+    out = {
+        "hour": lambda: (t // 3600) % 24,
+        "weekday": lambda: (t // 86400 + 3) % 7,
+        "month": lambda: t.astype("datetime64[s]").astype("datetime64[M]").astype(np.int64) % 12,
+    }
+    return {n: out[n]() for n in names}
+
+
 def impressions_table(
     label: np.ndarray,
     user: np.ndarray,

@@ -8,7 +8,12 @@
   in time order, ties in time kept in file order, the most recent `--max-hist-len`;
 - split by user (as the paper): a seeded hash of the original user id puts
   `--test-fraction` of the users and all their rows in the test set;
-- ids re-indexed to contiguous rows (string ids allowed), user-profile columns (optional) too.
+- ids re-indexed to contiguous rows (string ids allowed), user-profile columns (optional) too;
+- profile (with a user file): gender, age, occupation, zip_code and zip_prefix (the zip code's
+  first character: the US postal region); ages given in years (100K) are bucketed into the 1M
+  file's age groups (1: under 18, 18: 18–24, 25, 35, 45, 50, 56: 56 and over), so every format
+  has the same age values;
+- context: `hour` (0–23) and `weekday` (0 Monday … 6 Sunday) of the rating's timestamp, UTC.
 
 Input formats, told apart by file name: RecBole atomic files (`*.inter`, `*.item`, `*.user`: tab
 separated, a typed header such as `user_id:token`, genres space separated in `class` or
@@ -27,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tools.convert.common import (
+    TIME_COLUMNS,
     InputError,
     Writer,
     add_output_arguments,
@@ -37,10 +43,12 @@ from tools.convert.common import (
     read_delimited,
     reindex,
     test_users,
+    time_columns,
     write_vocab,
 )
 
 NO_GENRE = "(no genre)"
+AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # MovieLens-1M's age codes: each the lower end of its group
 U_ITEM_GENRES = [
     "unknown",
     "Action",
@@ -219,6 +227,28 @@ def read_users(path: Path) -> tuple[pa.Array, dict[str, pa.Array]]:
     }
 
 
+def age_groups(path: Path, ages: pa.Array) -> pa.Array:
+    """Ages in years (or 1M's codes, unchanged) -> the 1M age group codes, as strings."""
+    try:
+        years = np.asarray(pc.cast(ages, pa.float64()).to_numpy(zero_copy_only=False))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        bad = next(a for a in ages.to_pylist() if not _is_number(a))
+        raise InputError(f"{path}: age {bad!r} is not a number") from None
+    codes = np.asarray(AGE_GROUPS)[np.maximum(np.searchsorted(AGE_GROUPS, years, side="right") - 1, 0)]
+    return pa.array([str(c) for c in codes], pa.string())
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+CONTEXT = ("hour", "weekday")
+
+
 # ---- conversion --------------------------------------------------------------------------------
 
 
@@ -253,6 +283,10 @@ def convert(
     profile_dicts: dict[str, pa.Array] = {}
     if user:
         uids, cols = read_users(user)
+        if "age" in cols:
+            cols["age"] = age_groups(user, cols["age"])
+        if "zip_code" in cols:
+            cols["zip_prefix"] = pc.utf8_slice_codeunits(cols["zip_code"], 0, 1)
         at = lookup(uids.cast(users_raw.type), user_dict)
         for c, values in cols.items():
             rows, d = reindex(values)
@@ -270,7 +304,7 @@ def convert(
         b = min(a + chunk, len(order))
         off = offsets[a : b + 1] - offsets[a]
         pos = positions[offsets[a] : offsets[b]]
-        extra = {c: v[u[a:b]] for c, v in profile.items()}
+        extra = {**{c: v[u[a:b]] for c, v in profile.items()}, **time_columns(t[a:b], CONTEXT)}
         table = impressions_table(label[a:b], u[a:b], it[a:b], cate[a:b], off, it[pos], cate[pos], t[a:b], extra)
         test = pa.array(is_test_user[u[a:b]])
         w.write("train", table.filter(pc.invert(test)))
@@ -293,7 +327,10 @@ def convert(
                 "item_id": len(item_dict),
                 "cate_id": len(genre_dict),
                 **{c: len(d) for c, d in profile_dicts.items()},
+                **{c: TIME_COLUMNS[c] for c in CONTEXT},
             },
+            "profile": list(profile_dicts),
+            "context": list(CONTEXT),
             "users": {"train": int((~is_test_user).sum()), "test": int(is_test_user.sum())},
             "items_without_genre": int(missing.sum()),
             "max_hist_len": max_hist_len,

@@ -12,6 +12,7 @@ taobao-din-application.md) -> impressions:
   `--max-hist-len`;
 - user_profile.csv (userid, cms_segid, …; optional): profile columns, missing values a row of
   their own;
+- context: `pid` (the ad position) and `hour`, the impression's hour of day (UTC);
 - split by time: impressions at or after `--test-from` (default: the last 24 hours of
   raw_sample) are the test set.
 
@@ -32,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from tools.convert.common import (
+    TIME_COLUMNS,
     InputError,
     Writer,
     add_output_arguments,
@@ -39,6 +41,7 @@ from tools.convert.common import (
     impressions_table,
     read_delimited,
     reindex,
+    time_columns,
     write_vocab,
 )
 
@@ -191,6 +194,8 @@ def convert(
         rows, dicts[c] = reindex(_ids(ads[c].combine_chunks()))
         extra_cols[c] = rows[at]
     extra_cols["pid"], dicts["pid"] = reindex(raw["pid"].combine_chunks())
+    extra_cols.update(time_columns(imp_time, ("hour",)))
+    profile_names: list[str] = []
     if user_profile:
         prof = read_delimited(Path(user_profile), ",", None, {}, skip_header=False)
         names = [c.strip() for c in prof.column_names]
@@ -205,6 +210,7 @@ def convert(
             per = np.append(rows, len(d))  # users without a profile: an extra row
             idx = pc.fill_null(where, prof.num_rows).to_numpy(zero_copy_only=False).astype(np.int64)
             extra_cols[c], dicts[c] = per[idx], pa.concat_arrays([d, pa.array(["(no profile)"])])
+            profile_names.append(c)
     w = Writer(out, progress=progress, total=n_raw)
     order = np.lexsort((imp_time, imp_user))  # rows in user and time order
     chunk = 1 << 20
@@ -249,7 +255,10 @@ def convert(
                 "item_id": len(brand_dict),
                 "cate_id": len(cate_dict),
                 **{c: len(d) for c, d in dicts.items()},
+                "hour": TIME_COLUMNS["hour"],
             },
+            "profile": profile_names,
+            "context": ["pid", "hour"],
             "behaviours_kept": int(beh_time.size),
             "btags": btags,
             "test_from": test_from,
