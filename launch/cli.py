@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from launch.process import exit_now, quiet_libraries
-from tools import bench, convert, dien_experiment, generate, movielens_experiment, regularization
+from tools import bench, convert, dien_experiment, generate, movielens_experiment, regularization, zoo_experiment
 from trainer.config import ConfigError, load_config
 
 # Under torchrun: how long a rank other than 0 leaves rank 0 to report an error all ranks met
@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     regularization.add_parser(xsub, _config_args)
     dien_experiment.add_parser(xsub, _config_args)
     movielens_experiment.add_parser(xsub, _config_args)
+    zoo_experiment.add_parser(xsub, _config_args)
     return p
 
 
@@ -253,7 +254,12 @@ def _run(args: argparse.Namespace) -> dict | None:
     if args.command == "bench":
         return bench.run(args)
     if args.command == "experiment":
-        experiments = {"regularization": regularization, "dien": dien_experiment, "movielens": movielens_experiment}
+        experiments = {
+            "regularization": regularization,
+            "dien": dien_experiment,
+            "movielens": movielens_experiment,
+            "zoo": zoo_experiment,
+        }
         return experiments[args.experiment].run(args)
     raise AssertionError(args.command)
 

@@ -42,7 +42,10 @@ with every category c, and the logit gains
 so that a model that reads these features with the candidate's category can beat one that does
 not; p_click includes the terms (the oracle stays exact).
 
-Train/test split by time: each user's last `test_per_user` impressions form the test set.
+Train/test split by time: each user's last `test_per_user` impressions form the test set. With
+`valid_users` > 0, as many more users of the same world (ids after the others) give a
+validation set, their last `test_per_user` impressions in valid/: rows of no training or test
+user, for choosing hyper-parameters without the test set.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +89,7 @@ class WorldSpec:
     recency: float = 0.97
     current: float = 2.0  # + current x [the candidate's category is one of the user's interests now]
     from_history: float = 0.3  # share of candidates re-drawn from the category of a past behaviour
+    valid_users: int = 0  # further users whose last impressions form valid/ (0: no validation set)
     profile: float = 0.0  # strength of the profile × category affinities (0: no profile columns)
     context: float = 0.0  # strength of the context × category affinities (0: no context columns)
     seed: int = 0
@@ -266,26 +271,35 @@ def generate(
     out = Path(out)
     world = World(spec)
     rng = np.random.default_rng([spec.seed, 2])
-    chunks = [(u, min(user_chunk, spec.users - u)) for u in range(0, spec.users, user_chunk)]
+    chunks = [(u, min(user_chunk, spec.users - u), ("train", "test")) for u in range(0, spec.users, user_chunk)]
+    end = spec.users + spec.valid_users
+    chunks += [(u, min(user_chunk, end - u), ("valid",)) for u in range(spec.users, end, user_chunk)]
     n_train = spec.users * (spec.impressions_per_user - spec.test_per_user)
     n_test = spec.users * spec.test_per_user
+    n_valid = spec.valid_users * spec.test_per_user
+    splits = ("train", "test", "valid") if spec.valid_users else ("train", "test")
     # Rows are spread over files by a seeded shuffle of whole chunks' rows, so every file is a
     # random sample of users and times.
     writers: dict[str, list[pq.ParquetWriter]] = {}
-    counts = {"train": 0, "test": 0}
-    positives = {"train": 0, "test": 0}
+    counts = dict.fromkeys(splits, 0)
+    positives = dict.fromkeys(splits, 0)
     t0 = time.perf_counter()
-    for split in ("train", "test"):
+    for split in ("train", "test", "valid"):  # a valid/ of an earlier run goes too
+        if split not in splits:
+            shutil.rmtree(out / split, ignore_errors=True)
+            continue
         (out / split).mkdir(parents=True, exist_ok=True)
         for old in (out / split).glob("part-*.parquet"):
             old.unlink()
         (out / split / "_SUCCESS").unlink(missing_ok=True)
-    bar = tqdm(total=n_train + n_test, unit="rows", disable=not progress, desc="generate")
+    bar = tqdm(total=n_train + n_test + n_valid, unit="rows", disable=not progress, desc="generate")
+    files = {"train": train_files, "test": test_files, "valid": test_files}
     try:
-        for first, n_users in chunks:
+        for first, n_users, chunk_splits in chunks:
             cols = world.users(first, n_users)
-            for split, n_files in (("train", train_files), ("test", test_files)):
-                idx = np.flatnonzero(cols["is_test"] == (split == "test"))
+            for split in chunk_splits:
+                n_files = files[split]
+                idx = np.flatnonzero(cols["is_test"] == (split != "train"))
                 idx = idx[rng.permutation(idx.size)]
                 for f, part in enumerate(np.array_split(idx, n_files)):
                     table = _to_table(cols, part)
@@ -350,6 +364,7 @@ def run(args: argparse.Namespace) -> dict:
 def _validate(spec: WorldSpec, args: argparse.Namespace) -> None:
     checks = [
         (spec.users > 0, "--users must be > 0"),
+        (spec.valid_users >= 0, "--valid-users must be >= 0"),
         (spec.cates > 0 and spec.items >= spec.cates, "--items must be >= --cates > 0"),
         (0 < spec.test_per_user < spec.impressions_per_user, "need 0 < --test-per-user < --impressions-per-user"),
         (spec.hist_max > 0 and spec.min_hist >= 0, "--hist-max must be > 0, --min-hist >= 0"),

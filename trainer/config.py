@@ -120,6 +120,9 @@ class ModelConfig:
     # MIAN's GIM (Eq. 15): `sum`, the weighted sum of the parts as written; `concat`, the weighted
     # parts side by side (docs/models.md)
     gim: Literal["sum", "concat"] = "sum"
+    # MIAN's attention scores (Eq. 8, 10, 13, 15): 0, tanh(V·w + b) as printed (a scalar); A > 0,
+    # uᵀ tanh(W V + b) with W of A rows (docs/models.md)
+    score_hidden: int = 0
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,8 @@ class _CHECKS:
             _positive(n, f"{path}.mlp.{i}")
         for i, n in enumerate(c.cin_layers):
             _positive(n, f"{path}.cin_layers.{i}")
+        if c.score_hidden < 0:
+            raise ConfigError(f"{path}.score_hidden: must be >= 0, got {c.score_hidden}")
         for key in ("cross_layers", "heads", "ffn"):
             _positive(getattr(c, key), f"{path}.{key}")
 

@@ -126,3 +126,54 @@ def test_from_history_draws_candidates_of_a_category_in_the_history():
     half = World(WorldSpec(**{**TINY, "from_history": 0.5})).users(0, 200)
     changed = np.mean(half["item_id"] != base["item_id"])
     assert 0.3 < changed < 0.6  # about half re-drawn (a re-draw can hit the same item)
+
+
+def test_profile_and_context_affinities_add_exactly_their_terms():
+    """--profile/--context add profile·Σ_f A_f[v_f, category]/√3 and context·Σ_f A_f[v_f,
+    category]/√2 to the logit, recomputed from the world's planted affinities and the written
+    values; histories, candidates and every other column's draws stay those of the default world."""
+    from tools.generate import CONTEXT_FIELDS, PROFILE_FIELDS
+
+    base = World(WorldSpec(**TINY)).users(0, 100)
+    w = World(WorldSpec(**TINY, profile=0.8, context=1.3))
+    both = w.users(0, 100)
+    assert np.array_equal(base["hist_item_id"], both["hist_item_id"])
+    assert np.array_equal(base["item_id"], both["item_id"])
+    assert not any(f in base for f in (*PROFILE_FIELDS, *CONTEXT_FIELDS))
+
+    def logit(p):
+        p = p.astype(np.float64)
+        return np.log(p / (1 - p))
+
+    cate = both["cate_id"]
+    want = sum(w.affinity[f][both[f], cate] for f in PROFILE_FIELDS) * 0.8 / math.sqrt(3)
+    want += sum(w.affinity[f][both[f], cate] for f in CONTEXT_FIELDS) * 1.3 / math.sqrt(2)
+    np.testing.assert_allclose(logit(both["p_click"]) - logit(base["p_click"]), want, atol=2e-3)
+    for f, card in {**PROFILE_FIELDS, **CONTEXT_FIELDS}.items():
+        assert both[f].min() >= 0 and both[f].max() < card
+    per_user = {}  # a profile belongs to the user, the context to the impression
+    for u, g, h in zip(both["user_id"], both["gender"], both["hour"], strict=True):
+        per_user.setdefault(u, (set(), set()))[0].add(g)
+        per_user[u][1].add(h)
+    assert all(len(g) == 1 for g, _ in per_user.values()) and any(len(h) > 1 for _, h in per_user.values())
+
+
+def test_validation_users_are_new_users_of_the_same_world(tmp_path):
+    spec = WorldSpec(**{**TINY, "users": 50})
+    generate(spec, tmp_path / "a", train_files=2, test_files=1, row_group_size=64, progress=False)
+    s = generate(
+        WorldSpec(**{**TINY, "users": 50, "valid_users": 20}),
+        tmp_path / "b",
+        train_files=2,
+        test_files=1,
+        row_group_size=64,
+        progress=False,
+    )
+    for split in ("train", "test"):  # the same training and test rows as without validation users
+        assert read(tmp_path / "a", split).equals(read(tmp_path / "b", split))
+    valid = read(tmp_path / "b", "valid")
+    assert valid.num_rows == 20 * TINY["test_per_user"] == s["rows"]["valid"]
+    assert set(valid["user_id"].to_pylist()) == set(range(50, 70))
+    assert 0.5 < s["oracle_auc"]["valid"] < 1
+    generate(spec, tmp_path / "b", train_files=2, test_files=1, row_group_size=64, progress=False)
+    assert not (tmp_path / "b" / "valid").exists()  # regenerated without: no stale validation set

@@ -15,8 +15,12 @@ What the paper leaves open, and the choice made here:
 - padded behaviours are masked everywhere: as keys of the self-attention, in α_t, in e_b (the
   behaviours summed); a row without behaviours has R_ibim = 0 (its self-attention attends to
   one zero position, whose output is not used). No position embedding (the paper names none).
-- one (w, b) scores every step in Eq. 8 (a weight per position would depend on the padding);
-  one (w_j, b_j) per field in Eq. 10 and 13, as written.
+- one set of score parameters for every step in Eq. 8 (a weight per position would depend on
+  the padding); one per field in Eq. 10 and 13 and per part in Eq. 15, as written.
+- the score γ: `model.score_hidden` 0 is tanh(V·w + b), a scalar, as printed; A > 0 reads W and
+  b as the matrices the text calls them, γ(V) = uᵀ tanh(W V + b) with A hidden units (see
+  FieldAttention: the printed scalar form lets the candidate change the weights only through
+  tanh's saturation).
 - Eq. 11 and 13 sum the V_j, so a group's fields share one width: its sparse features one table
   dim (config check), and a dense feature x of a group is embedded as x·v_j, v_j learnt, of that
   width (Eq. 2 keeps scalars as they are, which leaves the sum undefined).
@@ -42,18 +46,29 @@ from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 
 
 class FieldAttention(nn.Module):
-    """softmax_j tanh(V_j·w_j + b_j) over n parts V [B, n, W], each with its own (w_j, b_j)
-    (`shared`: one (w, b) for every part); padded parts (mask False) get no weight.
-    -> (Σ_j α_j V_j [B, W], α [B, n])."""
+    """softmax_j γ(V_j) over n parts V [B, n, W], each with its own parameters (`shared`: one set
+    for every part); padded parts (mask False) get no weight. -> (Σ_j α_j V_j [B, W], α [B, n]).
 
-    def __init__(self, n: int, width: int, shared: bool = False):
+    γ(V) = tanh(V·w + b), a scalar (hidden = 0: Eq. 8, 10, 13, 15 read literally), or, with
+    W and b the "weight and bias matrices" of the text, γ(V) = uᵀ tanh(W V + b) with `hidden` rows
+    of W and a learnt u (the tanh attention of hierarchical attention networks). Read literally,
+    V = [e_i, x] makes V·w = w₁·e_i + w₂·x: the candidate's term is the same for every part, so
+    it reaches the weights only through tanh's saturation (docs/models.md)."""
+
+    def __init__(self, n: int, width: int, shared: bool = False, hidden: int = 0):
         super().__init__()
-        rows = 1 if shared else n
-        self.w = nn.Parameter(torch.empty(rows, width).uniform_(-(width**-0.5), width**-0.5))
-        self.b = nn.Parameter(torch.zeros(rows))
+        rows, bound = 1 if shared else n, width**-0.5
+        self.hidden = hidden
+        self.w = nn.Parameter(torch.empty(rows, width, max(hidden, 1)).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.zeros(rows, max(hidden, 1)))
+        self.u = nn.Parameter(torch.empty(rows, hidden).uniform_(-(hidden**-0.5), hidden**-0.5)) if hidden else None
+
+    def scores(self, v: torch.Tensor) -> torch.Tensor:  # [B, n, W] -> [B, n]
+        z = torch.tanh(torch.einsum("bnw,nwh->bnh", v, self.w.expand(v.shape[1], -1, -1)) + self.b)
+        return z.squeeze(2) if self.u is None else (z * self.u).sum(2)
 
     def forward(self, v: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.tanh((v * self.w).sum(-1) + self.b)  # [B, n]
+        scores = self.scores(v)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         alpha = F.softmax(scores.float(), dim=1)
@@ -88,11 +103,11 @@ def group_width(layout: FeatureLayout, names: tuple[str, ...]) -> int:
 class Interaction(nn.Module):
     """IUIM / ICIM (Eq. 10–13): the candidate beside each field of a group, weighted."""
 
-    def __init__(self, layout: FeatureLayout, names: tuple[str, ...], d: int):
+    def __init__(self, layout: FeatureLayout, names: tuple[str, ...], d: int, hidden: int):
         super().__init__()
         w = group_width(layout, names)
         self.fields = GroupEmbedding(layout, names, w)
-        self.attention = FieldAttention(len(names), d + w)
+        self.attention = FieldAttention(len(names), d + w, hidden=hidden)
         self.raw_width, self.width = len(names) * w, d + w  # e_* and R_*
 
     def forward(self, x: Lookups, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,9 +127,10 @@ class MIANTower(Tower):
         self.transformer = nn.TransformerEncoderLayer(
             d, cfg.heads, cfg.ffn, dropout=0.0, activation="relu", batch_first=True, norm_first=True
         )
-        self.ibim = FieldAttention(1, 2 * d, shared=True)
-        self.iuim = Interaction(layout, layout.profile, d) if layout.profile else None
-        self.icim = Interaction(layout, layout.context, d) if layout.context else None
+        a = cfg.score_hidden
+        self.ibim = FieldAttention(1, 2 * d, shared=True, hidden=a)
+        self.iuim = Interaction(layout, layout.profile, d, a) if layout.profile else None
+        self.icim = Interaction(layout, layout.context, d, a) if layout.context else None
         widths = {"e_i": d, "e_b": d, "R_ibim": 2 * d}
         for name, module in (("u", self.iuim), ("c", self.icim)):
             if module is not None:
@@ -125,7 +141,7 @@ class MIANTower(Tower):
             widths["e_o"] = sum(end - start for _, start, end in map(layout.field, self.others))
         self.parts = tuple(widths)
         self.project = nn.ModuleDict({k: nn.Linear(w, d, bias=False) for k, w in widths.items()})
-        self.gim = FieldAttention(len(widths), d)
+        self.gim = FieldAttention(len(widths), d, hidden=a)
         self.concat = cfg.gim == "concat"
         self.mlp = MLP(d * (len(widths) if self.concat else 1), cfg.mlp, cfg.activation, out=1)
 

@@ -1,0 +1,185 @@
+"""`dinrec experiment zoo`: every model of the zoo on one config, several seeds: the comparison
+of the papers' tables (DIN Table 3, DIEN's, MIAN Table 2) on a user's own data.
+
+Each model trains from the same config with only `model.name` changed (and the seeds: parameter
+init and row order), then reports the test AUC, GAUC (DIN Eq. 10) and logloss, mean ± std over
+seeds, RelaImpr (DIN Eq. 11) against BaseModel, and training samples/s against DIN's. Writes a
+Markdown table and a bar plot of the test AUC; states where the papers' ordering
+(LR < Wide&Deep < DeepFM < DIN < DIEN < MIAN) holds on these data and where not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tools.experiments import fresh, mean_std, parse_seeds, parse_variants, pm
+from trainer.config import load_config
+from trainer.data import resolve_paths
+from trainer.metrics import rela_impr
+from trainer.models import MODELS
+
+NAMES = {
+    "lr": "LR",
+    "base": "BaseModel",
+    "wide_deep": "Wide&Deep",
+    "pnn": "PNN",
+    "deepfm": "DeepFM",
+    "dcn": "Deep&Cross",
+    "xdeepfm": "xDeepFM",
+    "din": "DIN",
+    "dien": "DIEN",
+    "mian": "MIAN",
+}
+PAPER_ORDER = ("lr", "wide_deep", "deepfm", "din", "dien", "mian")  # the MIAN paper's Table 2, worst to best
+
+
+def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
+    p = sub.add_parser("zoo", help="every model of the zoo on one config, several seeds: table and plot")
+    p.add_argument("--config", default="configs/zoo_synthetic.yaml", help="the config (default: %(default)s)")
+    p.add_argument("--models", default=",".join(MODELS), help="models, comma-separated (default: all)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
+    p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-zoo.md)")
+    p.add_argument("--plot", default=None, help="bar plot of the test AUC, PNG (e.g. docs/zoo-synthetic.png)")
+    p.add_argument("--runs", default="runs/zoo", help="run directories go here (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from launch import launcher  # loads torchrec and Ray: not at `dinrec --help`
+
+    seeds = parse_seeds(args.seeds)
+    models = parse_variants(args.models, MODELS)
+    base_cfg = load_config(args.config, args.overrides)
+    for split in ("train", "test"):  # before the first run: one line if the data is not there
+        resolve_paths(getattr(base_cfg.data, split))
+    runs: dict[str, list[dict]] = {m: [] for m in models}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for m in models:
+            overrides = [
+                *args.overrides,
+                f"model.name={m}",
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}",
+            ]
+            r = launcher.run(fresh(load_config(args.config, overrides)))
+            keep = ("auc", "gauc", "logloss", "train_samples_per_s", "oracle_auc")
+            runs[m].append({"seed": seed, **{k: r[k] for k in keep if k in r}})
+            print(json.dumps({"model": m, **runs[m][-1]}), flush=True)
+    summary = {m: {k: mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss")} for m, rs in runs.items()}
+    for m, rs in runs.items():
+        summary[m]["samples_per_s"] = mean_std([r["train_samples_per_s"] for r in rs])
+    for s in summary.values():
+        if "base" in summary:
+            s["rela_impr_auc"] = rela_impr(s["auc"][0], summary["base"]["auc"][0])
+            s["rela_impr_gauc"] = rela_impr(s["gauc"][0], summary["base"]["gauc"][0])
+        if "din" in summary:
+            s["speed_vs_din"] = s["samples_per_s"][0] / summary["din"]["samples_per_s"][0]
+    out = {
+        "experiment": "zoo",
+        "config": args.config,
+        "data": base_cfg.data.train,
+        "seeds": seeds,
+        "overrides": args.overrides,
+        "epochs": base_cfg.train.epochs,
+        "batch_size": base_cfg.data.batch_size,
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "summary": summary,
+        "ordering": ordering(summary),
+        "runs": runs,
+    }
+    if args.plot:
+        plot(out, Path(args.plot))
+    if args.out:
+        Path(args.out).write_text(markdown(out, args.plot))
+    return out
+
+
+def ordering(summary: dict) -> list[dict]:
+    """Each consecutive pair of the papers' ordering that was run: does it hold on the test AUC
+    here, and by how much (the difference of the means, and the larger of the two stds)."""
+    ran = [m for m in PAPER_ORDER if m in summary]
+    pairs = []
+    for lo, hi in zip(ran, ran[1:], strict=False):
+        diff = summary[hi]["auc"][0] - summary[lo]["auc"][0]
+        std = max(summary[hi]["auc"][1], summary[lo]["auc"][1])
+        pairs.append(
+            {"lower": lo, "higher": hi, "auc_difference": round(diff, 5), "std": round(std, 5), "holds": diff > 0}
+        )
+    return pairs
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(out["summary"])
+    mean = [out["summary"][m]["auc"][0] for m in models]
+    std = [out["summary"][m]["auc"][1] for m in models]
+    fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=120)
+    ax.bar([NAMES[m] for m in models], mean, yerr=std, capsize=3, color="#4c72b0")
+    lo = min(m - s for m, s in zip(mean, std, strict=True))
+    hi = max(m + s for m, s in zip(mean, std, strict=True))
+    ax.set_ylim(lo - 0.2 * (hi - lo) - 1e-3, hi + 0.2 * (hi - lo) + 1e-3)
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"{Path(out['config']).name}: test AUC (mean ± std, {len(out['seeds'])} seeds)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(out: dict, plot_path: str | None) -> str:
+    over = "".join(f" {o}" for o in out["overrides"])
+    lines = [
+        f"# The model zoo on `{out['config']}`",
+        "",
+        f"Regenerate: `dinrec experiment zoo --config {out['config']} "
+        f"--seeds {','.join(map(str, out['seeds']))}{over}` "
+        f"({out['minutes']} min on the machine that wrote this file). Data `{out['data']}`; batch "
+        f"{out['batch_size']}, {out['epochs']} epoch(s), {len(out['seeds'])} seeds (init and row order), test "
+        "metrics after the last epoch, mean ± std over seeds; RelaImpr (DIN Eq. 11) against BaseModel; "
+        "training samples/s (one process) against DIN's.",
+        "",
+        "| model | test AUC | test GAUC | logloss | RelaImpr AUC / GAUC | samples/s | speed vs DIN |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, s in out["summary"].items():
+        rel = f"{s['rela_impr_auc']:+.2f} % / {s['rela_impr_gauc']:+.2f} %" if "rela_impr_auc" in s else "–"
+        speed = f"{s['speed_vs_din']:.2f}" if "speed_vs_din" in s else "–"
+        lines.append(
+            f"| {NAMES[m]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | {rel} | "
+            f"{s['samples_per_s'][0]:,.0f} | {speed} |"
+        )
+    oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
+    if oracle:
+        lines += ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]
+    if out["ordering"]:
+        held = [p for p in out["ordering"] if p["holds"]]
+        broken = [p for p in out["ordering"] if not p["holds"]]
+        lines += [
+            "",
+            "The papers' ordering (MIAN Table 2: LR < Wide&Deep < DeepFM < DIN < DIEN < MIAN), test AUC here:",
+        ]
+        for p in out["ordering"]:
+            sign = "<" if p["holds"] else "≥"
+            lines.append(
+                f"- {NAMES[p['lower']]} {sign} {NAMES[p['higher']]}: difference {p['auc_difference']:+.4f} "
+                f"(largest std {p['std']:.4f})"
+            )
+        lines += [
+            "",
+            f"{len(held)} of {len(out['ordering'])} steps hold"
+            + (", see docs/models.md for why the others do not." if broken else "."),
+        ]
+    if plot_path:
+        lines += ["", f"![test AUC per model]({Path(plot_path).name})"]
+    return "\n".join(lines) + "\n"
