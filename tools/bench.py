@@ -60,6 +60,12 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
         default=5,
         help="timed blocks, alternating dinrec and the reference (default: %(default)s)",
     )
+    tr.add_argument(
+        "--models",
+        default=None,
+        help="instead, time these models' training steps (comma-separated, or `all`) on the config's data, "
+        "each against DIN in the same run (e.g. --config configs/zoo_synthetic.yaml --models all)",
+    )
     dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's GRU kernel vs the step loop")
     config_args(dn)
     _steps_and_device(dn, steps=60, warmup=5, what="timed steps per model")
@@ -99,7 +105,60 @@ def run(args: argparse.Namespace) -> dict:
         return bench_dien(cfg, args.steps, args.warmup, args.device)
     if args.bench == "e2e":
         return bench_e2e(cfg, args.steps, args.warmup, args.device)
+    if args.models:
+        return bench_models(cfg, args.models, args.steps, args.warmup, args.rounds)
     return bench_train(cfg, args.steps, args.warmup, args.rounds)
+
+
+def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int) -> dict:
+    """Every named model's pipelined training step (the step `dinrec train` runs) on the config's
+    first batches, each model's own layout of them, alternated in `rounds` blocks; samples/s and
+    the ratio to DIN's, which is always timed too."""
+    from dataclasses import replace
+
+    from tools.experiments import parse_variants
+    from trainer.models import MODELS
+    from trainer.sharding import build_model, dense_optimizer, process_group
+    from trainer.step import Steps
+
+    names = list(MODELS) if models == "all" else parse_variants(models, MODELS)
+    if "din" not in names:
+        names.append("din")
+    if rounds < 1:
+        raise ConfigError(f"bench train: --rounds must be >= 1, got {rounds}")
+    runs = {}
+    with process_group(cfg) as (_, world):
+        for name in names:
+            mcfg = replace(cfg, model=replace(cfg.model, name=name))
+            data = take(mcfg, warmup + steps)  # the model's layout: pooled or jagged histories, negatives
+            model = build_model(mcfg, world, torch.device("cpu"))
+            runs[name] = (Steps(model, dense_optimizer(mcfg, model), torch.device("cpu")), data)
+        for step_runner, data in runs.values():
+            for _ in step_runner.run(data[:warmup]):
+                pass
+        timed = range(warmup, warmup + steps)
+        blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
+        seconds = {name: 0.0 for name in runs}
+        for block in blocks:
+            for name, (step_runner, data) in runs.items():
+                t0 = time.perf_counter()
+                for _ in step_runner.run(data[i] for i in block):
+                    pass
+                seconds[name] += time.perf_counter() - t0
+    rate = {name: sum(len(data[i]) for i in timed) / seconds[name] for name, (_, data) in runs.items()}
+    return {
+        "bench": "train_models",
+        **machine(),
+        "batch_size": cfg.data.batch_size,
+        "steps": steps,
+        "rounds": len(blocks),
+        "precision": cfg.model.precision,
+        "compile": cfg.model.compile,
+        "sparse_optimizer": cfg.sparse_optimizer.type,
+        "models": {
+            name: {"samples_per_s": round(r, 1), "ratio_to_din": round(r / rate["din"], 3)} for name, r in rate.items()
+        },
+    }
 
 
 def _read_on_one_core(cfg: Config, batches: int) -> tuple[int, int, float]:

@@ -63,6 +63,35 @@ def test_bench_train_against_reference(tiny_data, capsys):
     assert abs(r["ratio_compiled_over_eager"] - c["compiled"] / c["eager"]) < 0.002
 
 
+def test_bench_train_times_every_model_against_din(tiny_zoo_data, capsys):
+    from tests.conftest import ZOO_GROUPS, ZOO_TABLES
+    from trainer.models import MODELS
+
+    r = run(
+        capsys,
+        "bench",
+        "train",
+        "--models",
+        "all",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        f"data.train={tiny_zoo_data / 'train'}",
+        ZOO_TABLES,
+        *ZOO_GROUPS,
+    )
+    assert r["bench"] == "train_models" and list(r["models"]) == list(MODELS) and r["rounds"] == 2
+    din = r["models"]["din"]["samples_per_s"]
+    assert r["models"]["din"]["ratio_to_din"] == 1.0
+    for m in r["models"].values():
+        assert m["samples_per_s"] > 0 and abs(m["ratio_to_din"] - m["samples_per_s"] / din) < 0.002
+
+
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):
     assert (
         main(["bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
