@@ -1,6 +1,8 @@
 """`dinrec eval --attention-plot PNG`: one user's attention weights over their history, for a few
 candidates (the DIN paper's Fig. 5/6 idea): DIN's local activation unit a(e_j, v_A) (not
-normalised), or DIEN's a_t of Eq. 8 (a softmax over the history).
+normalised), DIEN's a_t of Eq. 8 (a softmax over the history), or MIAN's α_t of Eq. 7 with, in
+panels of their own, its profile and context field weights (Eq. 10, 13) and the global module's
+weights of its parts (Eq. 15).
 
 The user: `--user` (a user_id row of the test data) or the first test row with at least 8
 behaviours. Candidates: that row's own candidate, then the candidates of other test rows with
@@ -102,8 +104,8 @@ def _row(jt, r: int) -> torch.Tensor:
 def attention_plot(
     cfg: Config, checkpoint_dir: str, path: Path, user: int | None = None, n_candidates: int = 4
 ) -> dict:
-    if cfg.model.name not in ("din", "dien"):
-        raise ConfigError(f"attention plot: model {cfg.model.name!r} has no attention (din or dien)")
+    if cfg.model.name not in ("din", "dien", "mian"):
+        raise ConfigError(f"attention plot: model {cfg.model.name!r} has no attention (din, dien or mian)")
     if n_candidates < 1:
         raise ConfigError(f"attention plot: --candidates must be >= 1, got {n_candidates}")
     with process_group(cfg) as (_, world):
@@ -115,9 +117,20 @@ def attention_plot(
         model.eval()
         batch, user_row = pick(cfg, user, n_candidates)
         inner = getattr(model, "module", model)
+        panels = []  # MIAN: (key, title, weights [K, n], column labels)
         with torch.no_grad():
-            weights, lengths = inner.attention_weights(batch.to(device))
+            batch = batch.to(device)
+            weights, lengths = inner.attention_weights(batch)
+            if cfg.model.name == "mian":
+                tower = inner.tower
+                every = tower.all_weights(inner.lookups(batch), batch.dense)
+                layout = tower.layout
+                for key, names, eq in (("profile", layout.profile, 10), ("context", layout.context, 13)):
+                    if key in every:
+                        panels.append((key, f"{key} field weights α_j (Eq. {eq})", every[key], list(names)))
+                panels.append(("global", "global weights of the parts (Eq. 15)", every["global"], list(tower.parts)))
     w = weights.float().cpu().numpy().reshape(len(lengths), -1)  # every row has the same history
+    panels = [(key, title, a.float().cpu().numpy(), labels) for key, title, a, labels in panels]
     jts = batch.sparse.to_dict()
     hist_items, hist_cates = _row(jts["hist_item_id"], 0).tolist(), _row(jts["hist_cate_id"], 0).tolist()
     cand_items = jts["item_id"].values().tolist()
@@ -134,6 +147,7 @@ def attention_plot(
         f"user {users[user_row] if users else user_row}",
         cfg.model.name,
         path,
+        panels,
     )
     return {
         "attention_plot": str(path),
@@ -142,24 +156,53 @@ def attention_plot(
         "behaviours": len(hist_items),
         "candidates": [name(i, c) for i, c in zip(cand_items, cand_cates, strict=True)],
         "weights": np.round(w, 4).tolist(),
+        **{f"{key}_weights": {"columns": labels, "weights": np.round(a, 4).tolist()} for key, _, a, labels in panels},
     }
 
 
-def _draw(w: np.ndarray, behaviours: list[str], candidates: list[str], who: str, model: str, path: Path) -> None:
+WHAT = {
+    "din": "local activation weight a(e_j, v_A)",
+    "dien": "attention a_t (Eq. 8, softmax over steps)",
+    "mian": "behaviour weights α_t (Eq. 7, softmax over steps)",
+}
+
+
+def _draw(
+    w: np.ndarray,
+    behaviours: list[str],
+    candidates: list[str],
+    who: str,
+    model: str,
+    path: Path,
+    panels: list[tuple[str, str, np.ndarray, list[str]]] = (),
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = len(behaviours)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * t + 4.0), 1.2 + 0.55 * len(candidates) + 1.6), dpi=120)
+    height = 1.2 + 0.55 * len(candidates) + 1.6
+    fig, axes = plt.subplots(
+        1 + len(panels),
+        1,
+        figsize=(max(8.0, 0.32 * t + 4.0), height * (1 + len(panels))),
+        dpi=120,
+        squeeze=False,
+    )
+    for (_, title, a, labels), pax in zip(panels, axes[1:, 0], strict=True):
+        pim = pax.imshow(a, aspect="auto", cmap="viridis", vmin=0)
+        pax.set_yticks(range(len(candidates)), candidates)
+        pax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        pax.set_title(f"{model.upper()}: {title}, {who}")
+        fig.colorbar(pim, ax=pax, label="weight")
+    ax = axes[0, 0]
     im = ax.imshow(w, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(candidates)), candidates)
     ax.set_xticks(range(t), behaviours, rotation=75, ha="right", fontsize=7)
     ax.set_xlabel("behaviours of the user, oldest → most recent (item · category)")
     ax.set_ylabel("candidate (item · category)")
-    what = "local activation weight a(e_j, v_A)" if model == "din" else "attention a_t (Eq. 8, softmax over steps)"
-    ax.set_title(f"{model.upper()}: {what}, {who}")
+    ax.set_title(f"{model.upper()}: {WHAT[model]}, {who}")
     fig.colorbar(im, ax=ax, label="weight")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

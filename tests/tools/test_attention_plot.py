@@ -10,6 +10,44 @@ from launch.cli import main
 from tests.conftest import ROOT
 
 
+def test_attention_plot_shows_mians_group_and_global_weights(zoo_cfg, tiny_zoo_data, tmp_path, capsys):
+    from tests.conftest import ZOO_GROUPS, ZOO_TABLES
+
+    args = [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--no-progress",
+        f"data.train={tiny_zoo_data / 'train'}",
+        f"data.test={tiny_zoo_data / 'test'}",
+        f"train.out_dir={tmp_path / 'r'}",
+        ZOO_TABLES,
+        *ZOO_GROUPS,
+        "model.name=mian",
+        "train.epochs=1",
+    ]
+    assert main(["train", *args]) == 0
+    capsys.readouterr()
+    png = tmp_path / "att.png"
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png), "--candidates", "3", *args])
+        == 0
+    )
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert png.stat().st_size > 10_000
+    torch.testing.assert_close(torch.tensor(r["weights"]).sum(1), torch.ones(3), atol=1e-3, rtol=0)  # α_t: softmax
+    assert r["profile_weights"]["columns"] == ["gender", "age", "occupation"]
+    assert r["context_weights"]["columns"] == ["hour", "weekday"]
+    assert r["global_weights"]["columns"] == ["e_i", "e_b", "R_ibim", "e_u", "R_iuim", "e_c", "R_icim", "e_o"]
+    for key in ("profile_weights", "context_weights", "global_weights"):
+        w = torch.tensor(r[key]["weights"])
+        assert w.shape == (3, len(r[key]["columns"]))
+        torch.testing.assert_close(w.sum(1), torch.ones(3), atol=1e-3, rtol=0)
+    # the profile is the user's, the same for every candidate; the weights follow the candidate
+    assert not torch.allclose(
+        torch.tensor(r["profile_weights"]["weights"])[0], torch.tensor(r["profile_weights"]["weights"])[1]
+    )
+
+
 @pytest.mark.parametrize("model", ["din", "dien"])
 def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, model):
     args = [
