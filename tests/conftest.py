@@ -94,23 +94,22 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def tiny_cfg(tiny_data, tmp_path):
-    """The tiny config pointed at the session's data and a fresh output directory."""
+def tiny_config_maker(data: Path, out: Path, *fixed: str):
+    """A function of overrides -> the tiny config on `data`, writing under `out`, with `fixed`
+    overrides first."""
     from trainer.config import load_config
 
     def make(*overrides: str):
-        return load_config(
-            ROOT / "configs" / "tiny.yaml",
-            [
-                f"data.train={tiny_data / 'train'}",
-                f"data.test={tiny_data / 'test'}",
-                f"train.out_dir={tmp_path / 'run'}",
-                *overrides,
-            ],
-        )
+        base = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"train.out_dir={out / 'run'}"]
+        return load_config(ROOT / "configs" / "tiny.yaml", [*base, *fixed, *overrides])
 
     return make
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tmp_path):
+    """The tiny config pointed at the session's data and a fresh output directory."""
+    return tiny_config_maker(tiny_data, tmp_path)
 
 
 # The tiny world with the generator's profile and context features (tools.generate), and the
@@ -141,22 +140,7 @@ def tiny_zoo_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def zoo_cfg(tiny_zoo_data, tmp_path):
     """The tiny config on the tiny world with profile and context features, read as groups."""
-    from trainer.config import load_config
-
-    def make(*overrides: str):
-        return load_config(
-            ROOT / "configs" / "tiny.yaml",
-            [
-                f"data.train={tiny_zoo_data / 'train'}",
-                f"data.test={tiny_zoo_data / 'test'}",
-                f"train.out_dir={tmp_path / 'run'}",
-                ZOO_TABLES,
-                *ZOO_GROUPS,
-                *overrides,
-            ],
-        )
-
-    return make
+    return tiny_config_maker(tiny_zoo_data, tmp_path, ZOO_TABLES, *ZOO_GROUPS)
 
 
 @pytest.fixture

@@ -9,6 +9,16 @@ import statistics
 from trainer.config import ConfigError
 
 
+def add_common_arguments(p, out: str, plot: str, runs: str) -> None:
+    """The options every experiment with a table and a plot takes: seeds, the Markdown table, the
+    PNG, where the runs go, and config overrides for every run."""
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
+    p.add_argument("--out", default=None, help=f"also write a Markdown table here (e.g. {out})")
+    p.add_argument("--plot", default=None, help=f"a PNG plot (e.g. {plot})")
+    p.add_argument("--runs", default=runs, help="run directories go here (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
 def fresh(cfg):
     """`cfg`, its train.out_dir removed first: an experiment's runs start over every time (a
     run directory with checkpoints is otherwise refused, see trainer.resume.resume_point)."""

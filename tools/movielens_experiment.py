@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import fresh, mean_std, parse_seeds, pm
+from tools.experiments import add_common_arguments, fresh, mean_std, parse_seeds, pm
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -26,11 +26,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("movielens", help="BaseModel vs DIN vs DIN+Dice on converted MovieLens, several seeds")
     p.add_argument("--data", default="data/movielens", help="`dinrec convert movielens` output (default: %(default)s)")
     p.add_argument("--configs", default="configs", help="directory of movielens_{base,din,din_dice}.yaml")
-    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
-    p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-movielens.md)")
-    p.add_argument("--plot", default=None, help="test-GAUC curves PNG (e.g. docs/movielens-gauc.png)")
-    p.add_argument("--runs", default="runs/movielens", help="run directories go here (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    add_common_arguments(p, "docs/results-movielens.md", "docs/movielens-gauc.png", "runs/movielens")
 
 
 def run(args: argparse.Namespace) -> dict:

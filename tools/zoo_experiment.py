@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import fresh, mean_std, parse_seeds, parse_variants, pm
+from tools.experiments import add_common_arguments, fresh, mean_std, parse_seeds, parse_variants, pm
 from trainer.config import load_config
 from trainer.data import resolve_paths
 from trainer.metrics import rela_impr
@@ -40,11 +40,7 @@ def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("zoo", help="every model of the zoo on one config, several seeds: table and plot")
     p.add_argument("--config", default="configs/zoo_synthetic.yaml", help="the config (default: %(default)s)")
     p.add_argument("--models", default=",".join(MODELS), help="models, comma-separated (default: all)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: %(default)s)")
-    p.add_argument("--out", default=None, help="also write a Markdown table here (e.g. docs/results-zoo.md)")
-    p.add_argument("--plot", default=None, help="bar plot of the test AUC, PNG (e.g. docs/zoo-synthetic.png)")
-    p.add_argument("--runs", default="runs/zoo", help="run directories go here (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    add_common_arguments(p, "docs/results-zoo.md", "docs/zoo-synthetic.png", "runs/zoo")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -40,6 +40,16 @@ def padded(values: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Ten
     return out.index_put((row, pos), values)
 
 
+def history_steps(lengths: torch.Tensor, max_steps: int, static: bool | None) -> int:
+    """T of the padded histories: the configured longest history (`max_steps`) on a GPU (no read
+    of the device, the same shapes every step) or with `static`; else the batch's longest. Steps
+    past a row's length change nothing (the tests' padding invariance)."""
+    static = lengths.is_cuda if static is None else static
+    if static and max_steps:
+        return max_steps
+    return int(lengths.max()) if lengths.numel() else 0
+
+
 class DIEN(CTRModel):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int, device: torch.device | None = None):
         super().__init__(layout, DIENTower(layout, cfg, n_dense), device)
@@ -61,13 +71,7 @@ class DIENTower(Tower):
         self.mlp = MLP((4 if self.history_sum else 2) * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def _steps(self, lengths: torch.Tensor) -> int:
-        """T of the padded histories: the configured longest history on a GPU (no read of the
-        device, the same shapes every step) or with `static_steps`; else the batch's longest.
-        Steps past a row's length change nothing (the tests' padding invariance)."""
-        static = lengths.is_cuda if self.static_steps is None else self.static_steps
-        if static and self.max_steps:
-            return self.max_steps
-        return int(lengths.max()) if lengths.numel() else 0
+        return history_steps(lengths, self.max_steps, self.static_steps)
 
     def _interests(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> behaviours e [B, T, D], interest states h [B, T, D], attention a [B, T] (Eq. 8), the

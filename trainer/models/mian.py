@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.models.dien import padded
+from trainer.models.dien import history_steps, padded
 from trainer.models.fields import group, history_sum
 from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 
@@ -145,16 +145,10 @@ class MIANTower(Tower):
         self.concat = cfg.gim == "concat"
         self.mlp = MLP(d * (len(widths) if self.concat else 1), cfg.mlp, cfg.activation, out=1)
 
-    def _steps(self, lengths: torch.Tensor) -> int:
-        static = lengths.is_cuda if self.static_steps is None else self.static_steps
-        if static and self.max_steps:
-            return self.max_steps
-        return int(lengths.max()) if lengths.numel() else 0
-
     def _ibim(self, x: Lookups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> R_ibim [B, 2D], α_t [B, T] (zero on padding), real [B, T]."""
         lengths = x.lengths.long()
-        steps = max(self._steps(lengths), 1)
+        steps = max(history_steps(lengths, self.max_steps, self.static_steps), 1)
         e = padded(x.hist, lengths, steps)  # [B, T, D]
         real = torch.arange(steps, device=e.device).unsqueeze(0) < lengths.unsqueeze(1)
         keys = real.clone()
