@@ -28,6 +28,7 @@ DISPATCHED = {
     "tools.regularization",
     "tools.dien_experiment",
     "tools.movielens_experiment",
+    "tools.zoo_experiment",
     "tools.attention_plot",
 }
 

@@ -17,11 +17,9 @@ from pathlib import Path
 
 from tools.experiments import add_common_arguments, fresh, mean_std, parse_seeds, parse_variants, pm
 from trainer.config import load_config
-from trainer.data import resolve_paths
 from trainer.metrics import rela_impr
-from trainer.models import MODELS
 
-NAMES = {
+NAMES = {  # every model.name (trainer.models.MODELS, same order; not imported here: `dinrec --help` stays fast)
     "lr": "LR",
     "base": "BaseModel",
     "wide_deep": "Wide&Deep",
@@ -39,15 +37,16 @@ PAPER_ORDER = ("lr", "wide_deep", "deepfm", "din", "dien", "mian")  # the MIAN p
 def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("zoo", help="every model of the zoo on one config, several seeds: table and plot")
     p.add_argument("--config", default="configs/zoo_synthetic.yaml", help="the config (default: %(default)s)")
-    p.add_argument("--models", default=",".join(MODELS), help="models, comma-separated (default: all)")
+    p.add_argument("--models", default=",".join(NAMES), help="models, comma-separated (default: all)")
     add_common_arguments(p, "docs/results-zoo.md", "docs/zoo-synthetic.png", "runs/zoo")
 
 
 def run(args: argparse.Namespace) -> dict:
     from launch import launcher  # loads torchrec and Ray: not at `dinrec --help`
+    from trainer.data import resolve_paths
 
     seeds = parse_seeds(args.seeds)
-    models = parse_variants(args.models, MODELS)
+    models = parse_variants(args.models, NAMES)
     base_cfg = load_config(args.config, args.overrides)
     for split in ("train", "test"):  # before the first run: one line if the data is not there
         resolve_paths(getattr(base_cfg.data, split))

@@ -44,3 +44,9 @@ def test_experiment_zoo_runs_every_model_and_writes_table_and_plot(tiny_zoo_data
     # the table's DIN AUC is the mean of its two runs
     din = [x["auc"] for x in lines if x["model"] == "din"]
     assert f"| DIN | {sum(din) / 2:.4f} ± " in text
+
+
+def test_the_experiments_model_names_are_the_zoos():
+    from tools.zoo_experiment import NAMES
+
+    assert list(NAMES) == list(MODELS)

@@ -156,8 +156,17 @@ def layer_norm(x, ln):
     return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
 
 
-def softmax_attention(v, w, b, mask=None):
-    s = torch.tanh((v * w).sum(-1) + b)
+def softmax_attention(v, att, mask=None):
+    """softmax_j γ(V_j) over the parts j of v [B, n, W]; γ(V_j) = tanh(V_j·w_j + b_j), or
+    u_jᵀ tanh(W_j V_j + b_j) with a hidden layer; one parameter set for all parts if shared."""
+    w, b = att.w.detach().double(), att.b.detach().double()
+    u = None if att.u is None else att.u.detach().double()
+    s = []
+    for j in range(v.shape[1]):
+        k = j if w.shape[0] > 1 else 0
+        z = torch.tanh(v[:, j] @ w[k] + b[k])  # [B, H]
+        s.append(z[:, 0] if u is None else z @ u[k])
+    s = torch.stack(s, 1)
     if mask is not None:
         s = s.masked_fill(~mask, -torch.inf)
     a = torch.softmax(s, dim=1)
@@ -205,17 +214,18 @@ def reference_mian(tower, layout, tables, batch, pad_to, heads):
     l2 = layer_norm(x, tr.norm2)
     h = x + torch.relu(l2 @ p["linear1.weight"].T + p["linear1.bias"]) @ p["linear2.weight"].T + p["linear2.bias"]
     vt = torch.cat([cand[:, None, :].expand(-1, t, -1), h], 2)  # Eq. 6
-    r_ibim, alpha = softmax_attention(vt, tower.ibim.w.double()[0], tower.ibim.b.double()[0], mask)  # Eq. 7–9
+    r_ibim, alpha = softmax_attention(vt, tower.ibim, mask)  # Eq. 7–9
     r_ibim = torch.where((lengths > 0)[:, None], r_ibim, 0.0)
     parts = {"e_i": cand, "e_b": e.sum(1), "R_ibim": r_ibim}
     for key, module, names in (("u", tower.iuim, layout.profile), ("c", tower.icim, layout.context)):
         fields = torch.stack([f64[layout.table_of(n).name][jt[n].values()] for n in names], 1)
         vj = torch.cat([cand[:, None, :].expand(-1, len(names), -1), fields], 2)  # Eq. 10, 12
-        w, bias = module.attention.w.double(), module.attention.b.double()
-        parts[f"e_{key}"], parts[f"R_i{key}im"] = fields.flatten(1), softmax_attention(vj, w, bias)[0]
+        parts[f"e_{key}"], parts[f"R_i{key}im"] = fields.flatten(1), softmax_attention(vj, module.attention)[0]
     parts["e_o"] = f64["user"][jt["user_id"].values()]  # the one feature in no group
     proj = torch.stack([parts[k] @ tower.project[k].weight.double().T for k in tower.parts], 1)
-    r_g, _ = softmax_attention(proj, tower.gim.w.double(), tower.gim.b.double())  # Eq. 15
+    r_g, beta = softmax_attention(proj, tower.gim)  # Eq. 15
+    if tower.concat:  # model.gim=concat: the weighted parts side by side
+        r_g = (beta.unsqueeze(2) * proj).flatten(1)
     mlp = tower.mlp
     return torch.from_numpy(np_mlp(mlp, r_g.numpy()))[:, 0], alpha
 
@@ -228,8 +238,11 @@ def _mian(zoo_cfg, *overrides):
     return cfg, layout, model, tables
 
 
-def test_mian_forward_against_the_papers_equations(zoo_cfg):
-    cfg, layout, model, tables = _mian(zoo_cfg)
+@pytest.mark.parametrize(
+    "variant", [(), ("model.score_hidden=6", "model.gim=concat")], ids=["as_printed", "hidden_concat"]
+)
+def test_mian_forward_against_the_papers_equations(zoo_cfg, variant):
+    cfg, layout, model, tables = _mian(zoo_cfg, *variant)
     assert model.tower.parts == ("e_i", "e_b", "R_ibim", "e_u", "R_iuim", "e_c", "R_icim", "e_o")
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
     lengths = batch.feature("hist_item_id").lengths()
