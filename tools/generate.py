@@ -339,9 +339,15 @@ def oracle_auc(split_dir: Path) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = WorldSpec()
     p.add_argument("--out", default="data/synthetic", help="output directory (default: %(default)s)")
+    meaning = {
+        "valid_users": "further users of the same world whose last impressions form valid/ (a validation set)",
+        "profile": "strength of the planted gender/age/occupation × category affinities (0: no profile columns)",
+        "context": "strength of the planted hour/weekday × category affinities (0: no context columns)",
+    }
     for name, value in asdict(d).items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+        text = f"{meaning[name]} " if name in meaning else ""
+        p.add_argument(flag, type=type(value), default=value, help=f"{text}(default: {value})")
     p.add_argument("--train-files", type=int, default=4)
     p.add_argument("--test-files", type=int, default=2)
     p.add_argument("--row-group-size", type=int, default=16384)
