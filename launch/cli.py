@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         "--attention-plot",
         metavar="PNG",
         help="instead of the metrics: a PNG of one user's attention "
-        "weights over their history for a few candidates (DIN, DIEN)",
+        "weights over their history for a few candidates (DIN, DIEN, MIAN)",
     )
     e.add_argument(
         "--user",

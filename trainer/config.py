@@ -28,6 +28,10 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = "data/synthetic/train/*.parquet"  # file, directory or glob
     test: str = "data/synthetic/test/*.parquet"
+    # a validation set (file, directory or glob; e.g. `dinrec generate --valid-users`), evaluated
+    # after every epoch: the epoch of the best validation GAUC is the run's `best` (its
+    # checkpoint also under train.out_dir/best), chosen without the test set
+    valid: str | None = None
     batch_size: int = 256  # per rank
     max_hist_len: int = 50  # longer histories keep their most recent behaviours
     seed: int = 0  # row-group and row order per epoch

@@ -654,8 +654,10 @@ def _prefetch(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
 def stream_from_config(
     cfg, split: str, rank: int = 0, world_size: int = 1, shuffle: bool | None = None
 ) -> ParquetStream:
-    """The stream of `split` ('train' or 'test') as the config describes it."""
-    spec = cfg.data.train if split == "train" else cfg.data.test
+    """The stream of `split` ('train', 'test' or 'valid') as the config describes it."""
+    spec = {"train": cfg.data.train, "test": cfg.data.test, "valid": cfg.data.valid}[split]
+    if spec is None:
+        raise DataError(f"data.{split}: not set")
     return ParquetStream(
         resolve_paths(spec),
         FeatureLayout.from_config(cfg),

@@ -6,9 +6,10 @@ evaluate, checkpoint. Only rank 0 logs and writes.
       for each epoch
         run_epoch     batches of this rank's share -> step -> log every train.log_every steps,
                       checkpoint every train.checkpoint_every steps
-        evaluate      (train.eval_every_epoch) the test set after the epoch
-        save          a checkpoint at the epoch end
-      evaluate        the test set, then the final checkpoint
+        evaluate      the validation set (data.valid) and (train.eval_every_epoch) the test set
+        save          a checkpoint at the epoch end; the best epoch by validation GAUC so far
+                      once more under out_dir/best
+      evaluate        the test set (and the validation set), then the final checkpoint
 
 The model, its sharding and the optimizers come from trainer.sharding; the steps are
 trainer.step.Steps (torchrec's TrainPipelineSparseDist) over the batches of `epoch_batches`.
@@ -94,6 +95,7 @@ class Run:
     decay: AllRowsDecay | None
     stream: ParquetStream
     test: ParquetStream
+    valid: ParquetStream | None  # data.valid
     progress: bool
     plan_fingerprint: str
     dropout_keys: set[str]
@@ -141,10 +143,10 @@ def train(cfg: Config, progress: bool = True, run_id: str | None = None) -> dict
             try:
                 for epoch in range(at.epoch, cfg.train.epochs):
                     run_epoch(run, at, epoch)
-                    if epoch < last and cfg.train.eval_every_epoch:
+                    if epoch < last and (cfg.train.eval_every_epoch or run.valid is not None):
                         evaluate_epoch(run, at, epoch)
                     if epoch < last:
-                        save(run, at)
+                        save_epoch(run, at)
                 return finish(run, at)
             finally:
                 run.stream.close()  # the loader workers (data.loader_workers)
@@ -157,6 +159,9 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, pr
     stream, test = stream_from_config(cfg, "train", rank, world), stream_from_config(cfg, "test", rank, world)
     stream.check_rows("data.train")
     test.check_rows("data.test")
+    valid = stream_from_config(cfg, "valid", rank, world) if cfg.data.valid else None
+    if valid is not None:
+        valid.check_rows("data.valid")
     model = build_model(cfg, world, device)
     return Run(
         cfg=cfg,
@@ -170,6 +175,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, tag: str, pr
         decay=all_rows_decay(cfg, model),
         stream=stream,
         test=test,
+        valid=valid,
         progress=progress,
         plan_fingerprint=plan_fingerprint(cfg, world, device.type),
         dropout_keys=set(FeatureLayout.from_config(cfg).behaviour_keys),
@@ -387,9 +393,10 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(t) / world
 
 
-def save(run: Run, at: Position) -> str:
+def save(run: Run, at: Position, out: str | None = None, keep: int | None = None) -> str:
     """Checkpoint the state after `at.batch` batches of `at.epoch` (a collective), once the guard
-    has seen every loss it holds."""
+    has seen every loss it holds; under `out` (default train.out_dir), keeping `keep` (default
+    train.keep_checkpoints)."""
     verify_finite(run, at)
     epoch, done, earlier = at.epoch, at.batch, at.earlier
     if done >= run.batches_in(epoch, earlier):
@@ -405,7 +412,7 @@ def save(run: Run, at: Position) -> str:
     mine = run.stream.position(epoch, done, earlier) if epoch < run.cfg.train.epochs else where
     average_buffers(run.model, run.world)
     path = checkpoint.save(
-        run.out,
+        run.out if out is None else out,
         at.step,
         run.model,
         run.cfg,
@@ -413,7 +420,7 @@ def save(run: Run, at: Position) -> str:
         run.opt,
         {},
         {**mine, "rank": run.rank},
-        keep=run.cfg.train.keep_checkpoints,
+        keep=run.cfg.train.keep_checkpoints if keep is None else keep,
     )
     if run.log:  # on an object store: the log as far as the checkpoint
         run.log.sync()
@@ -421,12 +428,44 @@ def save(run: Run, at: Position) -> str:
 
 
 def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
-    """The test metrics after `epoch`, kept for the result and the checkpoints."""
+    """The metrics after `epoch` (test with train.eval_every_epoch, validation with data.valid),
+    kept for the result and the checkpoints."""
     run.steps.detach()  # the model's own forward for evaluation; the next epoch's steps re-attach
     average_buffers(run.model, run.world)
-    r = evaluate(run.model, run.test, False, run.device)
+    r = evaluate(run.model, run.test, False, run.device) if run.cfg.train.eval_every_epoch else {}
+    if run.valid is not None:
+        r["valid"] = evaluate(run.model, run.valid, False, run.device)
     at.epoch_evals.append({"epoch": epoch, **r})
     log_record(run, step=at.step, epoch=epoch, eval=r)
+
+
+def is_best(at: Position) -> bool:
+    """Whether the last evaluated epoch has the best validation GAUC of the run so far (the
+    earliest of equals)."""
+    gaucs = [e["valid"]["gauc"] for e in at.epoch_evals if "valid" in e]
+    return bool(gaucs) and "valid" in at.epoch_evals[-1] and gaucs.index(max(gaucs)) == len(gaucs) - 1
+
+
+def save_epoch(run: Run, at: Position) -> str:
+    """The epoch-end checkpoint; when this epoch has the best validation GAUC so far, the same
+    state once more under out_dir/best (which keeps that one only): `dinrec eval --checkpoint
+    OUT/best` evaluates the epoch chosen on the validation set."""
+    path = save(run, at)
+    if run.valid is not None and is_best(at):
+        save(run, at, storage.join(run.out, "best"), keep=1)
+    return path
+
+
+def best_epoch(epoch_evals: list, best_dir: str) -> dict:
+    """The epoch of the best validation GAUC (the earliest of equals), its validation metrics and,
+    where the test set was evaluated after it, its test metrics; its checkpoint is under best_dir."""
+    evals = [e for e in epoch_evals if "valid" in e]
+    gaucs = [e["valid"]["gauc"] for e in evals]
+    chosen = evals[gaucs.index(max(gaucs))]
+    out = {"epoch": chosen["epoch"], "valid": chosen["valid"], "checkpoint_dir": best_dir}
+    if "auc" in chosen:
+        out["test"] = {k: v for k, v in chosen.items() if k not in ("epoch", "valid")}
+    return out
 
 
 def _max_rss() -> int:
@@ -456,8 +495,17 @@ def finish(run: Run, at: Position) -> dict:
     run.steps.detach()
     average_buffers(run.model, run.world)
     result = evaluate(run.model, run.test, run.progress and run.rank == 0, run.device)
-    if cfg.train.eval_every_epoch:
-        result["epochs"] = [*at.epoch_evals, {"epoch": cfg.train.epochs - 1, **result}]
+    last = cfg.train.epochs - 1
+    if run.valid is not None and not (at.epoch_evals and at.epoch_evals[-1]["epoch"] == last):
+        # the last epoch's entry (a run resumed from its final checkpoint has it already)
+        at.epoch_evals.append({"epoch": last, **result, "valid": evaluate(run.model, run.valid, False, run.device)})
+        if is_best(at):
+            save(run, at, storage.join(run.out, "best"), keep=1)
+    if run.valid is not None:
+        result["best"] = best_epoch(at.epoch_evals, storage.join(run.out, "best"))
+        result["epochs"] = list(at.epoch_evals)
+    elif cfg.train.eval_every_epoch:
+        result["epochs"] = [*at.epoch_evals, {"epoch": last, **result}]
     trained = run.speed.samples
     result.update(
         model=cfg.model.name,
