@@ -496,12 +496,10 @@ def finish(run: Run, at: Position) -> dict:
     average_buffers(run.model, run.world)
     result = evaluate(run.model, run.test, run.progress and run.rank == 0, run.device)
     last = cfg.train.epochs - 1
-    if run.valid is not None and not (at.epoch_evals and at.epoch_evals[-1]["epoch"] == last):
-        # the last epoch's entry (a run resumed from its final checkpoint has it already)
+    if run.valid is not None:  # the last epoch's entry (the final checkpoint above is written without it)
         at.epoch_evals.append({"epoch": last, **result, "valid": evaluate(run.model, run.valid, False, run.device)})
         if is_best(at):
             save(run, at, storage.join(run.out, "best"), keep=1)
-    if run.valid is not None:
         result["best"] = best_epoch(at.epoch_evals, storage.join(run.out, "best"))
         result["epochs"] = list(at.epoch_evals)
     elif cfg.train.eval_every_epoch:

@@ -301,3 +301,18 @@ def test_zoo_models_train_with_every_sparse_optimizer(zoo_cfg, name, optimizer):
     cfg = zoo_cfg(f"model.name={name}", f"sparse_optimizer.type={optimizer}", "train.limit_batches=6", *lam)
     r = train(cfg, progress=False)
     assert np.isfinite(r["logloss"])
+
+
+def test_mian_embeds_a_dense_group_field_as_x_times_v(zoo_cfg):
+    """A dense feature in a group enters IUIM as x·v_j (v_j learnt), beside the sparse fields."""
+    cfg, layout, model, _ = _mian(zoo_cfg, "data.dense_features=[p_click]", "data.profile=[gender, age, p_click]")
+    model.train()
+    batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
+    x = model.lookups(batch)
+    fields = model.tower.iuim.fields(x, batch.dense)  # [B, 3, 8]
+    v = model.tower.iuim.fields.vectors["p_click"]
+    torch.testing.assert_close(fields[:, 2], batch.dense[:, :1] * v)
+    torch.testing.assert_close(fields[:, 0], x.pooled[:, slice(*layout.field("gender")[1:])])
+    model(batch).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert "e_o" not in model.tower.parts or "p_click" not in model.tower.others  # grouped: not an "other" part
