@@ -92,6 +92,11 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batches(request, tmp_path, 
     overrides = [f"tables.{i}.sharding_types=[{sharding}]" for i in range(n_tables)]
     if optimizer.endswith("_mba"):
         overrides.append("sparse_optimizer.lambda=0.05")
+    if model == "mian":
+        # the attention's key bias has no true gradient (it adds the same to every key's score),
+        # so its gradient is rounding noise, which Adam's m/sqrt(v) scales up to steps that depend
+        # on the summation order; plain SGD keeps rounding at rounding size
+        overrides += ["dense_optimizer.type=sgd", "dense_optimizer.lr=0.1"]
     cfg = make(
         f"model.name={model}",
         "model.activation=prelu",
