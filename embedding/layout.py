@@ -23,6 +23,7 @@ jagged behaviours needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -151,20 +152,24 @@ class FeatureLayout:
         """The width of each candidate feature (pair order): how Lookups.cand and a behaviour split."""
         return [self.table_of(c).dim for c, _ in self.pairs]
 
+    @functools.cached_property
+    def pooled_dims(self) -> list[int]:
+        """The width of each other pooled feature (other_pooled_features order): how Lookups.pooled splits."""
+        return [self.table_of(f).dim for f in self.other_pooled_features]
+
+    @functools.cached_property
+    def _fields(self) -> dict[str, tuple[str, int, int]]:
+        out, start = {}, 0
+        for f, d in zip(self.other_pooled_features, self.pooled_dims, strict=True):
+            out[f], start = ("pooled", start, start + d), start + d
+        out.update({f: ("dense", i, i + 1) for i, f in enumerate(self.dense)})
+        return out
+
     def field(self, feature: str) -> tuple[str, int, int]:
         """Where a non-candidate feature's values are in a batch's lookups: ("pooled", start, end),
         its columns of Lookups.pooled (an embedding), or ("dense", i, i + 1), its column of the
         dense features (a scalar)."""
-        start = 0
-        for f in self.other_pooled_features:
-            d = self.table_of(f).dim
-            if f == feature:
-                return "pooled", start, start + d
-            start += d
-        if feature in self.dense:
-            i = self.dense.index(feature)
-            return "dense", i, i + 1
-        raise KeyError(feature)
+        return self._fields[feature]
 
     def table_of(self, feature: str) -> TableConfig:
         for t in self.tables:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tools import bench_embedding, peers
-from tools.timing import machine, take, time_pipelined
+from tools.timing import alternate, machine, take, time_pipelined
 from trainer.config import Config, ConfigError, load_config
 
 
@@ -110,6 +110,16 @@ def run(args: argparse.Namespace) -> dict:
     return bench_train(cfg, args.steps, args.warmup, args.rounds)
 
 
+def _through(steps, data: list):
+    """A contender for timing.alternate: the pipelined steps over the batches of the given indices."""
+
+    def run_steps(idx) -> None:
+        for _ in steps.run(data[i] for i in idx):
+            pass
+
+    return run_steps
+
+
 def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int) -> dict:
     """Every named model's pipelined training step (the step `dinrec train` runs) on the config's
     first batches, each model's own layout of them, alternated in `rounds` blocks; samples/s and
@@ -126,26 +136,15 @@ def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int)
         names.append("din")
     if rounds < 1:
         raise ConfigError(f"bench train: --rounds must be >= 1, got {rounds}")
-    runs = {}
+    data, runs = {}, {}
     with process_group(cfg) as (_, world):
         for name in names:
             mcfg = replace(cfg, model=replace(cfg.model, name=name))
-            data = take(mcfg, warmup + steps)  # the model's layout: pooled or jagged histories, negatives
+            data[name] = take(mcfg, warmup + steps)  # the model's layout: pooled or jagged histories, negatives
             model = build_model(mcfg, world, torch.device("cpu"))
-            runs[name] = (Steps(model, dense_optimizer(mcfg, model), torch.device("cpu")), data)
-        for step_runner, data in runs.values():
-            for _ in step_runner.run(data[:warmup]):
-                pass
-        timed = range(warmup, warmup + steps)
-        blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
-        seconds = {name: 0.0 for name in runs}
-        for block in blocks:
-            for name, (step_runner, data) in runs.items():
-                t0 = time.perf_counter()
-                for _ in step_runner.run(data[i] for i in block):
-                    pass
-                seconds[name] += time.perf_counter() - t0
-    rate = {name: sum(len(data[i]) for i in timed) / seconds[name] for name, (_, data) in runs.items()}
+            runs[name] = _through(Steps(model, dense_optimizer(mcfg, model), torch.device("cpu")), data[name])
+        blocks, seconds = alternate(runs, warmup, steps, rounds)
+    rate = {name: sum(len(b[i]) for blk in blocks for i in blk) / sum(seconds[name]) for name, b in data.items()}
     return {
         "bench": "train_models",
         **machine(),
@@ -268,13 +267,6 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         flip_model = build_model(flip_cfg, world, torch.device("cpu"))
         flip_steps = Steps(flip_model, dense_optimizer(flip_cfg, flip_model), torch.device("cpu"))
 
-        def through(steps: Steps):
-            def run_steps(idx) -> None:
-                for _ in steps.run(data[i] for i in idx):
-                    pass
-
-            return run_steps
-
         def plain_steps(idx) -> None:
             for i in idx:
                 train_step(plain_model, plain_opt, data[i])
@@ -298,25 +290,14 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
                 sparse_opt.step()
                 dense_opt.step()
 
-        # Alternate the three in `rounds` blocks of the same batches, so that a change of the
-        # machine's speed during the run (a shared host) hits them alike.
         runs = {
-            "ours": through(pipelined),
+            "ours": _through(pipelined, data),
             "plain": plain_steps,
-            "other": through(other_steps),
-            "flip": through(flip_steps),
+            "other": _through(other_steps, data),
+            "flip": _through(flip_steps, data),
             "reference": ref_steps,
         }
-        for run_steps in runs.values():
-            run_steps(range(warmup))
-        timed = range(warmup, warmup + steps)
-        blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
-        seconds = {name: [] for name in runs}
-        for block in blocks:
-            for name, run_steps in runs.items():
-                t0 = time.perf_counter()
-                run_steps(block)
-                seconds[name].append(time.perf_counter() - t0)
+        blocks, seconds = alternate(runs, warmup, steps, rounds)
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
     plain = sum(samples) / sum(seconds["plain"])

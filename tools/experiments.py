@@ -1,5 +1,5 @@
-"""What the `dinrec experiment …` runners share: seed and variant lists, mean ± std and its
-Markdown, the oracle line."""
+"""What the `dinrec experiment …` runners share: their common options, seed and variant lists,
+mean ± std and its Markdown, the oracle line, figures."""
 
 from __future__ import annotations
 
@@ -17,6 +17,26 @@ def add_common_arguments(p, out: str, plot: str, runs: str) -> None:
     p.add_argument("--plot", default=None, help=f"a PNG plot (e.g. {plot})")
     p.add_argument("--runs", default=runs, help="run directories go here (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def figure(figsize: tuple[float, float]):
+    """A new matplotlib figure and axes, drawn off screen (Agg): matplotlib loads only here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, dpi=120)
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write the PNG (its directory made first) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def fresh(cfg):

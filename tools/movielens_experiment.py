@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import add_common_arguments, fresh, mean_std, parse_seeds, pm
+from tools.experiments import add_common_arguments, figure, fresh, mean_std, parse_seeds, pm, save_figure
 from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
@@ -101,13 +101,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = figure((6.4, 4.2))
     for m, rs in out["runs"].items():
         g = np.array([[e["gauc"] for e in r["curve"]] for r in rs])
         x = np.arange(1, g.shape[1] + 1)
@@ -120,10 +116,7 @@ def plot(out: dict, path: Path) -> None:
     ax.set_xticks(range(1, out["epochs"] + 1))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(out: dict, plot_path: str | None) -> str:

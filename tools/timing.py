@@ -1,6 +1,6 @@
 """What the benchmarks share: the machine's description, batches read into memory, the samples/s
-of the pipelined training step, and the matrix products of one step against the machine's GEMM
-rates (`bench peers`)."""
+of the pipelined training step, contenders timed in alternating rounds, and the matrix products
+of one step against the machine's GEMM rates (`bench peers`)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def take(cfg: Config, n: int) -> list:
     if len(batches) < n:
         raise ConfigError(f"bench: the training data has only {len(batches)} batches, {n} needed")
     return batches
+
+
+def alternate(runs: dict, warmup: int, steps: int, rounds: int) -> tuple[list[range], dict[str, list[float]]]:
+    """Each `runs[name](indices)` (it runs the steps of those batch indices) once over the warmup
+    batches, then the `steps` timed batches split into `rounds` interleaved blocks, every contender
+    on each block in turn, so that a change of the machine's speed during the run (a shared host)
+    hits them alike. -> (the blocks, each contender's seconds per block)."""
+    for run_steps in runs.values():
+        run_steps(range(warmup))
+    timed = range(warmup, warmup + steps)
+    blocks = [timed[k::rounds] for k in range(rounds)] if steps >= rounds else [timed]
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for block in blocks:
+        for name, run_steps in runs.items():
+            t0 = time.perf_counter()
+            run_steps(block)
+            seconds[name].append(time.perf_counter() - t0)
+    return blocks, seconds
 
 
 def sync(device: torch.device | str) -> None:

@@ -15,7 +15,17 @@ import json
 import time
 from pathlib import Path
 
-from tools.experiments import add_common_arguments, fresh, mean_std, parse_seeds, parse_variants, pm
+from tools.experiments import (
+    add_common_arguments,
+    figure,
+    fresh,
+    mean_std,
+    oracle_lines,
+    parse_seeds,
+    parse_variants,
+    pm,
+    save_figure,
+)
 from trainer.config import load_config
 from trainer.metrics import rela_impr
 
@@ -65,9 +75,8 @@ def run(args: argparse.Namespace) -> dict:
             keep = ("auc", "gauc", "logloss", "train_samples_per_s", "oracle_auc")
             runs[m].append({"seed": seed, **{k: r[k] for k in keep if k in r}})
             print(json.dumps({"model": m, **runs[m][-1]}), flush=True)
-    summary = {m: {k: mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss")} for m, rs in runs.items()}
-    for m, rs in runs.items():
-        summary[m]["samples_per_s"] = mean_std([r["train_samples_per_s"] for r in rs])
+    columns = {"auc": "auc", "gauc": "gauc", "logloss": "logloss", "samples_per_s": "train_samples_per_s"}
+    summary = {m: {k: mean_std([r[c] for r in rs]) for k, c in columns.items()} for m, rs in runs.items()}
     for s in summary.values():
         if "base" in summary:
             s["rela_impr_auc"] = rela_impr(s["auc"][0], summary["base"]["auc"][0])
@@ -109,15 +118,10 @@ def ordering(summary: dict) -> list[dict]:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(out["summary"])
     mean = [out["summary"][m]["auc"][0] for m in models]
     std = [out["summary"][m]["auc"][1] for m in models]
-    fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=120)
+    fig, ax = figure((7.2, 4.0))
     ax.bar([NAMES[m] for m in models], mean, yerr=std, capsize=3, color="#4c72b0")
     lo = min(m - s for m, s in zip(mean, std, strict=True))
     hi = max(m + s for m, s in zip(mean, std, strict=True))
@@ -126,10 +130,7 @@ def plot(out: dict, path: Path) -> None:
     ax.set_title(f"{Path(out['config']).name}: test AUC (mean ± std, {len(out['seeds'])} seeds)")
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(out: dict, plot_path: str | None) -> str:
@@ -154,9 +155,7 @@ def markdown(out: dict, plot_path: str | None) -> str:
             f"| {NAMES[m]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | {rel} | "
             f"{s['samples_per_s'][0]:,.0f} | {speed} |"
         )
-    oracle = next(iter(out["runs"].values()))[0].get("oracle_auc")
-    if oracle:
-        lines += ["", f"The generator's own click probabilities reach a test AUC of {oracle:.4f} (the oracle)."]
+    lines += oracle_lines(out)
     if out["ordering"]:
         held = [p for p in out["ordering"] if p["holds"]]
         broken = [p for p in out["ordering"] if not p["holds"]]

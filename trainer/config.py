@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from embedding.layout import behaviour_of, candidate_of, is_negative
+from embedding.layout import FeatureLayout, behaviour_of, candidate_of, is_negative
 
 
 class ConfigError(ValueError):
@@ -504,7 +504,7 @@ def _check_groups(c: Config) -> None:
                     f"data.{group}: MIAN sums a group's fields (Eq. 11, 13), so its features need one "
                     f"table dim, got {sorted(dims)}"
                 )
-        width = sum(table_of[f].dim for f in table_of if behaviour_of(f) in table_of)
+        width = FeatureLayout.from_config(c).behaviour_dim
         if width % c.model.heads:
             raise ConfigError(f"model.heads: {c.model.heads} does not divide the behaviour width {width}")
     if c.model.name in FIELD_MODELS:

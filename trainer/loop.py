@@ -439,29 +439,32 @@ def evaluate_epoch(run: Run, at: Position, epoch: int) -> None:
     log_record(run, step=at.step, epoch=epoch, eval=r)
 
 
-def is_best(at: Position) -> bool:
-    """Whether the last evaluated epoch has the best validation GAUC of the run so far (the
-    earliest of equals)."""
-    gaucs = [e["valid"]["gauc"] for e in at.epoch_evals if "valid" in e]
-    return bool(gaucs) and "valid" in at.epoch_evals[-1] and gaucs.index(max(gaucs)) == len(gaucs) - 1
+def best_entry(epoch_evals: list) -> int:
+    """The index in epoch_evals of the best validation GAUC (the earliest of equals)."""
+    gaucs = [e["valid"]["gauc"] for e in epoch_evals]
+    return gaucs.index(max(gaucs))
+
+
+def save_if_best(run: Run, at: Position) -> None:
+    """When the epoch just evaluated has the best validation GAUC so far, its state once more
+    under out_dir/best, which keeps that one only: `dinrec eval --checkpoint OUT/best` evaluates
+    the epoch chosen on the validation set."""
+    if best_entry(at.epoch_evals) == len(at.epoch_evals) - 1:
+        save(run, at, storage.join(run.out, "best"), keep=1)
 
 
 def save_epoch(run: Run, at: Position) -> str:
-    """The epoch-end checkpoint; when this epoch has the best validation GAUC so far, the same
-    state once more under out_dir/best (which keeps that one only): `dinrec eval --checkpoint
-    OUT/best` evaluates the epoch chosen on the validation set."""
+    """The epoch-end checkpoint (and the best one, with data.valid)."""
     path = save(run, at)
-    if run.valid is not None and is_best(at):
-        save(run, at, storage.join(run.out, "best"), keep=1)
+    if run.valid is not None:
+        save_if_best(run, at)
     return path
 
 
 def best_epoch(epoch_evals: list, best_dir: str) -> dict:
     """The epoch of the best validation GAUC (the earliest of equals), its validation metrics and,
     where the test set was evaluated after it, its test metrics; its checkpoint is under best_dir."""
-    evals = [e for e in epoch_evals if "valid" in e]
-    gaucs = [e["valid"]["gauc"] for e in evals]
-    chosen = evals[gaucs.index(max(gaucs))]
+    chosen = epoch_evals[best_entry(epoch_evals)]
     out = {"epoch": chosen["epoch"], "valid": chosen["valid"], "checkpoint_dir": best_dir}
     if "auc" in chosen:
         out["test"] = {k: v for k, v in chosen.items() if k not in ("epoch", "valid")}
@@ -498,8 +501,7 @@ def finish(run: Run, at: Position) -> dict:
     last = cfg.train.epochs - 1
     if run.valid is not None:  # the last epoch's entry (the final checkpoint above is written without it)
         at.epoch_evals.append({"epoch": last, **result, "valid": evaluate(run.model, run.valid, False, run.device)})
-        if is_best(at):
-            save(run, at, storage.join(run.out, "best"), keep=1)
+        save_if_best(run, at)
         result["best"] = best_epoch(at.epoch_evals, storage.join(run.out, "best"))
         result["epochs"] = list(at.epoch_evals)
     elif cfg.train.eval_every_epoch:

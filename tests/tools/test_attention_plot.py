@@ -10,20 +10,18 @@ from launch.cli import main
 from tests.conftest import ROOT
 
 
-def test_attention_plot_shows_mians_group_and_global_weights(zoo_cfg, tiny_zoo_data, tmp_path, capsys):
-    from tests.conftest import ZOO_GROUPS, ZOO_TABLES
-
+def train_and_plot(data, tmp_path, capsys, *extra: str) -> tuple[list[str], object, dict]:
+    """`dinrec train` on the tiny config, then `dinrec eval --attention-plot` of its checkpoint
+    for 3 candidates: (the shared arguments, the PNG's path, the eval's JSON line)."""
     args = [
         "--config",
         str(ROOT / "configs/tiny.yaml"),
         "--no-progress",
-        f"data.train={tiny_zoo_data / 'train'}",
-        f"data.test={tiny_zoo_data / 'test'}",
+        f"data.train={data / 'train'}",
+        f"data.test={data / 'test'}",
         f"train.out_dir={tmp_path / 'r'}",
-        ZOO_TABLES,
-        *ZOO_GROUPS,
-        "model.name=mian",
         "train.epochs=1",
+        *extra,
     ]
     assert main(["train", *args]) == 0
     capsys.readouterr()
@@ -32,7 +30,13 @@ def test_attention_plot_shows_mians_group_and_global_weights(zoo_cfg, tiny_zoo_d
         main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png), "--candidates", "3", *args])
         == 0
     )
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return args, png, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_attention_plot_shows_mians_group_and_global_weights(tiny_zoo_data, tmp_path, capsys):
+    from tests.conftest import ZOO_GROUPS, ZOO_TABLES
+
+    _, png, r = train_and_plot(tiny_zoo_data, tmp_path, capsys, ZOO_TABLES, *ZOO_GROUPS, "model.name=mian")
     assert png.stat().st_size > 10_000
     torch.testing.assert_close(torch.tensor(r["weights"]).sum(1), torch.ones(3), atol=1e-3, rtol=0)  # α_t: softmax
     assert r["profile_weights"]["columns"] == ["gender", "age", "occupation"]
@@ -50,25 +54,7 @@ def test_attention_plot_shows_mians_group_and_global_weights(zoo_cfg, tiny_zoo_d
 
 @pytest.mark.parametrize("model", ["din", "dien"])
 def test_attention_plot_weights_are_the_rows_own(tiny_data, tmp_path, capsys, model):
-    args = [
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        "--no-progress",
-        f"data.train={tiny_data / 'train'}",
-        f"data.test={tiny_data / 'test'}",
-        f"train.out_dir={tmp_path / 'r'}",
-        f"model.name={model}",
-        "train.epochs=1",
-        "model.activation=prelu",
-    ]
-    assert main(["train", *args]) == 0
-    capsys.readouterr()
-    png = tmp_path / "att.png"
-    assert (
-        main(["eval", "--checkpoint", str(tmp_path / "r"), "--attention-plot", str(png), "--candidates", "3", *args])
-        == 0
-    )
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    args, png, r = train_and_plot(tiny_data, tmp_path, capsys, f"model.name={model}", "model.activation=prelu")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     w = torch.tensor(r["weights"])
     assert w.shape == (3, r["behaviours"]) and r["behaviours"] >= 8

@@ -14,7 +14,7 @@ from torchrec.modules.crossnet import CrossNet, VectorCrossNet
 
 from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.models.fields import sparse_fields
+from trainer.models.fields import flat
 from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 from trainer.models.lr import sparse_width
 
@@ -29,7 +29,7 @@ class DCNTower(Tower):
         self.out = nn.Linear(n + (cfg.mlp[-1] if cfg.mlp else n), 1)
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
-        x0 = torch.cat([*sparse_fields(x, self.layout), dense], dim=1)
+        x0 = flat(x, dense, self.layout)
         return self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1)
 
 

@@ -35,10 +35,9 @@ class DeepFMTower(Tower):
         self.deep = DeepFMModule(MLP(sparse_width(layout) + n_dense, cfg.mlp, cfg.activation, out=1))
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
-        fields = torch.stack(sparse_fields(x, self.layout), dim=1)  # [B, F, k]
-        second = fm(fields)
-        deep = self.deep([fields, dense]).squeeze(1)
-        return self.linear(x, dense) + second + deep
+        fields = sparse_fields(x, self.layout)
+        x0 = torch.cat([*fields, dense], dim=1)  # trainer.models.fields.flat, from the fields at hand
+        return self.linear(x0) + fm(torch.stack(fields, dim=1)) + self.deep([x0]).squeeze(1)
 
 
 class DeepFM(CTRModel):

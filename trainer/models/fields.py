@@ -24,8 +24,14 @@ def sparse_fields(x: Lookups, layout: FeatureLayout) -> list[torch.Tensor]:
     dims = layout.candidate_dims
     fields = [*x.cand.split(dims, dim=1), *history_sum(x).split(dims, dim=1)]
     if layout.other_pooled_features:
-        fields += x.pooled.split([layout.table_of(f).dim for f in layout.other_pooled_features], dim=1)
+        fields += x.pooled.split(layout.pooled_dims, dim=1)
     return fields
+
+
+def flat(x: Lookups, dense: torch.Tensor, layout: FeatureLayout) -> torch.Tensor:
+    """Every sparse field and the dense features side by side, [B, Σ d + F]: the input of the
+    baselines' linear and deep parts."""
+    return torch.cat([*sparse_fields(x, layout), dense], dim=1)
 
 
 def n_sparse_fields(layout: FeatureLayout) -> int:

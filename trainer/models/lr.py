@@ -13,7 +13,7 @@ from torch import nn
 
 from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.models.fields import sparse_fields
+from trainer.models.fields import flat
 from trainer.models.layers import CTRModel, Lookups, Tower
 
 
@@ -24,24 +24,24 @@ def sparse_width(layout: FeatureLayout) -> int:
 
 class LinearPart(nn.Module):
     """Σ_f w_f(x_f) + b over every field and dense feature: [B] (LR, and the wide or first-order
-    part of Wide&Deep, DeepFM and xDeepFM)."""
+    part of Wide&Deep, DeepFM and xDeepFM), on trainer.models.fields.flat's [B, Σ d + F]."""
 
     def __init__(self, layout: FeatureLayout, n_dense: int):
         super().__init__()
-        self.layout = layout
         self.linear = nn.Linear(sparse_width(layout) + n_dense, 1)
 
-    def forward(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.cat([*sparse_fields(x, self.layout), dense], dim=1)).squeeze(1)
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.linear(x0).squeeze(1)
 
 
 class LRTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__(cfg.precision, cfg.compile)
+        self.layout = layout
         self.linear = LinearPart(layout, n_dense)
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, dense)
+        return self.linear(flat(x, dense, self.layout))
 
 
 class LR(CTRModel):

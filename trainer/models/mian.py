@@ -120,9 +120,7 @@ class Interaction(nn.Module):
 class MIANTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__(cfg.precision, cfg.compile)
-        d = layout.behaviour_dim
-        if d % cfg.heads:
-            raise ValueError(f"MIAN: model.heads {cfg.heads} must divide the behaviour width {d}")
+        d = layout.behaviour_dim  # model.heads divides it (config check)
         self.layout, self.max_steps, self.static_steps = layout, layout.max_hist_len, None
         self.transformer = nn.TransformerEncoderLayer(
             d, cfg.heads, cfg.ffn, dropout=0.0, activation="relu", batch_first=True, norm_first=True

@@ -10,7 +10,7 @@ import torch
 
 from embedding.layout import FeatureLayout
 from trainer.config import ModelConfig
-from trainer.models.fields import sparse_fields
+from trainer.models.fields import flat
 from trainer.models.layers import MLP, CTRModel, Lookups, Tower
 from trainer.models.lr import LinearPart, sparse_width
 
@@ -23,8 +23,8 @@ class WideDeepTower(Tower):
         self.deep = MLP(sparse_width(layout) + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
-        deep = self.deep(torch.cat([*sparse_fields(x, self.layout), dense], dim=1)).squeeze(1)
-        return self.wide(x, dense) + deep
+        x0 = flat(x, dense, self.layout)
+        return self.wide(x0) + self.deep(x0).squeeze(1)
 
 
 class WideDeep(CTRModel):

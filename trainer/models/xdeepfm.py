@@ -52,8 +52,8 @@ class XDeepFMTower(Tower):
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:
         fields = sparse_fields(x, self.layout)
-        deep = self.deep(torch.cat([*fields, dense], dim=1)).squeeze(1)
-        return self.linear(x, dense) + self.cin(torch.stack(fields, dim=1)) + deep
+        x0 = torch.cat([*fields, dense], dim=1)  # trainer.models.fields.flat, from the fields at hand
+        return self.linear(x0) + self.cin(torch.stack(fields, dim=1)) + self.deep(x0).squeeze(1)
 
 
 class XDeepFM(CTRModel):
