@@ -1,14 +1,20 @@
 """Mini-batch-aware L2 regularization (DIN paper §4.3.1, Eq. 5–7): the fused row update.
 
-For every row j touched by the batch, one pass over the unique touched rows:
+For every row j touched by the batch, one pass over the unique touched rows, with
+g'_j = ḡ_j + λ·w_j/n_j (the gradient of Eq. 7) and t the number of this step (1 at the first):
 
-    SGD:      w_j ← w_j − η·(ḡ_j + λ·w_j/n_j)                                   (Eq. 7)
-    Adagrad:  g'_j = ḡ_j + λ·w_j/n_j;  s_j ← s_j + mean(g'_j²);  w_j ← w_j − η·g'_j/(√s_j + ε)
+    SGD:                   w_j ← w_j − η·g'_j                                        (Eq. 7)
+    row-wise Adagrad:      s_j ← s_j + mean(g'_j²);  w_j ← w_j − η·g'_j/(√s_j + ε)
+    Adam:                  m_j ← β1·m_j + (1−β1)·g'_j;  v_j ← β2·v_j + (1−β2)·g'_j²  (per element)
+                           w_j ← w_j − η·(m_j/(1−β1^t)) / (√(v_j/(1−β2^t)) + ε)
+    partial row-wise Adam: the same, with one v_j per row: v_j ← β2·v_j + (1−β2)·mean(g'_j²)
 
 ḡ_j is the sum of the gradients of all occurrences of row j in the batch (the loss is already the
 global-batch mean, so this sum is the mean gradient of Eq. 7), taken at the weights *before* the
-step. Rows not touched are not written. λ = 0 is plain SGD / row-wise Adagrad (FBGEMM's
-EXACT_SGD / EXACT_ROWWISE_ADAGRAD).
+step. Rows not touched are not written, their Adam moments included (lazy Adam, as FBGEMM's ADAM
+and PARTIAL_ROWWISE_ADAM: the bias corrections use the global step t). λ = 0 is the plain
+optimizer: FBGEMM's EXACT_SGD, EXACT_ROWWISE_ADAGRAD, ADAM, PARTIAL_ROWWISE_ADAM (FBGEMM has no
+CPU kernel for the last two; ours is the CPU path of plain Adam too).
 
 Layout (as in FBGEMM's table-batched modules): the tables of a group share one flat weight
 storage, one flat row-wise Adagrad state and one flat count array; their rows are numbered in one
@@ -29,7 +35,7 @@ online counts (`count_samples_`). The kernels:
 - embedding.mba_compile compiles the Triton kernels for a GPU architecture without a GPU;
 - embedding.mba_tbe picks a kernel for a device and runs it inside torchrec's sharded kernels.
 
-Weights may be stored in fp32, fp16 or bf16; the math is fp32.
+Weights may be stored in fp32, fp16 or bf16; the math and every optimizer state are fp32.
 """
 
 from __future__ import annotations
@@ -40,13 +46,62 @@ import torch
 
 from embedding.layout import jagged_rows
 
+RULES = ("sgd", "rowwise_adagrad", "adam", "partial_rowwise_adam")  # the kernels' MODE is the index
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The optimizer of one step: its kind (of RULES), hyper-parameters, and t, the number of this
+    step (1 at the first), for Adam's bias corrections."""
+
+    kind: str
+    lr: float
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULES:
+            raise ValueError(f"MBA optimizer must be one of {', '.join(RULES)}, got {self.kind!r}")
+
+    @property
+    def mode(self) -> int:
+        return RULES.index(self.kind)
+
+    @property
+    def bias1(self) -> float:
+        return 1.0 - self.beta1**self.step
+
+    @property
+    def bias2(self) -> float:
+        return 1.0 - self.beta2**self.step
+
+    def check(self, layout: TableLayout) -> None:
+        """The layout holds the states this rule updates (and no other)."""
+        has = (layout.momentum is not None, layout.exp_avg is not None, layout.exp_avg_sq is not None)
+        need = {
+            "sgd": (False, False, False),
+            "rowwise_adagrad": (True, False, False),
+            "adam": (False, True, True),
+            "partial_rowwise_adam": (True, True, False),
+        }[self.kind]
+        if has != need:
+            names = ("momentum", "exp_avg", "exp_avg_sq")
+            raise ValueError(
+                f"MBA {self.kind}: the layout has states {[n for n, h in zip(names, has, strict=True) if h]}, "
+                f"the rule updates {[n for n, h in zip(names, need, strict=True) if h]}"
+            )
+
 
 @dataclass
 class TableLayout:
     """A group of tables in flat storages. Per table t (int64 tensors on the tables' device):
     linear rows row_off[t] .. row_off[t+1]-1, dim dims[t], row 0 at element w_off[t] of `weight`
-    and at m_off[t] of `momentum` (row-wise Adagrad, or None for SGD). `counts` (int32, n_j)
-    is indexed by linear row."""
+    and at m_off[t] of `momentum` (a row-wise state: Adagrad's sum, partial row-wise Adam's v; or
+    None). The element-wise states `exp_avg` (Adam's m) and `exp_avg_sq` (Adam's v), fp32 or None,
+    are laid out as `weight` (row j of table t at element w_off[t] + j·dims[t]). `counts` (int32,
+    n_j) is indexed by linear row."""
 
     weight: torch.Tensor
     momentum: torch.Tensor | None
@@ -56,15 +111,24 @@ class TableLayout:
     m_off: torch.Tensor
     dims: torch.Tensor
     max_dim: int
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.counts.numel()
 
     @staticmethod
-    def of(weights: list[torch.Tensor], momenta: list[torch.Tensor] | None, counts: torch.Tensor) -> TableLayout:
+    def of(
+        weights: list[torch.Tensor],
+        momenta: list[torch.Tensor] | None,
+        counts: torch.Tensor,
+        exp_avg: torch.Tensor | None = None,
+        exp_avg_sq: torch.Tensor | None = None,
+    ) -> TableLayout:
         """From per-table views [rows_t, D_t] (and [rows_t]) that share one storage each, as
-        FBGEMM's split_embedding_weights() / get_optimizer_state() return them."""
+        FBGEMM's split_embedding_weights() / get_optimizer_state() return them; the element-wise
+        states flat, of the size of the weights' storage."""
         dev = weights[0].device
         for w in weights:
             if w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr() or not w.is_contiguous():
@@ -80,6 +144,10 @@ class TableLayout:
             mom = momenta[0].new_empty(0).set_(momenta[0].untyped_storage())
             m_off = [m.storage_offset() for m in momenta]
 
+        for name, x in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if x is not None and (x.dtype != torch.float32 or x.numel() != flat.numel() or not x.is_contiguous()):
+                raise ValueError(f"MBA: {name} must be contiguous fp32 of the weights' {flat.numel()} elements")
+
         def dev_tensor(x):
             return torch.tensor(x, dtype=torch.int64, device=dev)
 
@@ -92,6 +160,8 @@ class TableLayout:
             m_off=dev_tensor(m_off),
             dims=dev_tensor([w.shape[1] for w in weights]),
             max_dim=max(w.shape[1] for w in weights),
+            exp_avg=exp_avg,
+            exp_avg_sq=exp_avg_sq,
         )
 
 

@@ -56,10 +56,10 @@ def build(kernel, args: dict[str, str], consts: dict, arch: int = 90, num_warps:
 
 def compile_kernels(arch: int = 90) -> list[str]:
     """Compile the Triton kernels as the wrappers launch them (dims 16, 64, 128; one table and
-    three; SGD and Adagrad; static and online counts; fp32 and bf16 weights) for CUDA sm_<arch>,
-    without a GPU: Triton's compiler and ptxas check the types and lowering that the interpreter
-    lets through. Run without TRITON_INTERPRET. One line per kernel compiled, with ptxas's
-    register and spill report (`python -m embedding.mba_compile 90` prints them)."""
+    three; SGD, row-wise Adagrad, Adam and partial row-wise Adam; static and online counts; fp32
+    and bf16 weights) for CUDA sm_<arch>, without a GPU: Triton's compiler and ptxas check the
+    types and lowering that the interpreter lets through. Run without TRITON_INTERPRET. One line
+    per kernel compiled, with ptxas's register and spill report (`python -m embedding.mba_compile 90` prints them)."""
     done = []
 
     def build_one(kernel, args: dict[str, str], consts: dict, num_warps: int = 4) -> None:
@@ -94,14 +94,16 @@ def compile_kernels(arch: int = 90) -> list[str]:
     for dim in (16, 64, 128):
         block_d = max(16, triton.next_power_of_2(dim))
         c = chunk_size(block_d)
-        for (n_tables, block_t), online, adagrad, weight in [
-            ((1, 1), False, False, "*fp32"),
-            ((3, 2), True, True, "*fp32"),
-            ((1, 1), True, False, "*bf16"),
+        for (n_tables, block_t), online, mode, weight in [
+            ((1, 1), False, 0, "*fp32"),  # SGD
+            ((3, 2), True, 1, "*fp32"),  # row-wise Adagrad
+            ((1, 1), True, 0, "*bf16"),
+            ((1, 1), True, 2, "*fp32"),  # Adam
+            ((3, 2), False, 3, "*bf16"),  # partial row-wise Adam
         ]:
             # keys: int32 below 2^31 (int64 here for a large online key); static counts: DIV = 1,
             # which Triton specializes as a constant
-            keys, new, div = (("*i64" if adagrad else i32), i32, {}) if online else (i32, f32, {"DIV": 1})
+            keys, new, div = (("*i64" if mode == 1 else i32), i32, {}) if online else (i32, f32, {"DIV": 1})
             div_arg = {} if div else {"DIV": "i32"}
             build_one(
                 _carry_kernel,
@@ -123,7 +125,9 @@ def compile_kernels(arch: int = 90) -> list[str]:
                 _update_kernel,
                 dict(
                     weight_ptr=weight,
-                    momentum_ptr=f32 if adagrad else i32,
+                    momentum_ptr=f32 if mode in (1, 3) else i32,
+                    exp_avg_ptr=f32 if mode in (2, 3) else i32,
+                    exp_avg_sq_ptr=f32 if mode == 2 else i32,
                     counts_ptr=i32,
                     keys_ptr=keys,
                     perm_ptr=i64,
@@ -140,6 +144,10 @@ def compile_kernels(arch: int = 90) -> list[str]:
                     lr="fp32",
                     lam="fp32",
                     eps="fp32",
+                    beta1="fp32",
+                    beta2="fp32",
+                    bias1="fp32",
+                    bias2="fp32",
                 ),
                 dict(
                     T=n_tables,
@@ -147,7 +155,7 @@ def compile_kernels(arch: int = 90) -> list[str]:
                     C=c,
                     CB=CARRY_BLOCK,
                     BLOCK_D=block_d,
-                    ADAGRAD=adagrad,
+                    MODE=mode,
                     ONLINE=online,
                     **div,
                 ),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from embedding import cpp
-from embedding.mba import TableLayout, count_samples_, segments
+from embedding.mba import Rule, TableLayout, count_samples_, segments
 
 
 @functools.cache
@@ -26,14 +26,14 @@ def update_rows_cpp(
     lin: torch.Tensor,
     src: torch.Tensor,
     grad: torch.Tensor,
-    lr: float,
+    rule: Rule,
     lam: float,
-    eps: float,
     samples: torch.Tensor | None = None,
     n_samples: int = 0,
 ) -> None:
     """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
     by row (one sort) and one pass per touched row."""
+    rule.check(layout)
     if lin.numel() == 0:
         return
     if samples is not None:
@@ -42,6 +42,8 @@ def update_rows_cpp(
     cpu_extension().update_rows(
         layout.weight,
         layout.momentum,
+        layout.exp_avg,
+        layout.exp_avg_sq,
         layout.counts,
         layout.row_off,
         layout.w_off,
@@ -52,9 +54,14 @@ def update_rows_cpp(
         seg.offsets,
         seg.src,
         grad.float().contiguous().reshape(-1),
-        lr,
+        rule.mode,
+        rule.lr,
         lam,
-        eps,
+        rule.eps,
+        rule.beta1,
+        rule.beta2,
+        rule.bias1,
+        rule.bias2,
     )
 
 

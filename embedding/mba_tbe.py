@@ -2,9 +2,12 @@
 
 How it plugs in (one mechanism for every sharding type and both collection kinds):
 
-- The base optimizer (SGD or row-wise Adagrad, FBGEMM's EXACT_SGD / EXACT_ROWWISE_ADAGRAD) is
-  given to torchrec as usual (apply_optimizer_in_backward); the sharders' `fused_params` add an
-  `mba` entry (`MBAParams`), which torchrec merges into every table group's fused_params.
+- The base optimizer (SGD, row-wise Adagrad, Adam or partial row-wise Adam: FBGEMM's EXACT_SGD,
+  EXACT_ROWWISE_ADAGRAD, ADAM, PARTIAL_ROWWISE_ADAM) is given to torchrec as usual
+  (apply_optimizer_in_backward); the sharders' `fused_params` add an `mba` entry (`MBAParams`),
+  which torchrec merges into every table group's fused_params. Plain Adam (no MBA) takes the
+  same path where FBGEMM has no kernel for it (the CPU: `MBAParams.plain`); on a GPU it is
+  FBGEMM's own.
 - `install()` wraps the kernel factory of torchrec's two grouped lookups
   (`GroupedPooledEmbeddingsLookup` for EmbeddingBagCollection, `GroupedEmbeddingsLookup` for
   EmbeddingCollection): a FUSED group whose fused_params carry `mba` gets `MBAFusedEmbeddingBag` /
@@ -18,6 +21,12 @@ How it plugs in (one mechanism for every sharding type and both collection kinds
   (column-wise shards each keep their rows' counts): `<table>.mba_count` after Adagrad's
   `<table>.momentum1`, or, with SGD, `<table>.momentum1` itself (torchrec names a table's first
   optimizer state momentum1 whatever it holds).
+- Adam's states are ours too (FBGEMM's CPU module cannot hold them: it is built as EXACT_SGD, a
+  holder of the weights): m and v per element (partial row-wise Adam: v per row), fp32, exposed
+  as FBGEMM exposes them on a GPU, `<table>.momentum1` (m) and `<table>.exp_avg_sq` (v), so that
+  checkpoints move between the two. The step t of the bias corrections counts this module's
+  updates; a resumed run sets it from the checkpoint's step (torchrec's `set_optimizer_step`),
+  as FBGEMM's `iter`.
 
 Gradients: torchrec's collectives hand the kernel the gradient of the global-batch mean loss
 (they divide by the world size), so the per-row sum over occurrences is ḡ_j of Eq. 7 whatever the
@@ -38,6 +47,7 @@ from torch import nn
 from embedding import mba, mba_cpp, mba_triton
 
 MBA_KEY = "mba"
+OWN_STATES = ("adam", "partial_rowwise_adam")  # optimizers whose states this module keeps
 KERNELS = ("auto", "cpp", "triton")  # the MBA row update: embedding.mba_cpp, embedding.mba_triton
 
 
@@ -68,6 +78,9 @@ class MBAParams:
     lam: float
     counts: str = "online"  # online | static
     kernel: str = "auto"  # auto | cpp | triton
+    # no MBA (λ = 0, no counts): our kernel only where FBGEMM has none for the optimizer (Adam and
+    # partial row-wise Adam on the CPU); elsewhere torchrec's own kernel
+    plain: bool = False
 
     def __post_init__(self) -> None:
         if self.counts not in ("online", "static"):
@@ -76,6 +89,8 @@ class MBAParams:
             raise ValueError(f"MBA kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.lam < 0:
             raise ValueError(f"MBA lambda must be >= 0, got {self.lam}")
+        if self.plain and (self.lam != 0 or self.counts != "static"):
+            raise ValueError("MBAParams.plain: lambda 0 and no online counts")
 
 
 class _LookupWithMBA(torch.autograd.Function):
@@ -105,6 +120,7 @@ class _Group:
 
     key: tuple[int, ...]
     weights: list[torch.Tensor]  # per table [rows_t, D_t], views of FBGEMM's storage
+    states: list[dict[str, torch.Tensor]]  # per table, the optimizer's states (views)
     layout: mba.TableLayout
     feature_table: torch.Tensor  # [F] int64
     feature_col: torch.Tensor  # [F] int64: first column of each feature in the pooled output
@@ -116,27 +132,40 @@ class MBATableBatchedEmbedding(nn.Module):
 
     The FBGEMM module `inner` keeps its storage, placement, Adagrad state, learning rate and
     everything torchrec asks of it (attribute access falls through to it); this module replaces
-    its forward/backward.
+    its forward/backward. `rule`: the optimizer (embedding.mba.RULES); None is the inner module's
+    (SGD or row-wise Adagrad); Adam and partial row-wise Adam run on an EXACT_SGD module, whose
+    weights they update, with their states here.
     """
 
-    def __init__(self, inner: nn.Module, params: MBAParams, pooled: bool) -> None:
+    def __init__(self, inner: nn.Module, params: MBAParams, pooled: bool, rule: str | None = None) -> None:
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-        if inner.optimizer not in (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD):
+        base = {EmbOptimType.EXACT_SGD: "sgd", EmbOptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad"}
+        if inner.optimizer not in base:
             raise ValueError(f"MBA runs on top of EXACT_SGD or EXACT_ROWWISE_ADAGRAD, not {inner.optimizer}")
+        if rule is not None and (rule not in OWN_STATES or inner.optimizer != EmbOptimType.EXACT_SGD):
+            raise ValueError(f"MBA {rule}: runs on an EXACT_SGD module ({', '.join(OWN_STATES)})")
         self.inner = inner
         self.params = params
         self.pooled = pooled
-        self.adagrad = inner.optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+        self.rule = rule or base[inner.optimizer]
         self.feature_table_map = list(inner.feature_table_map)
         specs = [(int(s[0]), int(s[1])) for s in inner.embedding_specs]
         self.table_rows = [r for r, _ in specs]
         self.table_dims = [d for _, d in specs]
-        device = inner.split_embedding_weights()[0].device if specs else torch.device("cpu")
+        weights = inner.split_embedding_weights() if specs else []
+        device = weights[0].device if specs else torch.device("cpu")
         self.register_buffer("mba_count", torch.zeros(sum(self.table_rows), dtype=torch.int32, device=device))
+        if self.rule in OWN_STATES:  # m laid out as the weights' storage; v too (Adam) or one per row
+            size = weights[0].untyped_storage().nbytes() // weights[0].element_size() if specs else 0
+            self.register_buffer("exp_avg", torch.zeros(size, device=device))
+            v_size = size if self.rule == "adam" else sum(self.table_rows)
+            self.register_buffer("exp_avg_sq", torch.zeros(v_size, device=device))
         self._lr = float(inner.get_learning_rate())
-        self._eps = float(inner.optimizer_args.eps)  # row-wise Adagrad's ε, as FBGEMM was given it
+        args = inner.optimizer_args  # ε, β1, β2 as FBGEMM was given them
+        self._hyper = {"eps": float(args.eps), "beta1": float(args.beta1), "beta2": float(args.beta2)}
+        self._step = 0  # the updates so far: Adam's t
         # A parameter that requires grad so that autograd reaches our backward (FBGEMM does the same).
         self.placeholder = nn.Parameter(torch.zeros(0, device=device), requires_grad=True)
         self._occurrences, self._update = PATHS[resolve_kernel(params.kernel, device)]
@@ -155,7 +184,9 @@ class MBATableBatchedEmbedding(nn.Module):
         return self.inner.split_embedding_weights()
 
     def get_optimizer_state(self) -> list[dict[str, torch.Tensor]]:
-        states = self.inner.get_optimizer_state() if self.adagrad else [{} for _ in self.table_rows]
+        states = self._group().states
+        if self.params.plain:  # no n_j: the states FBGEMM's own kernel would have
+            return [dict(s) for s in states]
         return [{**s, "mba_count": c} for s, c in zip(states, self.counts_by_table(), strict=True)]
 
     def split_optimizer_states(self) -> list[list[torch.Tensor]]:
@@ -168,23 +199,28 @@ class MBATableBatchedEmbedding(nn.Module):
     def get_learning_rate(self) -> float:
         return self._lr
 
+    def set_optimizer_step(self, step: int) -> None:
+        """The number of updates so far (Adam's t of the next update is step + 1)."""
+        self._step = int(step)
+
     # ---- forward / backward ---------------------------------------------------------------------
     def _storage_key(self) -> tuple[int, ...]:
         """Where FBGEMM's weight storages are now (cheap: no per-table views)."""
         inner = self.inner
-        return tuple(getattr(inner, name).data_ptr() for name in ("weights_dev", "weights_host", "weights_uvm"))
+        own = [getattr(self, name).data_ptr() for name in ("exp_avg", "exp_avg_sq") if name in self._buffers]
+        return (*(getattr(inner, n).data_ptr() for n in ("weights_dev", "weights_host", "weights_uvm")), *own)
 
     def _group(self) -> _Group:
         key = self._storage_key()
         group = self.__dict__.get("_group_cache")
         if group is None or group.key != key:
             weights = self.inner.split_embedding_weights()
-            momenta = [s["sum"] for s in self.inner.get_optimizer_state()] if self.adagrad else None
+            states, momenta, exp_avg, exp_avg_sq = self._states(weights)
             device = weights[0].device
             ftm = torch.tensor(self.feature_table_map, dtype=torch.int64, device=device)
             dims = [self.table_dims[t] for t in self.feature_table_map]
             col = torch.tensor([0] + dims[:-1], dtype=torch.int64).cumsum(0).to(device)
-            layout = mba.TableLayout.of(weights, momenta, self.mba_count)
+            layout = mba.TableLayout.of(weights, momenta, self.mba_count, exp_avg, exp_avg_sq)
             d, start = self.table_dims[0], weights[0].storage_offset()
             first_rows = itertools.accumulate(self.table_rows[:-1], initial=0)  # each table's first linear row
             in_row_order = all(
@@ -192,9 +228,29 @@ class MBATableBatchedEmbedding(nn.Module):
                 for w, r in zip(weights, first_rows, strict=True)
             )
             flat = layout.weight[start : start + layout.num_rows * d].view(-1, d) if in_row_order else None
-            group = _Group(key, weights, layout, ftm, col, flat)
+            group = _Group(key, weights, states, layout, ftm, col, flat)
             self.__dict__["_group_cache"] = group
         return group
+
+    def _states(self, weights: list[torch.Tensor]):
+        """Per table its optimizer states (views, FBGEMM's names), and the layout's: the row-wise
+        state's per-table views, the element-wise states flat."""
+        if self.rule == "sgd":
+            return [{} for _ in weights], None, None, None
+        if self.rule == "rowwise_adagrad":
+            states = self.inner.get_optimizer_state()
+            return states, [s["sum"] for s in states], None, None
+        m, v = self.exp_avg, self.exp_avg_sq
+
+        def elementwise(x, w):
+            return x[w.storage_offset() : w.storage_offset() + w.numel()].view_as(w)
+
+        if self.rule == "adam":
+            states = [{"exp_avg": elementwise(m, w), "exp_avg_sq": elementwise(v, w)} for w in weights]
+            return states, None, m, v
+        rowwise = list(torch.split(v, self.table_rows))
+        states = [{"exp_avg": elementwise(m, w), "exp_avg_sq": r} for w, r in zip(weights, rowwise, strict=True)]
+        return states, rowwise, m, None
 
     def _batch_size(self, offsets: torch.Tensor) -> int:
         n_features = len(self.feature_table_map)
@@ -257,14 +313,24 @@ class MBATableBatchedEmbedding(nn.Module):
     ) -> None:
         """The fused MBA step of every table of the group for one batch of `batch` samples (see
         embedding.mba); with online counts (`sample` given), n_j first counts this batch."""
-        self._update(self._group().layout, lin, src, grad_output, self._lr, self.params.lam, self._eps, sample, batch)
+        self._step += 1
+        rule = mba.Rule(self.rule, self._lr, step=self._step, **self._hyper)
+        self._update(self._group().layout, lin, src, grad_output, rule, self.params.lam, sample, batch)
 
 
 def _strip_mba(config):
-    """The group config without our key, for torchrec/FBGEMM constructors that pass fused_params on."""
+    """The group config without our key, for torchrec/FBGEMM constructors that pass fused_params on;
+    our key; and the optimizer whose states our module keeps (None: FBGEMM's module keeps them),
+    which FBGEMM's module is then built without (as EXACT_SGD, the holder of the weights)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
     fp = dict(config.fused_params or {})
     params = fp.pop(MBA_KEY)
-    return dataclasses.replace(config, fused_params=fp), params
+    own = {EmbOptimType.ADAM: "adam", EmbOptimType.PARTIAL_ROWWISE_ADAM: "partial_rowwise_adam"}
+    rule = own.get(fp.get("optimizer"))
+    if rule is not None:
+        fp["optimizer"] = EmbOptimType.EXACT_SGD
+    return dataclasses.replace(config, fused_params=fp), params, rule
 
 
 def _make_kernel_classes():
@@ -278,18 +344,18 @@ def _make_kernel_classes():
         """torchrec's fused pooled kernel with the MBA optimizer (see module docstring)."""
 
         def __init__(self, config, pg=None, device=None, sharding_type=None, env=None) -> None:
-            config, params = _strip_mba(config)
+            config, params, rule = _strip_mba(config)
             super().__init__(config, pg, device, sharding_type, env)
-            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=True)
+            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=True, rule=rule)
             self._optim = EmbeddingFusedOptimizer(config, self._emb_module, pg)
 
     class MBAFusedEmbedding(BatchedFusedEmbedding):
         """torchrec's fused sequence kernel with the MBA optimizer (see module docstring)."""
 
         def __init__(self, config, pg=None, device=None) -> None:
-            config, params = _strip_mba(config)
+            config, params, rule = _strip_mba(config)
             super().__init__(config, pg, device)
-            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=False)
+            self._emb_module = MBATableBatchedEmbedding(self._emb_module, params, pooled=False, rule=rule)
             self._optim = EmbeddingFusedOptimizer(config, self._emb_module, pg)
 
     return MBAFusedEmbeddingBag, MBAFusedEmbedding
@@ -303,19 +369,29 @@ def install() -> tuple[type, type]:
 
     bag_cls, seq_cls = _make_kernel_classes()
 
-    def wants_mba(config) -> bool:
-        return config.compute_kernel == EmbeddingComputeKernel.FUSED and MBA_KEY in (config.fused_params or {})
+    def route(config, device) -> tuple[bool, Any]:
+        """(our kernel?, the config for it or for torchrec's): ours for a FUSED group with our
+        key, unless the key is `plain` and the group is on a GPU (FBGEMM's own Adam), where
+        torchrec's kernel gets the config without the key."""
+        fp = config.fused_params or {}
+        if config.compute_kernel != EmbeddingComputeKernel.FUSED or MBA_KEY not in fp:
+            return False, config
+        if fp[MBA_KEY].plain and device is not None and torch.device(device).type == "cuda":
+            return False, dataclasses.replace(config, fused_params={k: v for k, v in fp.items() if k != MBA_KEY})
+        return True, config
 
     pooled_factory = el.GroupedPooledEmbeddingsLookup._create_embedding_kernel
     seq_factory = el.GroupedEmbeddingsLookup._create_embedding_kernel
 
     def pooled_kernel(self, config, device, pg, sharding_type, env=None):
-        if wants_mba(config):
+        ours, config = route(config, device)
+        if ours:
             return bag_cls(config=config, pg=pg, device=device, sharding_type=sharding_type, env=env)
         return pooled_factory(self, config, device, pg, sharding_type, env)
 
     def seq_kernel(self, config, pg, device, env=None):
-        if wants_mba(config):
+        ours, config = route(config, device)
+        if ours:
             return seq_cls(config=config, pg=pg, device=device)
         return seq_factory(self, config, pg, device, env)
 

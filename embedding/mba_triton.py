@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from embedding.mba import Bags, TableLayout
+from embedding.mba import Bags, Rule, TableLayout
 
 try:  # Triton is optional on the CPU (tests run it under TRITON_INTERPRET=1).
     import triton
@@ -139,6 +139,8 @@ if triton is not None:
     def _update_kernel(
         weight_ptr,
         momentum_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
         counts_ptr,
         keys_ptr,
         perm_ptr,
@@ -155,18 +157,22 @@ if triton is not None:
         lr,
         lam,
         eps,
+        beta1,
+        beta2,
+        bias1,
+        bias2,
         T: tl.constexpr,
         BLOCK_T: tl.constexpr,
         C: tl.constexpr,
         CB: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        ADAGRAD: tl.constexpr,
+        MODE: tl.constexpr,
         ONLINE: tl.constexpr,
     ):
         """Chunk q: every row that ends in it sums its gradients (a segmented scan over the chunk,
         plus, for the chunk's first row, the sums that _carry_kernel left in earlier chunks) and
-        takes its MBA step; with online counts, its n_j first grows by the row's samples in the
-        batch, counted the same way."""
+        takes its MBA step (MODE: the index in embedding.mba.RULES); with online counts, its n_j
+        first grows by the row's samples in the batch, counted the same way."""
         q = tl.program_id(0).to(tl.int64)
         i = q * C + tl.arange(0, C)
         m = i < n
@@ -221,16 +227,31 @@ if triton is not None:
             cnt += seen + tl.where(first, carry_seen, 0)
             tl.store(counts_ptr + row, cnt, mask=ends)
         g = acc + lam * w / tl.maximum(cnt.to(tl.float32), 1.0)[:, None]
-        if ADAGRAD:
-            m_idx = tl.load(m_off_ptr + t, mask=m, other=0) + local
-            mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0) + tl.sum(
-                tl.where(cmask, g * g, 0.0), axis=1
-            ) / d.to(tl.float32)
-            tl.store(momentum_ptr + m_idx, mom, mask=ends)
-            w = w - lr * g / (tl.sqrt(mom)[:, None] + eps)
-        else:
+        at = base[:, None] + cols[None, :]
+        if MODE == 0:  # SGD
             w = w - lr * g
-        tl.store(weight_ptr + base[:, None] + cols[None, :], w.to(weight_ptr.dtype.element_ty), mask=wmask)
+        else:
+            if MODE != 2:  # a row-wise state: Adagrad's sum, partial row-wise Adam's v
+                m_idx = tl.load(m_off_ptr + t, mask=m, other=0) + local
+                sq = tl.sum(tl.where(cmask, g * g, 0.0), axis=1) / d.to(tl.float32)
+                mom = tl.load(momentum_ptr + m_idx, mask=ends, other=0.0)
+                if MODE == 1:
+                    mom = mom + sq
+                else:
+                    mom = beta2 * mom + (1.0 - beta2) * sq
+                tl.store(momentum_ptr + m_idx, mom, mask=ends)
+            if MODE == 1:  # row-wise Adagrad
+                w = w - lr * g / (tl.sqrt(mom)[:, None] + eps)
+            else:  # Adam (2), partial row-wise Adam (3): m per element
+                m1 = beta1 * tl.load(exp_avg_ptr + at, mask=wmask, other=0.0) + (1.0 - beta1) * g
+                tl.store(exp_avg_ptr + at, m1, mask=wmask)
+                if MODE == 2:
+                    v = beta2 * tl.load(exp_avg_sq_ptr + at, mask=wmask, other=0.0) + (1.0 - beta2) * g * g
+                    tl.store(exp_avg_sq_ptr + at, v, mask=wmask)
+                else:
+                    v = tl.broadcast_to(mom[:, None], (C, BLOCK_D))
+                w = w - lr * (m1 / bias1) / (tl.sqrt(v / bias2) + eps)
+        tl.store(weight_ptr + at, w.to(weight_ptr.dtype.element_ty), mask=wmask)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -258,9 +279,8 @@ def update_rows_triton(
     lin: torch.Tensor,
     src: torch.Tensor,
     grad: torch.Tensor,
-    lr: float,
+    rule: Rule,
     lam: float,
-    eps: float,
     samples: torch.Tensor | None = None,
     n_samples: int = 0,
 ) -> None:
@@ -268,6 +288,7 @@ def update_rows_triton(
     occurrences (carries of rows that cross a chunk boundary; segmented sums and row updates).
     Online counts (`samples` [N] in [0, n_samples)): the sort key is row · n_samples + sample, so
     that each row's distinct samples are counted in the same pass, before its step."""
+    rule.check(layout)
     n = lin.numel()
     if n == 0:
         return
@@ -302,10 +323,15 @@ def update_rows_triton(
         BLOCK_D=block_d,
         ONLINE=online,
     )
-    mom = layout.momentum if layout.momentum is not None else layout.counts  # unused unless ADAGRAD
+
+    def state(x):  # a state the rule does not use is not read: any pointer will do
+        return x if x is not None else layout.counts
+
     _update_kernel[(chunks,)](
         layout.weight,
-        mom,
+        state(layout.momentum),
+        state(layout.exp_avg),
+        state(layout.exp_avg_sq),
         layout.counts,
         keys,
         perm,
@@ -319,15 +345,19 @@ def update_rows_triton(
         layout.dims,
         n,
         div,
-        float(lr),
+        float(rule.lr),
         float(lam),
-        float(eps),
+        float(rule.eps),
+        float(rule.beta1),
+        float(rule.beta2),
+        float(rule.bias1),
+        float(rule.bias2),
         T=n_tables,
         BLOCK_T=block_t,
         C=c,
         CB=CARRY_BLOCK,
         BLOCK_D=block_d,
-        ADAGRAD=layout.momentum is not None,
+        MODE=rule.mode,
         ONLINE=online,
         num_warps=update_warps(c, block_d),
     )

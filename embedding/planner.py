@@ -60,24 +60,29 @@ def constraints_for(layout: FeatureLayout, world_size: int) -> dict[str, Paramet
 MBA_BYTES_PER_ROW = 4  # n_j, int32, one per row of every shard (column-wise shards keep their own)
 
 
-class MBAStorageEstimator(EmbeddingStorageEstimator):
-    """torchrec's storage estimate plus the MBA count of every row of the tables that use MBA, on
+def extra_row_bytes(sopt: SparseOptimizerConfig) -> int:
+    """The per-row optimizer state torchrec's storage estimate leaves out, in bytes per row of
+    every shard: MBA's count n_j (int32), and partial row-wise Adam's row-wise v_j (fp32; torchrec
+    counts its m only)."""
+    return MBA_BYTES_PER_ROW * sopt.mba + 4 * (sopt.base == "partial_rowwise_adam")
+
+
+class RowStateStorageEstimator(EmbeddingStorageEstimator):
+    """torchrec's storage estimate plus `row_bytes` per row of every shard (`extra_row_bytes`), on
     the memory that holds the shard (HBM on a GPU, DDR on the CPU)."""
 
-    def __init__(
-        self, topology: Topology, constraints: dict[str, ParameterConstraints] | None, mba_tables: set[str]
-    ) -> None:
+    def __init__(self, topology: Topology, constraints: dict[str, ParameterConstraints] | None, row_bytes: int) -> None:
         super().__init__(topology=topology, constraints=constraints)
-        self._mba_tables = set(mba_tables)
+        self._row_bytes = row_bytes
 
     def estimate(self, sharding_options, *args, **kwargs) -> None:
         super().estimate(sharding_options, *args, **kwargs)
+        if not self._row_bytes:
+            return
         on_gpu = self._topology.compute_device == "cuda"
         for option in sharding_options:
-            if option.name not in self._mba_tables:
-                continue
             for shard in option.shards:
-                extra = shard.size[0] * MBA_BYTES_PER_ROW
+                extra = shard.size[0] * self._row_bytes
                 shard.storage = dataclasses.replace(
                     shard.storage,
                     hbm=shard.storage.hbm + (extra if on_gpu else 0),
@@ -86,14 +91,14 @@ class MBAStorageEstimator(EmbeddingStorageEstimator):
 
 
 def make_enumerator(
-    layout: FeatureLayout, topology: Topology, batch_size: int, mba: bool = False
+    layout: FeatureLayout, topology: Topology, batch_size: int, row_bytes: int = 0
 ) -> EmbeddingEnumerator:
-    """torchrec's enumerator with our constraints, estimating storage with the MBA counts."""
+    """torchrec's enumerator with our constraints, estimating storage with `row_bytes` more per
+    row (`extra_row_bytes`: the MBA counts, partial row-wise Adam's v)."""
     constraints = constraints_for(layout, topology.world_size)
-    mba_tables = {t.name for t in layout.tables} if mba else set()
     estimators = [
         EmbeddingPerfEstimator(topology=topology, constraints=constraints),
-        MBAStorageEstimator(topology, constraints, mba_tables),
+        RowStateStorageEstimator(topology, constraints, row_bytes),
     ]
     return EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators)
 
@@ -102,9 +107,9 @@ RESERVED_PERCENTAGE = 0.15  # torchrec's default share of each device kept from 
 
 
 def make_planner(
-    layout: FeatureLayout, topology: Topology, batch_size: int, mba: bool = False, dense_bytes: int | None = None
+    layout: FeatureLayout, topology: Topology, batch_size: int, row_bytes: int = 0, dense_bytes: int | None = None
 ) -> EmbeddingShardingPlanner:
-    """torchrec's planner with our constraints, the MBA counts in its storage estimate, and the
+    """torchrec's planner with our constraints, `row_bytes` per row in its storage estimate, and the
     dense side's measured memory (`dense_bytes`) in its storage reservation instead of
     torchrec's heuristic (6 x the dense parameters, activations not counted)."""
     with warnings.catch_warnings():  # its FutureWarning recommends passing dense_tensor_estimate, as here
@@ -114,7 +119,7 @@ def make_planner(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints_for(layout, topology.world_size),
-        enumerator=make_enumerator(layout, topology, batch_size, mba),
+        enumerator=make_enumerator(layout, topology, batch_size, row_bytes),
         storage_reservation=reservation,
     )
 
@@ -127,21 +132,25 @@ def plan_on_the_fly(
     batch_size: int,
     compute_device: str = "cpu",
     pg: dist.ProcessGroup | None = None,
-    mba: bool = False,
+    row_bytes: int = 0,
     dense_bytes: int | None = None,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast the plan to every rank."""
     topology = Topology(world_size=world_size, compute_device=compute_device)
-    return make_planner(layout, topology, batch_size, mba, dense_bytes).collective_plan(model, sharders, pg)
+    return make_planner(layout, topology, batch_size, row_bytes, dense_bytes).collective_plan(model, sharders, pg)
 
 
 def sharders_for(sopt: SparseOptimizerConfig) -> list:
-    """torchrec's sharders of both collection kinds; with an MBA optimizer, their fused_params
-    carry the MBA entry that selects our kernel (embedding/mba_tbe.py)."""
+    """torchrec's sharders of both collection kinds; with an MBA optimizer, or Adam (FBGEMM has no
+    CPU kernel for it), their fused_params carry the entry that selects our kernel
+    (embedding/mba_tbe.py; plain Adam on a GPU stays FBGEMM's)."""
     fused = None
     if sopt.mba:  # MBA rides on the base optimizer's fused kernel
         mba_tbe.install()
         fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
+    elif sopt.base in mba_tbe.OWN_STATES:
+        mba_tbe.install()
+        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=0.0, counts="static", kernel=sopt.kernel, plain=True)}
     return [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
 
 
@@ -156,8 +165,8 @@ def _topology(world_size: int, compute_device: str, hbm: int | None, ddr: int | 
     return Topology(**kwargs)
 
 
-def _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes):
-    planner = make_planner(layout, topology, batch_size, mba, dense_bytes)
+def _try_plan(model, sharders, layout, topology, batch_size, row_bytes, dense_bytes):
+    planner = make_planner(layout, topology, batch_size, row_bytes, dense_bytes)
     try:
         return planner.plan(model, sharders), planner
     except PlannerError:
@@ -171,7 +180,7 @@ def plan_offline(
     world_size: int,
     compute_device: str,
     batch_size: int,
-    mba: bool,
+    row_bytes: int,
     dense_bytes: int,
     hbm: int | None = None,
     ddr: int | None = None,
@@ -180,19 +189,21 @@ def plan_offline(
     """(plan, the planner's best sharding options, topology) for a model on meta (see
     trainer.sharding.model_on_meta); a one-line ConfigError when the tables do not fit."""
     topology = _topology(world_size, compute_device, hbm, ddr, local_world_size)
-    plan, planner = _try_plan(model, sharders, layout, topology, batch_size, mba, dense_bytes)
+    plan, planner = _try_plan(model, sharders, layout, topology, batch_size, row_bytes, dense_bytes)
     if plan is None:
         raise ConfigError(
-            _infeasible(mba, model, sharders, layout, topology, batch_size, hbm, ddr, local_world_size, dense_bytes)
+            _infeasible(
+                row_bytes, model, sharders, layout, topology, batch_size, hbm, ddr, local_world_size, dense_bytes
+            )
         )
     return plan, planner._best_plan or [], topology
 
 
-def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_world_size, dense_bytes) -> str:
+def _infeasible(row_bytes, model, sharders, layout, topology, batch, hbm, ddr, local_world_size, dense_bytes) -> str:
     """One line: the biggest table against the memory the topology has, and the smallest world
     size at which the planner does find a plan."""
     mem = "hbm" if topology.compute_device == "cuda" else "ddr"
-    options = make_enumerator(layout, topology, batch, mba).enumerate(model, sharders)
+    options = make_enumerator(layout, topology, batch, row_bytes).enumerate(model, sharders)
     need: dict[str, int] = {}
     for o in options:  # the cheapest way to store each table
         total = sum(getattr(s.storage, mem) for s in o.shards)
@@ -209,7 +220,7 @@ def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_w
 
     def plans_at(w: int) -> bool:
         t = _topology(w, topology.compute_device, hbm, ddr, local_world_size)
-        return _try_plan(model, sharders, layout, t, batch, mba, dense_bytes)[0] is not None
+        return _try_plan(model, sharders, layout, t, batch, row_bytes, dense_bytes)[0] is not None
 
     fits = None
     w = world * 2
@@ -222,7 +233,7 @@ def _infeasible(mba, model, sharders, layout, topology, batch, hbm, ddr, local_w
             fits = hi
         w *= 2
     try:  # what the planner leaves for tables once torchrec reserves its share (dense, inputs, 15 %)
-        reserved = make_planner(layout, topology, batch, mba, dense_bytes)._storage_reservation.reserve(
+        reserved = make_planner(layout, topology, batch, row_bytes, dense_bytes)._storage_reservation.reserve(
             topology, batch, model, sharders, constraints_for(layout, topology.world_size)
         )
         usable = sum(getattr(d.storage, mem) for d in reserved.devices)

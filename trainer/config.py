@@ -132,8 +132,24 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SparseOptimizerConfig:
     # *_mba: the same optimizer with mini-batch-aware L2 (DIN Eq. 7) on the rows each batch touches.
-    type: Literal["sgd", "rowwise_adagrad", "sgd_mba", "rowwise_adagrad_mba"] = "rowwise_adagrad"
+    # adam / partial_rowwise_adam: lazy Adam on the touched rows (FBGEMM's ADAM, PARTIAL_ROWWISE_ADAM:
+    # m per element, v per element or per row), bias-corrected by the global step.
+    type: Literal[
+        "sgd",
+        "rowwise_adagrad",
+        "adam",
+        "partial_rowwise_adam",
+        "sgd_mba",
+        "rowwise_adagrad_mba",
+        "adam_mba",
+        "partial_rowwise_adam_mba",
+    ] = "rowwise_adagrad"
     lr: float = 0.05
+    # Adam's (both kinds) moment decays, FBGEMM's defaults; ε of Adam and of row-wise Adagrad
+    # (None: torchrec's default, 1e-8 for Adam, 1e-10 for row-wise Adagrad)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float | None = None
     lam: float = field(default=0.0, metadata={"key": "lambda"})  # MBA λ (YAML key `lambda`)
     # n_j: `online` counts the samples seen so far (this batch included); `static` reads the
     # counts that `dinrec count-features` wrote next to the training data.
@@ -148,7 +164,7 @@ class SparseOptimizerConfig:
 
     @property
     def base(self) -> str:
-        """The FBGEMM optimizer underneath: sgd or rowwise_adagrad."""
+        """The optimizer underneath: sgd, rowwise_adagrad, adam or partial_rowwise_adam."""
         return self.type.removesuffix("_mba")
 
     @property
@@ -403,6 +419,11 @@ class _CHECKS:
                 f"{path}.lambda: lr·lambda = {c.lr * c.lam:g} >= 1: Eq. 7 scales a row seen in one sample by "
                 f"1 − lr·lambda/n_j <= 0 (choose lambda < {1 / c.lr:g})"
             )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(c, name) < 1:
+                raise ConfigError(f"{path}.{name}: must be in [0, 1), got {getattr(c, name)}")
+        if c.eps is not None:
+            _positive(c.eps, f"{path}.eps")
         if c.l2_all < 0:
             raise ConfigError(f"{path}.l2_all: must be >= 0, got {c.l2_all}")
         if c.l2_all and c.lr * c.l2_all >= 1:
@@ -461,10 +482,10 @@ class _CHECKS:
             if required not in seen:
                 raise ConfigError(f"tables: no table reads the required feature {required!r}")
         for i, t in enumerate(c.tables):
-            if c.sparse_optimizer.mba and t.compute_kernel != "fused":
+            if (c.sparse_optimizer.mba or "adam" in c.sparse_optimizer.type) and t.compute_kernel != "fused":
                 raise ConfigError(
                     f"tables.{i}.compute_kernel: {t.compute_kernel} with {c.sparse_optimizer.type}: "
-                    "the MBA optimizer runs on the fused kernel only"
+                    "this optimizer runs on the fused kernel only"
                 )
         _check_groups(c)
         seq_dims = {t.dim for t in c.tables if any(candidate_of(f) for f in t.features)}

@@ -219,6 +219,10 @@ def resume(run: Run, found: checkpoint.Found) -> tuple[Position, dict]:
             "global_batch": run.world * run.cfg.data.batch_size,
         }
     checkpoint.load(path, run.model, run.opt, {} if same_world else None, verified=True)
+    # Adam's bias corrections count the updates so far: one per training step
+    fused = getattr(run.model, "fused_optimizer", None)
+    if hasattr(fused, "set_optimizer_step"):
+        fused.set_optimizer_step(manifest["step"])
     loaded["load_seconds"] = round(time.perf_counter() - t_load, 3)
     at = Position(epoch, batches, earlier, manifest["step"], manifest["samples"], manifest["epoch_evals"])
     return at, loaded

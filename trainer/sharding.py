@@ -22,14 +22,14 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
-from torchrec.optim import RowWiseAdagrad
+from torchrec.optim import Adam, PartialRowWiseAdam, RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embedding import mba_tbe
 from embedding.layout import FeatureLayout
 from embedding.plan import load_plan, plan_document
-from embedding.planner import plan_offline, plan_on_the_fly, sharders_for
+from embedding.planner import extra_row_bytes, plan_offline, plan_on_the_fly, sharders_for
 from embedding.tables import init_rows
 from trainer.config import Config, ConfigError
 from trainer.counts import load_counts
@@ -37,7 +37,24 @@ from trainer.dense_memory import dense_memory
 from trainer.models import MODELS, gru_triton
 
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-SPARSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}  # FBGEMM's fused kernels
+SPARSE_OPTIMIZERS = {  # FBGEMM's fused kernels (Adam on the CPU: ours, embedding/mba_tbe.py)
+    "sgd": torch.optim.SGD,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": Adam,
+    "partial_rowwise_adam": PartialRowWiseAdam,
+}
+
+
+def sparse_optimizer_kwargs(cfg: Config) -> dict:
+    """The sparse optimizer's arguments as torchrec hands them to FBGEMM (lr becomes learning_rate);
+    torchrec's defaults for what the config leaves unset."""
+    sopt = cfg.sparse_optimizer
+    kwargs = {"lr": sopt.lr}
+    if sopt.base != "sgd" and sopt.eps is not None:
+        kwargs["eps"] = sopt.eps
+    if "adam" in sopt.base:
+        kwargs |= {"beta1": sopt.beta1, "beta2": sopt.beta2}
+    return kwargs
 
 
 def backend(cfg: Config) -> str:
@@ -90,7 +107,7 @@ def model_on_meta(cfg: Config) -> tuple[nn.Module, FeatureLayout]:
     layout = FeatureLayout.from_config(cfg)
     model = MODELS[cfg.model.name](layout, cfg.model, len(cfg.data.dense_features), device=torch.device("meta"))
     sopt = cfg.sparse_optimizer
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.base], model.sparse.parameters(), {"lr": sopt.lr})
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sopt.base], model.sparse.parameters(), sparse_optimizer_kwargs(cfg))
     return model, layout
 
 
@@ -109,7 +126,7 @@ def sharding_plan(
         world_size,
         cfg.data.batch_size,
         device.type,
-        mba=cfg.sparse_optimizer.mba,
+        row_bytes=extra_row_bytes(cfg.sparse_optimizer),
         dense_bytes=sum(dense.values()),
     )
 
@@ -181,7 +198,8 @@ class AllRowsDecay:
     """Plain L2 on every row (sparse_optimizer.l2_all): scales every local shard by
     (1 − lr·l2_all). Run between the forward pass and the fused backward step, it makes the SGD
     step w − lr·(g + l2_all·w) exactly (the gradient was taken at the old weights); with row-wise
-    Adagrad it is decoupled weight decay: (1 − lr·l2_all)·w − lr·g/(√s + ε), s unchanged by it."""
+    Adagrad and Adam it is decoupled weight decay (AdamW's, on every row): (1 − lr·l2_all)·w minus
+    the optimizer's step from g alone (s, or Adam's m and v, unchanged by it)."""
 
     def __init__(self, cfg: Config, model: nn.Module):
         sopt = cfg.sparse_optimizer
@@ -226,7 +244,7 @@ def plan_for(
         world_size,
         compute_device,
         batch,
-        mba=cfg.sparse_optimizer.mba,
+        row_bytes=extra_row_bytes(cfg.sparse_optimizer),
         dense_bytes=sum(dense.values()),
         hbm=hbm,
         ddr=ddr,

@@ -2,9 +2,11 @@
 //
 // Touched row u is linear row rows[u] of table tab[u]; its occurrences' gradients are the
 // dims[t] floats at grad[src[k]] for k in offsets[u] .. offsets[u+1]-1. The pass sums them, adds
-// λ·w/n and applies SGD or row-wise Adagrad to the row in place. Rows are split over threads
-// (at::parallel_for); every row is written by exactly one thread. Weights may be fp32, fp16 or
-// bf16; the math is fp32.
+// λ·w/n and applies the optimizer (mode: 0 SGD, 1 row-wise Adagrad, 2 Adam, 3 partial row-wise
+// Adam; embedding.mba.RULES) to the row in place. Rows are split over threads (at::parallel_for);
+// every row is written by exactly one thread. Weights may be fp32, fp16 or bf16; the math and the
+// states are fp32. Row-wise states (Adagrad's sum, partial Adam's v) at m_off[t] + row; the
+// element-wise ones (Adam's m and v) laid out as the weights.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -16,11 +18,18 @@
 
 namespace {
 
+enum Mode : int64_t { kSgd = 0, kRowwiseAdagrad = 1, kAdam = 2, kPartialRowwiseAdam = 3 };
+
+struct Hyper {
+  int64_t mode;
+  float lr, lam, eps, beta1, beta2, bias1, bias2;  // bias_i = 1 − β_i^t
+};
+
 template <typename W>
-void update_rows_kernel(W* weight, float* momentum, const int32_t* counts, const int64_t* row_off,
-                        const int64_t* w_off, const int64_t* m_off, const int64_t* dims, const int64_t* rows,
-                        const int64_t* tab, const int64_t* offsets, const int64_t* src, const float* grad,
-                        int64_t num_rows, int64_t max_dim, float lr, float lam, float eps) {
+void update_rows_kernel(W* weight, float* momentum, float* exp_avg, float* exp_avg_sq, const int32_t* counts,
+                        const int64_t* row_off, const int64_t* w_off, const int64_t* m_off, const int64_t* dims,
+                        const int64_t* rows, const int64_t* tab, const int64_t* offsets, const int64_t* src,
+                        const float* grad, int64_t num_rows, int64_t max_dim, const Hyper h) {
   at::parallel_for(0, num_rows, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(max_dim);
     for (int64_t u = begin; u < end; ++u) {
@@ -32,20 +41,41 @@ void update_rows_kernel(W* weight, float* momentum, const int32_t* counts, const
         const float* g = grad + src[k];
         for (int64_t d = 0; d < dim; ++d) acc[d] += g[d];
       }
-      W* w = weight + w_off[t] + local * dim;
+      const int64_t at = w_off[t] + local * dim;
+      W* w = weight + at;
       const float n = std::max(static_cast<float>(counts[rows[u]]), 1.0f);
       float sq = 0.0f;
       for (int64_t d = 0; d < dim; ++d) {
-        acc[d] += lam * static_cast<float>(w[d]) / n;
+        acc[d] += h.lam * static_cast<float>(w[d]) / n;
         sq += acc[d] * acc[d];
       }
-      float step = lr;
-      if (momentum != nullptr) {
-        float& s = momentum[m_off[t] + local];
-        s += sq / static_cast<float>(dim);
-        step = lr / (std::sqrt(s) + eps);
+      if (h.mode == kSgd || h.mode == kRowwiseAdagrad) {
+        float step = h.lr;
+        if (h.mode == kRowwiseAdagrad) {
+          float& s = momentum[m_off[t] + local];
+          s += sq / static_cast<float>(dim);
+          step = h.lr / (std::sqrt(s) + h.eps);
+        }
+        for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<W>(static_cast<float>(w[d]) - step * acc[d]);
+        continue;
       }
-      for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<W>(static_cast<float>(w[d]) - step * acc[d]);
+      float* m = exp_avg + at;
+      float v_hat_row = 0.0f;
+      if (h.mode == kPartialRowwiseAdam) {
+        float& v = momentum[m_off[t] + local];
+        v = h.beta2 * v + (1.0f - h.beta2) * (sq / static_cast<float>(dim));
+        v_hat_row = v / h.bias2;
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        m[d] = h.beta1 * m[d] + (1.0f - h.beta1) * acc[d];
+        float v_hat = v_hat_row;
+        if (h.mode == kAdam) {
+          float& v = exp_avg_sq[at + d];
+          v = h.beta2 * v + (1.0f - h.beta2) * acc[d] * acc[d];
+          v_hat = v / h.bias2;
+        }
+        w[d] = static_cast<W>(static_cast<float>(w[d]) - h.lr * (m[d] / h.bias1) / (std::sqrt(v_hat) + h.eps));
+      }
     }
   });
 }
@@ -55,10 +85,19 @@ void check_long(const torch::Tensor& t, const char* name) {
               ": contiguous int64 CPU tensor");
 }
 
-void update_rows(torch::Tensor weight, std::optional<torch::Tensor> momentum, torch::Tensor counts,
-                 torch::Tensor row_off, torch::Tensor w_off, torch::Tensor m_off, torch::Tensor dims,
-                 torch::Tensor rows, torch::Tensor tab, torch::Tensor offsets, torch::Tensor src, torch::Tensor grad,
-                 double lr, double lam, double eps) {
+float* state_ptr(const std::optional<torch::Tensor>& t, const char* name, bool needed) {
+  TORCH_CHECK(t.has_value() == needed, name, needed ? ": required by this optimizer" : ": not used by this optimizer");
+  if (!needed) return nullptr;
+  TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(), name,
+              ": contiguous fp32 CPU tensor");
+  return t->data_ptr<float>();
+}
+
+void update_rows(torch::Tensor weight, std::optional<torch::Tensor> momentum, std::optional<torch::Tensor> exp_avg,
+                 std::optional<torch::Tensor> exp_avg_sq, torch::Tensor counts, torch::Tensor row_off,
+                 torch::Tensor w_off, torch::Tensor m_off, torch::Tensor dims, torch::Tensor rows, torch::Tensor tab,
+                 torch::Tensor offsets, torch::Tensor src, torch::Tensor grad, int64_t mode, double lr, double lam,
+                 double eps, double beta1, double beta2, double bias1, double bias2) {
   TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous(), "weight: contiguous CPU storage");
   TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.is_contiguous(), "grad: contiguous fp32");
   TORCH_CHECK(counts.scalar_type() == torch::kInt && counts.is_contiguous(), "counts: contiguous int32");
@@ -66,24 +105,32 @@ void update_rows(torch::Tensor weight, std::optional<torch::Tensor> momentum, to
                           {&rows, "rows"}, {&tab, "tab"}, {&offsets, "offsets"}, {&src, "src"}}) {
     check_long(*t, name);
   }
-  float* mom = nullptr;
-  if (momentum.has_value()) {
-    TORCH_CHECK(momentum->scalar_type() == torch::kFloat && momentum->is_contiguous(), "momentum: contiguous fp32");
-    mom = momentum->data_ptr<float>();
-  }
+  TORCH_CHECK(mode >= kSgd && mode <= kPartialRowwiseAdam, "mode: 0..3, got ", mode);
+  float* mom = state_ptr(momentum, "momentum", mode == kRowwiseAdagrad || mode == kPartialRowwiseAdam);
+  float* m1 = state_ptr(exp_avg, "exp_avg", mode == kAdam || mode == kPartialRowwiseAdam);
+  float* m2 = state_ptr(exp_avg_sq, "exp_avg_sq", mode == kAdam);
+  if (m1 != nullptr) TORCH_CHECK(exp_avg->numel() == weight.numel(), "exp_avg: the weights' size");
+  if (m2 != nullptr) TORCH_CHECK(exp_avg_sq->numel() == weight.numel(), "exp_avg_sq: the weights' size");
+  const Hyper h{mode,
+                static_cast<float>(lr),
+                static_cast<float>(lam),
+                static_cast<float>(eps),
+                static_cast<float>(beta1),
+                static_cast<float>(beta2),
+                static_cast<float>(bias1),
+                static_cast<float>(bias2)};
   const int64_t max_dim = dims.numel() ? dims.max().item<int64_t>() : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kHalf, torch::kBFloat16, weight.scalar_type(), "mba_update_rows", [&] {
-    update_rows_kernel<scalar_t>(weight.data_ptr<scalar_t>(), mom, counts.data_ptr<int32_t>(),
+    update_rows_kernel<scalar_t>(weight.data_ptr<scalar_t>(), mom, m1, m2, counts.data_ptr<int32_t>(),
                                  row_off.data_ptr<int64_t>(), w_off.data_ptr<int64_t>(), m_off.data_ptr<int64_t>(),
                                  dims.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), tab.data_ptr<int64_t>(),
                                  offsets.data_ptr<int64_t>(), src.data_ptr<int64_t>(), grad.data_ptr<float>(),
-                                 rows.numel(), max_dim, static_cast<float>(lr), static_cast<float>(lam),
-                                 static_cast<float>(eps));
+                                 rows.numel(), max_dim, h);
   });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("update_rows", &update_rows, "MBA SGD / row-wise Adagrad on the touched rows, in place");
+  m.def("update_rows", &update_rows, "MBA SGD / row-wise Adagrad / Adam / partial row-wise Adam on the touched rows, in place");
 }

@@ -1,9 +1,11 @@
 """The MBA row update (C++ and Triton kernels) against a numpy loop over rows implementing DIN
-Eq. 7 (and row-wise Adagrad + MBA), and the online sample counts against a per-sample count.
+Eq. 7 under each optimizer (SGD, row-wise Adagrad, Adam, partial row-wise Adam), and the online
+sample counts against a per-sample count.
 
 The kernels see a group of two tables of different dims in one flat storage (as FBGEMM lays them
-out, here with a gap before each table), their Adagrad state in another, and gradients as
-element offsets into a flat upstream gradient."""
+out, here with a gap before each table), their row-wise state in another, the element-wise
+(Adam) states laid out as the weights, and gradients as element offsets into a flat upstream
+gradient."""
 
 import numpy as np
 import pytest
@@ -16,19 +18,38 @@ DIMS = [12, 4]  # 12: not a power of two, the Triton kernels mask their columns
 ROWS = [30, 20]
 
 
-def numpy_step(w, s, n, rows, grads, lr, lam, adagrad, eps=1e-8):
-    """w, s: per table; rows: (table, row) per occurrence; grads: per occurrence."""
+RULES = mba.RULES
+B1, B2, EPS = 0.8, 0.95, 1e-8  # Adam's decays, far from the defaults so that a swap shows
+
+
+def numpy_step(w, s, n, rows, grads, lr, lam, rule, m=None, v=None, t=1, eps=EPS):
+    """One step of `rule` (a name of mba.RULES, or a bool: row-wise Adagrad or SGD) written
+    directly from the formulas. w, s (row-wise state), m, v (element-wise): per table; rows:
+    (table, row) per occurrence; grads: per occurrence. Returns the new (w, s) or, for the Adam
+    kinds, (w, s, m, v)."""
+    rule = rule if isinstance(rule, str) else ("rowwise_adagrad" if rule else "sgd")
     w = [x.astype(np.float64).copy() for x in w]
     s = [x.astype(np.float64).copy() for x in s]
-    for t, j in sorted(set(rows)):
-        g = sum(grads[k].astype(np.float64) for k, r in enumerate(rows) if r == (t, j))
-        g = g + lam * w[t][j] / max(n[t][j], 1)
-        if adagrad:
-            s[t][j] += (g * g).mean()
-            w[t][j] = w[t][j] - lr * g / (np.sqrt(s[t][j]) + eps)
+    m = [np.zeros_like(x) for x in w] if m is None else [x.astype(np.float64).copy() for x in m]
+    v = [np.zeros_like(x) for x in w] if v is None else [x.astype(np.float64).copy() for x in v]
+    for tab, j in sorted(set(rows)):
+        g = sum(grads[k].astype(np.float64) for k, r in enumerate(rows) if r == (tab, j))
+        g = g + lam * w[tab][j] / max(n[tab][j], 1)
+        if rule == "sgd":
+            w[tab][j] = w[tab][j] - lr * g
+        elif rule == "rowwise_adagrad":
+            s[tab][j] += (g * g).mean()
+            w[tab][j] = w[tab][j] - lr * g / (np.sqrt(s[tab][j]) + eps)
         else:
-            w[t][j] = w[t][j] - lr * g
-    return w, s
+            m[tab][j] = B1 * m[tab][j] + (1 - B1) * g
+            if rule == "adam":
+                v[tab][j] = B2 * v[tab][j] + (1 - B2) * g * g
+                v_hat = v[tab][j] / (1 - B2**t)
+            else:
+                s[tab][j] = B2 * s[tab][j] + (1 - B2) * (g * g).mean()
+                v_hat = s[tab][j] / (1 - B2**t)
+            w[tab][j] = w[tab][j] - lr * (m[tab][j] / (1 - B1**t)) / (np.sqrt(v_hat) + eps)
+    return (w, s) if rule in ("sgd", "rowwise_adagrad") else (w, s, m, v)
 
 
 def make_group(w0, dtype, device):
@@ -45,12 +66,18 @@ def make_group(w0, dtype, device):
     return flat, views, mviews
 
 
-def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad, samples=None, n_samples=0):
+def run_update(
+    kernel, views, mviews, counts, rows, grads, lr, lam, rule, samples=None, n_samples=0, elementwise=None, t=1
+):
     """The contract: occurrences as linear rows, their gradients scattered at element offsets of a
     flat buffer (here in a shuffled order, each D_t long, with gaps); online counts: the sample of
-    each occurrence."""
+    each occurrence. `rule`: a name of mba.RULES (or a bool: row-wise Adagrad or SGD);
+    `elementwise`: Adam's flat (m, v), laid out as the weights' storage."""
     dev = views[0].device
-    layout = mba.TableLayout.of(views, mviews if adagrad else None, counts)
+    rule = rule if isinstance(rule, str) else ("rowwise_adagrad" if rule else "sgd")
+    m, v = elementwise or (None, None)
+    rowwise = rule in ("rowwise_adagrad", "partial_rowwise_adam")
+    layout = mba.TableLayout.of(views, mviews if rowwise else None, counts, m, v if rule == "adam" else None)
     lin = torch.tensor([sum(ROWS[:t]) + j for t, j in rows], device=dev)
     perm = np.random.default_rng(1).permutation(len(rows))
     width = max(DIMS) + 3
@@ -62,7 +89,8 @@ def run_update(kernel, views, mviews, counts, rows, grads, lr, lam, adagrad, sam
         src[k] = slot * width
     if samples is not None:
         samples = torch.tensor(samples, device=dev)
-    kernel(layout, lin, src.to(dev), flat_grad, lr, lam, 1e-8, samples, n_samples)
+    step = mba.Rule(rule, lr, eps=EPS, beta1=B1, beta2=B2, step=t)
+    kernel(layout, lin, src.to(dev), flat_grad, step, lam, samples, n_samples)
 
 
 # Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
@@ -105,6 +133,78 @@ def test_update_matches_eq7_over_several_steps(device, kernel, adagrad, lam):
         assert untouched and np.array_equal(views[t].cpu().numpy()[untouched], w0[t][untouched])
     # the gaps between tables were never written
     assert (flat[:5] == 7).all() and (flat[5 + ROWS[0] * DIMS[0] : 10 + ROWS[0] * DIMS[0]] == 7).all()
+
+
+@pytest.mark.parametrize("device,kernel", CASES)
+@pytest.mark.parametrize("rule", ["adam", "partial_rowwise_adam"])
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_adam_matches_the_formulas_over_several_steps(device, kernel, rule, lam):
+    """Lazy Adam and partial row-wise Adam with MBA's term: m, v (per element, or per row) and the
+    weights after each of 3 steps against numpy, with the bias corrections of steps 1..3; rows not
+    touched keep their weights and moments; the gaps of the storage are never written."""
+    rng = np.random.default_rng(11)
+    w0 = [rng.standard_normal((r, d)).astype(np.float32) for r, d in zip(ROWS, DIMS, strict=True)]
+    n = [rng.integers(1, 20, r).astype(np.int32) for r in ROWS]
+    flat, views, mviews = make_group(w0, torch.float32, device)
+    m_flat, v_flat = torch.zeros(flat.numel(), device=device), torch.zeros(flat.numel(), device=device)
+    counts = torch.tensor(np.concatenate(n), device=device)
+
+    def per_table(x):  # the element-wise state's tables, at the weights' offsets
+        return [x[v.storage_offset() : v.storage_offset() + v.numel()].view_as(v) for v in views]
+
+    ref_w, ref_s, ref_m, ref_v = w0, [np.zeros(r) for r in ROWS], None, None
+    for t in (1, 2, 3):
+        size = 200 if t == 1 else 40
+        rows = [(int(tab), int(rng.integers(0, ROWS[tab] - 5))) for tab in rng.integers(0, 2, size)]
+        if t == 1:
+            rows += [(1, 2)] * (mba_triton.CHUNK + 9)  # a row across chunks of the Triton update
+        grads = rng.standard_normal((len(rows), max(DIMS))).astype(np.float32)
+        run_update(
+            KERNELS[kernel], views, mviews, counts, rows, grads, 0.05, lam, rule, elementwise=(m_flat, v_flat), t=t
+        )
+        ref_w, ref_s, ref_m, ref_v = numpy_step(
+            ref_w,
+            ref_s,
+            n,
+            rows,
+            [g[: DIMS[r[0]]] for g, r in zip(grads, rows, strict=True)],
+            0.05,
+            lam,
+            rule,
+            ref_m,
+            ref_v,
+            t,
+        )
+        for tab in range(2):
+            np.testing.assert_allclose(views[tab].cpu().numpy(), ref_w[tab], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(per_table(m_flat)[tab].cpu().numpy(), ref_m[tab], rtol=1e-5, atol=1e-6)
+            if rule == "adam":
+                np.testing.assert_allclose(per_table(v_flat)[tab].cpu().numpy(), ref_v[tab], rtol=1e-5, atol=1e-7)
+            else:
+                np.testing.assert_allclose(mviews[tab].cpu().numpy(), ref_s[tab], rtol=1e-5, atol=1e-7)
+    for tab in range(2):  # rows never touched: weights as they were, moments zero
+        untouched = ~np.any(ref_m[tab] != 0, axis=1)
+        assert untouched.any()
+        assert np.array_equal(views[tab].cpu().numpy()[untouched], w0[tab][untouched])
+    assert (flat[:5] == 7).all() and (m_flat[:5] == 0).all()
+    if rule == "partial_rowwise_adam":
+        assert (v_flat == 0).all()  # the element-wise v is not this rule's state
+
+
+def test_a_rule_refuses_a_layout_without_its_states():
+    _, views, mviews = make_group(
+        [np.zeros((r, d), np.float32) for r, d in zip(ROWS, DIMS, strict=True)], torch.float32, "cpu"
+    )
+    layout = mba.TableLayout.of(views, mviews, torch.zeros(sum(ROWS), dtype=torch.int32))
+    with pytest.raises(ValueError, match="adam"):
+        mba_cpp.update_rows_cpp(
+            layout,
+            torch.zeros(1, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64),
+            torch.zeros(12),
+            mba.Rule("adam", 0.1),
+            0.0,
+        )
 
 
 @pytest.mark.parametrize("device,kernel", CASES)
@@ -283,4 +383,4 @@ def test_triton_kernels_compile_for_the_gpu():
     from tests.conftest import compiled_for_the_gpu
 
     p = compiled_for_the_gpu("-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))")
-    assert int(p.stdout.split()[-1]) == 4 + 3 * 3 * 2  # occurrences; per dim, carry + update of 3 variants
+    assert int(p.stdout.split()[-1]) == 4 + 3 * 5 * 2  # occurrences; per dim, carry + update of 5 variants

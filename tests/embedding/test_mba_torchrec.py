@@ -1,4 +1,6 @@
-"""MBA inside torchrec's sharded kernels (DistributedModelParallel, gloo) against numpy Eq. 7.
+"""MBA inside torchrec's sharded kernels (DistributedModelParallel, gloo) against numpy Eq. 7,
+under SGD, row-wise Adagrad, Adam and partial row-wise Adam (Adam also without MBA: on the CPU
+our kernel is its only one).
 
 One model with a pooled EmbeddingBagCollection (table t1 read by two features, t2 by one) and a
 sequence EmbeddingCollection (table s read by a candidate and a history feature). The loss is
@@ -23,6 +25,7 @@ POOLED = {"t1": (40, 8, ["a", "b"]), "t2": (30, 4, ["c"])}
 SEQ = {"s": (50, 8, ["x", "hist_x"])}
 TABLES = {**POOLED, **SEQ}
 B, STEPS, LR = 6, 4, 0.3
+B1, B2 = 0.8, 0.95  # Adam's decays, far from the defaults
 
 
 def make_batches(seed, world=1):
@@ -51,12 +54,17 @@ def initial_weights(seed):
     return {t: rng.standard_normal((rows, dim)).astype(np.float32) for t, (rows, dim, _) in TABLES.items()}
 
 
-def numpy_reference(batches, w0, lam, counts0, online, adagrad, eps=1e-8):
-    """Eq. 7 (or row-wise Adagrad + MBA) step by step, a loop over rows and samples."""
+def numpy_reference(batches, w0, lam, counts0, online, base):
+    """Eq. 7 under `base` (sgd, rowwise_adagrad, adam, partial_rowwise_adam) step by step, a loop
+    over rows and samples; lazy Adam: only touched rows, bias-corrected by the global step. ε is
+    torchrec's default of each optimizer (the worker sets none)."""
+    eps = 1e-10 if base == "rowwise_adagrad" else 1e-8
     w = {t: v.astype(np.float64).copy() for t, v in w0.items()}
     n = {t: c.astype(np.int64).copy() for t, c in counts0.items()}
     s = {t: np.zeros(len(v)) for t, v in w0.items()}
-    for feats, grads in batches:
+    m = {t: np.zeros(v.shape) for t, v in w0.items()}
+    v2 = {t: np.zeros(v.shape) for t, v in w0.items()}
+    for step, (feats, grads) in enumerate(batches, start=1):
         for t, (rows, dim, features) in TABLES.items():
             g = np.zeros((rows, dim))
             touched = set()
@@ -77,11 +85,20 @@ def numpy_reference(batches, w0, lam, counts0, online, adagrad, eps=1e-8):
                         n[t][j] += 1
             for j in sorted(touched):
                 gj = g[j] + lam * w[t][j] / max(n[t][j], 1)
-                if adagrad:
+                if base == "rowwise_adagrad":
                     s[t][j] += (gj * gj).mean()
                     w[t][j] -= LR * gj / (np.sqrt(s[t][j]) + eps)
-                else:
+                elif base == "sgd":
                     w[t][j] -= LR * gj
+                else:
+                    m[t][j] = B1 * m[t][j] + (1 - B1) * gj
+                    if base == "adam":
+                        v2[t][j] = B2 * v2[t][j] + (1 - B2) * gj * gj
+                        v_hat = v2[t][j] / (1 - B2**step)
+                    else:
+                        s[t][j] = B2 * s[t][j] + (1 - B2) * (gj * gj).mean()
+                        v_hat = s[t][j] / (1 - B2**step)
+                    w[t][j] -= LR * (m[t][j] / (1 - B1**step)) / (np.sqrt(v_hat) + eps)
     return w, n
 
 
@@ -92,18 +109,18 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
     warnings.filterwarnings("ignore")
     from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
     from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import (
         EmbeddingShardingPlanner,
         ParameterConstraints,
         Topology,
     )
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
-    from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from embedding import mba_tbe
+    from embedding.planner import sharders_for
+    from trainer.config import SparseOptimizerConfig
+    from trainer.sharding import SPARSE_OPTIMIZERS
 
     device = torch.device(opts["device"], rank) if opts["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -138,13 +155,16 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
                 return loss + sum((seq[f].values() * grads[f]).sum() for f in kjt_seq.keys())
 
         model = Model()
-        base = torch.optim.SGD if opts["base"] == "sgd" else RowWiseAdagrad
-        apply_optimizer_in_backward(base, model.parameters(), {"lr": LR})
-        fused = None
-        if opts["lam"] is not None:
-            mba_tbe.install()
-            fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=opts["lam"], counts=opts["counts"], kernel=opts["kernel"])}
-        sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
+        kwargs = {"lr": LR} if "adam" not in opts["base"] else {"lr": LR, "beta1": B1, "beta2": B2}
+        apply_optimizer_in_backward(SPARSE_OPTIMIZERS[opts["base"]], model.parameters(), kwargs)
+        # lam None: the plain optimizer (torchrec's own kernel; Adam on the CPU: ours, λ = 0)
+        sopt = SparseOptimizerConfig(
+            type=opts["base"] + ("_mba" if opts["lam"] is not None else ""),
+            lam=opts["lam"] or 0.0,
+            counts=opts["counts"],
+            kernel=opts["kernel"],
+        )
+        sharders = sharders_for(sopt)
         # torchrec shards sequence tables (EmbeddingCollection) every way but table-row-wise
         constraints = {
             t: ParameterConstraints(
@@ -262,7 +282,7 @@ CASES = [  # kernel auto is the C++ kernel on the CPU
 
 
 def check_against_numpy(res, base, online):
-    ref_w, ref_n = numpy_reference(res["batches"], res["w0"], 0.5, res["counts0"], online, base == "rowwise_adagrad")
+    ref_w, ref_n = numpy_reference(res["batches"], res["w0"], 0.5, res["counts0"], online, base)
     for t, (rows, _, _) in TABLES.items():
         np.testing.assert_allclose(res["weights"][t], ref_w[t], rtol=1e-5, atol=1e-5, err_msg=t)
         assert np.array_equal(res["weights"][t][rows - 8 :], res["w0"][t][rows - 8 :]), f"{t}: untouched rows changed"
@@ -282,6 +302,36 @@ def test_mba_in_torchrec_matches_numpy_eq7(tmp_path, case):
     } <= res["opt_keys"], res["opt_keys"]
 
 
+ADAM_CASES = [
+    dict(base="adam", counts="online", kernel="auto"),
+    dict(base="partial_rowwise_adam", counts="static", kernel="cpp"),
+    dict(base="partial_rowwise_adam", counts="online", kernel="triton"),
+]
+
+
+@pytest.mark.parametrize("case", ADAM_CASES, ids=lambda c: "-".join(c.values()))
+def test_adam_mba_in_torchrec_matches_numpy(tmp_path, case):
+    """Adam and partial row-wise Adam with MBA through torchrec: our module keeps m, v and n_j,
+    exposed as FBGEMM names Adam's states on a GPU (momentum1, exp_avg_sq) and sharded like the
+    table (v of partial row-wise Adam row-wise)."""
+    res = run(tmp_path, **case)
+    check_against_numpy(res, case["base"], case["counts"] == "online")
+    for p, t in [("ebc.embedding_bags", "t1"), ("ebc.embedding_bags", "t2"), ("ec.embeddings", "s")]:
+        for name in ("momentum1", "exp_avg_sq", "mba_count"):
+            assert f"{p}.{t}.weight:{t}.{name}:ShardedTensor" in res["opt_keys"], res["opt_keys"]
+
+
+@pytest.mark.parametrize("base", ["adam", "partial_rowwise_adam"])
+def test_plain_adam_on_the_cpu_is_lazy_adam(tmp_path, base):
+    """Without MBA (λ = 0, no counts in the state), on the CPU where FBGEMM has no Adam kernel."""
+    res = run(tmp_path, base=base, lam=None)
+    ref_w, _ = numpy_reference(res["batches"], res["w0"], 0.0, res["counts0"], False, base)
+    for t, (rows, _, _) in TABLES.items():
+        np.testing.assert_allclose(res["weights"][t], ref_w[t], rtol=1e-5, atol=1e-5, err_msg=t)
+        assert np.array_equal(res["weights"][t][rows - 8 :], res["w0"][t][rows - 8 :]), t
+    assert not any("mba_count" in k for k in res["opt_keys"]), res["opt_keys"]
+
+
 @pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
 def test_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
     ours = run(tmp_path, base=base, lam=0.0)["weights"]
@@ -290,7 +340,15 @@ def test_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
         np.testing.assert_allclose(ours[t], fbgemm[t], rtol=0, atol=1e-6, err_msg=t)
 
 
-@pytest.mark.parametrize("sharding,base", [("table_wise", "sgd"), ("column_wise", "rowwise_adagrad")])
+@pytest.mark.parametrize(
+    "sharding,base",
+    [
+        ("table_wise", "sgd"),
+        ("column_wise", "rowwise_adagrad"),
+        ("table_wise", "adam"),
+        ("column_wise", "partial_rowwise_adam"),
+    ],
+)
 def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, sharding, base):
     two = run(tmp_path, world=2, sharding=sharding, base=base)
     one = run(tmp_path, world=1, data_world=2, sharding=sharding, base=base)
@@ -317,8 +375,10 @@ def test_cuda_nccl_mba_matches_numpy_eq7(tmp_path, sharding, base):
 
 
 @CUDA
-@pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad", "adam", "partial_rowwise_adam"])
 def test_cuda_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
+    """λ = 0 through our Triton kernel against FBGEMM's own fused optimizer (Adam's too, which a
+    GPU has)."""
     ours = run(tmp_path, device="cuda", base=base, lam=0.0)["weights"]
     fbgemm = run(tmp_path, device="cuda", base=base, lam=None)["weights"]
     for t in TABLES:

@@ -117,6 +117,23 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tiny_data, tmp_path, ref
 
 
 @pytest.mark.multiprocess
+def test_adam_mba_resumes_with_its_step_count(tiny_data, tmp_path):
+    """Lazy Adam's bias corrections count the updates so far: a run killed at step 12 and resumed
+    from step 10 ends with the uninterrupted run's tensors (m, v and n_j included) only if the
+    resumed optimizer continues at t = 11, not at t = 1."""
+    adam = ["sparse_optimizer.type=adam_mba", "sparse_optimizer.lr=0.01", "train.epochs=1"]
+    ref = tmp_path / "reference"
+    result(dinrec(["train", *args(tiny_data, ref), *adam]))
+    out = tmp_path / "killed"
+    assert dinrec(["train", *args(tiny_data, out), *adam], fault="kill:0:12").returncode == -9
+    result(dinrec(["train", *args(tiny_data, out), *adam, "--resume"]))
+    last = checkpoint.list_checkpoints(ref / "checkpoints")[-1]
+    assert Path(last).name == Path(checkpoint.list_checkpoints(out / "checkpoints")[-1]).name
+    assert any(k.endswith("exp_avg_sq") for k in checkpoint.read_tensors(Path(last)))
+    assert_identical(Path(last), Path(checkpoint.list_checkpoints(out / "checkpoints")[-1]))
+
+
+@pytest.mark.multiprocess
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_data, tmp_path, reference, capsys):
     out = tmp_path / "torn"
     p = dinrec(["train", *args(tiny_data, out)], fault="checkpoint:0:10")

@@ -292,7 +292,9 @@ def test_every_model_trains_on_the_zoo_config(zoo_cfg, name):
     assert r["model"] == name and 0 < r["auc"] < 1 and np.isfinite(r["logloss"])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "sgd_mba", "rowwise_adagrad_mba"])
+@pytest.mark.parametrize(
+    "optimizer", ["sgd", "rowwise_adagrad", "adam", "sgd_mba", "rowwise_adagrad_mba", "partial_rowwise_adam_mba"]
+)
 @pytest.mark.parametrize("name", ["deepfm", "mian"])
 def test_zoo_models_train_with_every_sparse_optimizer(zoo_cfg, name, optimizer):
     from trainer.loop import train
