@@ -47,6 +47,14 @@ data/movielens/convert.json: $(ML_WHEEL)
 	$(BIN)/dinrec convert movielens --inter data/ml-100k/ml-100k.inter --item data/ml-100k/ml-100k.item \
 		--user data/ml-100k/ml-100k.user --out data/movielens
 
+# the same conversion with 15 % of the training users held out for validation (data.valid): the
+# model zoo's MovieLens runs choose their hyper-parameters and best epoch on it; the test set is
+# data/movielens's
+data/movielens-valid/convert.json: $(ML_WHEEL)
+	$(BIN)/python -m tools.convert.movielens $(ML_WHEEL) data/ml-100k
+	$(BIN)/dinrec convert movielens --inter data/ml-100k/ml-100k.inter --item data/ml-100k/ml-100k.item \
+		--user data/ml-100k/ml-100k.user --valid-fraction 0.15 --out data/movielens-valid
+
 $(ML_WHEEL):
 	$(VENV)/bin/pip download -q --no-deps recbole==1.2.1 -d data/downloads
 

@@ -188,6 +188,46 @@ def test_movielens_split_is_by_user_and_profiles_are_attached(tmp_path):
         assert vocab["zip_prefix"][r["zip_prefix"]] == "0"
 
 
+def test_movielens_valid_split_is_carved_from_the_training_users(tmp_path):
+    """--valid-fraction moves a seeded-hash share of the training users, whole, into valid/; the
+    test set is the one without it; a later conversion without it leaves no stale valid/."""
+    import zlib
+
+    users = [f"u{k}" for k in range(60)]
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "x.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(
+            f"{u}\tm{(k * 7 + j) % 4 + 1}\t{(k + j) % 5 + 1}\t{10 * j}\n" for k, u in enumerate(users) for j in range(3)
+        )
+    )
+    files = write_recbole(tmp_path / "meta")
+    files["inter"] = d / "x.inter"
+    del files["user"]
+
+    def read(out, split):
+        vocab = pq.read_table(out / "vocab" / "user_id.parquet").column("id").to_pylist()
+        rows = pq.read_table(sorted((out / split).glob("*.parquet"))).to_pylist() if (out / split).is_dir() else []
+        return sorted((vocab[r["user_id"]], r["ts"], r["item_id"], r["label"], tuple(r["hist_item_id"])) for r in rows)
+
+    split = ["--test-fraction", "0.2", "--seed", "5"]
+    convert_ml(files, tmp_path / "plain", *split)
+    summary = convert_ml(files, tmp_path / "valid", *split, "--valid-fraction", "0.3")
+
+    def share(key: str) -> int:
+        return zlib.crc32(key.encode()) % 1_000_000
+
+    want = {u for u in users if share(f"5/valid/{u}") < 300_000 and not share(f"5/{u}") < 200_000}
+    got = read(tmp_path / "valid", "valid")
+    assert {r[0] for r in got} == want and 5 <= len(want) <= 25
+    assert summary["users"]["valid"] == len(want) and summary["rows"]["valid"] == 3 * len(want)
+    assert read(tmp_path / "valid", "test") == read(tmp_path / "plain", "test")
+    assert sorted(read(tmp_path / "valid", "train") + got) == read(tmp_path / "plain", "train")
+    convert_ml(files, tmp_path / "valid", *split)
+    assert read(tmp_path / "valid", "valid") == []
+
+
 def test_context_columns_against_the_standard_library():
     from tools.convert.common import time_columns
     from tools.convert.movielens import age_groups

@@ -109,10 +109,19 @@ def lookup(keys: np.ndarray | pa.Array, dictionary: pa.Array) -> np.ndarray:
     return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def test_users(user_keys: list[str], seed: int, test_fraction: float) -> np.ndarray:
+def test_users(user_keys: list[str], seed: int | str, test_fraction: float) -> np.ndarray:
     """A seeded hash split of users (by their original id): True for test users."""
     h = np.array([zlib.crc32(f"{seed}/{u}".encode()) for u in user_keys], np.uint64)
     return (h % np.uint64(1_000_000)) < np.uint64(round(test_fraction * 1_000_000))
+
+
+def valid_users(user_keys: list[str], seed: int, valid_fraction: float, is_test: np.ndarray) -> np.ndarray:
+    """The validation users, carved from the training users (not the test users) by a second
+    seeded hash: True for about `valid_fraction` of them. The test set stays the one of the same
+    seed without a validation split."""
+    if valid_fraction == 0:
+        return np.zeros(len(user_keys), bool)
+    return ~is_test & test_users(user_keys, f"{seed}/valid", valid_fraction)
 
 
 def histories(user: np.ndarray, order_key: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,8 +144,13 @@ def histories(user: np.ndarray, order_key: np.ndarray, max_len: int) -> tuple[np
     return order, offsets, positions
 
 
+SPLITS = ("train", "valid", "test")
+
+
 class Writer:
-    """DIR/{train,test}/part-NNN.parquet in row groups, a progress bar, and convert.json."""
+    """DIR/{train,valid,test}/part-NNN.parquet in row groups, a progress bar, and convert.json.
+    `splits` are the ones this conversion writes; the old parts of every split are removed (a
+    validation set of an earlier conversion must not outlive it)."""
 
     def __init__(
         self,
@@ -145,18 +159,20 @@ class Writer:
         rows_per_file: int = 4_000_000,
         progress: bool = True,
         total: int | None = None,
+        splits: tuple[str, ...] = ("train", "test"),
     ):
         self.out = Path(out)
         self.row_group_size, self.rows_per_file = row_group_size, rows_per_file
         self.writers: dict[str, pq.ParquetWriter] = {}
-        self.files: dict[str, int] = {"train": 0, "test": 0}
-        self.in_file: dict[str, int] = {"train": 0, "test": 0}
-        self.rows = {"train": 0, "test": 0}
-        self.clicks = {"train": 0, "test": 0}
-        for split in ("train", "test"):
-            (self.out / split).mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, int] = dict.fromkeys(splits, 0)
+        self.in_file: dict[str, int] = dict.fromkeys(splits, 0)
+        self.rows = dict.fromkeys(splits, 0)
+        self.clicks = dict.fromkeys(splits, 0)
+        for split in SPLITS:
             for old in (self.out / split).glob("part-*.parquet"):
                 old.unlink()
+        for split in splits:
+            (self.out / split).mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(
             total=total, unit="rows", unit_scale=True, desc="convert", disable=not progress, mininterval=1.0
         )

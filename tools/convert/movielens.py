@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tools.convert.common import (
+    SPLITS,
     TIME_COLUMNS,
     InputError,
     Writer,
@@ -44,6 +45,7 @@ from tools.convert.common import (
     reindex,
     test_users,
     time_columns,
+    valid_users,
     write_vocab,
 )
 
@@ -87,6 +89,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.278,
         help="share of users in the test set (default: %(default)s, as 38,493 of 138,493 in the paper)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        help="share of the training users held out as a validation set in OUT/valid (data.valid), for "
+        "choosing hyper-parameters and the best epoch; the test set is unchanged (default: %(default)s, none)",
     )
     p.add_argument("--seed", type=int, default=0, help="the user split's hash seed (default: %(default)s)")
     add_output_arguments(p, max_hist_len=100)
@@ -261,10 +270,13 @@ def convert(
     test_fraction: float = 0.278,
     seed: int = 0,
     progress: bool = True,
+    valid_fraction: float = 0.0,
 ) -> dict:
     check_max_hist_len("movielens", max_hist_len)
     if not 0 < test_fraction < 1:
         raise InputError(f"convert movielens: --test-fraction must be in (0, 1), got {test_fraction}")
+    if not 0 <= valid_fraction < 1:
+        raise InputError(f"convert movielens: --valid-fraction must be in [0, 1), got {valid_fraction}")
     t0 = time.perf_counter()
     users_raw, items_raw, rating, ts = read_ratings(inter)
     if not np.isfinite(rating).all() or not np.isfinite(ts).all():
@@ -293,12 +305,16 @@ def convert(
             per_user = np.full(len(user_dict), len(d), np.int64)  # users absent from the file: an extra row
             per_user[at[at >= 0]] = rows[at >= 0]
             profile[c], profile_dicts[c] = per_user, pa.concat_arrays([d, pa.array(["(unknown)"], d.type)])
-    is_test_user = test_users([str(u) for u in user_dict.to_pylist()], seed, test_fraction)
+    keys = [str(u) for u in user_dict.to_pylist()]
+    is_test_user = test_users(keys, seed, test_fraction)
+    is_valid_user = valid_users(keys, seed, valid_fraction, is_test_user)
+    split_of_user = np.where(is_test_user, 2, np.where(is_valid_user, 1, 0)).astype(np.int8)
     order, offsets, positions = histories(user_row, ts, max_hist_len)
     label = (rating >= 4).astype(np.int8)[order]
     u, it, t = user_row[order], item_row[order], ts[order].astype(np.int64)
     cate = genre_of_item[it]
-    w = Writer(out, progress=progress, total=len(order))
+    splits = ("train", "valid", "test") if valid_fraction else ("train", "test")
+    w = Writer(out, progress=progress, total=len(order), splits=splits)
     chunk = 1 << 20
     for a in range(0, len(order), chunk):
         b = min(a + chunk, len(order))
@@ -306,9 +322,10 @@ def convert(
         pos = positions[offsets[a] : offsets[b]]
         extra = {**{c: v[u[a:b]] for c, v in profile.items()}, **time_columns(t[a:b], CONTEXT)}
         table = impressions_table(label[a:b], u[a:b], it[a:b], cate[a:b], off, it[pos], cate[pos], t[a:b], extra)
-        test = pa.array(is_test_user[u[a:b]])
-        w.write("train", table.filter(pc.invert(test)))
-        w.write("test", table.filter(test))
+        split = split_of_user[u[a:b]]
+        for code, name in enumerate(SPLITS):
+            if name in splits:
+                w.write(name, table.filter(pa.array(split == code)))
     write_vocab(out, "user_id", user_dict)
     title_of_item = [""] * len(item_dict)
     for row, title in zip(item_file_row, titles, strict=True):
@@ -331,10 +348,11 @@ def convert(
             },
             "profile": list(profile_dicts),
             "context": list(CONTEXT),
-            "users": {"train": int((~is_test_user).sum()), "test": int(is_test_user.sum())},
+            "users": {name: int((split_of_user == code).sum()) for code, name in enumerate(SPLITS) if name in splits},
             "items_without_genre": int(missing.sum()),
             "max_hist_len": max_hist_len,
             "test_fraction": test_fraction,
+            "valid_fraction": valid_fraction,
             "seed": seed,
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -351,6 +369,7 @@ def run(args: argparse.Namespace) -> dict:
         args.test_fraction,
         args.seed,
         progress=not args.no_progress,
+        valid_fraction=args.valid_fraction,
     )
 
 
