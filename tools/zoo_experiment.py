@@ -3,9 +3,11 @@ of the papers' tables (DIN Table 3, DIEN's, MIAN Table 2) on a user's own data.
 
 Each model trains from the same config with only `model.name` changed (and the seeds: parameter
 init and row order), then reports the test AUC, GAUC (DIN Eq. 10) and logloss, mean ± std over
-seeds, RelaImpr (DIN Eq. 11) against BaseModel, and training samples/s against DIN's. Writes a
-Markdown table and a bar plot of the test AUC; states where the papers' ordering
-(LR < Wide&Deep < DeepFM < DIN < DIEN < MIAN) holds on these data and where not.
+seeds (after the last epoch; with data.valid, of the epoch whose validation GAUC is best: early
+stopping chosen on held-out training users, never on the test set), RelaImpr (DIN Eq. 11) against
+BaseModel, and training samples/s against DIN's. Writes a Markdown table and a bar plot of the
+test AUC; states where the papers' ordering (LR < Wide&Deep < DeepFM < DIN < DIEN < MIAN) holds on
+these data and where not.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> dict:
     seeds = parse_seeds(args.seeds)
     models = parse_variants(args.models, NAMES)
     base_cfg = load_config(args.config, args.overrides)
-    for split in ("train", "test"):  # before the first run: one line if the data is not there
+    valid = bool(base_cfg.data.valid)  # then the test metrics of the epoch chosen on it
+    for split in ("train", "test", *(("valid",) if valid else ())):  # one line if the data is not there
         resolve_paths(getattr(base_cfg.data, split))
     runs: dict[str, list[dict]] = {m: [] for m in models}
     t0 = time.perf_counter()
@@ -70,14 +73,18 @@ def run(args: argparse.Namespace) -> dict:
                 f"train.seed={seed}",
                 f"data.seed={seed}",
                 f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}",
+                *(["train.eval_every_epoch=true"] if valid else []),
             ]
             r = launcher.run(fresh(load_config(args.config, overrides)))
-            keep = ("auc", "gauc", "logloss", "train_samples_per_s", "oracle_auc")
-            runs[m].append({"seed": seed, **{k: r[k] for k in keep if k in r}})
+            runs[m].append({"seed": seed, **reported(r)})
             print(json.dumps({"model": m, **runs[m][-1]}), flush=True)
     columns = {"auc": "auc", "gauc": "gauc", "logloss": "logloss", "samples_per_s": "train_samples_per_s"}
+    if valid:
+        columns["valid_gauc"] = "valid_gauc"
     summary = {m: {k: mean_std([r[c] for r in rs]) for k, c in columns.items()} for m, rs in runs.items()}
-    for s in summary.values():
+    for m, s in summary.items():
+        if valid:
+            s["best_epochs"] = [r["best_epoch"] for r in runs[m]]
         if "base" in summary:
             s["rela_impr_auc"] = rela_impr(s["auc"][0], summary["base"]["auc"][0])
             s["rela_impr_gauc"] = rela_impr(s["gauc"][0], summary["base"]["gauc"][0])
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "seeds": seeds,
         "overrides": args.overrides,
         "epochs": base_cfg.train.epochs,
+        "valid": base_cfg.data.valid,
         "batch_size": base_cfg.data.batch_size,
         "minutes": round((time.perf_counter() - t0) / 60, 1),
         "summary": summary,
@@ -101,6 +109,23 @@ def run(args: argparse.Namespace) -> dict:
     if args.out:
         Path(args.out).write_text(markdown(out, args.plot))
     return out
+
+
+def reported(r: dict) -> dict:
+    """What one run contributes: the test metrics after the last epoch or, with data.valid, those
+    of the epoch of the best validation GAUC (counted from 1 in `best_epoch`), never chosen on test."""
+    keep = ("auc", "gauc", "logloss")
+    out = {k: r[k] for k in ("train_samples_per_s", "oracle_auc") if k in r}
+    if "best" not in r:
+        return {**{k: r[k] for k in keep}, **out}
+    best = r["best"]
+    return {
+        **{k: best["test"][k] for k in keep},
+        "best_epoch": best["epoch"] + 1,
+        "valid_gauc": best["valid"]["gauc"],
+        **{f"last_epoch_{k}": r[k] for k in keep},
+        **out,
+    }
 
 
 def ordering(summary: dict) -> list[dict]:
@@ -142,17 +167,28 @@ def markdown(out: dict, plot_path: str | None) -> str:
         f"--seeds {','.join(map(str, out['seeds']))}{over}` "
         f"({out['minutes']} min on the machine that wrote this file). Data `{out['data']}`; batch "
         f"{out['batch_size']}, {out['epochs']} epoch(s), {len(out['seeds'])} seeds (init and row order), test "
-        "metrics after the last epoch, mean ± std over seeds; RelaImpr (DIN Eq. 11) against BaseModel; "
+        + (
+            f"metrics at the epoch of the best validation GAUC (on `{out['valid']}`, users held out of the "
+            "training set; the test set never chooses)"
+            if out.get("valid")
+            else "metrics after the last epoch"
+        )
+        + ", mean ± std over seeds; RelaImpr (DIN Eq. 11) against BaseModel; "
         "training samples/s (one process) against DIN's.",
         "",
-        "| model | test AUC | test GAUC | logloss | RelaImpr AUC / GAUC | samples/s | speed vs DIN |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    valid = bool(out.get("valid"))
+    extra = " validation GAUC | best epoch (per seed) |" if valid else ""
+    lines += [
+        "| model | test AUC | test GAUC | logloss | RelaImpr AUC / GAUC |" + extra + " samples/s | speed vs DIN |",
+        "| --- " * (7 + 2 * valid) + "|",
     ]
     for m, s in out["summary"].items():
         rel = f"{s['rela_impr_auc']:+.2f} % / {s['rela_impr_gauc']:+.2f} %" if "rela_impr_auc" in s else "–"
         speed = f"{s['speed_vs_din']:.2f}" if "speed_vs_din" in s else "–"
+        chosen = f" {pm(s['valid_gauc'])} | {', '.join(map(str, s['best_epochs']))} |" if valid else ""
         lines.append(
-            f"| {NAMES[m]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | {rel} | "
+            f"| {NAMES[m]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | {rel} |{chosen} "
             f"{s['samples_per_s'][0]:,.0f} | {speed} |"
         )
     lines += oracle_lines(out)

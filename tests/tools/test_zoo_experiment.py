@@ -50,3 +50,44 @@ def test_the_experiments_model_names_are_the_zoos():
     from tools.zoo_experiment import NAMES
 
     assert list(NAMES) == list(MODELS)
+
+
+def test_with_a_validation_set_the_table_reports_the_epoch_chosen_on_it(tiny_zoo_data, tmp_path, capsys):
+    """With data.valid, each run's test metrics are those after the epoch of its best validation
+    GAUC (read back here from the run's own metrics.jsonl), not after the last epoch."""
+    md, runs = tmp_path / "zoo.md", tmp_path / "runs"
+    argv = [
+        "experiment",
+        "zoo",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--models",
+        "base,din",
+        "--seeds",
+        "0",
+        "--out",
+        str(md),
+        "--plot",
+        "",
+        "--runs",
+        str(runs),
+        f"data.train={tiny_zoo_data / 'train'}",
+        f"data.test={tiny_zoo_data / 'test'}",
+        f"data.valid={tiny_zoo_data / 'test'}",  # the tiny world has no valid/: mechanics only
+        ZOO_TABLES,
+        *ZOO_GROUPS,
+        "train.epochs=3",
+        "sparse_optimizer.lr=2.0",  # learning rates that overfit: an earlier epoch can be the best
+        "dense_optimizer.lr=0.05",
+    ]
+    assert main(argv) == 0
+    lines = {x["model"]: x for x in map(json.loads, capsys.readouterr().out.splitlines()) if "model" in x}
+    text = md.read_text()
+    assert "best validation GAUC" in text and "| best epoch (per seed) |" in text
+    for m, name in (("base", "BaseModel"), ("din", "DIN")):
+        log = [json.loads(x) for x in (runs / f"{m}_seed0" / "metrics.jsonl").read_text().splitlines()]
+        epochs = [x["eval"]["epochs"] for x in log if "eval" in x and "epochs" in x["eval"]][-1]
+        best = max(range(len(epochs)), key=lambda e: (epochs[e]["valid"]["gauc"], -e))
+        assert lines[m]["best_epoch"] == best + 1 and lines[m]["auc"] == epochs[best]["auc"]
+        assert lines[m]["last_epoch_auc"] == epochs[-1]["auc"]
+        assert f"| {name} | {epochs[best]['auc']:.4f} ± 0.0000 |" in text
