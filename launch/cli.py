@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 
 from launch.process import exit_now, quiet_libraries
-from tools import bench, convert, dien_experiment, generate, movielens_experiment, regularization, zoo_experiment
+from tools import (
+    bench,
+    convert,
+    deepctr_experiment,
+    dien_experiment,
+    generate,
+    movielens_experiment,
+    regularization,
+    zoo_experiment,
+)
 from trainer.config import ConfigError, load_config
 
 # Under torchrun: how long a rank other than 0 leaves rank 0 to report an error all ranks met
@@ -124,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="multi-seed experiments from the papers (JSON output)")
     xsub = x.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     regularization.add_parser(xsub, _config_args)
+    deepctr_experiment.add_parser(xsub, _config_args)
     dien_experiment.add_parser(xsub, _config_args)
     movielens_experiment.add_parser(xsub, _config_args)
     zoo_experiment.add_parser(xsub, _config_args)
@@ -256,6 +266,7 @@ def _run(args: argparse.Namespace) -> dict | None:
     if args.command == "experiment":
         experiments = {
             "regularization": regularization,
+            "deepctr": deepctr_experiment,
             "dien": dien_experiment,
             "movielens": movielens_experiment,
             "zoo": zoo_experiment,

@@ -28,7 +28,7 @@ from tools.experiments import (
     pm,
     save_figure,
 )
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.metrics import rela_impr
 
 NAMES = {  # every model.name (trainer.models.MODELS, same order; not imported here: `dinrec --help` stays fast)
@@ -48,7 +48,12 @@ PAPER_ORDER = ("lr", "wide_deep", "deepfm", "din", "dien", "mian")  # the MIAN p
 
 def add_parser(sub: argparse._SubParsersAction, config_args) -> None:
     p = sub.add_parser("zoo", help="every model of the zoo on one config, several seeds: table and plot")
-    p.add_argument("--config", default="configs/zoo_synthetic.yaml", help="the config (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        default="configs/zoo_synthetic.yaml",
+        help="the config of every model, or a pattern with {model} for one config per model, e.g. "
+        "configs/zoo_movielens/{model}.yaml (default: %(default)s)",
+    )
     p.add_argument("--models", default=",".join(NAMES), help="models, comma-separated (default: all)")
     add_common_arguments(p, "docs/results-zoo.md", "docs/zoo-synthetic.png", "runs/zoo")
 
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> dict:
 
     seeds = parse_seeds(args.seeds)
     models = parse_variants(args.models, NAMES)
-    base_cfg = load_config(args.config, args.overrides)
+    configs = {m: config_of(args.config, m) for m in models}
+    for m, path in configs.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"experiment zoo: no config for model {m}: {path} does not exist")
+    base_cfg = load_config(configs[models[0]], args.overrides)
     valid = bool(base_cfg.data.valid)  # then the test metrics of the epoch chosen on it
     for split in ("train", "test", *(("valid",) if valid else ())):  # one line if the data is not there
         resolve_paths(getattr(base_cfg.data, split))
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
                 f"train.out_dir={Path(args.runs) / f'{m}_seed{seed}'}",
                 *(["train.eval_every_epoch=true"] if valid else []),
             ]
-            r = launcher.run(fresh(load_config(args.config, overrides)))
+            r = launcher.run(fresh(load_config(configs[m], overrides)))
             runs[m].append({"seed": seed, **reported(r)})
             print(json.dumps({"model": m, **runs[m][-1]}), flush=True)
     columns = {"auc": "auc", "gauc": "gauc", "logloss": "logloss", "samples_per_s": "train_samples_per_s"}
@@ -102,6 +111,9 @@ def run(args: argparse.Namespace) -> dict:
         "minutes": round((time.perf_counter() - t0) / 60, 1),
         "summary": summary,
         "ordering": ordering(summary),
+        "model_configs": {
+            m: {"config": configs[m], **learning_rates(load_config(configs[m], args.overrides))} for m in models
+        },
         "runs": runs,
     }
     if args.plot:
@@ -109,6 +121,16 @@ def run(args: argparse.Namespace) -> dict:
     if args.out:
         Path(args.out).write_text(markdown(out, args.plot))
     return out
+
+
+def config_of(config: str, model: str) -> str:
+    """The config of `model`: `config` itself, or with its `{model}` replaced by the model's name
+    (one config per model, e.g. each with its own learning rates chosen on the validation set)."""
+    return config.replace("{model}", model)
+
+
+def learning_rates(cfg) -> dict:
+    return {"sparse": f"{cfg.sparse_optimizer.type} lr {cfg.sparse_optimizer.lr:g}", "dense": cfg.dense_optimizer.lr}
 
 
 def reported(r: dict) -> dict:
@@ -191,6 +213,13 @@ def markdown(out: dict, plot_path: str | None) -> str:
             f"| {NAMES[m]} | {pm(s['auc'])} | {pm(s['gauc'])} | {pm(s['logloss'])} | {rel} |{chosen} "
             f"{s['samples_per_s'][0]:,.0f} | {speed} |"
         )
+    per_model = {c["config"] for c in out["model_configs"].values()}
+    if len(per_model) > 1:
+        lines += ["", "Each model's config and learning rates:", ""]
+        lines += [
+            f"- {NAMES[m]}: `{c['config']}` ({c['sparse']}, dense lr {c['dense']:g})"
+            for m, c in out["model_configs"].items()
+        ]
     lines += oracle_lines(out)
     if out["ordering"]:
         held = [p for p in out["ordering"] if p["holds"]]
