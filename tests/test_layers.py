@@ -24,6 +24,7 @@ from tools.import_graph import Import, cycles, imports, package
 DISPATCHED = {
     "tools.generate",
     "tools.convert",
+    "tools.deepctr_experiment",
     "tools.bench",
     "tools.regularization",
     "tools.dien_experiment",
