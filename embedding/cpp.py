@@ -4,6 +4,9 @@ cpp_extension on first use and cached (`make setup` builds them ahead)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -12,21 +15,65 @@ from pathlib import Path
 def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
     """Build (once per source version) and import the extension in `src`.
 
-    The library name carries a hash of the source, its path and the flags: an edited kernel, or
-    another checkout, builds into its own directory instead of rewriting a library that running
-    processes have loaded. With `-march=native` it also carries the CPU's model and instruction
-    sets, so that machines of another kind that share the cache build their own.
+    The library is addressed by its content: its name carries a hash of the source, the flags,
+    torch's and Python's versions, and it is compiled from a copy of the source kept beside it in the
+    build directory. An edited kernel builds into a directory of its own instead of rewriting a
+    library that running processes have loaded, and the same source at another path (another
+    checkout, the copy of the working directory that `ray job submit` gives every job) loads the
+    library already built instead of compiling again (ninja rebuilds when a source path in its
+    command line changes). With `-march=native` the key also carries the CPU's model and
+    instruction sets, so that machines of another kind that share the cache build their own.
     """
     from torch.utils import cpp_extension
 
-    cflags = ["-O3", *flags]
-    ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+    cflags, ldflags = _flags(flags)
+    name = name_of(src, prefix, flags)
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    build.mkdir(parents=True, exist_ok=True)
+    source = build / src.name
+    if not source.exists():  # written once, atomically: a newer mtime would make ninja rebuild
+        tmp = build / f".{src.name}.{os.getpid()}"
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, source)
+    with _our_ninja():
+        return cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build),
+            verbose=False,
+        )
+
+
+@contextmanager
+def _our_ninja():
+    """PATH with the pinned `ninja` package's binary first while torch runs `ninja`: a ninja of
+    another version (the system's) finds the build log in a format it does not read and
+    rebuilds everything; which one PATH named first depended on how the process was started."""
+    import ninja
+
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def _flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    return ["-O3", *flags], ["-fopenmp"] if "-fopenmp" in flags else []
+
+
+def name_of(src: Path, prefix: str, flags: tuple[str, ...] = ()) -> str:
+    """The library's name: `prefix`, then a hash of the source, the flags, torch's and Python's
+    versions and, with `-march=native`, the CPU (not the source's path)."""
+    import torch
+
+    cflags, ldflags = _flags(flags)
     cpu = _cpu_kind() if "-march=native" in flags else ""
-    key = repr((str(src.resolve()), cflags, ldflags, cpu)).encode()
-    digest = hashlib.sha256(src.read_bytes() + key).hexdigest()[:12]
-    return cpp_extension.load(
-        name=f"{prefix}_{digest}", sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False
-    )
+    key = repr((cflags, ldflags, cpu, torch.__version__, sys.version_info[:2])).encode()
+    return f"{prefix}_{hashlib.sha256(src.read_bytes() + key).hexdigest()[:12]}"
 
 
 def _cpu_kind() -> str:
