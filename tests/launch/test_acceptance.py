@@ -8,8 +8,11 @@ Two worlds:
   impressions per user), where everything a click depends on is visible to a set of behaviours,
   so DIN can near the oracle.
 
-The default tests run CI-sized versions (about 150k training rows); the slow ones run the default
-size (`pytest -m slow`, several minutes each).
+The default tests run CI-sized versions (about 150k training rows) in one process (the local
+launcher, with the global batch of the configs' two workers: 512 rows), which saves Ray's start of
+about 25 s a run; the slow ones run the default size as users run it, two Ray workers (`pytest -m
+slow`, several minutes each). That a one-process run trains what two workers train is
+tests/trainer/test_distributed.py's check; Ray's launch is tests/launch/test_launchers.py's.
 """
 
 import json
@@ -18,8 +21,6 @@ import pytest
 
 from launch.cli import main
 from tests.conftest import ROOT
-
-pytestmark = pytest.mark.ray
 
 POSITION_BLIND = [
     "--users",
@@ -41,6 +42,7 @@ POSITION_BLIND = [
 ]
 CI_POSITION_BLIND = [*POSITION_BLIND, "--users", "6000"]  # 150k training rows
 CI_DEFAULT = ["--users", "18000"]  # 144k training rows
+ONE_PROCESS = ("launch.launcher=local", "data.batch_size=512")  # the configs' 2 workers × 256 rows
 
 
 def train(capsys, name, data, out, *overrides) -> dict:
@@ -62,20 +64,21 @@ def train(capsys, name, data, out, *overrides) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def compare(capsys, tmp_path, generate_args, models=("din", "base")) -> dict[str, dict]:
-    """Train each of `models` on one generated world: a config name, or (label, name, overrides)."""
+def compare(capsys, tmp_path, generate_args, models=("din", "base"), common=()) -> dict[str, dict]:
+    """Train each of `models` on one generated world: a config name, or (label, name, overrides);
+    `common`: overrides for every run."""
     data = tmp_path / "data"
     assert main(["generate", "--out", str(data), "--no-progress", *generate_args]) == 0
     capsys.readouterr()
     runs = [(m, m, ()) if isinstance(m, str) else m for m in models]
-    return {label: train(capsys, name, data, tmp_path / label, *o) for label, name, o in runs}
+    return {label: train(capsys, name, data, tmp_path / label, *o, *common) for label, name, o in runs}
 
 
 NO_AUX = ("dien_no_aux", "dien", ("model.aux_loss=0",))
 
 
 def test_din_beats_base_model_and_nears_the_oracle_position_blind_ci_sized(tmp_path, capsys):
-    r = compare(capsys, tmp_path, CI_POSITION_BLIND)
+    r = compare(capsys, tmp_path, CI_POSITION_BLIND, common=ONE_PROCESS)
     din, base = r["din"], r["base"]
     assert din["auc"] >= base["auc"] + 0.01, (din, base)
     assert din["gauc"] >= base["gauc"] + 0.01, (din, base)
@@ -83,13 +86,14 @@ def test_din_beats_base_model_and_nears_the_oracle_position_blind_ci_sized(tmp_p
 
 
 def test_dien_beats_din_and_its_auxiliary_loss_helps_ci_sized(tmp_path, capsys):
-    r = compare(capsys, tmp_path, CI_DEFAULT, ("din", "dien", NO_AUX))
+    r = compare(capsys, tmp_path, CI_DEFAULT, ("din", "dien", NO_AUX), common=ONE_PROCESS)
     din, dien, no_aux = r["din"], r["dien"], r["dien_no_aux"]
     assert dien["auc"] >= din["auc"] + 0.01, (dien, din)
     assert dien["auc"] >= no_aux["auc"] + 0.005, (dien, no_aux)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_din_beats_base_model_and_nears_the_oracle_position_blind(tmp_path, capsys):
     r = compare(capsys, tmp_path, POSITION_BLIND)
     din, base = r["din"], r["base"]
@@ -98,6 +102,7 @@ def test_din_beats_base_model_and_nears_the_oracle_position_blind(tmp_path, caps
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_dien_beats_din_beats_base_model_on_default_data(tmp_path, capsys):
     r = compare(capsys, tmp_path, [], ("din", "base", "dien", NO_AUX))
     din, base, dien, no_aux = r["din"], r["base"], r["dien"], r["dien_no_aux"]
