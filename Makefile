@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean lint reproduce-movielens reproduce-zoo-movielens peers
+.PHONY: setup train test data clean lint reproduce-movielens reproduce-zoo-movielens reproduce-zoo-synthetic peers
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,15 @@ data/movielens/convert.json: $(ML_WHEEL)
 reproduce-zoo-movielens: setup data/movielens-valid/convert.json
 	$(BIN)/dinrec experiment zoo --config 'configs/zoo_movielens/{model}.yaml' --seeds 0,1,2 \
 		--out docs/results-zoo-movielens.md --plot docs/zoo-movielens.png --runs runs/zoo_movielens
+
+# the model zoo on the synthetic world with profile and context signal (configs/zoo_synthetic.yaml),
+# the epoch chosen on new users of the same world -> docs/results-zoo.md
+reproduce-zoo-synthetic: setup data/zoo/train/_SUCCESS
+	$(BIN)/dinrec experiment zoo --config configs/zoo_synthetic.yaml --seeds 0,1,2 \
+		--out docs/results-zoo.md --plot docs/zoo-synthetic.png --runs runs/zoo_synthetic
+
+data/zoo/train/_SUCCESS: tools/generate.py
+	$(BIN)/dinrec generate --out data/zoo --users 30000 --valid-users 10000 --profile 1.0 --context 1.0
 
 # the same conversion with 15 % of the training users held out for validation (data.valid): the
 # model zoo's MovieLens runs choose their hyper-parameters and best epoch on it; the test set is
