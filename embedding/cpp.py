@@ -15,14 +15,12 @@ from pathlib import Path
 def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
     """Build (once per source version) and import the extension in `src`.
 
-    The library is addressed by its content: its name carries a hash of the source, the flags,
-    torch's and Python's versions, and it is compiled from a copy of the source kept beside it in the
-    build directory. An edited kernel builds into a directory of its own instead of rewriting a
-    library that running processes have loaded, and the same source at another path (another
-    checkout, the copy of the working directory that `ray job submit` gives every job) loads the
-    library already built instead of compiling again (ninja rebuilds when a source path in its
-    command line changes). With `-march=native` the key also carries the CPU's model and
-    instruction sets, so that machines of another kind that share the cache build their own.
+    The library is addressed by its content (`name_of`) and compiled from a copy of the source
+    kept in its build directory. An edited kernel builds into a directory of its own instead of
+    rewriting a library that running processes have loaded, and the same source at another path
+    (another checkout, the copy of the working directory that `ray job submit` gives every job)
+    loads the library already built instead of compiling again (ninja rebuilds when a source path
+    in its command line changes).
     """
     from torch.utils import cpp_extension
 
@@ -67,7 +65,8 @@ def _flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 def name_of(src: Path, prefix: str, flags: tuple[str, ...] = ()) -> str:
     """The library's name: `prefix`, then a hash of the source, the flags, torch's and Python's
-    versions and, with `-march=native`, the CPU (not the source's path)."""
+    versions and, with `-march=native`, the CPU's model and instruction sets (so that machines of
+    another kind that share the cache build their own); not the source's path."""
     import torch
 
     cflags, ldflags = _flags(flags)

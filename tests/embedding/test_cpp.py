@@ -9,8 +9,6 @@ from pathlib import Path
 from embedding import cpp
 from trainer.models import jagged
 
-FLAGS = ("-fopenmp", "-march=native")  # jagged.kernel()'s
-
 
 def library(module) -> Path:
     return Path(module.__file__)
@@ -21,17 +19,17 @@ def test_the_same_source_at_another_path_reuses_the_built_library(tmp_path):
     mtime = built.stat().st_mtime_ns
     copy = tmp_path / "elsewhere" / "jagged.cpp"
     copy.parent.mkdir()
-    copy.write_bytes((Path(jagged.__file__).with_name("csrc") / "jagged.cpp").read_bytes())
-    again = library(cpp.load(copy, "dinrec_jagged", FLAGS))
+    copy.write_bytes(jagged.SOURCE.read_bytes())
+    again = library(cpp.load(copy, "dinrec_jagged", jagged.FLAGS))
     assert again == built
     assert built.stat().st_mtime_ns == mtime  # not rebuilt
 
 
 def test_an_edited_source_is_another_library(tmp_path):
-    src = (Path(jagged.__file__).with_name("csrc") / "jagged.cpp").read_bytes()
+    src = jagged.SOURCE.read_bytes()
     a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
     a.write_bytes(src)
     b.write_bytes(src + b"\n// edited\n")
     built = library(jagged.kernel()).parent.name  # the build directory is named for the library
-    assert cpp.name_of(a, "dinrec_jagged", FLAGS) == built
-    assert cpp.name_of(b, "dinrec_jagged", FLAGS) != built
+    assert cpp.name_of(a, "dinrec_jagged", jagged.FLAGS) == built
+    assert cpp.name_of(b, "dinrec_jagged", jagged.FLAGS) != built

@@ -24,12 +24,14 @@ import torch
 
 from embedding import cpp
 
+SOURCE = Path(__file__).with_name("csrc") / "jagged.cpp"
+FLAGS = ("-fopenmp", "-march=native")  # -fopenmp: at::parallel_for runs on torch's threads
+
 
 @functools.cache
 def kernel():
     """The C++ segment sum (built on first use, cached; `make setup` builds it ahead)."""
-    flags = ("-fopenmp", "-march=native")  # -fopenmp: at::parallel_for runs on torch's threads
-    return cpp.load(Path(__file__).with_name("csrc") / "jagged.cpp", "dinrec_jagged", flags)
+    return cpp.load(SOURCE, "dinrec_jagged", FLAGS)
 
 
 @torch.library.custom_op("dinrec::gather_rows", mutates_args=())
