@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m trainer.models.gru  # and DIEN's GRU sequence kernel
 	$(BIN)/python -c "from trainer.models import activations; activations.kernel()"  # and PReLU's and Dice's
 	$(BIN)/python -c "from trainer.models import jagged; jagged.kernel()"  # and the jagged segment sum
+	$(BIN)/python -c "from trainer.models import attention; attention.kernel()"  # and DIN's fused attention
 	touch $@
 
 data: setup $(DATA)/train/_SUCCESS

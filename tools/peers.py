@@ -132,8 +132,16 @@ def _child(args: argparse.Namespace, model: str, side: str, peers: Path) -> dict
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"bench peers: the {side} process of {model} failed: {tail[0]}")
+        tail = ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"])[0]
+        from trainer.config import ConfigError
+        from trainer.data import DataError
+
+        # the child's own one-line error on bad input stays one line here; anything else is a bug
+        for kind in (DataError, ConfigError):
+            name = f"{kind.__module__}.{kind.__name__}: "
+            if tail.startswith(name):
+                raise kind(f"bench peers: the {side} process of {model}: {tail[len(name) :]}")
+        raise RuntimeError(f"bench peers: the {side} process of {model} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -89,6 +89,11 @@ class ModelConfig:
     # our PReLU/Dice kernels, the GEMMs and the row gathers as calls between; the first steps
     # compile (tens of seconds, cached on disk for later runs); see docs/results.md
     compile: bool = False
+    # DIN's local activation unit: `fused`, with PReLU on the CPU one op forward and backward
+    # (blocks of about 256 behaviours through every layer while in cache; trainer/models/attention.py);
+    # `layers`, layer by layer (the reference); `auto`, fused on the CPU with PReLU in fp32, else
+    # layers (bf16's fused speed is not measured yet); docs/results.md "CPU speed"
+    attention_kernel: Literal["auto", "fused", "layers"] = "auto"
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.
     id_dropout: float = 0.0
@@ -404,6 +409,8 @@ class _CHECKS:
             _positive(n, f"{path}.cin_layers.{i}")
         if c.score_hidden < 0:
             raise ConfigError(f"{path}.score_hidden: must be >= 0, got {c.score_hidden}")
+        if c.attention_kernel == "fused" and c.activation != "prelu":
+            raise ConfigError(f"{path}.attention_kernel: fused takes PReLU, not activation {c.activation!r}")
         for key in ("cross_layers", "heads", "ffn"):
             _positive(getattr(c, key), f"{path}.{key}")
 

@@ -57,6 +57,11 @@ def test_overrides_are_typed_and_checked(tmp_path):
         (TABLES, ["train.epochs=1.5"], "train.epochs: expected int, got float"),
         (TABLES, ["tables.3.dim=1"], "tables.3: list index '3' out of range"),
         (TABLES, ["data.batch_size=0"], "data.batch_size: must be > 0"),
+        (
+            TABLES,
+            ["model.attention_kernel=fused", "model.activation=dice"],
+            "model.attention_kernel: fused takes PReLU, not activation 'dice'",
+        ),
         (TABLES, ["nonsense"], "expected key.path=value"),
         (
             "tables:\n  - {name: item, num_rows: 10, dim: 4, features: [hist_item_id]}\n",

@@ -15,7 +15,7 @@ class DINTower(Tower):
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, n_dense: int):
         super().__init__(cfg.precision, cfg.compile)
         d = layout.behaviour_dim
-        self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation)
+        self.attention = LocalActivationUnit(d, cfg.attention_mlp, cfg.activation, cfg.attention_kernel)
         self.mlp = MLP(2 * d + layout.pooled_dim + n_dense, cfg.mlp, cfg.activation, out=1)
 
     def compute(self, x: Lookups, dense: torch.Tensor) -> torch.Tensor:  # -> logits [B]

@@ -59,12 +59,39 @@ class LocalActivationUnit(nn.Module):
     The MLP's first layer W·[e, v, e − v, e ⊙ v] + b is computed as
     [e, e ⊙ v]·[W1 + W3, W4]ᵀ per behaviour plus (v·(W2 − W3)ᵀ + b) per row, gathered: the
     same function and parameters, with half the per-behaviour matmul and no [N, 4D] input.
+
+    `kernel`: "fused", the unit with PReLU on the CPU as one op (trainer.models.attention: blocks
+    of histories through every layer while in cache); "layers", layer by layer as written here;
+    "auto", fused where it applies (PReLU, the CPU) except under bf16 autocast, whose fused speed
+    has not been measured on a CPU with bf16 instructions (docs/results.md, "CPU speed").
     """
 
-    def __init__(self, dim: int, hidden: list[int], act: str):
+    def __init__(self, dim: int, hidden: list[int], act: str, kernel: str = "auto"):
         super().__init__()
+        if kernel not in ("auto", "fused", "layers"):
+            raise ValueError(f"attention kernel must be 'auto', 'fused' or 'layers', got {kernel!r}")
+        if kernel == "fused" and act != "prelu":
+            raise ValueError(f"the fused attention kernel takes PReLU, not {act!r}")
         self.dim = dim
+        self.kernel = kernel
         self.mlp = MLP(4 * dim, hidden, act, out=1)
+
+    def _fused(self, hist: torch.Tensor) -> bool:
+        from trainer.models.activations import PReLU
+
+        if self.kernel == "layers":
+            return False
+        acts = list(self.mlp)[1:-1:2]
+        applies = (
+            hist.device.type == "cpu"
+            and hist.dtype in (torch.float32, torch.float64)
+            and all(isinstance(a, PReLU) and a.use_kernel for a in acts)
+        )
+        if self.kernel == "fused":
+            if not applies:
+                raise ValueError(f"the fused attention kernel runs on the CPU, the behaviours are on {hist.device}")
+            return True
+        return applies and not torch.is_autocast_enabled("cpu")
 
     def _weights(self, hist: torch.Tensor, cand: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         first = self.mlp[0]
@@ -82,6 +109,11 @@ class LocalActivationUnit(nn.Module):
 
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
+        if self._fused(hist):
+            from trainer.models.attention import fused_unit
+
+            bf16 = torch.is_autocast_enabled("cpu") and hist.dtype == torch.float32
+            return fused_unit(self, hist, cand, lengths, bf16)
         seg = jagged_rows(lengths, hist.shape[0])
         return segment_sum(self._weights(hist, cand, seg) * hist, seg, cand.shape[0])
 
