@@ -7,7 +7,8 @@ module's parsers.
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
   FBGEMM fused sparse optimizer, jagged attention, torchrec's TrainPipelineSparseDist) against the
   same step without the pipeline (`train_step`, the plain loop), in the other precision (fp32 /
-  bf16), with the tower compiled or not (model.compile), and against a plain-PyTorch DIN
+  bf16), with the tower compiled or not (model.compile), with the attention unit fused or layer
+  by layer (model.attention_kernel; with PReLU), and against a plain-PyTorch DIN
   of the same shape (nn.Embedding with sparse gradients, padded histories), on the same batches,
   alternating in blocks within one run.
 - `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
@@ -266,6 +267,14 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         flip_cfg = replace(cfg, model=replace(cfg.model, compile=not cfg.model.compile))  # the tower (not) compiled
         flip_model = build_model(flip_cfg, world, torch.device("cpu"))
         flip_steps = Steps(flip_model, dense_optimizer(flip_cfg, flip_model), torch.device("cpu"))
+        # the attention unit the other way (fused / layer by layer), where the fused op applies
+        kernel = _attention_kernel(cfg, precision)
+        att_steps = None
+        if kernel is not None:
+            flipped = "layers" if kernel == "fused" else "fused"
+            att_cfg = replace(cfg, model=replace(cfg.model, attention_kernel=flipped))
+            att_model = build_model(att_cfg, world, torch.device("cpu"))
+            att_steps = Steps(att_model, dense_optimizer(att_cfg, att_model), torch.device("cpu"))
 
         def plain_steps(idx) -> None:
             for i in idx:
@@ -297,6 +306,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
             "flip": _through(flip_steps, data),
             "reference": ref_steps,
         }
+        if att_steps is not None:
+            runs["attention"] = _through(att_steps, data)
         blocks, seconds = alternate(runs, warmup, steps, rounds)
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
@@ -306,6 +317,10 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     compiled, eager = (ours, flip) if cfg.model.compile else (flip, ours)
     reference = sum(samples) / sum(seconds["reference"])
     per_round = [r / o for o, r in zip(seconds["ours"], seconds["reference"], strict=True)]
+    by_kernel = None
+    if kernel is not None:
+        other_kernel = "layers" if kernel == "fused" else "fused"
+        by_kernel = {kernel: ours, other_kernel: sum(samples) / sum(seconds["attention"])}
     hist_feature = layout.pairs[0][1]
     mean_hist = sum(float(b.feature(hist_feature).lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
@@ -330,8 +345,21 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "compile": cfg.model.compile,
         "samples_per_s_by_compile": {"eager": round(eager, 1), "compiled": round(compiled, 1)},
         "ratio_compiled_over_eager": round(compiled / eager, 3),
+        "attention_kernel": kernel,
+        "samples_per_s_by_attention_kernel": {k: round(v, 1) for k, v in by_kernel.items()} if by_kernel else None,
+        "ratio_fused_over_layers": round(by_kernel["fused"] / by_kernel["layers"], 3) if by_kernel else None,
         "ratio_per_round": [round(r, 3) for r in per_round],
     }
+
+
+def _attention_kernel(cfg: Config, precision: str) -> str | None:
+    """The attention unit the config's DIN runs on the CPU: "fused" or "layers"; None with Dice,
+    which only the layers take."""
+    if cfg.model.activation != "prelu":
+        return None
+    if cfg.model.attention_kernel == "auto":
+        return "fused" if precision == "fp32" else "layers"
+    return cfg.model.attention_kernel
 
 
 def bench_workers(cfg: Config, counts: list[int], steps: int) -> dict:

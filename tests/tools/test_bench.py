@@ -49,6 +49,7 @@ def test_bench_train_against_reference(tiny_data, capsys):
         f"data.train={tiny_data / 'train'}",
         BEHAVIOUR_ONLY,
         "sparse_optimizer.type=sgd",
+        "model.activation=prelu",  # the fused attention unit takes PReLU
     )
     assert r["dinrec_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio_dinrec_over_reference"] - r["dinrec_samples_per_s"] / r["reference_samples_per_s"]) < 0.002
@@ -61,6 +62,9 @@ def test_bench_train_against_reference(tiny_data, capsys):
     c = r["samples_per_s_by_compile"]
     assert r["compile"] is False and c["eager"] == r["dinrec_samples_per_s"] and c["compiled"] > 0
     assert abs(r["ratio_compiled_over_eager"] - c["compiled"] / c["eager"]) < 0.002
+    k = r["samples_per_s_by_attention_kernel"]  # PReLU in fp32: the fused unit, and the layers beside it
+    assert r["attention_kernel"] == "fused" and k["fused"] == r["dinrec_samples_per_s"] and k["layers"] > 0
+    assert abs(r["ratio_fused_over_layers"] - k["fused"] / k["layers"]) < 0.002
 
 
 def test_bench_train_times_every_model_against_din(tiny_zoo_data, capsys):

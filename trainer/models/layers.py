@@ -17,7 +17,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.layout import FeatureLayout, jagged_rows
 from embedding.tables import embedding_bag_configs, embedding_configs
-from trainer.models.activations import activation
+from trainer.models.activations import PReLU, activation
+from trainer.models.attention import fused_unit
 from trainer.models.jagged import gather_rows, segment_sum
 
 
@@ -77,8 +78,6 @@ class LocalActivationUnit(nn.Module):
         self.mlp = MLP(4 * dim, hidden, act, out=1)
 
     def _fused(self, hist: torch.Tensor) -> bool:
-        from trainer.models.activations import PReLU
-
         if self.kernel == "layers":
             return False
         acts = list(self.mlp)[1:-1:2]
@@ -110,8 +109,6 @@ class LocalActivationUnit(nn.Module):
     def forward(self, hist: torch.Tensor, cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # hist [N, D], cand [B, D], lengths [B] -> [B, D]
         if self._fused(hist):
-            from trainer.models.attention import fused_unit
-
             bf16 = torch.is_autocast_enabled("cpu") and hist.dtype == torch.float32
             return fused_unit(self, hist, cand, lengths, bf16)
         seg = jagged_rows(lengths, hist.shape[0])

@@ -16,11 +16,16 @@
 // batch row's sums (out, ∂P, ∂c) are written by one block; the weights' gradients are summed per
 // block and the blocks added in order: results do not depend on the number of threads.
 //
-// Types: T (float or double) of h, c, P and the parameters, in which every elementwise step and
-// sum is computed; S the matrix products' operands and the stored z_k: T, or bfloat16 (the
-// mixed precision of autocast: products in bfloat16, z_k rounded to bfloat16 once, as the
-// unfused unit under autocast rounds each layer's output).
+// Types: T (float or double) of h, c, P, the parameters, the products' results and every
+// elementwise step and sum; S the products' operands and the stored z_k: T, or bfloat16 (the
+// mixed precision of autocast: operands in bfloat16, products accumulated in float, z_k rounded
+// to bfloat16 once).
+//
+// The products are many small ones (a block's rows by at most a few hundred columns), each on one
+// thread: they call the BLAS that torch links (MKL's sgemm_/dgemm_/cblas_gemm_bf16bf16f32, found
+// at run time), without the dispatcher's cost per call, or ATen's mm where those are absent.
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -30,9 +35,8 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 256;   // behaviours per block (whole histories are added until it is full)
-constexpr int64_t ROW_PAD = 64;  // a block's matrices have a multiple of this many rows (zero-padded):
-                                 // bfloat16 products of new shapes are slow the first time
+constexpr int64_t BLOCK = 256;  // behaviours per block (whole histories are added until it is full)
+constexpr int64_t ROW_PAD = 16;  // a block's matrices have a multiple of this many rows (zero-padded)
 
 template <typename T>
 inline T widen(T v) { return v; }
@@ -52,8 +56,71 @@ inline at::BFloat16 narrow<at::BFloat16, float>(float f) {  // round to nearest 
   const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
   return at::BFloat16(uint16_t(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
 }
-template <typename T>
-inline T prelu(T z, T a) { return std::max(z, T(0)) + a * std::min(z, T(0)); }
+
+// ---- products: C[M, N] (row-major, T) = op(A)·op(B) with A, B row-major in S ------------------
+
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                         const int*, const double*, const int*, const double*, double*, const int*);
+using bgemm_t = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float, float*,
+                         int);
+
+struct Blas {
+  sgemm_t s = nullptr;
+  dgemm_t d = nullptr;
+  bgemm_t b = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas found = [] {
+    Blas f;
+    f.s = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    f.d = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    f.b = reinterpret_cast<bgemm_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+    return f;
+  }();
+  return found;
+}
+
+// row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: the Fortran call with the
+// operands swapped
+template <typename T, typename F>
+bool fortran_gemm(F fn, bool ta, bool tb, int m, int n, int k, const T* a, int lda, const T* b, int ldb, T* c,
+                  int ldc) {
+  if (fn == nullptr) return false;
+  const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+  const T one = 1, zero = 0;
+  fn(&tB, &tA, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+  return true;
+}
+
+template <typename S, typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, T* c,
+          int64_t ldc) {
+  const Blas& f = blas();
+  bool done = false;
+  if constexpr (std::is_same_v<S, float>) {
+    done = fortran_gemm<float>(f.s, ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+  } else if constexpr (std::is_same_v<S, double>) {
+    done = fortran_gemm<double>(f.d, ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+  } else {
+    if (f.b != nullptr) {  // CblasRowMajor 101, CblasNoTrans 111, CblasTrans 112
+      f.b(101, ta ? 112 : 111, tb ? 112 : 111, m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a), lda,
+          reinterpret_cast<const uint16_t*>(b), ldb, 0.0f, c, ldc);
+      done = true;
+    }
+  }
+  if (done) return;
+  const auto st = c10::CppTypeToScalarType<S>::value;
+  at::Tensor A = at::from_blob(const_cast<S*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, at::dtype(st));
+  at::Tensor B = at::from_blob(const_cast<S*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, at::dtype(st));
+  at::Tensor C = at::mm(ta ? A.t() : A, tb ? B.t() : B);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::dtype(c10::CppTypeToScalarType<T>::value));
+  out.copy_(C);
+}
+
+// ---- blocks -------------------------------------------------------------------------------------
 
 struct Blocks {
   std::vector<int64_t> first;  // batch row starting each block, then B
@@ -74,11 +141,121 @@ Blocks blocks_of(const int64_t* off, int64_t b) {
   return bl;
 }
 
+// ---- elementwise steps (functions of their own with __restrict pointers: they vectorize) ---------
+
+// x = [h, h ⊙ c] for `rows` behaviours of one batch row
+template <typename S, typename T>
+void fill_x(S* __restrict x, const T* __restrict h, const T* __restrict c, int64_t rows, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      x[i * 2 * d + j] = narrow<S>(h[i * d + j]);
+      x[i * 2 * d + d + j] = narrow<S>(h[i * d + j] * c[j]);
+    }
+  }
+}
+
+// z = round_S(z + add) (stored in keep when given), a = prelu(z): `rows` rows of width w
+template <typename S, typename T>
+void activate(const T* __restrict zf, const T* __restrict add, const T* __restrict al, S* __restrict keep,
+              S* __restrict a, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const S zr = narrow<S>(zf[i * w + j] + add[j]);
+      if (keep) keep[i * w + j] = zr;
+      const T t = widen(zr);
+      a[i * w + j] = narrow<S>(std::max(t, T(0)) + al[j] * std::min(t, T(0)));
+    }
+  }
+}
+
+// a = prelu(z) from the stored z
+template <typename S, typename T>
+void reactivate_rows(const S* __restrict z, const T* __restrict al, S* __restrict a, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const T t = widen(z[i * w + j]);
+      a[i * w + j] = narrow<S>(std::max(t, T(0)) + al[j] * std::min(t, T(0)));
+    }
+  }
+}
+
+// dz = da·prelu'(z) (as S, for the products), and α's and the bias's gradients
+template <typename S, typename T>
+void through_prelu(const T* __restrict da, const S* __restrict z, const T* __restrict al, S* __restrict dz,
+                   T* __restrict ga, T* __restrict gb, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const T g = da[i * w + j], t = widen(z[i * w + j]);
+      const bool pos = t > T(0);
+      const T d = pos ? g : al[j] * g;
+      ga[j] += pos ? T(0) : g * t;
+      gb[j] += d;
+      dz[i * w + j] = narrow<S>(d);
+    }
+  }
+}
+
+// the weight of each behaviour, w_i = a_i·u + b_u, and out += Σ w_i·h_i (one batch row)
+template <typename S, typename T>
+void weigh(const S* __restrict a, const T* __restrict u, T bu, const T* __restrict h, T* __restrict wg,
+           T* __restrict out, int64_t rows, int64_t w, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T acc = bu;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < w; ++j) acc += T(widen(a[i * w + j])) * u[j];
+    wg[i] = acc;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) out[j] += acc * h[i * d + j];
+  }
+}
+
+// the backward of weigh for one batch row: ∂w_i = <g, h_i>, ∂h_i = w_i·g, ∂a_i = ∂w_i·u, u's and
+// b_u's gradients
+template <typename S, typename T>
+void unweigh(const T* __restrict g, const T* __restrict h, const T* __restrict wg, const S* __restrict a,
+             const T* __restrict u, T* __restrict gh, T* __restrict da, T* __restrict gu, int64_t rows, int64_t w,
+             int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T dw = 0;
+#pragma omp simd reduction(+ : dw)
+    for (int64_t j = 0; j < d; ++j) dw += g[j] * h[i * d + j];
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) gh[i * d + j] = wg[i] * g[j];
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      gu[j] += dw * T(widen(a[i * w + j]));
+      da[i * w + j] = dw * u[j];
+    }
+    gu[w] += dw;
+  }
+}
+
+// layer 1's input for one batch row: ∂P += Σ ∂z1, ∂h_i += ∂x[:D] + ∂x[D:] ⊙ c, ∂c += Σ ∂x[D:] ⊙ h_i
+template <typename S, typename T>
+void into_input(const S* __restrict dz, const T* __restrict dx, const T* __restrict h, const T* __restrict c,
+                T* __restrict gp, T* __restrict gh, T* __restrict gc, int64_t rows, int64_t w, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) gp[j] += widen(dz[i * w + j]);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const T e = dx[i * 2 * d + j], q = dx[i * 2 * d + d + j];
+      gh[i * d + j] += e + q * c[j];
+      gc[j] += q * h[i * d + j];
+    }
+  }
+}
+
+// ---- the op ---------------------------------------------------------------------------------------
+
 struct Layers {  // the parameters as the kernels read them
-  std::vector<at::Tensor> wt;  // W_kᵀ [in, out] in S: the forward products
-  std::vector<at::Tensor> w;   // W_k [out, in] in S: the backward's
+  std::vector<at::Tensor> w;  // W_k [out, in] in S
   std::vector<const void*> bias, alpha;  // T*: b_k (k ≥ 2; b1 is in P), α_k
-  std::vector<int64_t> width;  // H_k
+  std::vector<int64_t> width, in;  // H_k, in_k
 };
 
 template <typename S, typename T>
@@ -86,32 +263,13 @@ Layers layers_of(const std::vector<at::Tensor>& weights, const std::vector<at::T
                  const std::vector<at::Tensor>& alphas, at::ScalarType st) {
   Layers ly;
   for (size_t k = 0; k < weights.size(); ++k) {
-    const at::Tensor w = weights[k].detach();  // the products below take out= (no autograd)
-    ly.w.push_back(w.to(st).contiguous());
-    ly.wt.push_back(w.t().to(st).contiguous());
+    ly.w.push_back(weights[k].detach().to(st).contiguous());
     ly.alpha.push_back(alphas[k].data_ptr<T>());
     ly.bias.push_back(k && k <= biases.size() ? biases[k - 1].data_ptr<T>() : nullptr);
     ly.width.push_back(weights[k].size(0));
+    ly.in.push_back(weights[k].size(1));
   }
   return ly;
-}
-
-// x = [h, h ⊙ c_s] for the block's behaviours (rows past n stay zero)
-template <typename S, typename T>
-void fill_x(S* x, const T* h, const T* c, const int64_t* off, int64_t s0, int64_t s1, int64_t d) {
-  const int64_t base = off[s0];
-  for (int64_t s = s0; s < s1; ++s) {
-    const T* cs = c + s * d;
-    for (int64_t i = off[s]; i < off[s + 1]; ++i) {
-      const T* hi = h + i * d;
-      S* xi = x + (i - base) * 2 * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        xi[j] = narrow<S>(hi[j]);
-        xi[d + j] = narrow<S>(hi[j] * cs[j]);
-      }
-    }
-  }
 }
 
 template <typename S, typename T>
@@ -130,6 +288,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
   const Layers ly = layers_of<S, T>(weights, biases, alphas, st);
   const Blocks bl = blocks_of(off, b);
   const int64_t nb = bl.first.size() - 1, m = bl.rows;
+  int64_t widest = 2 * d;
+  for (int64_t k = 0; k < nl; ++k) widest = std::max(widest, ly.width[k]);
 
   at::Tensor out = at::zeros({b, d}, hist.options());
   at::Tensor wgt = at::empty({n}, hist.options());
@@ -139,72 +299,44 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
   T* wg = wgt.data_ptr<T>();
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    const auto opt = hist.options().dtype(st);
-    at::Tensor x = at::zeros({m, 2 * d}, opt);
-    std::vector<at::Tensor> z, a;  // per layer [m, H_k]: the product, then the activation
-    for (int64_t k = 0; k < nl; ++k) {
-      z.push_back(at::empty({m, ly.width[k]}, opt));
-      a.push_back(at::zeros({m, ly.width[k]}, opt));
-    }
+    // per thread: x, then each layer's activation (S, the next product's operand), and one
+    // product result (T); rows past a block's stay zero or stale: no real row reads them
+    std::vector<S> x(m * 2 * d, S(0)), act0(m * widest, S(0)), act1(m * widest, S(0));
+    std::vector<T> zf(m * widest);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
-      fill_x<S, T>(x.data_ptr<S>(), h, c, off, s0, s1, d);
+      const int64_t rows = off[s1] - base;
+      for (int64_t s = s0; s < s1; ++s)
+        fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
+      const S* below = x.data();
+      S* a = act0.data();
       for (int64_t k = 0; k < nl; ++k) {
-        const int64_t hk = ly.width[k];
-        at::mm_out(z[k], k ? a[k - 1] : x, ly.wt[k]);
-        const S* zk = z[k].data_ptr<S>();
-        S* ak = a[k].data_ptr<S>();
-        S* keep = save ? zs[k].data_ptr<S>() + base * hk : nullptr;
+        const int64_t w = ly.width[k];
+        gemm<S, T>(false, true, rows, w, ly.in[k], below, ly.in[k], ly.w[k].data_ptr<S>(), ly.in[k], zf.data(), w);
+        S* keep = save ? zs[k].data_ptr<S>() + base * w : nullptr;
         const T* al = static_cast<const T*>(ly.alpha[k]);
-        const T* bias = static_cast<const T*>(ly.bias[k]);
-        for (int64_t s = s0; s < s1; ++s) {
-          const T* add = k ? bias : pp + s * hk;  // layer 1: the batch row's P
-          for (int64_t i = off[s] - base; i < off[s + 1] - base; ++i) {
-#pragma omp simd
-            for (int64_t j = 0; j < hk; ++j) {
-              const S zr = narrow<S>(T(widen(zk[i * hk + j])) + add[j]);
-              if (save) keep[i * hk + j] = zr;
-              ak[i * hk + j] = narrow<S>(prelu(T(widen(zr)), al[j]));
-            }
+        if (k == 0) {  // P per batch row
+          for (int64_t s = s0; s < s1; ++s) {
+            const int64_t r = off[s] - base;
+            activate<S, T>(zf.data() + r * w, pp + s * w, al, keep ? keep + r * w : nullptr, a + r * w,
+                           off[s + 1] - off[s], w);
           }
+        } else {
+          activate<S, T>(zf.data(), static_cast<const T*>(ly.bias[k]), al, keep, a, rows, w);
         }
+        below = a;
+        a = (a == act0.data()) ? act1.data() : act0.data();
       }
-      const S* al = a[nl - 1].data_ptr<S>();
-      const int64_t hl = ly.width[nl - 1];
+      const int64_t wl = ly.width[nl - 1];
       for (int64_t s = s0; s < s1; ++s) {
-        T* os = o + s * d;
-        for (int64_t i = off[s]; i < off[s + 1]; ++i) {
-          T acc = bias_u;
-          const S* ai = al + (i - base) * hl;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < hl; ++j) acc += T(widen(ai[j])) * uu[j];
-          wg[i] = acc;
-          const T* hi = h + i * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) os[j] += acc * hi[j];
-        }
+        const int64_t r = off[s] - base;
+        weigh<S, T>(below + r * wl, uu, bias_u, h + off[s] * d, wg + off[s], o + s * d, off[s + 1] - off[s], wl, d);
       }
     }
   });
   std::vector<at::Tensor> res{out, wgt};
   res.insert(res.end(), zs.begin(), zs.end());
   return res;
-}
-
-// ∂L/∂z from ∂L/∂a (in place in da's buffer, as S) for the block's rows; α's and the bias's
-// gradients added to ga, gb (T, [H])
-template <typename S, typename T>
-void through_prelu(S* da, const S* z, const T* al, int64_t rows, int64_t hk, T* ga, T* gb) {
-  for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-    for (int64_t j = 0; j < hk; ++j) {
-      const T g = widen(da[i * hk + j]), t = widen(z[i * hk + j]);
-      const T dz = t > T(0) ? g : al[j] * g;
-      ga[j] += t > T(0) ? T(0) : g * t;
-      gb[j] += dz;
-      da[i * hk + j] = narrow<S>(dz);
-    }
-  }
 }
 
 template <typename S, typename T>
@@ -223,142 +355,83 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   const Layers ly = layers_of<S, T>(weights, {}, alphas, st);  // biases are not read here
   const Blocks bl = blocks_of(off, b);
   const int64_t nb = bl.first.size() - 1, m = bl.rows;
-  const int64_t hl = ly.width[nl - 1], h1 = ly.width[0];
+  const int64_t wl = ly.width[nl - 1], w1 = ly.width[0];
+  int64_t widest = 2 * d;
+  for (int64_t k = 0; k < nl; ++k) widest = std::max(widest, ly.width[k]);
 
-  // every block's share of the parameters' gradients, added in block order at the end:
-  // per layer W_k [H_k, in_k] (S: the block's product), α_k, b_k [H_k] (T), then u [H_L], b_u
-  std::vector<at::Tensor> gw;
-  for (int64_t k = 0; k < nl; ++k) gw.push_back(at::empty({nb, ly.width[k], k ? ly.width[k - 1] : 2 * d}, hist.options().dtype(st)));
-  int64_t small = 0;
-  for (int64_t k = 0; k < nl; ++k) small += 2 * ly.width[k];
-  small += hl + 1;
-  at::Tensor gsmall = at::zeros({nb, small}, hist.options());
+  // every block's share of the parameters' gradients, added in block order at the end: per
+  // layer W_k, then α_k and b_k of every layer, then u and b_u
+  int64_t share = 0;
+  std::vector<int64_t> at_w, at_a;
+  for (int64_t k = 0; k < nl; ++k) {
+    at_w.push_back(share);
+    share += ly.width[k] * ly.in[k];
+  }
+  for (int64_t k = 0; k < nl; ++k) {
+    at_a.push_back(share);
+    share += 2 * ly.width[k];
+  }
+  const int64_t at_u = share;
+  share += wl + 1;
+  at::Tensor shares = at::zeros({nb, share}, hist.options());
 
   at::Tensor dh = at::empty({n, d}, hist.options());
   at::Tensor dc = at::zeros({b, d}, hist.options());
-  at::Tensor dp = at::zeros({b, h1}, hist.options());
+  at::Tensor dp = at::zeros({b, w1}, hist.options());
   T* gh = dh.data_ptr<T>();
   T* gc = dc.data_ptr<T>();
   T* gp = dp.data_ptr<T>();
+  T* sh = shares.data_ptr<T>();
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    const auto opt = hist.options().dtype(st);
-    at::Tensor x = at::zeros({m, 2 * d}, opt), dx = at::empty({m, 2 * d}, opt);
-    std::vector<at::Tensor> a, da;  // per layer [m, H_k]
-    for (int64_t k = 0; k < nl; ++k) {
-      a.push_back(at::zeros({m, ly.width[k]}, opt));
-      da.push_back(at::zeros({m, ly.width[k]}, opt));
-    }
+    // per thread: x and every layer's activation (S), ∂a (T, a product's result), ∂z (S)
+    std::vector<S> x(m * 2 * d, S(0)), dz(m * widest, S(0));
+    std::vector<std::vector<S>> act(nl);
+    for (int64_t k = 0; k < nl; ++k) act[k].assign(m * ly.width[k], S(0));
+    std::vector<T> da(m * widest, T(0));
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0], rows = off[s1] - base;
-      T* part = gsmall.data_ptr<T>() + blk * small;
-      fill_x<S, T>(x.data_ptr<S>(), h, c, off, s0, s1, d);
-      for (int64_t k = 0; k < nl; ++k) {  // a_k from the stored z_k
-        const int64_t hk = ly.width[k];
-        const S* zk = zs[k].data_ptr<S>() + base * hk;
-        S* ak = a[k].data_ptr<S>();
-        const T* al = static_cast<const T*>(ly.alpha[k]);
-        for (int64_t i = 0; i < rows; ++i)
-#pragma omp simd
-          for (int64_t j = 0; j < hk; ++j) ak[i * hk + j] = narrow<S>(prelu(T(widen(zk[i * hk + j])), al[j]));
-      }
-      // the weighted sum: ∂w_i = <∂out_s, h_i>, ∂h_i = w_i·∂out_s; then ∂a_L = ∂w_i·u
-      T* gu = part + small - hl - 1;
-      const S* aL = a[nl - 1].data_ptr<S>();
-      S* daL = da[nl - 1].data_ptr<S>();
-      // ∂a_L's rows past this block's stay zero (the products below run over all m rows; the
-      // other layers' ∂a are products of it, zero there too)
-      std::memset(static_cast<void*>(daL + rows * hl), 0, sizeof(S) * (m - rows) * hl);
+      const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
+      const int64_t rows = off[s1] - base;
+      T* part = sh + blk * share;
+      for (int64_t s = s0; s < s1; ++s)
+        fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
+      for (int64_t k = 0; k < nl; ++k)
+        reactivate_rows<S, T>(zs[k].data_ptr<S>() + base * ly.width[k], static_cast<const T*>(ly.alpha[k]),
+                              act[k].data(), rows, ly.width[k]);
       for (int64_t s = s0; s < s1; ++s) {
-        const T* gs = go + s * d;
-        for (int64_t i = off[s]; i < off[s + 1]; ++i) {
-          const T* hi = h + i * d;
-          T* ghi = gh + i * d;
-          T dw = 0;
-#pragma omp simd reduction(+ : dw)
-          for (int64_t j = 0; j < d; ++j) dw += gs[j] * hi[j];
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) ghi[j] = wg[i] * gs[j];
-          const int64_t r = i - base;
-#pragma omp simd
-          for (int64_t j = 0; j < hl; ++j) {
-            gu[j] += dw * T(widen(aL[r * hl + j]));
-            daL[r * hl + j] = narrow<S>(dw * uu[j]);
-          }
-          gu[hl] += dw;
-        }
+        const int64_t r = off[s] - base;
+        unweigh<S, T>(go + s * d, h + off[s] * d, wg + off[s], act[nl - 1].data() + r * wl, uu, gh + off[s] * d,
+                      da.data() + r * wl, part + at_u, off[s + 1] - off[s], wl, d);
       }
-      // the layers, last to first
-      T* ga = part;
-      for (int64_t k = 0; k < nl; ++k) ga += 2 * ly.width[k];
       for (int64_t k = nl - 1; k >= 0; --k) {
-        const int64_t hk = ly.width[k];
-        ga -= 2 * hk;
-        const S* zk = zs[k].data_ptr<S>() + base * hk;
-        through_prelu<S, T>(da[k].data_ptr<S>(), zk, static_cast<const T*>(ly.alpha[k]), rows, hk, ga, ga + hk);
-        const at::Tensor& below = k ? a[k - 1] : x;
-        at::Tensor share = gw[k][blk];
-        at::mm_out(share, da[k].t(), below);  // padded rows of da are zero
-        at::mm_out(k ? da[k - 1] : dx, da[k], ly.w[k]);
+        const int64_t w = ly.width[k], in = ly.in[k];
+        through_prelu<S, T>(da.data(), zs[k].data_ptr<S>() + base * w, static_cast<const T*>(ly.alpha[k]), dz.data(),
+                            part + at_a[k], part + at_a[k] + w, rows, w);
+        const S* below = k ? act[k - 1].data() : x.data();
+        gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in);  // ∂W_k = ∂zᵀ·below
+        gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
       }
-      // layer 1's input: ∂P_s = Σ ∂z1, ∂h_i += ∂x[:D] + ∂x[D:] ⊙ c_s, ∂c_s = Σ ∂x[D:] ⊙ h_i
-      const S* dz1 = da[0].data_ptr<S>();
-      const S* dxx = dx.data_ptr<S>();
+      // da holds ∂x now
       for (int64_t s = s0; s < s1; ++s) {
-        const T* cs = c + s * d;
-        T* gps = gp + s * h1;
-        T* gcs = gc + s * d;
-        for (int64_t i = off[s]; i < off[s + 1]; ++i) {
-          const int64_t r = i - base;
-#pragma omp simd
-          for (int64_t j = 0; j < h1; ++j) gps[j] += widen(dz1[r * h1 + j]);
-          const T* hi = h + i * d;
-          T* ghi = gh + i * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) {
-            const T e = widen(dxx[r * 2 * d + j]), q = widen(dxx[r * 2 * d + d + j]);
-            ghi[j] += e + q * cs[j];
-            gcs[j] += q * hi[j];
-          }
-        }
+        const int64_t r = off[s] - base;
+        into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
+                         gh + off[s] * d, gc + s * d, off[s + 1] - off[s], w1, d);
       }
     }
   });
 
   // the blocks' shares, added in order
+  at::Tensor total = at::zeros({share}, hist.options());
+  T* tt = total.data_ptr<T>();
+  for (int64_t blk = 0; blk < nb; ++blk)
+    for (int64_t j = 0; j < share; ++j) tt[j] += sh[blk * share + j];
   std::vector<at::Tensor> res{dh, dc, dp};
-  std::vector<at::Tensor> gws, gas, gbs;
-  const T* gsm = gsmall.data_ptr<T>();
-  int64_t col = 0;
-  for (int64_t k = 0; k < nl; ++k) {
-    const int64_t hk = ly.width[k], in = k ? ly.width[k - 1] : 2 * d;
-    at::Tensor w = at::zeros({hk, in}, hist.options()), al = at::zeros({hk}, hist.options()),
-               bias = at::zeros({hk}, hist.options());
-    T* ww = w.data_ptr<T>();
-    const S* src = gw[k].data_ptr<S>();
-    for (int64_t blk = 0; blk < nb; ++blk)
-      for (int64_t j = 0; j < hk * in; ++j) ww[j] += widen(src[blk * hk * in + j]);
-    for (int64_t blk = 0; blk < nb; ++blk)
-      for (int64_t j = 0; j < hk; ++j) {
-        al.data_ptr<T>()[j] += gsm[blk * small + col + j];
-        bias.data_ptr<T>()[j] += gsm[blk * small + col + hk + j];
-      }
-    col += 2 * hk;
-    gws.push_back(w);
-    gas.push_back(al);
-    gbs.push_back(bias);
-  }
-  at::Tensor gu = at::zeros({hl}, hist.options()), gbu = at::zeros({1}, hist.options());
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    for (int64_t j = 0; j < hl; ++j) gu.data_ptr<T>()[j] += gsm[blk * small + col + j];
-    gbu.data_ptr<T>()[0] += gsm[blk * small + col + hl];
-  }
-  res.insert(res.end(), gws.begin(), gws.end());
-  res.insert(res.end(), gbs.begin() + 1, gbs.end());  // b1's gradient reaches P, not here
-  res.insert(res.end(), gas.begin(), gas.end());
-  res.push_back(gu);
-  res.push_back(gbu);
-  (void)n;
+  auto piece = [&](int64_t at, int64_t len) { return total.narrow(0, at, len).clone(); };  // no aliases
+  for (int64_t k = 0; k < nl; ++k) res.push_back(piece(at_w[k], ly.width[k] * ly.in[k]).view({ly.width[k], ly.in[k]}));
+  for (int64_t k = 1; k < nl; ++k) res.push_back(piece(at_a[k] + ly.width[k], ly.width[k]));  // b1's is P's
+  for (int64_t k = 0; k < nl; ++k) res.push_back(piece(at_a[k], ly.width[k]));
+  res.push_back(piece(at_u, wl));
+  res.push_back(piece(at_u + wl, 1));
   return res;
 }
 
@@ -379,11 +452,13 @@ void check(const at::Tensor& hist, const at::Tensor& cand, const at::Tensor& off
   for (size_t k = 0; k < weights.size(); ++k) {
     TORCH_CHECK(weights[k].dim() == 2 && weights[k].size(1) == in && weights[k].scalar_type() == hist.scalar_type(),
                 "attention: layer ", k + 1, " weight must be [H, ", in, "] of hist's type");
-    TORCH_CHECK(alphas[k].dim() == 1 && alphas[k].size(0) == weights[k].size(0) && alphas[k].is_contiguous(),
-                "attention: layer ", k + 1, " alpha must be [H]");
+    TORCH_CHECK(alphas[k].dim() == 1 && alphas[k].size(0) == weights[k].size(0) && alphas[k].is_contiguous() &&
+                    alphas[k].scalar_type() == hist.scalar_type(),
+                "attention: layer ", k + 1, " alpha must be [H] of hist's type");
     in = weights[k].size(0);
   }
-  TORCH_CHECK(u.dim() == 1 && u.size(0) == in && u.is_contiguous(), "attention: u must be [H_L]");
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == in && u.is_contiguous() && u.scalar_type() == hist.scalar_type(),
+              "attention: u must be [H_L] of hist's type");
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& hist, const at::Tensor& cand, const at::Tensor& p,
@@ -392,9 +467,15 @@ std::vector<at::Tensor> forward(const at::Tensor& hist, const at::Tensor& cand, 
                                 const at::Tensor& u, const at::Tensor& bu, bool save, bool bf16) {
   at::NoGradGuard no_grad;
   check(hist, cand, offsets, weights, alphas, u);
-  TORCH_CHECK(p.dim() == 2 && p.size(0) == cand.size(0) && p.size(1) == weights[0].size(0) && p.is_contiguous(),
-              "attention: P must be [B, H1]");
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == cand.size(0) && p.size(1) == weights[0].size(0) && p.is_contiguous() &&
+                  p.scalar_type() == hist.scalar_type(),
+              "attention: P must be [B, H1] of hist's type");
   TORCH_CHECK(biases.size() + 1 == weights.size(), "attention: one bias per layer after the first");
+  for (size_t k = 0; k < biases.size(); ++k)
+    TORCH_CHECK(biases[k].dim() == 1 && biases[k].size(0) == weights[k + 1].size(0) && biases[k].is_contiguous() &&
+                    biases[k].scalar_type() == hist.scalar_type(),
+                "attention: layer ", k + 2, " bias must be [H] of hist's type");
+  TORCH_CHECK(bu.numel() == 1 && bu.scalar_type() == hist.scalar_type(), "attention: b_u must be one value of hist's type");
   if (hist.scalar_type() == at::kDouble) {
     TORCH_CHECK(!bf16, "attention: bfloat16 products take float inputs");
     return forward_impl<double, double>(hist, cand, p, offsets, weights, biases, alphas, u, bu, save, at::kDouble);
@@ -411,12 +492,18 @@ std::vector<at::Tensor> backward(const at::Tensor& gout, const at::Tensor& hist,
   check(hist, cand, offsets, weights, alphas, u);
   TORCH_CHECK(gout.sizes() == cand.sizes() && gout.is_contiguous() && gout.scalar_type() == hist.scalar_type(),
               "attention: the output's gradient must be [B, D] of hist's type");
+  TORCH_CHECK(wgt.dim() == 1 && wgt.size(0) == hist.size(0) && wgt.is_contiguous() && wgt.scalar_type() == hist.scalar_type(),
+              "attention: the weights must be [N] of hist's type");
+  const auto st = bf16 ? at::kBFloat16 : hist.scalar_type();
   TORCH_CHECK(zs.size() == weights.size(), "attention: one stored z per layer");
   for (size_t k = 0; k < zs.size(); ++k)
-    TORCH_CHECK(zs[k].dim() == 2 && zs[k].size(0) == hist.size(0) && zs[k].size(1) == weights[k].size(0) && zs[k].is_contiguous(),
-                "attention: the stored z of layer ", k + 1, " must be [N, H]");
-  if (hist.scalar_type() == at::kDouble)
+    TORCH_CHECK(zs[k].dim() == 2 && zs[k].size(0) == hist.size(0) && zs[k].size(1) == weights[k].size(0) &&
+                    zs[k].is_contiguous() && zs[k].scalar_type() == st,
+                "attention: the stored z of layer ", k + 1, " must be [N, H] of the products' type");
+  if (hist.scalar_type() == at::kDouble) {
+    TORCH_CHECK(!bf16, "attention: bfloat16 products take float inputs");
     return backward_impl<double, double>(gout, hist, cand, offsets, weights, alphas, u, wgt, zs, at::kDouble);
+  }
   if (bf16) return backward_impl<at::BFloat16, float>(gout, hist, cand, offsets, weights, alphas, u, wgt, zs, at::kBFloat16);
   return backward_impl<float, float>(gout, hist, cand, offsets, weights, alphas, u, wgt, zs, at::kFloat);
 }
@@ -426,4 +513,8 @@ std::vector<at::Tensor> backward(const at::Tensor& gout, const at::Tensor& hist,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "DIN's activation unit with PReLU, fused: out [B, D], the weights [N], the z_k");
   m.def("backward", &backward, "its gradients: h, c, P, the W_k, the b_k (k >= 2), the alpha_k, u, b_u");
+  m.def("blas", [] {
+    const Blas& f = blas();
+    return std::vector<bool>{f.s != nullptr, f.d != nullptr, f.b != nullptr};
+  }, "whether torch's BLAS exports sgemm_, dgemm_, cblas_gemm_bf16bf16f32 (else ATen's mm)");
 }
