@@ -78,8 +78,10 @@ class MBAParams:
     lam: float
     counts: str = "online"  # online | static
     kernel: str = "auto"  # auto | cpp | triton
-    # no MBA (λ = 0, no counts): our kernel only where FBGEMM has none for the optimizer (Adam and
-    # partial row-wise Adam on the CPU); elsewhere torchrec's own kernel
+    # no MBA (λ = 0, no counts, FBGEMM's optimizer states): our kernel where FBGEMM has none for the
+    # optimizer (Adam and partial row-wise Adam on the CPU) or where ours was measured faster
+    # (sequence tables on the CPU: SGD and row-wise Adagrad, docs/results.md "CPU speed");
+    # elsewhere torchrec's own kernel (`route` in install)
     plain: bool = False
 
     def __post_init__(self) -> None:
@@ -369,28 +371,34 @@ def install() -> tuple[type, type]:
 
     bag_cls, seq_cls = _make_kernel_classes()
 
-    def route(config, device) -> tuple[bool, Any]:
+    def route(config, device, pooled: bool) -> tuple[bool, Any]:
         """(our kernel?, the config for it or for torchrec's): ours for a FUSED group with our
-        key, unless the key is `plain` and the group is on a GPU (FBGEMM's own Adam), where
-        torchrec's kernel gets the config without the key."""
+        key, unless the key is `plain` and FBGEMM's kernel is the one to use there: on a GPU
+        (FBGEMM's Adam included), and for pooled tables with SGD or row-wise Adagrad (FBGEMM's
+        pooled CPU kernel was the faster); torchrec's kernel then gets the config without the key."""
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
         fp = config.fused_params or {}
         if config.compute_kernel != EmbeddingComputeKernel.FUSED or MBA_KEY not in fp:
             return False, config
-        if fp[MBA_KEY].plain and device is not None and torch.device(device).type == "cuda":
-            return False, dataclasses.replace(config, fused_params={k: v for k, v in fp.items() if k != MBA_KEY})
+        if fp[MBA_KEY].plain:
+            on_gpu = device is not None and torch.device(device).type == "cuda"
+            fbgemm_has = fp.get("optimizer") in (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+            if on_gpu or (pooled and fbgemm_has):
+                return False, dataclasses.replace(config, fused_params={k: v for k, v in fp.items() if k != MBA_KEY})
         return True, config
 
     pooled_factory = el.GroupedPooledEmbeddingsLookup._create_embedding_kernel
     seq_factory = el.GroupedEmbeddingsLookup._create_embedding_kernel
 
     def pooled_kernel(self, config, device, pg, sharding_type, env=None):
-        ours, config = route(config, device)
+        ours, config = route(config, device, pooled=True)
         if ours:
             return bag_cls(config=config, pg=pg, device=device, sharding_type=sharding_type, env=env)
         return pooled_factory(self, config, device, pg, sharding_type, env)
 
     def seq_kernel(self, config, pg, device, env=None):
-        ours, config = route(config, device)
+        ours, config = route(config, device, pooled=False)
         if ours:
             return seq_cls(config=config, pg=pg, device=device)
         return seq_factory(self, config, pg, device, env)

@@ -141,16 +141,20 @@ def plan_on_the_fly(
 
 
 def sharders_for(sopt: SparseOptimizerConfig) -> list:
-    """torchrec's sharders of both collection kinds; with an MBA optimizer, or Adam (FBGEMM has no
-    CPU kernel for it), their fused_params carry the entry that selects our kernel
-    (embedding/mba_tbe.py; plain Adam on a GPU stays FBGEMM's)."""
-    fused = None
+    """torchrec's sharders of both collection kinds; their fused_params carry the entry that
+    selects our kernel (embedding/mba_tbe.py): with an MBA optimizer, MBA; without, the plain
+    optimizer, which `mba_tbe.install`'s routing gives our kernel where FBGEMM has none (Adam on
+    the CPU) or where ours was measured faster (sequence tables on the CPU), FBGEMM's elsewhere.
+    `sparse_optimizer.kernel: fbgemm` keeps every plain optimizer on FBGEMM's kernels (where it
+    has them)."""
+    mba_tbe.install()
     if sopt.mba:  # MBA rides on the base optimizer's fused kernel
-        mba_tbe.install()
         fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=sopt.lam, counts=sopt.counts, kernel=sopt.kernel)}
-    elif sopt.base in mba_tbe.OWN_STATES:
-        mba_tbe.install()
-        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=0.0, counts="static", kernel=sopt.kernel, plain=True)}
+    elif sopt.kernel == "fbgemm" and sopt.base not in mba_tbe.OWN_STATES:
+        fused = None
+    else:
+        kernel = "auto" if sopt.kernel == "fbgemm" else sopt.kernel
+        fused = {mba_tbe.MBA_KEY: mba_tbe.MBAParams(lam=0.0, counts="static", kernel=kernel, plain=True)}
     return [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
 
 

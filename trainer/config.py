@@ -159,8 +159,10 @@ class SparseOptimizerConfig:
     # n_j: `online` counts the samples seen so far (this batch included); `static` reads the
     # counts that `dinrec count-features` wrote next to the training data.
     counts: Literal["online", "static"] = "online"
-    # MBA row update: auto = Triton on CUDA, the C++ kernel on the CPU
-    kernel: Literal["auto", "cpp", "triton"] = "auto"
+    # the row update of MBA (and of the plain optimizers where it runs ours): auto = Triton on CUDA,
+    # the C++ kernel on the CPU; fbgemm = the plain optimizers on FBGEMM's own kernels wherever
+    # FBGEMM has one (by default sequence tables on the CPU take ours, measured faster there)
+    kernel: Literal["auto", "cpp", "triton", "fbgemm"] = "auto"
     # Plain L2 on every row of every table at every step (the cost MBA avoids; a baseline):
     # SGD: w ← w − lr·(g + l2_all·w) for all rows, touched or not. Row-wise Adagrad: the same
     # decay as decoupled weight decay (as AdamW does it): every row scaled by 1 − lr·l2_all, then
@@ -421,6 +423,8 @@ class _CHECKS:
             raise ConfigError(f"{path}.lambda: must be >= 0, got {c.lam}")
         if c.lam and not c.mba:
             raise ConfigError(f"{path}.lambda: set, but type {c.type!r} has no MBA (use {c.type}_mba)")
+        if c.kernel == "fbgemm" and c.mba:
+            raise ConfigError(f"{path}.kernel: fbgemm has no MBA update (type {c.type!r}: auto, cpp or triton)")
         if c.type == "sgd_mba" and c.lr * c.lam >= 1:
             raise ConfigError(
                 f"{path}.lambda: lr·lambda = {c.lr * c.lam:g} >= 1: Eq. 7 scales a row seen in one sample by "

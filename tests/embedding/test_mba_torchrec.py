@@ -157,7 +157,8 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         model = Model()
         kwargs = {"lr": LR} if "adam" not in opts["base"] else {"lr": LR, "beta1": B1, "beta2": B2}
         apply_optimizer_in_backward(SPARSE_OPTIMIZERS[opts["base"]], model.parameters(), kwargs)
-        # lam None: the plain optimizer (torchrec's own kernel; Adam on the CPU: ours, λ = 0)
+        # lam None: the plain optimizer (sequence tables on the CPU, and Adam: ours, λ = 0; kernel
+        # "fbgemm": torchrec's own kernels wherever FBGEMM has one)
         sopt = SparseOptimizerConfig(
             type=opts["base"] + ("_mba" if opts["lam"] is not None else ""),
             lam=opts["lam"] or 0.0,
@@ -226,8 +227,9 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
         ]
         opt_state = dmp.fused_optimizer.state_dict()["state"]
         opt_keys = sorted(f"{key}:{name}:{type(v).__name__}" for key, st in opt_state.items() for name, v in st.items())
+        ours = sorted(t.name for kernel, _ in mba_tbe.mba_modules(dmp) for t in kernel.config.embedding_tables)
         gathered = [None] * world
-        dist.all_gather_object(gathered, {"weights": weights, "counts": counts, "opt_keys": opt_keys})
+        dist.all_gather_object(gathered, {"weights": weights, "counts": counts, "opt_keys": opt_keys, "ours": ours})
         if rank == 0:
             torch.save(gathered, out)
         dist.barrier()  # no rank tears its group down while another still talks to it
@@ -268,7 +270,8 @@ def run(tmp_path, world=1, data_world=None, **opts):
         for t, r0, c in res["counts"]:
             counts[t][r0 : r0 + len(c)] = c
     opt_keys = set().union(*(r["opt_keys"] for r in per_rank))
-    return dict(weights=weights, counts=counts, opt_keys=opt_keys, batches=batches, w0=w0, counts0=counts0)
+    ours = set().union(*(r["ours"] for r in per_rank))  # the tables our kernel updates
+    return dict(weights=weights, counts=counts, opt_keys=opt_keys, ours=ours, batches=batches, w0=w0, counts0=counts0)
 
 
 CASES = [  # kernel auto is the C++ kernel on the CPU
@@ -333,11 +336,18 @@ def test_plain_adam_on_the_cpu_is_lazy_adam(tmp_path, base):
 
 
 @pytest.mark.parametrize("base", ["sgd", "rowwise_adagrad"])
-def test_lambda_zero_equals_fbgemm_fused_optimizer(tmp_path, base):
-    ours = run(tmp_path, base=base, lam=0.0)["weights"]
-    fbgemm = run(tmp_path, base=base, lam=None)["weights"]  # torchrec's own FUSED kernel and optimizer
+def test_lambda_zero_and_the_plain_route_equal_fbgemm_fused_optimizer(tmp_path, base):
+    """MBA at λ = 0, and the plain optimizer as routed by default (the sequence table on our
+    kernel, the pooled ones on FBGEMM's, FBGEMM's states and names), against torchrec's own FUSED
+    kernels and optimizer everywhere (`kernel: fbgemm`)."""
+    ours = run(tmp_path, base=base, lam=0.0)
+    plain = run(tmp_path, base=base, lam=None)
+    fbgemm = run(tmp_path, base=base, lam=None, kernel="fbgemm")
+    assert ours["ours"] == set(TABLES) and plain["ours"] == set(SEQ) and not fbgemm["ours"]
+    assert plain["opt_keys"] == fbgemm["opt_keys"]  # checkpoints move between the two
     for t in TABLES:
-        np.testing.assert_allclose(ours[t], fbgemm[t], rtol=0, atol=1e-6, err_msg=t)
+        np.testing.assert_allclose(ours["weights"][t], fbgemm["weights"][t], rtol=0, atol=1e-6, err_msg=t)
+        np.testing.assert_allclose(plain["weights"][t], fbgemm["weights"][t], rtol=0, atol=1e-6, err_msg=t)
 
 
 @pytest.mark.parametrize(

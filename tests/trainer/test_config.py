@@ -59,6 +59,11 @@ def test_overrides_are_typed_and_checked(tmp_path):
         (TABLES, ["data.batch_size=0"], "data.batch_size: must be > 0"),
         (
             TABLES,
+            ["sparse_optimizer.type=sgd_mba", "sparse_optimizer.kernel=fbgemm"],
+            "sparse_optimizer.kernel: fbgemm has no MBA update (type 'sgd_mba': auto, cpp or triton)",
+        ),
+        (
+            TABLES,
             ["model.attention_kernel=fused", "model.activation=dice"],
             "model.attention_kernel: fused takes PReLU, not activation 'dice'",
         ),
