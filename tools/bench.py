@@ -8,7 +8,8 @@ module's parsers.
   FBGEMM fused sparse optimizer, jagged attention, torchrec's TrainPipelineSparseDist) against the
   same step without the pipeline (`train_step`, the plain loop), in the other precision (fp32 /
   bf16), with the tower compiled or not (model.compile), with the attention unit fused or layer
-  by layer (model.attention_kernel; with PReLU), and against a plain-PyTorch DIN
+  by layer (model.attention_kernel; with PReLU), with the embedding update on our kernel or
+  FBGEMM's (sparse_optimizer.kernel), and against a plain-PyTorch DIN
   of the same shape (nn.Embedding with sparse gradients, padded histories), on the same batches,
   alternating in blocks within one run.
 - `dinrec bench dien`: DIEN's training step against DIN's on the same data, in the same run, and
@@ -275,6 +276,14 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
             att_cfg = replace(cfg, model=replace(cfg.model, attention_kernel=flipped))
             att_model = build_model(att_cfg, world, torch.device("cpu"))
             att_steps = Steps(att_model, dense_optimizer(att_cfg, att_model), torch.device("cpu"))
+        # the embedding update the other way: FBGEMM's kernel against ours (sequence tables on the CPU)
+        sparse_kernel = "fbgemm" if cfg.sparse_optimizer.kernel == "fbgemm" else "ours"
+        fb_cfg = replace(
+            cfg,
+            sparse_optimizer=replace(cfg.sparse_optimizer, kernel="auto" if sparse_kernel == "fbgemm" else "fbgemm"),
+        )
+        fb_model = build_model(fb_cfg, world, torch.device("cpu"))
+        fb_steps = Steps(fb_model, dense_optimizer(fb_cfg, fb_model), torch.device("cpu"))
 
         def plain_steps(idx) -> None:
             for i in idx:
@@ -308,6 +317,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         }
         if att_steps is not None:
             runs["attention"] = _through(att_steps, data)
+        runs["sparse_kernel"] = _through(fb_steps, data)
         blocks, seconds = alternate(runs, warmup, steps, rounds)
     samples = [sum(len(data[i]) for i in block) for block in blocks]
     ours = sum(samples) / sum(seconds["ours"])
@@ -321,6 +331,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
     if kernel is not None:
         other_kernel = "layers" if kernel == "fused" else "fused"
         by_kernel = {kernel: ours, other_kernel: sum(samples) / sum(seconds["attention"])}
+    other_sparse = "ours" if sparse_kernel == "fbgemm" else "fbgemm"
+    by_sparse = {sparse_kernel: ours, other_sparse: sum(samples) / sum(seconds["sparse_kernel"])}
     hist_feature = layout.pairs[0][1]
     mean_hist = sum(float(b.feature(hist_feature).lengths().sum()) for b in data) / sum(len(b) for b in data)
     return {
@@ -348,6 +360,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int = 5) -> dict:
         "attention_kernel": kernel,
         "samples_per_s_by_attention_kernel": {k: round(v, 1) for k, v in by_kernel.items()} if by_kernel else None,
         "ratio_fused_over_layers": round(by_kernel["fused"] / by_kernel["layers"], 3) if by_kernel else None,
+        "samples_per_s_by_sparse_kernel": {k: round(v, 1) for k, v in by_sparse.items()},
+        "ratio_ours_over_fbgemm_sparse": round(by_sparse["ours"] / by_sparse["fbgemm"], 3),
         "ratio_per_round": [round(r, 3) for r in per_round],
     }
 

@@ -105,11 +105,27 @@ def gemm_shapes(step) -> list[tuple[int, int, int, int, torch.dtype]]:
                 a, b = (args[1], args[2]) if name.startswith(("addmm", "baddbmm")) else (args[0], args[1])
                 batch = a.shape[0] if a.dim() == 3 else 1
                 seen.append((batch, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype))
+            elif name in ("din_attention", "din_attention_backward"):
+                seen.extend(_fused_attention_products(name, args))
             return func(*args, **(kwargs or {}))
 
     with Record():
         step()
     return seen
+
+
+def _fused_attention_products(name: str, args) -> list[tuple[int, int, int, int, torch.dtype]]:
+    """The products that trainer.models.attention's fused op runs inside its C++ (by block, on
+    BLAS directly, out of the dispatcher's sight), as the whole [N, ·] products they add up to,
+    the output layer's [N, H_L]·u included (a product in the layer-by-layer unit): forward x·W_kᵀ
+    per layer; backward ∂W_k = ∂z_kᵀ·x and ∂x = ∂z_k·W_k per layer."""
+    forward = name == "din_attention"
+    hist, weights, u, bf16 = (args[0], args[4], args[7], args[9]) if forward else (args[1], args[4], args[6], args[9])
+    n, dtype = hist.shape[0], torch.bfloat16 if bf16 else hist.dtype
+    shapes = [(w.shape[0], w.shape[1]) for w in weights] + [(1, u.shape[0])]  # (out, in) per layer
+    if forward:
+        return [(1, n, i, o, dtype) for o, i in shapes]
+    return [s for o, i in shapes for s in ((1, o, n, i, dtype), (1, n, o, i, dtype))]
 
 
 def gemm_account(shapes: list[tuple[int, int, int, int, torch.dtype]], seconds_per_step: float) -> dict:

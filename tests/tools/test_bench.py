@@ -65,6 +65,9 @@ def test_bench_train_against_reference(tiny_data, capsys):
     k = r["samples_per_s_by_attention_kernel"]  # PReLU in fp32: the fused unit, and the layers beside it
     assert r["attention_kernel"] == "fused" and k["fused"] == r["dinrec_samples_per_s"] and k["layers"] > 0
     assert abs(r["ratio_fused_over_layers"] - k["fused"] / k["layers"]) < 0.002
+    e = r["samples_per_s_by_sparse_kernel"]  # SGD on sequence tables: ours by default, FBGEMM's beside it
+    assert e["ours"] == r["dinrec_samples_per_s"] and e["fbgemm"] > 0
+    assert abs(r["ratio_ours_over_fbgemm_sparse"] - e["ours"] / e["fbgemm"]) < 0.002
 
 
 def test_bench_train_times_every_model_against_din(tiny_zoo_data, capsys):

@@ -104,3 +104,27 @@ def test_gemm_shapes_and_account_against_a_linear_layer():
     assert acc["step_gflops"] == round(acc["gemm_gflop_per_step"] / 0.001, 1)
     assert acc["gemms_per_step"] == 3 and acc["gemm_dtypes"] == ["bfloat16"]
     assert acc["gemms_alone_ms"]["fp32"] > 0 and acc["gemms_alone_ms"]["bf16"] > 0
+
+
+def test_gemm_shapes_count_the_fused_attention_units_products():
+    """The fused attention op runs its products by block on BLAS, out of the dispatcher's sight:
+    gemm_shapes counts them as the whole products, the same FLOPs as the layer-by-layer unit's
+    per-behaviour products (whose [N, ·] matmuls the dispatcher sees)."""
+    import torch
+
+    from tools.timing import gemm_shapes
+    from trainer.models.layers import LocalActivationUnit
+
+    lengths = torch.tensor([5, 0, 7, 3])
+    hist = torch.randn(int(lengths.sum()), 4, requires_grad=True)
+    cand = torch.randn(4, 4, requires_grad=True)
+
+    def flop(kernel: str) -> int:
+        torch.manual_seed(0)
+        lau = LocalActivationUnit(4, [6, 5], "prelu", kernel)
+        shapes = gemm_shapes(lambda: lau(hist, cand, lengths).sum().backward())
+        per_behaviour = [(b, m, k, n) for b, m, k, n, _ in shapes if 15 in (m, k)]  # N = 15 behaviours
+        return sum(2 * b * m * k * n for b, m, k, n in per_behaviour)
+
+    # forward 15·8·6 + 15·6·5 + 15·5·1, backward twice that (the first layer's input gradient included)
+    assert flop("fused") == flop("layers") == 3 * 2 * (15 * 8 * 6 + 15 * 6 * 5 + 15 * 5 * 1)
