@@ -12,8 +12,10 @@ gather of P, the add, PReLU, and their backwards). The kernel takes blocks of wh
 its backward reads to recompute the activations. Same parameters, same function: the tests
 check it against the unfused unit and float64 autograd.
 
-`bf16`: the products in bfloat16 and z_k stored in bfloat16 (what autocast does to the unfused
-unit), everything else in float.
+`bf16`: the products' operands in bfloat16 (accumulated in float) and z_k stored in bfloat16, as
+autocast runs the unfused unit; everything else in float. LocalActivationUnit's `auto` leaves the
+unit unfused under bf16 autocast: the fused op's bf16 speed has not been measured on a CPU with
+bf16 instructions.
 """
 
 from __future__ import annotations
