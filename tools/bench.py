@@ -5,7 +5,7 @@ module's parsers.
 - `dinrec bench loader`: Parquet → Batch throughput of the streaming reader pinned to one core,
   against the rate at which training consumes batches (measured in the same run, in memory).
 - `dinrec bench train`: our DIN training step (torchrec modules under DistributedModelParallel,
-  FBGEMM fused sparse optimizer, jagged attention, torchrec's TrainPipelineSparseDist) against the
+  the fused sparse optimizer in the backward, jagged attention, torchrec's TrainPipelineSparseDist) against the
   same step without the pipeline (`train_step`, the plain loop), in the other precision (fp32 /
   bf16), with the tower compiled or not (model.compile), with the attention unit fused or layer
   by layer (model.attention_kernel; with PReLU), with the embedding update on our kernel or

@@ -9,8 +9,9 @@ parent runs dinrec's and DeepCTR's processes of each model in turn, `--rounds` t
 change of the machine's speed during the run hits both alike.
 
 What each side's step is:
-- dinrec: the training step `dinrec train` runs (trainer.step.Steps: torchrec's pipeline,
-  FBGEMM's fused sparse optimizer, the config's dense optimizer and precision).
+- dinrec: the training step `dinrec train` runs (trainer.step.Steps: torchrec's pipeline, the
+  fused sparse optimizer in the backward, the config's dense optimizer, precision and attention
+  kernel).
 - DeepCTR-Torch: the body of its `BaseModel.fit` loop (the float input matrix moved to the
   device, forward, summed binary cross-entropy, its regularisation and auxiliary losses,
   backward, `optim.step`) on input matrices built beforehand, with Adam on every parameter (its
