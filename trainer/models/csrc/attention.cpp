@@ -36,7 +36,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 256;  // behaviours per block (whole histories are added until it is full)
-constexpr int64_t ROW_PAD = 16;  // a block's matrices have a multiple of this many rows (zero-padded)
+constexpr int64_t ROW_PAD = 16;  // per-thread buffers hold a multiple of this many rows (products use a block's own)
 
 template <typename T>
 inline T widen(T v) { return v; }
@@ -256,6 +256,7 @@ struct Layers {  // the parameters as the kernels read them
   std::vector<at::Tensor> w;  // W_k [out, in] in S
   std::vector<const void*> bias, alpha;  // T*: b_k (k ≥ 2; b1 is in P), α_k
   std::vector<int64_t> width, in;  // H_k, in_k
+  int64_t widest = 0;              // the widest layer input or output: the buffers' row width
 };
 
 template <typename S, typename T>
@@ -268,6 +269,7 @@ Layers layers_of(const std::vector<at::Tensor>& weights, const std::vector<at::T
     ly.bias.push_back(k && k <= biases.size() ? biases[k - 1].data_ptr<T>() : nullptr);
     ly.width.push_back(weights[k].size(0));
     ly.in.push_back(weights[k].size(1));
+    ly.widest = std::max({ly.widest, weights[k].size(0), weights[k].size(1)});
   }
   return ly;
 }
@@ -288,8 +290,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
   const Layers ly = layers_of<S, T>(weights, biases, alphas, st);
   const Blocks bl = blocks_of(off, b);
   const int64_t nb = bl.first.size() - 1, m = bl.rows;
-  int64_t widest = 2 * d;
-  for (int64_t k = 0; k < nl; ++k) widest = std::max(widest, ly.width[k]);
+  const int64_t widest = ly.widest;
 
   at::Tensor out = at::zeros({b, d}, hist.options());
   at::Tensor wgt = at::empty({n}, hist.options());
@@ -356,8 +357,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   const Blocks bl = blocks_of(off, b);
   const int64_t nb = bl.first.size() - 1, m = bl.rows;
   const int64_t wl = ly.width[nl - 1], w1 = ly.width[0];
-  int64_t widest = 2 * d;
-  for (int64_t k = 0; k < nl; ++k) widest = std::max(widest, ly.width[k]);
+  const int64_t widest = ly.widest;
 
   // every block's share of the parameters' gradients, added in block order at the end: per
   // layer W_k, then α_k and b_k of every layer, then u and b_u
