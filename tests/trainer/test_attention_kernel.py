@@ -1,7 +1,8 @@
 """The fused local activation unit (trainer.models.attention, C++) against the paper's unit written
 out in plain PyTorch on the concatenated input [e, v, e − v, e ⊙ v]: values and every gradient,
 in float64 (exact to rounding), float32, and bfloat16 products; histories longer than a block,
-empty ones, several blocks on several threads."""
+empty ones, several blocks on several threads, more blocks than the backward's parts (runs of
+blocks whose weight gradients are summed in place)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,13 @@ def _value_and_grads(lau, f, hist, cand):
 
 # lengths: several blocks of about 256 behaviours, empty histories, one longer than a block
 LENGTHS = [3, 0, 50, 1, 0, 300, 2, *([47] * 20), 0]
+MANY = LENGTHS * 8  # about 40 blocks: more than the backward's 32 parts, so a part sums several
 
 
 @pytest.mark.parametrize("hidden", [[5], [6, 4], [7, 5, 3]])
 def test_fused_unit_equals_the_paper_unit_in_float64(hidden):
     lau = _unit(4, hidden, torch.float64)
-    hist, cand, lengths = _inputs(LENGTHS, 4, torch.float64)
+    hist, cand, lengths = _inputs(MANY, 4, torch.float64)
     assert lau._fused(hist)
     got = _value_and_grads(lau, lambda: lau(hist, cand, lengths), hist, cand)
     want = _value_and_grads(lau, lambda: naive(lau, hist, cand, lengths), hist, cand)
@@ -73,7 +75,7 @@ def test_fused_unit_passes_gradcheck():
 
 def test_fused_unit_float32_matches_the_layers_and_does_not_depend_on_threads():
     fused, layers = _unit(16, [80, 40], torch.float32), _unit(16, [80, 40], torch.float32, kernel="layers")
-    hist, cand, lengths = _inputs(LENGTHS * 4, 16, torch.float32)
+    hist, cand, lengths = _inputs(MANY, 16, torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -84,7 +86,7 @@ def test_fused_unit_float32_matches_the_layers_and_does_not_depend_on_threads():
         torch.set_num_threads(threads)
     want = _value_and_grads(layers, lambda: layers(hist, cand, lengths), hist, cand)
     for a, b, w in zip(one, two, want, strict=True):
-        assert torch.equal(a, b)  # blocks' sums added in block order on any number of threads
+        assert torch.equal(a, b)  # parts' sums added in part order on any number of threads
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
 
 

@@ -13,8 +13,9 @@
 // pass; here a block of about BLOCK behaviours goes through every layer while it is in cache,
 // and only the pre-activations z_k (for the backward) and w are written. The backward recomputes
 // x and a_k from h, c and the z_k, one block at a time. A block holds whole histories, so each
-// batch row's sums (out, ∂P, ∂c) are written by one block; the weights' gradients are summed per
-// block and the blocks added in order: results do not depend on the number of threads.
+// batch row's sums (out, ∂P, ∂c) are written by one block. The weights' gradients are summed over
+// PARTS fixed runs of consecutive blocks (each run in block order, on one thread), and the runs
+// added in order: results do not depend on the number of threads.
 //
 // Types: T (float or double) of h, c, P, the parameters, the products' results and every
 // elementwise step and sum; S the products' operands and the stored z_k: T, or bfloat16 (the
@@ -37,6 +38,7 @@ namespace {
 
 constexpr int64_t BLOCK = 256;  // behaviours per block (whole histories are added until it is full)
 constexpr int64_t ROW_PAD = 16;  // per-thread buffers hold a multiple of this many rows (products use a block's own)
+constexpr int64_t PARTS = 32;    // the backward sums the weights' gradients in this many parts of consecutive blocks
 
 template <typename T>
 inline T widen(T v) { return v; }
@@ -87,27 +89,28 @@ const Blas& blas() {
 // operands swapped
 template <typename T, typename F>
 bool fortran_gemm(F fn, bool ta, bool tb, int m, int n, int k, const T* a, int lda, const T* b, int ldb, T* c,
-                  int ldc) {
+                  int ldc, bool add) {
   if (fn == nullptr) return false;
   const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
-  const T one = 1, zero = 0;
-  fn(&tB, &tA, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+  const T one = 1, beta = add ? 1 : 0;
+  fn(&tB, &tA, &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
   return true;
 }
 
+// C = op(A)·op(B), or C += op(A)·op(B) with `add`
 template <typename S, typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, T* c,
-          int64_t ldc) {
+          int64_t ldc, bool add = false) {
   const Blas& f = blas();
   bool done = false;
   if constexpr (std::is_same_v<S, float>) {
-    done = fortran_gemm<float>(f.s, ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    done = fortran_gemm<float>(f.s, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, add);
   } else if constexpr (std::is_same_v<S, double>) {
-    done = fortran_gemm<double>(f.d, ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    done = fortran_gemm<double>(f.d, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, add);
   } else {
     if (f.b != nullptr) {  // CblasRowMajor 101, CblasNoTrans 111, CblasTrans 112
       f.b(101, ta ? 112 : 111, tb ? 112 : 111, m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a), lda,
-          reinterpret_cast<const uint16_t*>(b), ldb, 0.0f, c, ldc);
+          reinterpret_cast<const uint16_t*>(b), ldb, add ? 1.0f : 0.0f, c, ldc);
       done = true;
     }
   }
@@ -117,7 +120,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t
   at::Tensor B = at::from_blob(const_cast<S*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, at::dtype(st));
   at::Tensor C = at::mm(ta ? A.t() : A, tb ? B.t() : B);
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::dtype(c10::CppTypeToScalarType<T>::value));
-  out.copy_(C);
+  if (add) out.add_(C); else out.copy_(C);
 }
 
 // ---- blocks -------------------------------------------------------------------------------------
@@ -359,8 +362,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   const int64_t wl = ly.width[nl - 1], w1 = ly.width[0];
   const int64_t widest = ly.widest;
 
-  // every block's share of the parameters' gradients, added in block order at the end: per
-  // layer W_k, then α_k and b_k of every layer, then u and b_u
+  // every part's share of the parameters' gradients (a part: a fixed run of consecutive blocks),
+  // added in part order at the end: per layer W_k, then α_k and b_k of every layer, then u and b_u
   int64_t share = 0;
   std::vector<int64_t> at_w, at_a;
   for (int64_t k = 0; k < nl; ++k) {
@@ -373,7 +376,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   }
   const int64_t at_u = share;
   share += wl + 1;
-  at::Tensor shares = at::zeros({nb, share}, hist.options());
+  const int64_t at_small = at_a[0];  // α, b, u, b_u: summed elementwise, zeroed at a part's start
+  const int64_t np = std::min(nb, PARTS);
+  at::Tensor shares = at::empty({np, share}, hist.options());  // W_k's: the part's first product writes
 
   at::Tensor dh = at::empty({n, d}, hist.options());
   at::Tensor dc = at::zeros({b, d}, hist.options());
@@ -383,48 +388,58 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   T* gp = dp.data_ptr<T>();
   T* sh = shares.data_ptr<T>();
 
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     // per thread: x and every layer's activation (S), ∂a (T, a product's result), ∂z (S)
     std::vector<S> x(m * 2 * d, S(0)), dz(m * widest, S(0));
     std::vector<std::vector<S>> act(nl);
     for (int64_t k = 0; k < nl; ++k) act[k].assign(m * ly.width[k], S(0));
     std::vector<T> da(m * widest, T(0));
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
-      const int64_t rows = off[s1] - base;
-      T* part = sh + blk * share;
-      for (int64_t s = s0; s < s1; ++s)
-        fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
-      for (int64_t k = 0; k < nl; ++k)
-        reactivate_rows<S, T>(zs[k].data_ptr<S>() + base * ly.width[k], static_cast<const T*>(ly.alpha[k]),
-                              act[k].data(), rows, ly.width[k]);
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t r = off[s] - base;
-        unweigh<S, T>(go + s * d, h + off[s] * d, wg + off[s], act[nl - 1].data() + r * wl, uu, gh + off[s] * d,
-                      da.data() + r * wl, part + at_u, off[s + 1] - off[s], wl, d);
-      }
-      for (int64_t k = nl - 1; k >= 0; --k) {
-        const int64_t w = ly.width[k], in = ly.in[k];
-        through_prelu<S, T>(da.data(), zs[k].data_ptr<S>() + base * w, static_cast<const T*>(ly.alpha[k]), dz.data(),
-                            part + at_a[k], part + at_a[k] + w, rows, w);
-        const S* below = k ? act[k - 1].data() : x.data();
-        gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in);  // ∂W_k = ∂zᵀ·below
-        gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
-      }
-      // da holds ∂x now
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t r = off[s] - base;
-        into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
-                         gh + off[s] * d, gc + s * d, off[s + 1] - off[s], w1, d);
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int64_t first = pi * nb / np, last = (pi + 1) * nb / np;  // the part's blocks
+      T* part = sh + pi * share;
+      std::fill(part + at_small, part + share, T(0));
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
+        const int64_t rows = off[s1] - base;
+        const bool opens = blk == first;  // the part's first block: its products write, not add
+        for (int64_t s = s0; s < s1; ++s)
+          fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
+        for (int64_t k = 0; k < nl; ++k)
+          reactivate_rows<S, T>(zs[k].data_ptr<S>() + base * ly.width[k], static_cast<const T*>(ly.alpha[k]),
+                                act[k].data(), rows, ly.width[k]);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t r = off[s] - base;
+          unweigh<S, T>(go + s * d, h + off[s] * d, wg + off[s], act[nl - 1].data() + r * wl, uu, gh + off[s] * d,
+                        da.data() + r * wl, part + at_u, off[s + 1] - off[s], wl, d);
+        }
+        for (int64_t k = nl - 1; k >= 0; --k) {
+          const int64_t w = ly.width[k], in = ly.in[k];
+          through_prelu<S, T>(da.data(), zs[k].data_ptr<S>() + base * w, static_cast<const T*>(ly.alpha[k]), dz.data(),
+                              part + at_a[k], part + at_a[k] + w, rows, w);
+          const S* below = k ? act[k - 1].data() : x.data();
+          gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in, !opens);  // ∂W_k += ∂zᵀ·below
+          gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
+        }
+        // da holds ∂x now
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t r = off[s] - base;
+          into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
+                           gh + off[s] * d, gc + s * d, off[s + 1] - off[s], w1, d);
+        }
       }
     }
   });
 
-  // the blocks' shares, added in order
-  at::Tensor total = at::zeros({share}, hist.options());
+  // the parts' shares, added in order
+  at::Tensor total = at::empty({share}, hist.options());
   T* tt = total.data_ptr<T>();
-  for (int64_t blk = 0; blk < nb; ++blk)
-    for (int64_t j = 0; j < share; ++j) tt[j] += sh[blk * share + j];
+  at::parallel_for(0, share, 1024, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      T acc = 0;
+      for (int64_t pi = 0; pi < np; ++pi) acc += sh[pi * share + j];
+      tt[j] = acc;
+    }
+  });
   std::vector<at::Tensor> res{dh, dc, dp};
   auto piece = [&](int64_t at, int64_t len) { return total.narrow(0, at, len).clone(); };  // no aliases
   for (int64_t k = 0; k < nl; ++k) res.push_back(piece(at_w[k], ly.width[k] * ly.in[k]).view({ly.width[k], ly.in[k]}));
