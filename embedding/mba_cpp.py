@@ -12,13 +12,27 @@ from pathlib import Path
 import torch
 
 from embedding import cpp
-from embedding.mba import Rule, TableLayout, count_samples_, segments
+from embedding.mba import Rule, Segments, TableLayout, count_samples_, segments
 
 
 @functools.cache
 def cpu_extension():
     """The C++ CPU kernel, compiled on first use and cached by torch."""
     return cpp.load(Path(__file__).with_name("csrc") / "mba_cpu.cpp", "dinrec_mba_cpu", ("-fopenmp",))
+
+
+ROWS_PER_OCCURRENCE = 4  # segments_cpu counts (one pass over the rows) up to this many rows per occurrence
+
+
+def segments_cpu(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> Segments:
+    """embedding.mba.segments on the CPU: a counting sort in C++ (O(N + rows)) where the group has
+    at most ROWS_PER_OCCURRENCE rows per occurrence (a sort of N keys costs more there), else the sort."""
+    if layout.num_rows > ROWS_PER_OCCURRENCE * lin.numel():
+        return segments(lin, src, layout)
+    rows, offsets, grouped = cpu_extension().group_rows(
+        lin.to(torch.int64).contiguous(), src.to(torch.int64).contiguous(), layout.num_rows
+    )
+    return Segments(rows, torch.searchsorted(layout.row_off, rows, right=True) - 1, offsets, grouped)
 
 
 def update_rows_cpp(
@@ -32,13 +46,13 @@ def update_rows_cpp(
     n_samples: int = 0,
 ) -> None:
     """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
-    by row (one sort) and one pass per touched row."""
+    by row (segments_cpu) and one pass per touched row."""
     rule.check(layout)
     if lin.numel() == 0:
         return
     if samples is not None:
         count_samples_(layout.counts, lin, samples)
-    seg = segments(lin, src, layout)
+    seg = segments_cpu(lin, src, layout)
     cpu_extension().update_rows(
         layout.weight,
         layout.momentum,

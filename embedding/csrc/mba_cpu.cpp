@@ -129,8 +129,47 @@ void update_rows(torch::Tensor weight, std::optional<torch::Tensor> momentum, st
   });
 }
 
+// The occurrences (linear rows lin [N] in [0, num_rows), gradient offsets src [N]) grouped by row
+// with a counting sort, O(N + num_rows): the touched rows [U] ascending, offsets [U+1], and src
+// in row order (stable: a row's occurrences keep their order). embedding.mba.segments' result,
+// without its sort.
+std::vector<torch::Tensor> group_rows(const torch::Tensor& lin, const torch::Tensor& src, int64_t num_rows) {
+  check_long(lin, "lin");
+  check_long(src, "src");
+  TORCH_CHECK(lin.numel() == src.numel(), "lin and src: one entry per occurrence");
+  const int64_t n = lin.numel();
+  const int64_t* l = lin.data_ptr<int64_t>();
+  const int64_t* s = src.data_ptr<int64_t>();
+  std::vector<int64_t> start(num_rows + 1, 0);  // occurrences per row, then where each row's begin
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(l[i] >= 0 && l[i] < num_rows, "lin: row ", l[i], " outside [0, ", num_rows, ")");
+    ++start[l[i] + 1];
+  }
+  int64_t touched = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    touched += start[r + 1] > 0;
+    start[r + 1] += start[r];
+  }
+  torch::Tensor rows = torch::empty({touched}, lin.options());
+  torch::Tensor offsets = torch::empty({touched + 1}, lin.options());
+  torch::Tensor grouped = torch::empty({n}, src.options());
+  int64_t* ro = rows.data_ptr<int64_t>();
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t r = 0, u = 0; r < num_rows; ++r) {
+    if (start[r + 1] > start[r]) {
+      ro[u] = r;
+      off[u++] = start[r];
+    }
+  }
+  off[touched] = n;
+  int64_t* g = grouped.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) g[start[l[i]]++] = s[i];
+  return {rows, offsets, grouped};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_rows", &update_rows, "MBA SGD / row-wise Adagrad / Adam / partial row-wise Adam on the touched rows, in place");
+  m.def("group_rows", &group_rows, "the occurrences grouped by row (counting sort): rows, offsets, src in row order");
 }

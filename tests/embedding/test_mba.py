@@ -384,3 +384,28 @@ def test_triton_kernels_compile_for_the_gpu():
 
     p = compiled_for_the_gpu("-c", "from embedding import mba_compile; print(len(mba_compile.compile_kernels(90)))")
     assert int(p.stdout.split()[-1]) == 4 + 3 * 5 * 2  # occurrences; per dim, carry + update of 5 variants
+
+
+@pytest.mark.parametrize("rows", [7, 10_000])  # a counting sort (at most 4 rows per occurrence), and the sort
+def test_cpu_grouping_by_row_equals_a_stable_argsort(rows):
+    """mba_cpp.segments_cpu against numpy: the touched rows, their offsets, each occurrence's
+    gradient offset in row order (a row's occurrences in their order), and each row's table."""
+    n = 500
+    g = torch.Generator().manual_seed(3)
+    flat = torch.zeros(rows * 4)  # two tables in one storage
+    half = rows // 2
+    layout = mba.TableLayout.of(
+        [flat[: half * 4].view(half, 4), flat[half * 4 :].view(rows - half, 4)],
+        None,
+        torch.zeros(rows, dtype=torch.int32),
+    )
+    lin = torch.randint(0, rows, (n,), generator=g)
+    src = torch.randperm(n, generator=g) * 3
+    seg = mba_cpp.segments_cpu(lin, src, layout)
+    want_rows, want_counts = np.unique(lin.numpy(), return_counts=True)
+    np.testing.assert_array_equal(seg.rows.numpy(), want_rows)
+    np.testing.assert_array_equal(seg.offsets.numpy(), np.concatenate([[0], np.cumsum(want_counts)]))
+    np.testing.assert_array_equal(seg.src.numpy(), src.numpy()[np.argsort(lin.numpy(), kind="stable")])
+    np.testing.assert_array_equal(seg.tab.numpy(), (want_rows >= half).astype(np.int64))
+    with pytest.raises(RuntimeError, match=f"row {rows} outside"):
+        mba_cpp.cpu_extension().group_rows(torch.tensor([0, rows]), torch.tensor([0, 1]), rows)

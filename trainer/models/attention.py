@@ -124,10 +124,13 @@ def _setup(ctx, inputs, output) -> None:
     ctx.n_layers, ctx.bf16 = len(weights), bf16
     ctx.save_for_backward(hist, cand, offsets, u, wgt, *weights, *alphas, *zs)
     ctx.mark_non_differentiable(wgt, *zs)
+    ctx.set_materialize_grads(False)  # else autograd writes zero gradients of w and the z_k, [N, H_k], every step
 
 
 def _grad(ctx, gout, _gw, _gz):
     hist, cand, offsets, u, wgt, *rest = ctx.saved_tensors
+    if gout is None:  # the output was not used
+        gout = torch.zeros_like(cand)
     n = ctx.n_layers
     weights, alphas, zs = rest[:n], rest[n : 2 * n], rest[2 * n :]
     g = din_attention_backward(gout, hist, cand, offsets, weights, alphas, u, wgt, zs, ctx.bf16)
