@@ -28,7 +28,8 @@ lookups as occurrences (`Bags`, `occurrences_torch`), their grouping by row (`se
 online counts (`count_samples_`). The kernels:
 
 - embedding.mba_cpp (CPU): C++, the touched rows split over the threads, each row summed and
-  updated in one pass (embedding/csrc/mba_cpu.cpp);
+  updated in one pass (embedding/csrc/mba_cpu.cpp); the grouping by a counting sort where the
+  group has few rows for the batch's occurrences (segments_cpu), else `segments`;
 - embedding.mba_triton (GPU; on the CPU under TRITON_INTERPRET=1, which is how CI checks it):
   no host sync, the occurrences in one kernel, one sort and two kernels over chunks of sorted
   occurrences;
