@@ -150,8 +150,7 @@ def sharders_for(sopt: SparseOptimizerConfig) -> list:
     has them).
 
     FBGEMM's check of every id against its table is off: the reader refuses an id out of range
-    with its file and column (trainer.data), where FBGEMM's check would clamp it with a warning;
-    it cost 0.3 ms of BaseModel's 9 ms step at batch 1024 on 2 cores."""
+    with its file and column (trainer.data), where FBGEMM's check would clamp it with a warning."""
     mba_tbe.install()
     fused = {"bounds_check_mode": BoundsCheckMode.NONE}
     if sopt.mba:  # MBA rides on the base optimizer's fused kernel

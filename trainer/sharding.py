@@ -134,7 +134,7 @@ def sharding_plan(
 
 class DataParallelAcrossRanks(DefaultDataParallelWrapper):
     """torchrec's DDP over the dense side, where there is more than one rank: alone, a rank has no
-    gradient to average, and DDP's hooks and all-reduce cost 0.5-1 ms a step on the CPU."""
+    gradient to average, and DDP's hooks and all-reduce would only cost time."""
 
     def wrap(self, dmp, env, device) -> None:
         if env.world_size > 1:
