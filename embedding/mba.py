@@ -119,6 +119,10 @@ class TableLayout:
     def num_rows(self) -> int:
         return self.counts.numel()
 
+    def table_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The table of each linear row."""
+        return torch.searchsorted(self.row_off, rows, right=True) - 1
+
     @staticmethod
     def of(
         weights: list[torch.Tensor],
@@ -190,8 +194,7 @@ def segments(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> Segme
     rows = rows.to(torch.int64)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=lin.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    tab = torch.searchsorted(layout.row_off, rows, right=True) - 1
-    return Segments(rows, tab, offsets, src.index_select(0, perm))
+    return Segments(rows, layout.table_of(rows), offsets, src.index_select(0, perm))
 
 
 def count_samples_(counts: torch.Tensor, lin: torch.Tensor, samples: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ def segments_cpu(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> S
     rows, offsets, grouped = cpu_extension().group_rows(
         lin.to(torch.int64).contiguous(), src.to(torch.int64).contiguous(), layout.num_rows
     )
-    return Segments(rows, torch.searchsorted(layout.row_off, rows, right=True) - 1, offsets, grouped)
+    return Segments(rows, layout.table_of(rows), offsets, grouped)
 
 
 def update_rows_cpp(

@@ -5,7 +5,8 @@ tables' initial rows, MBA's static counts, and the dense optimizer. Also `plan_f
 planning offline for `dinrec plan`.
 
 Embedding tables go through DistributedModelParallel (FBGEMM fused kernels, the sparse optimizer
-applied inside the backward pass); the dense tower is replicated under DDP.
+applied inside the backward pass); the dense tower is replicated under DDP (with more than one
+rank: DataParallelAcrossRanks).
 """
 
 from __future__ import annotations
