@@ -132,6 +132,12 @@ class ModelConfig:
     # MIAN's attention scores (Eq. 8, 10, 13, 15): 0, tanh(V·w + b) as printed (a scalar); A > 0,
     # uᵀ tanh(W V + b) with W of A rows (docs/models.md)
     score_hidden: int = 0
+    # MIAN's local scores (Eq. 8, 10, 13) also see the candidate's product with the part,
+    # γ([e_i, x, (e_i·Q) ⊙ x]) with Q learnt (a bilinear term; docs/models.md); false: as printed
+    score_product: bool = False
+    # MIAN's behaviour weights (Eq. 7): true, the softmax over the behaviours as printed; false,
+    # exp(γ(V_t)) without the denominator, so that R_ibim keeps how many behaviours match (DIN §4.3)
+    ibim_softmax: bool = True
 
 
 @dataclass(frozen=True)

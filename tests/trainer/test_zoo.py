@@ -158,23 +158,29 @@ def layer_norm(x, ln):
 
 def softmax_attention(v, att, mask=None):
     """softmax_j γ(V_j) over the parts j of v [B, n, W]; γ(V_j) = tanh(V_j·w_j + b_j), or
-    u_jᵀ tanh(W_j V_j + b_j) with a hidden layer; one parameter set for all parts if shared."""
+    u_jᵀ tanh(W_j V_j + b_j) with a hidden layer; one parameter set for all parts if shared;
+    V_j = [e, x] extended by (e·Q_j) ⊙ x where the module has a product term."""
     w, b = att.w.detach().double(), att.b.detach().double()
     u = None if att.u is None else att.u.detach().double()
     s = []
     for j in range(v.shape[1]):
         k = j if w.shape[0] > 1 else 0
-        z = torch.tanh(v[:, j] @ w[k] + b[k])  # [B, H]
+        x = v[:, j]
+        if att.q is not None:  # model.score_product: the score also sees (e_i·Q) ⊙ x
+            c = att.q.shape[1]
+            x = torch.cat([x, (x[:, :c] @ att.q[k].detach().double()) * x[:, c:]], 1)
+        z = torch.tanh(x @ w[k] + b[k])  # [B, H]
         s.append(z[:, 0] if u is None else z @ u[k])
     s = torch.stack(s, 1)
     if mask is not None:
         s = s.masked_fill(~mask, -torch.inf)
-    a = torch.softmax(s, dim=1)
+    a = torch.softmax(s, dim=1) if att.softmax else torch.exp(s)  # model.ibim_softmax=false: no denominator
     return (a.unsqueeze(2) * v).sum(1), a
 
 
 def reference_mian(tower, layout, tables, batch, pad_to, heads):
-    """Eq. 3–15 and the DNN, written out; the histories padded to `pad_to` steps."""
+    """Eq. 3–15 and the DNN, written out; the histories padded to `pad_to` steps. -> the logits
+    and the attention weights (`MIANTower.all_weights`' keys)."""
     f64 = {k: v.detach().double() for k, v in tables.items()}
     jt = {**batch.sparse.to_dict(), **batch.pooled.to_dict()}
     cand = torch.cat([f64[layout.table_of(c).name][jt[c].values()] for c, _ in layout.pairs], 1)
@@ -217,17 +223,20 @@ def reference_mian(tower, layout, tables, batch, pad_to, heads):
     r_ibim, alpha = softmax_attention(vt, tower.ibim, mask)  # Eq. 7–9
     r_ibim = torch.where((lengths > 0)[:, None], r_ibim, 0.0)
     parts = {"e_i": cand, "e_b": e.sum(1), "R_ibim": r_ibim}
+    weights = {"behaviours": alpha[mask]}
     for key, module, names in (("u", tower.iuim, layout.profile), ("c", tower.icim, layout.context)):
         fields = torch.stack([f64[layout.table_of(n).name][jt[n].values()] for n in names], 1)
         vj = torch.cat([cand[:, None, :].expand(-1, len(names), -1), fields], 2)  # Eq. 10, 12
         parts[f"e_{key}"], parts[f"R_i{key}im"] = fields.flatten(1), softmax_attention(vj, module.attention)[0]
+        weights["profile" if key == "u" else "context"] = softmax_attention(vj, module.attention)[1]
     parts["e_o"] = f64["user"][jt["user_id"].values()]  # the one feature in no group
     proj = torch.stack([parts[k] @ tower.project[k].weight.double().T for k in tower.parts], 1)
     r_g, beta = softmax_attention(proj, tower.gim)  # Eq. 15
     if tower.concat:  # model.gim=concat: the weighted parts side by side
         r_g = (beta.unsqueeze(2) * proj).flatten(1)
+    weights["global"] = beta
     mlp = tower.mlp
-    return torch.from_numpy(np_mlp(mlp, r_g.numpy()))[:, 0], alpha
+    return torch.from_numpy(np_mlp(mlp, r_g.numpy()))[:, 0], weights
 
 
 def _mian(zoo_cfg, *overrides):
@@ -239,7 +248,13 @@ def _mian(zoo_cfg, *overrides):
 
 
 @pytest.mark.parametrize(
-    "variant", [(), ("model.score_hidden=6", "model.gim=concat")], ids=["as_printed", "hidden_concat"]
+    "variant",
+    [
+        (),
+        ("model.score_hidden=6", "model.gim=concat"),
+        ("model.score_hidden=6", "model.score_product=true", "model.ibim_softmax=false"),
+    ],
+    ids=["as_printed", "hidden_concat", "hidden_product_exp"],
 )
 def test_mian_forward_against_the_papers_equations(zoo_cfg, variant):
     cfg, layout, model, tables = _mian(zoo_cfg, *variant)
@@ -249,9 +264,13 @@ def test_mian_forward_against_the_papers_equations(zoo_cfg, variant):
     assert lengths.min() < lengths.max()  # real padding inside the batch
     with torch.no_grad():
         got = model(batch).double()
+        # the weights too: at this init a score moves the logits by less than the tolerance
+        got_w = model.tower.all_weights(model.lookups(batch), batch.dense)
         for pad in (int(lengths.max()), cfg.data.max_hist_len + 5):
-            want, _ = reference_mian(model.tower, layout, tables, batch, pad, cfg.model.heads)
+            want, want_w = reference_mian(model.tower, layout, tables, batch, pad, cfg.model.heads)
             torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+            for k, w in want_w.items():
+                torch.testing.assert_close(got_w[k].double(), w, rtol=0, atol=1e-5, msg=k)
     assert float(got.std()) > 1e-3
 
 

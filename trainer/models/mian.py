@@ -55,23 +55,38 @@ class FieldAttention(nn.Module):
     V = [e_i, x] makes V·w = w₁·e_i + w₂·x: the candidate's term is the same for every part, so
     it reaches the weights only through tanh's saturation (docs/models.md)."""
 
-    def __init__(self, n: int, width: int, shared: bool = False, hidden: int = 0):
+    def __init__(
+        self, n: int, width: int, shared: bool = False, hidden: int = 0, product: int = 0, softmax: bool = True
+    ):
         super().__init__()
-        rows, bound = 1 if shared else n, width**-0.5
-        self.hidden = hidden
-        self.w = nn.Parameter(torch.empty(rows, width, max(hidden, 1)).uniform_(-bound, bound))
+        rows = 1 if shared else n
+        self.hidden, self.product, self.softmax = hidden, product, softmax
+        # product = c > 0: V = [e, x] with e the first c columns; the score also sees (e·Q) ⊙ x
+        inputs = width + (width - product if product else 0)
+        bound = inputs**-0.5
+        self.w = nn.Parameter(torch.empty(rows, inputs, max(hidden, 1)).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(rows, max(hidden, 1)))
         self.u = nn.Parameter(torch.empty(rows, hidden).uniform_(-(hidden**-0.5), hidden**-0.5)) if hidden else None
+        self.q = (
+            nn.Parameter(torch.empty(rows, product, width - product).uniform_(-(product**-0.5), product**-0.5))
+            if product
+            else None
+        )
 
     def scores(self, v: torch.Tensor) -> torch.Tensor:  # [B, n, W] -> [B, n]
-        z = torch.tanh(torch.einsum("bnw,nwh->bnh", v, self.w.expand(v.shape[1], -1, -1)) + self.b)
+        n = v.shape[1]
+        if self.q is not None:
+            e, x = v[..., : self.product], v[..., self.product :]
+            v = torch.cat([v, torch.einsum("bnc,ncx->bnx", e, self.q.expand(n, -1, -1)) * x], dim=2)
+        z = torch.tanh(torch.einsum("bnw,nwh->bnh", v, self.w.expand(n, -1, -1)) + self.b)
         return z.squeeze(2) if self.u is None else (z * self.u).sum(2)
 
     def forward(self, v: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.scores(v)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        alpha = F.softmax(scores.float(), dim=1)
+        # softmax=False: exp(γ) without the softmax's denominator (as DIN §4.3 keeps the intensity)
+        alpha = F.softmax(scores.float(), dim=1) if self.softmax else torch.exp(scores.float())
         if mask is not None:
             alpha = alpha.masked_fill(~mask, 0.0)  # a row with no real part: all zero
         return (alpha.unsqueeze(2).to(v.dtype) * v).sum(1), alpha
@@ -103,11 +118,11 @@ def group_width(layout: FeatureLayout, names: tuple[str, ...]) -> int:
 class Interaction(nn.Module):
     """IUIM / ICIM (Eq. 10–13): the candidate beside each field of a group, weighted."""
 
-    def __init__(self, layout: FeatureLayout, names: tuple[str, ...], d: int, hidden: int):
+    def __init__(self, layout: FeatureLayout, names: tuple[str, ...], d: int, hidden: int, product: bool):
         super().__init__()
         w = group_width(layout, names)
         self.fields = GroupEmbedding(layout, names, w)
-        self.attention = FieldAttention(len(names), d + w, hidden=hidden)
+        self.attention = FieldAttention(len(names), d + w, hidden=hidden, product=d if product else 0)
         self.raw_width, self.width = len(names) * w, d + w  # e_* and R_*
 
     def forward(self, x: Lookups, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,10 +140,12 @@ class MIANTower(Tower):
         self.transformer = nn.TransformerEncoderLayer(
             d, cfg.heads, cfg.ffn, dropout=0.0, activation="relu", batch_first=True, norm_first=True
         )
-        a = cfg.score_hidden
-        self.ibim = FieldAttention(1, 2 * d, shared=True, hidden=a)
-        self.iuim = Interaction(layout, layout.profile, d, a) if layout.profile else None
-        self.icim = Interaction(layout, layout.context, d, a) if layout.context else None
+        a, product = cfg.score_hidden, cfg.score_product
+        self.ibim = FieldAttention(
+            1, 2 * d, shared=True, hidden=a, product=d if product else 0, softmax=cfg.ibim_softmax
+        )
+        self.iuim = Interaction(layout, layout.profile, d, a, product) if layout.profile else None
+        self.icim = Interaction(layout, layout.context, d, a, product) if layout.context else None
         widths = {"e_i": d, "e_b": d, "R_ibim": 2 * d}
         for name, module in (("u", self.iuim), ("c", self.icim)):
             if module is not None:
