@@ -20,7 +20,9 @@ What the paper leaves open, and the choice made here:
 - the score γ: `model.score_hidden` 0 is tanh(V·w + b), a scalar, as printed; A > 0 reads W and
   b as the matrices the text calls them, γ(V) = uᵀ tanh(W V + b) with A hidden units (see
   FieldAttention: the printed scalar form lets the candidate change the weights only through
-  tanh's saturation).
+  tanh's saturation). Options, off by default: `model.score_product` adds (e_i·Q) ⊙ x to what
+  the local scores (Eq. 8, 10, 13) see, a bilinear term; `model.ibim_softmax: false` weighs the
+  behaviours by exp(γ(V_t)), Eq. 7 without its denominator.
 - Eq. 11 and 13 sum the V_j, so a group's fields share one width: its sparse features one table
   dim (config check), and a dense feature x of a group is embedded as x·v_j, v_j learnt, of that
   width (Eq. 2 keeps scalars as they are, which leaves the sum undefined).
@@ -53,7 +55,10 @@ class FieldAttention(nn.Module):
     W and b the "weight and bias matrices" of the text, γ(V) = uᵀ tanh(W V + b) with `hidden` rows
     of W and a learnt u (the tanh attention of hierarchical attention networks). Read literally,
     V = [e_i, x] makes V·w = w₁·e_i + w₂·x: the candidate's term is the same for every part, so
-    it reaches the weights only through tanh's saturation (docs/models.md)."""
+    it reaches the weights only through tanh's saturation (docs/models.md).
+
+    `product` = c > 0: V = [e, x] with e its first c columns, and γ also sees (e·Q) ⊙ x, Q [c, W − c]
+    learnt. `softmax` False: α_j = exp(γ(V_j)), the softmax without its denominator."""
 
     def __init__(
         self, n: int, width: int, shared: bool = False, hidden: int = 0, product: int = 0, softmax: bool = True
@@ -61,7 +66,6 @@ class FieldAttention(nn.Module):
         super().__init__()
         rows = 1 if shared else n
         self.hidden, self.product, self.softmax = hidden, product, softmax
-        # product = c > 0: V = [e, x] with e the first c columns; the score also sees (e·Q) ⊙ x
         inputs = width + (width - product if product else 0)
         bound = inputs**-0.5
         self.w = nn.Parameter(torch.empty(rows, inputs, max(hidden, 1)).uniform_(-bound, bound))
@@ -85,7 +89,6 @@ class FieldAttention(nn.Module):
         scores = self.scores(v)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        # softmax=False: exp(γ) without the softmax's denominator (as DIN §4.3 keeps the intensity)
         alpha = F.softmax(scores.float(), dim=1) if self.softmax else torch.exp(scores.float())
         if mask is not None:
             alpha = alpha.masked_fill(~mask, 0.0)  # a row with no real part: all zero
