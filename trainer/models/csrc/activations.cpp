@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -63,8 +64,14 @@ std::vector<double> column_sums(int64_t n, int64_t h, int64_t k, const F& row) {
   const int64_t nb = blocks(n);
   std::vector<T> part(nb * k * h, T(0));
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) row(i, part.data() + b * k * h);
+    // each block sums into a buffer of its own thread: blocks' sums side by side in `part` share
+    // a cache line at their border, which the threads would pass back and forth on every row
+    std::vector<T> sums(k * h);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(sums.begin(), sums.end(), T(0));
+      for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) row(i, sums.data());
+      std::copy(sums.begin(), sums.end(), part.begin() + b * k * h);
+    }
   });
   std::vector<double> acc(k * h, 0.0);
   for (int64_t b = 0; b < nb; ++b)
