@@ -66,7 +66,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 # per resolved kernel: how the occurrences are built, and the row update
 PATHS = {
-    "cpp": (mba.occurrences_torch, mba_cpp.update_rows_cpp),
+    "cpp": (mba_cpp.occurrences_cpp, mba_cpp.update_rows_cpp),
     "triton": (mba_triton.occurrences_triton, mba_triton.update_rows_triton),
 }
 

@@ -167,9 +167,56 @@ std::vector<torch::Tensor> group_rows(const torch::Tensor& lin, const torch::Ten
   return {rows, offsets, grouped};
 }
 
+// The lookups of a batch as occurrences (embedding.mba.occurrences_torch in one pass): bag b of
+// offsets [B·F + 1] is feature f = b / batch, sample s = b % batch; its lookups k get the linear
+// row indices[k] + row_off[feature_table[f]], the gradient offset s·stride + feature_col[f]
+// (pooled) or k·stride (sequence), and, with `samples`, the sample s. Bags in parallel.
+std::vector<torch::Tensor> occurrences(const torch::Tensor& indices, const torch::Tensor& offsets, int64_t batch,
+                                       const torch::Tensor& feature_table, const torch::Tensor& feature_col,
+                                       const torch::Tensor& row_off, int64_t stride, bool pooled, bool samples) {
+  for (auto& [t, name] : {std::pair{&indices, "indices"}, {&offsets, "offsets"}, {&feature_table, "feature_table"},
+                          {&feature_col, "feature_col"}, {&row_off, "row_off"}}) {
+    check_long(*t, name);
+  }
+  const int64_t n = indices.numel(), n_bags = offsets.numel() - 1, n_features = feature_table.numel();
+  TORCH_CHECK(batch > 0 && n_bags == batch * n_features, "offsets: ", n_bags, " bags for ", n_features,
+              " features of ", batch, " samples");
+  TORCH_CHECK(feature_col.numel() == n_features, "feature_col: one entry per feature");
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* ft = feature_table.data_ptr<int64_t>();
+  const int64_t* fc = feature_col.data_ptr<int64_t>();
+  const int64_t* ro = row_off.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[n_bags] == n, "offsets: must run from 0 to the ", n, " indices");
+  for (int64_t f = 0; f < n_features; ++f) {
+    TORCH_CHECK(ft[f] >= 0 && ft[f] < row_off.numel(), "feature_table: table ", ft[f], " out of range");
+  }
+  torch::Tensor lin = torch::empty({n}, indices.options());
+  torch::Tensor src = torch::empty({n}, indices.options());
+  torch::Tensor sample = samples ? torch::empty({n}, indices.options()) : torch::Tensor();
+  int64_t* l = lin.data_ptr<int64_t>();
+  int64_t* sr = src.data_ptr<int64_t>();
+  int64_t* sm = samples ? sample.data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, n_bags, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t f = b / batch, s = b - f * batch;
+      const int64_t k0 = off[b], k1 = off[b + 1];
+      TORCH_CHECK(k0 <= k1 && k1 <= n, "offsets: not ascending at bag ", b);
+      const int64_t base = ro[ft[f]], to = s * stride + fc[f];
+      for (int64_t k = k0; k < k1; ++k) {
+        l[k] = idx[k] + base;
+        sr[k] = pooled ? to : k * stride;
+      }
+      if (sm != nullptr) std::fill(sm + k0, sm + k1, s);
+    }
+  });
+  return {lin, src, sample};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_rows", &update_rows, "MBA SGD / row-wise Adagrad / Adam / partial row-wise Adam on the touched rows, in place");
   m.def("group_rows", &group_rows, "the occurrences grouped by row (counting sort): rows, offsets, src in row order");
+  m.def("occurrences", &occurrences, "a batch's lookups as occurrences: linear row, gradient offset, sample");
 }

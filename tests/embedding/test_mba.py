@@ -333,14 +333,14 @@ def loop_occurrences(ids, offsets, batch, feature_table, row_off, feature_col, s
     return out
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", pytest.param("triton-cuda", marks=CUDA)])
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton", pytest.param("triton-cuda", marks=CUDA)])
 @pytest.mark.parametrize("pooled", [True, False])
 @pytest.mark.parametrize("features", [[0], [1, 0, 1]])
 def test_occurrences_match_a_loop_over_bags(impl, pooled, features):
     """Lookups → occurrences, for one feature and for three features over two tables (a table read
     by two features), with empty bags first, inside and last."""
     device = "cuda" if impl.endswith("cuda") else "cpu"
-    fn = mba.occurrences_torch if impl == "torch" else mba_triton.occurrences_triton
+    fn = {"torch": mba.occurrences_torch, "cpp": mba_cpp.occurrences_cpp}.get(impl, mba_triton.occurrences_triton)
     rng = np.random.default_rng(5)
     batch = 7
     lengths = rng.integers(0, 5, batch * len(features))
