@@ -227,8 +227,8 @@ def reference_mian(tower, layout, tables, batch, pad_to, heads):
     for key, module, names in (("u", tower.iuim, layout.profile), ("c", tower.icim, layout.context)):
         fields = torch.stack([f64[layout.table_of(n).name][jt[n].values()] for n in names], 1)
         vj = torch.cat([cand[:, None, :].expand(-1, len(names), -1), fields], 2)  # Eq. 10, 12
-        parts[f"e_{key}"], parts[f"R_i{key}im"] = fields.flatten(1), softmax_attention(vj, module.attention)[0]
-        weights["profile" if key == "u" else "context"] = softmax_attention(vj, module.attention)[1]
+        r, weights["profile" if key == "u" else "context"] = softmax_attention(vj, module.attention)
+        parts[f"e_{key}"], parts[f"R_i{key}im"] = fields.flatten(1), r
     parts["e_o"] = f64["user"][jt["user_id"].values()]  # the one feature in no group
     proj = torch.stack([parts[k] @ tower.project[k].weight.double().T for k in tower.parts], 1)
     r_g, beta = softmax_attention(proj, tower.gim)  # Eq. 15
