@@ -1,5 +1,6 @@
-"""The MBA row update on the CPU: the C++ kernel (embedding/csrc/mba_cpu.cpp), the touched rows
-split over the threads, each row summed and updated in one pass; the contract is embedding.mba.
+"""The MBA row update on the CPU: the C++ kernel (embedding/csrc/mba_cpu.cpp); the contract is
+embedding.mba. Small groups sum the occurrences into dense per-row buffers; others group them by
+row and split the touched rows over the threads, each row summed and updated in one pass.
 
 `python -m embedding.mba_cpp` builds the kernel ahead of the first run (`make setup` does).
 """
@@ -54,6 +55,11 @@ def segments_cpu(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> S
     return Segments(rows, layout.table_of(rows), offsets, grouped)
 
 
+# accumulate_update (dense per-row sums, no grouping) where the group has at most this many rows
+# per occurrence: its buffers (rows × dim per thread) then stay no larger than the gradient read
+DENSE_ROWS_PER_OCCURRENCE = 1
+
+
 def update_rows_cpp(
     layout: TableLayout,
     lin: torch.Tensor,
@@ -64,38 +70,26 @@ def update_rows_cpp(
     samples: torch.Tensor | None = None,
     n_samples: int = 0,
 ) -> None:
-    """The C++ path: online counts first (`samples`: count_samples_), then group the occurrences
-    by row (segments_cpu) and one pass per touched row."""
+    """The C++ path: online counts first (`samples`: count_samples_), then the step. A group with
+    few rows for the batch (DENSE_ROWS_PER_OCCURRENCE) sums the occurrences in their order into
+    dense per-row buffers, one per thread (accumulate_update); else the occurrences are grouped by
+    row (segments_cpu) and each touched row summed and updated in one pass (update_rows)."""
     rule.check(layout)
     if lin.numel() == 0:
         return
     if samples is not None:
         count_samples_(layout.counts, lin, samples)
+    ext = cpu_extension()
+    states = (layout.weight, layout.momentum, layout.exp_avg, layout.exp_avg_sq, layout.counts)
+    tables = (layout.row_off, layout.w_off, layout.m_off, layout.dims)
+    hyper = (rule.mode, rule.lr, lam, rule.eps, rule.beta1, rule.beta2, rule.bias1, rule.bias2)
+    grad = grad.float().contiguous().reshape(-1)
+    if layout.num_rows <= DENSE_ROWS_PER_OCCURRENCE * lin.numel():
+        lin, src = lin.to(torch.int64).contiguous(), src.to(torch.int64).contiguous()
+        ext.accumulate_update(*states, *tables, lin, src, grad, torch.get_num_threads(), *hyper)
+        return
     seg = segments_cpu(lin, src, layout)
-    cpu_extension().update_rows(
-        layout.weight,
-        layout.momentum,
-        layout.exp_avg,
-        layout.exp_avg_sq,
-        layout.counts,
-        layout.row_off,
-        layout.w_off,
-        layout.m_off,
-        layout.dims,
-        seg.rows,
-        seg.tab,
-        seg.offsets,
-        seg.src,
-        grad.float().contiguous().reshape(-1),
-        rule.mode,
-        rule.lr,
-        lam,
-        rule.eps,
-        rule.beta1,
-        rule.beta2,
-        rule.bias1,
-        rule.bias2,
-    )
+    ext.update_rows(*states, *tables, seg.rows, seg.tab, seg.offsets, seg.src, grad, *hyper)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ How it plugs in (one mechanism for every sharding type and both collection kinds
 - The base optimizer (SGD, row-wise Adagrad, Adam or partial row-wise Adam: FBGEMM's EXACT_SGD,
   EXACT_ROWWISE_ADAGRAD, ADAM, PARTIAL_ROWWISE_ADAM) is given to torchrec as usual
   (apply_optimizer_in_backward); the sharders' `fused_params` add an `mba` entry (`MBAParams`),
-  which torchrec merges into every table group's fused_params. Plain Adam (no MBA) takes the
-  same path where FBGEMM has no kernel for it (the CPU: `MBAParams.plain`); on a GPU it is
-  FBGEMM's own.
+  which torchrec merges into every table group's fused_params. The plain optimizers (no MBA) take
+  the same path on the CPU (`MBAParams.plain`: FBGEMM has no CPU kernel for Adam, and ours was
+  measured faster for SGD and row-wise Adagrad); on a GPU they are FBGEMM's own.
 - `install()` wraps the kernel factory of torchrec's two grouped lookups
   (`GroupedPooledEmbeddingsLookup` for EmbeddingBagCollection, `GroupedEmbeddingsLookup` for
   EmbeddingCollection): a FUSED group whose fused_params carry `mba` gets `MBAFusedEmbeddingBag` /
@@ -78,10 +78,10 @@ class MBAParams:
     lam: float
     counts: str = "online"  # online | static
     kernel: str = "auto"  # auto | cpp | triton
-    # no MBA (λ = 0, no counts, FBGEMM's optimizer states): our kernel where FBGEMM has none for the
-    # optimizer (Adam and partial row-wise Adam on the CPU) or where ours was measured faster
-    # (sequence tables on the CPU: SGD and row-wise Adagrad, docs/results.md "CPU speed");
-    # elsewhere torchrec's own kernel (`route` in install)
+    # no MBA (λ = 0, no counts, FBGEMM's optimizer states): our kernel on the CPU, where FBGEMM has
+    # none for Adam and partial row-wise Adam and ours was measured faster for SGD and row-wise
+    # Adagrad (docs/mba.md, "The plain optimizers on our kernel"); FBGEMM's kernels on a GPU
+    # (`route` in install)
     plain: bool = False
 
     def __post_init__(self) -> None:
@@ -371,34 +371,28 @@ def install() -> tuple[type, type]:
 
     bag_cls, seq_cls = _make_kernel_classes()
 
-    def route(config, device, pooled: bool) -> tuple[bool, Any]:
+    def route(config, device) -> tuple[bool, Any]:
         """(our kernel?, the config for it or for torchrec's): ours for a FUSED group with our
-        key, unless the key is `plain` and FBGEMM's kernel is the one to use there: on a GPU
-        (FBGEMM's Adam included), and for pooled tables with SGD or row-wise Adagrad (FBGEMM's
-        pooled CPU kernel was the faster); torchrec's kernel then gets the config without the key."""
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
+        key, unless the key is `plain` and the tables are on a GPU, where FBGEMM's kernels (its
+        Adam included) are the ones to use; torchrec's kernel then gets the config without the key."""
         fp = config.fused_params or {}
         if config.compute_kernel != EmbeddingComputeKernel.FUSED or MBA_KEY not in fp:
             return False, config
-        if fp[MBA_KEY].plain:
-            on_gpu = device is not None and torch.device(device).type == "cuda"
-            fbgemm_has = fp.get("optimizer") in (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
-            if on_gpu or (pooled and fbgemm_has):
-                return False, dataclasses.replace(config, fused_params={k: v for k, v in fp.items() if k != MBA_KEY})
+        if fp[MBA_KEY].plain and device is not None and torch.device(device).type == "cuda":
+            return False, dataclasses.replace(config, fused_params={k: v for k, v in fp.items() if k != MBA_KEY})
         return True, config
 
     pooled_factory = el.GroupedPooledEmbeddingsLookup._create_embedding_kernel
     seq_factory = el.GroupedEmbeddingsLookup._create_embedding_kernel
 
     def pooled_kernel(self, config, device, pg, sharding_type, env=None):
-        ours, config = route(config, device, pooled=True)
+        ours, config = route(config, device)
         if ours:
             return bag_cls(config=config, pg=pg, device=device, sharding_type=sharding_type, env=env)
         return pooled_factory(self, config, device, pg, sharding_type, env)
 
     def seq_kernel(self, config, pg, device, env=None):
-        ours, config = route(config, device, pooled=False)
+        ours, config = route(config, device)
         if ours:
             return seq_cls(config=config, pg=pg, device=device)
         return seq_factory(self, config, pg, device, env)

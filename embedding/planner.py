@@ -144,8 +144,8 @@ def plan_on_the_fly(
 def sharders_for(sopt: SparseOptimizerConfig) -> list:
     """torchrec's sharders of both collection kinds; their fused_params carry the entry that
     selects our kernel (embedding/mba_tbe.py): with an MBA optimizer, MBA; without, the plain
-    optimizer, which `mba_tbe.install`'s routing gives our kernel where FBGEMM has none (Adam on
-    the CPU) or where ours was measured faster (sequence tables on the CPU), FBGEMM's elsewhere.
+    optimizer, which `mba_tbe.install`'s routing gives our kernel on the CPU (FBGEMM has none for
+    Adam there, and ours was measured faster for SGD and row-wise Adagrad), FBGEMM's on a GPU.
     `sparse_optimizer.kernel: fbgemm` keeps every plain optimizer on FBGEMM's kernels (where it
     has them).
 

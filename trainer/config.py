@@ -167,7 +167,7 @@ class SparseOptimizerConfig:
     counts: Literal["online", "static"] = "online"
     # the row update of MBA (and of the plain optimizers where it runs ours): auto = Triton on CUDA,
     # the C++ kernel on the CPU; fbgemm = the plain optimizers on FBGEMM's own kernels wherever
-    # FBGEMM has one (by default sequence tables on the CPU take ours, measured faster there)
+    # FBGEMM has one (by default the CPU takes ours, measured faster there)
     kernel: Literal["auto", "cpp", "triton", "fbgemm"] = "auto"
     # Plain L2 on every row of every table at every step (the cost MBA avoids; a baseline):
     # SGD: w ← w − lr·(g + l2_all·w) for all rows, touched or not. Row-wise Adagrad: the same

@@ -95,8 +95,36 @@ def run_update(
 
 # Triton is a test dependency: its kernels run here in the interpreter (tests/conftest.py); on a
 # GPU machine (TRITON_INTERPRET=0) the cuda cases run them compiled.
-KERNELS = {"cpp": mba_cpp.update_rows_cpp, "triton": mba_triton.update_rows_triton}
-CASES = [("cpu", "cpp"), ("cpu", "triton"), pytest.param("cuda", "triton", marks=CUDA)]
+def cpp_path(rows_per_occurrence: float):
+    """mba_cpp.update_rows_cpp with its choice of path fixed: dense per-row sums (inf; 3 threads,
+    so 3 partial sums per row whatever the machine) or rows grouped first (0)."""
+
+    def run(*args):
+        saved, threads = mba_cpp.DENSE_ROWS_PER_OCCURRENCE, torch.get_num_threads()
+        mba_cpp.DENSE_ROWS_PER_OCCURRENCE = rows_per_occurrence
+        torch.set_num_threads(3)
+        try:
+            mba_cpp.update_rows_cpp(*args)
+        finally:
+            mba_cpp.DENSE_ROWS_PER_OCCURRENCE = saved
+            torch.set_num_threads(threads)
+
+    return run
+
+
+KERNELS = {
+    "cpp": mba_cpp.update_rows_cpp,  # its own choice (both paths over the steps of the first test)
+    "cpp-dense": cpp_path(float("inf")),
+    "cpp-grouped": cpp_path(0),
+    "triton": mba_triton.update_rows_triton,
+}
+CASES = [
+    ("cpu", "cpp"),
+    ("cpu", "cpp-dense"),
+    ("cpu", "cpp-grouped"),
+    ("cpu", "triton"),
+    pytest.param("cuda", "triton", marks=CUDA),
+]
 
 
 @pytest.mark.parametrize("device,kernel", CASES)
@@ -409,3 +437,44 @@ def test_cpu_grouping_by_row_equals_a_stable_argsort(rows):
     np.testing.assert_array_equal(seg.tab.numpy(), (want_rows >= half).astype(np.int64))
     with pytest.raises(RuntimeError, match=f"row {rows} outside"):
         mba_cpp.cpu_extension().group_rows(torch.tensor([0, rows]), torch.tensor([0, 1]), rows)
+
+
+@pytest.mark.parametrize("path", ["cpp-dense", "cpp-grouped"])
+@pytest.mark.parametrize("dim", [16, 32, 8])  # the dense sums' two unrolled widths, and the general loop
+def test_cpp_paths_on_tables_of_one_dim(path, dim):
+    """Both C++ paths on a group whose tables share one dim (as torchrec's groups mostly do)
+    against the numpy step: row-wise Adagrad with λ over two steps, pooled-style gradients (many
+    occurrences reading one gradient row); then a row outside the group is refused before any
+    weight is written."""
+    rng = np.random.default_rng(4)
+    rows_of = [40, 9]
+    w0 = [rng.standard_normal((r, dim)).astype(np.float32) for r in rows_of]
+    flat = torch.tensor(np.concatenate([w.ravel() for w in w0]))
+    views = [flat[: rows_of[0] * dim].view(-1, dim), flat[rows_of[0] * dim :].view(-1, dim)]
+    momentum = torch.zeros(sum(rows_of))
+    n = [rng.integers(1, 9, r).astype(np.int32) for r in rows_of]
+    layout = mba.TableLayout.of(
+        views, [momentum[: rows_of[0]], momentum[rows_of[0] :]], torch.tensor(np.concatenate(n))
+    )
+    ref_w, ref_s = w0, [np.zeros(r) for r in rows_of]
+    for _ in range(2):
+        occ = [(int(t), int(rng.integers(0, rows_of[t]))) for t in rng.integers(0, 2, 150)]
+        bag_grads = rng.standard_normal((10, dim)).astype(np.float32)
+        bag = rng.integers(0, 10, len(occ))
+        lin = torch.tensor([sum(rows_of[:t]) + j for t, j in occ])
+        src = torch.tensor(bag * dim)
+        KERNELS[path](layout, lin, src, torch.tensor(bag_grads), mba.Rule("rowwise_adagrad", 0.1, eps=EPS), 0.4)
+        ref_w, ref_s = numpy_step(ref_w, ref_s, n, occ, [bag_grads[b] for b in bag], 0.1, 0.4, True)
+        for t in range(2):
+            np.testing.assert_allclose(views[t].numpy(), ref_w[t], rtol=1e-5, atol=1e-5)
+    before = flat.clone()
+    with pytest.raises(RuntimeError, match=f"row {sum(rows_of)} outside"):
+        KERNELS[path](
+            layout,
+            torch.tensor([0, sum(rows_of)] * 30),
+            torch.zeros(60, dtype=torch.int64),
+            torch.ones(dim),
+            mba.Rule("rowwise_adagrad", 0.1),
+            0.0,
+        )
+    assert torch.equal(flat, before)
