@@ -56,7 +56,8 @@ def segments_cpu(lin: torch.Tensor, src: torch.Tensor, layout: TableLayout) -> S
 
 
 # accumulate_update (dense per-row sums, no grouping) where the group has at most this many rows
-# per occurrence: its buffers (rows × dim per thread) then stay no larger than the gradient read
+# per occurrence; it sums in at most occurrences / rows parts (one per thread), so that its
+# buffers (rows × dim per part) stay no larger than the gradient it reads
 DENSE_ROWS_PER_OCCURRENCE = 1
 
 
@@ -72,7 +73,7 @@ def update_rows_cpp(
 ) -> None:
     """The C++ path: online counts first (`samples`: count_samples_), then the step. A group with
     few rows for the batch (DENSE_ROWS_PER_OCCURRENCE) sums the occurrences in their order into
-    dense per-row buffers, one per thread (accumulate_update); else the occurrences are grouped by
+    dense per-row buffers, one per thread up to occurrences / rows of them (accumulate_update); else the occurrences are grouped by
     row (segments_cpu) and each touched row summed and updated in one pass (update_rows)."""
     rule.check(layout)
     if lin.numel() == 0:
@@ -85,8 +86,9 @@ def update_rows_cpp(
     hyper = (rule.mode, rule.lr, lam, rule.eps, rule.beta1, rule.beta2, rule.bias1, rule.bias2)
     grad = grad.float().contiguous().reshape(-1)
     if layout.num_rows <= DENSE_ROWS_PER_OCCURRENCE * lin.numel():
+        parts = max(1, min(torch.get_num_threads(), lin.numel() // max(layout.num_rows, 1)))
         lin, src = lin.to(torch.int64).contiguous(), src.to(torch.int64).contiguous()
-        ext.accumulate_update(*states, *tables, lin, src, grad, torch.get_num_threads(), *hyper)
+        ext.accumulate_update(*states, *tables, lin, src, grad, parts, *hyper)
         return
     seg = segments_cpu(lin, src, layout)
     ext.update_rows(*states, *tables, seg.rows, seg.tab, seg.offsets, seg.src, grad, *hyper)
