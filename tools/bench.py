@@ -68,6 +68,12 @@ def add_parsers(sub: argparse._SubParsersAction, config_args) -> None:
         help="instead, time these models' training steps (comma-separated, or `all`) on the config's data, "
         "each against DIN in the same run (e.g. --config configs/zoo_synthetic.yaml --models all)",
     )
+    tr.add_argument(
+        "--compare-sparse",
+        action="store_true",
+        help="with --models: each model also with its embedding update on the other kernel (FBGEMM's, "
+        "or ours with sparse_optimizer.kernel=fbgemm), in the same alternating blocks",
+    )
     dn = sub.add_parser("dien", help="DIEN training step vs DIN's, and DIEN's GRU kernel vs the step loop")
     config_args(dn)
     _steps_and_device(dn, steps=60, warmup=5, what="timed steps per model")
@@ -108,7 +114,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.bench == "e2e":
         return bench_e2e(cfg, args.steps, args.warmup, args.device)
     if args.models:
-        return bench_models(cfg, args.models, args.steps, args.warmup, args.rounds)
+        return bench_models(cfg, args.models, args.steps, args.warmup, args.rounds, args.compare_sparse)
+    if args.compare_sparse:
+        raise ConfigError(
+            "bench train: --compare-sparse goes with --models (the DIN bench compares the kernels already)"
+        )
     return bench_train(cfg, args.steps, args.warmup, args.rounds)
 
 
@@ -122,10 +132,11 @@ def _through(steps, data: list):
     return run_steps
 
 
-def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int) -> dict:
+def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int, compare_sparse: bool = False) -> dict:
     """Every named model's pipelined training step (the step `dinrec train` runs) on the config's
     first batches, each model's own layout of them, alternated in `rounds` blocks; samples/s and
-    the ratio to DIN's, which is always timed too."""
+    the ratio to DIN's, which is always timed too. With `compare_sparse`, each model a second time
+    with its embedding update on the other kernel (ours / FBGEMM's), in the same blocks."""
     from dataclasses import replace
 
     from tools.experiments import parse_variants
@@ -138,16 +149,24 @@ def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int)
         names.append("din")
     if rounds < 1:
         raise ConfigError(f"bench train: --rounds must be >= 1, got {rounds}")
+    sparse_kernel = "fbgemm" if cfg.sparse_optimizer.kernel == "fbgemm" else "ours"
+    other_sparse = "ours" if sparse_kernel == "fbgemm" else "fbgemm"
+    flipped = replace(cfg.sparse_optimizer, kernel="auto" if sparse_kernel == "fbgemm" else "fbgemm")
     data, runs = {}, {}
     with process_group(cfg) as (_, world):
         for name in names:
             mcfg = replace(cfg, model=replace(cfg.model, name=name))
             data[name] = take(mcfg, warmup + steps)  # the model's layout: pooled or jagged histories, negatives
-            model = build_model(mcfg, world, torch.device("cpu"))
-            runs[name] = _through(Steps(model, dense_optimizer(mcfg, model), torch.device("cpu")), data[name])
+            variants = [(name, mcfg)]
+            if compare_sparse:
+                variants.append((f"{name}/{other_sparse}", replace(mcfg, sparse_optimizer=flipped)))
+            for key, c in variants:
+                model = build_model(c, world, torch.device("cpu"))
+                runs[key] = _through(Steps(model, dense_optimizer(c, model), torch.device("cpu")), data[name])
         blocks, seconds = alternate(runs, warmup, steps, rounds)
-    rate = {name: sum(len(b[i]) for blk in blocks for i in blk) / sum(seconds[name]) for name, b in data.items()}
-    return {
+    samples = {name: sum(len(b[i]) for blk in blocks for i in blk) for name, b in data.items()}
+    rate = {name: samples[name] / sum(seconds[name]) for name in data}
+    out = {
         "bench": "train_models",
         **machine(),
         "batch_size": cfg.data.batch_size,
@@ -156,10 +175,18 @@ def bench_models(cfg: Config, models: str, steps: int, warmup: int, rounds: int)
         "precision": cfg.model.precision,
         "compile": cfg.model.compile,
         "sparse_optimizer": cfg.sparse_optimizer.type,
+        "sparse_kernel": sparse_kernel,
         "models": {
             name: {"samples_per_s": round(r, 1), "ratio_to_din": round(r / rate["din"], 3)} for name, r in rate.items()
         },
     }
+    if compare_sparse:
+        for name in data:
+            other = samples[name] / sum(seconds[f"{name}/{other_sparse}"])
+            by = {sparse_kernel: rate[name], other_sparse: other}
+            out["models"][name]["samples_per_s_by_sparse_kernel"] = {k: round(v, 1) for k, v in by.items()}
+            out["models"][name]["ratio_ours_over_fbgemm_sparse"] = round(by["ours"] / by["fbgemm"], 3)
+    return out
 
 
 def _read_on_one_core(cfg: Config, batches: int) -> tuple[int, int, float]:

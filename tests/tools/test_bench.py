@@ -99,6 +99,34 @@ def test_bench_train_times_every_model_against_din(tiny_zoo_data, capsys):
         assert m["samples_per_s"] > 0 and abs(m["ratio_to_din"] - m["samples_per_s"] / din) < 0.002
 
 
+def test_bench_train_compares_the_sparse_kernels_per_model(tiny_data, capsys):
+    """--compare-sparse: each model also with its embedding update on FBGEMM's kernels, in the same
+    blocks; the ratio is the two rates' (and is refused without --models)."""
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]
+    r = run(
+        capsys,
+        "bench",
+        "train",
+        "--models",
+        "base",
+        "--compare-sparse",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        *args,
+    )
+    assert r["sparse_kernel"] == "ours" and list(r["models"]) == ["base", "din"]
+    for m in r["models"].values():
+        by = m["samples_per_s_by_sparse_kernel"]
+        assert by["ours"] == m["samples_per_s"] and by["fbgemm"] > 0
+        assert abs(m["ratio_ours_over_fbgemm_sparse"] - by["ours"] / by["fbgemm"]) < 0.002
+    assert main(["bench", "train", "--compare-sparse", *args]) == 2
+    assert "--compare-sparse goes with --models" in capsys.readouterr().err
+
+
 def test_bench_train_refuses_a_mismatched_config(tiny_data, capsys):
     assert (
         main(["bench", "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={tiny_data / 'train'}"]) == 2
