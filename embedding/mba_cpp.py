@@ -73,8 +73,9 @@ def update_rows_cpp(
 ) -> None:
     """The C++ path: online counts first (`samples`: count_samples_), then the step. A group with
     few rows for the batch (DENSE_ROWS_PER_OCCURRENCE) sums the occurrences in their order into
-    dense per-row buffers, one per thread up to occurrences / rows of them (accumulate_update); else the occurrences are grouped by
-    row (segments_cpu) and each touched row summed and updated in one pass (update_rows)."""
+    dense per-row buffers, one per thread up to occurrences / rows of them (accumulate_update);
+    else the occurrences are grouped by row (segments_cpu) and each touched row summed and
+    updated in one pass (update_rows)."""
     rule.check(layout)
     if lin.numel() == 0:
         return

@@ -100,6 +100,8 @@ inline int64_t table_of(const int64_t* row_off, int64_t n_tables, int64_t r) {
   return std::upper_bound(row_off + 1, row_off + n_tables + 1, r) - (row_off + 1);
 }
 
+// accumulate_update's first pass for tables all D wide (the width known to the compiler): adds
+// occurrences k0 .. k1-1 into their rows of `buf` (row r at r·stride) and marks the rows in `hit`
 template <int64_t D>
 inline void sum_into(float* __restrict__ buf, uint8_t* __restrict__ hit, const int64_t* lin, const int64_t* src,
                      const float* __restrict__ grad, int64_t k0, int64_t k1, int64_t stride, int64_t num_rows) {
