@@ -100,18 +100,21 @@ inline int64_t table_of(const int64_t* row_off, int64_t n_tables, int64_t r) {
   return std::upper_bound(row_off + 1, row_off + n_tables + 1, r) - (row_off + 1);
 }
 
-// accumulate_update's first pass for tables all D wide (the width known to the compiler): adds
-// occurrences k0 .. k1-1 into their rows of `buf` (row r at r·stride) and marks the rows in `hit`
+// accumulate_update's first pass: adds occurrences k0 .. k1-1 into their rows of `buf` (row r at
+// r·stride) and marks the rows in `hit`. D > 0: every table is D wide (the width known to the
+// compiler); D = 0: each occurrence's width is its table's.
 template <int64_t D>
 inline void sum_into(float* __restrict__ buf, uint8_t* __restrict__ hit, const int64_t* lin, const int64_t* src,
-                     const float* __restrict__ grad, int64_t k0, int64_t k1, int64_t stride, int64_t num_rows) {
+                     const float* __restrict__ grad, int64_t k0, int64_t k1, int64_t stride, int64_t num_rows,
+                     const int64_t* row_off, int64_t n_tables, const int64_t* dims) {
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t r = lin[k];
     TORCH_CHECK(r >= 0 && r < num_rows, "lin: row ", r, " outside [0, ", num_rows, ")");
+    const int64_t dim = D > 0 ? D : dims[table_of(row_off, n_tables, r)];
     float* __restrict__ a = buf + r * stride;
     const float* __restrict__ g = grad + src[k];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) a[d] += g[d];
+    for (int64_t d = 0; d < dim; ++d) a[d] += g[d];
     hit[r] = 1;
   }
 }
@@ -136,19 +139,11 @@ void accumulate_update_kernel(W* weight, float* momentum, float* exp_avg, float*
       uint8_t* hit = touched.data() + c * num_rows;
       const int64_t k0 = n * c / parts, k1 = n * (c + 1) / parts;
       if (same_dim == 16) {
-        sum_into<16>(buf, hit, lin, src, grad, k0, k1, max_dim, num_rows);
+        sum_into<16>(buf, hit, lin, src, grad, k0, k1, max_dim, num_rows, row_off, n_tables, dims);
       } else if (same_dim == 32) {
-        sum_into<32>(buf, hit, lin, src, grad, k0, k1, max_dim, num_rows);
+        sum_into<32>(buf, hit, lin, src, grad, k0, k1, max_dim, num_rows, row_off, n_tables, dims);
       } else {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t r = lin[k];
-          TORCH_CHECK(r >= 0 && r < num_rows, "lin: row ", r, " outside [0, ", num_rows, ")");
-          const int64_t dim = dims[table_of(row_off, n_tables, r)];
-          float* a = buf + r * max_dim;
-          const float* g = grad + src[k];
-          for (int64_t d = 0; d < dim; ++d) a[d] += g[d];
-          hit[r] = 1;
-        }
+        sum_into<0>(buf, hit, lin, src, grad, k0, k1, max_dim, num_rows, row_off, n_tables, dims);
       }
     }
   });
