@@ -138,6 +138,10 @@ class ModelConfig:
     # MIAN's behaviour weights (Eq. 7): true, the softmax over the behaviours as printed; false,
     # exp(γ(V_t)) without the denominator, so that R_ibim keeps how many behaviours match (DIN §4.3)
     ibim_softmax: bool = True
+    # MIAN's Transformer input (Eq. 3): `none`, the behaviour embeddings alone (the paper names no
+    # position encoding); `recency`, plus a learnt embedding of each behaviour's place counted from
+    # the most recent (0) back, as the Transformer adds positions to its inputs (docs/models.md)
+    position: Literal["none", "recency"] = "none"
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,10 @@ def reference_mian(tower, layout, tables, batch, pad_to, heads):
         )
         * mask[:, :, None]
     )
+    e_b = e.sum(1)  # the raw behaviours of the GIM (Eq. 14): no position
+    if tower.position is not None:  # model.position=recency: place 0 is the most recent behaviour
+        back = (lengths[:, None] - 1 - torch.arange(t)[None, :]).clamp(min=0)
+        e = e + tower.position.weight.detach().double()[back] * mask[:, :, None]
     tr = tower.transformer
     d = e.shape[2]
     dh = d // heads
@@ -222,7 +226,7 @@ def reference_mian(tower, layout, tables, batch, pad_to, heads):
     vt = torch.cat([cand[:, None, :].expand(-1, t, -1), h], 2)  # Eq. 6
     r_ibim, alpha = softmax_attention(vt, tower.ibim, mask)  # Eq. 7–9
     r_ibim = torch.where((lengths > 0)[:, None], r_ibim, 0.0)
-    parts = {"e_i": cand, "e_b": e.sum(1), "R_ibim": r_ibim}
+    parts = {"e_i": cand, "e_b": e_b, "R_ibim": r_ibim}
     weights = {"behaviours": alpha[mask]}
     for key, module, names in (("u", tower.iuim, layout.profile), ("c", tower.icim, layout.context)):
         fields = torch.stack([f64[layout.table_of(n).name][jt[n].values()] for n in names], 1)
@@ -253,11 +257,15 @@ def _mian(zoo_cfg, *overrides):
         (),
         ("model.score_hidden=6", "model.gim=concat"),
         ("model.score_hidden=6", "model.score_product=true", "model.ibim_softmax=false"),
+        ("model.position=recency", "model.score_hidden=6", "model.score_product=true", "model.gim=concat"),
     ],
-    ids=["as_printed", "hidden_concat", "hidden_product_exp"],
+    ids=["as_printed", "hidden_concat", "hidden_product_exp", "recency"],
 )
 def test_mian_forward_against_the_papers_equations(zoo_cfg, variant):
     cfg, layout, model, tables = _mian(zoo_cfg, *variant)
+    if model.tower.position is not None:  # large enough that a place off by one shows
+        with torch.no_grad():
+            model.tower.position.weight.normal_()
     assert model.tower.parts == ("e_i", "e_b", "R_ibim", "e_u", "R_iuim", "e_c", "R_icim", "e_o")
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
     lengths = batch.feature("hist_item_id").lengths()
@@ -274,22 +282,28 @@ def test_mian_forward_against_the_papers_equations(zoo_cfg, variant):
     assert float(got.std()) > 1e-3
 
 
-def test_mian_is_padding_invariant_and_its_weights_sum_to_one(zoo_cfg):
+@pytest.mark.parametrize("position", ["none", "recency"])
+def test_mian_is_padding_invariant_and_its_weights_sum_to_one(zoo_cfg, position):
     """The same logits with the histories padded to the batch's longest or to data.max_hist_len
     (static steps, a GPU's shapes) and for a row alone; every attention weight set sums to one
     (over the real behaviours for α_t), and a row without behaviours gets finite logits."""
-    cfg, layout, model, _ = _mian(zoo_cfg)
+    cfg, layout, model, _ = _mian(zoo_cfg, f"model.position={position}")
     batch = next(iter(stream_from_config(cfg, "test").epoch(0)))
     tower = model.tower
     with torch.no_grad():
+        if tower.position is not None:  # large enough that padding moving a place would show
+            tower.position.weight.normal_()
         x = model.lookups(batch)
         dynamic = tower(x, batch.dense)
         tower.static_steps = True
         static = tower(x, batch.dense)
         tower.static_steps = None
         torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
-        one = next(iter(stream_from_config(zoo_cfg("model.name=mian", "data.batch_size=1"), "test").epoch(0)))
-        torch.testing.assert_close(model(one), dynamic[:1], rtol=1e-5, atol=1e-5)
+        # a row shorter than the batch's longest (padded in the batch), alone
+        i = int(torch.nonzero(x.lengths < x.lengths.max())[0])
+        rows = stream_from_config(zoo_cfg("model.name=mian", "data.batch_size=1"), "test").epoch(0)
+        one = next(r for j, r in enumerate(rows) if j == i)
+        torch.testing.assert_close(model(one), dynamic[i : i + 1], rtol=1e-5, atol=1e-5)
         w = tower.all_weights(x, batch.dense)
         per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(
             0, torch.repeat_interleave(torch.arange(len(batch)), x.lengths.long()), w["behaviours"].double()

@@ -14,7 +14,10 @@ their outputs against the raw embeddings, and an MLP predicts (Eq. 16–17, one 
 What the paper leaves open, and the choice made here:
 - padded behaviours are masked everywhere: as keys of the self-attention, in α_t, in e_b (the
   behaviours summed); a row without behaviours has R_ibim = 0 (its self-attention attends to
-  one zero position, whose output is not used). No position embedding (the paper names none).
+  one zero position, whose output is not used). No position encoding by default (the paper names
+  none); `model.position: recency` adds a learnt vector per place counted from the most recent
+  behaviour back (Vaswani et al.'s Transformer adds positions to its inputs; counted from the end,
+  a place does not depend on the padding).
 - one set of score parameters for every step in Eq. 8 (a weight per position would depend on
   the padding); one per field in Eq. 10 and 13 and per part in Eq. 15, as written.
 - the score γ: `model.score_hidden` 0 is tanh(V·w + b), a scalar, as printed; A > 0 reads W and
@@ -143,6 +146,12 @@ class MIANTower(Tower):
         self.transformer = nn.TransformerEncoderLayer(
             d, cfg.heads, cfg.ffn, dropout=0.0, activation="relu", batch_first=True, norm_first=True
         )
+        # model.position=recency: a learnt vector per place from the most recent behaviour back,
+        # added to e_b before the Transformer (N(0, 0.02²), the paper's initial scale)
+        self.position = None
+        if cfg.position == "recency":
+            self.position = nn.Embedding(self.max_steps, d)
+            nn.init.normal_(self.position.weight, std=0.02)
         a, product = cfg.score_hidden, cfg.score_product
         self.ibim = FieldAttention(
             1, 2 * d, shared=True, hidden=a, product=d if product else 0, softmax=cfg.ibim_softmax
@@ -171,6 +180,9 @@ class MIANTower(Tower):
         real = torch.arange(steps, device=e.device).unsqueeze(0) < lengths.unsqueeze(1)
         keys = real.clone()
         keys[:, 0] |= lengths == 0  # a row without behaviours attends to one zero position
+        if self.position is not None:  # the place from the most recent back: padding does not move it
+            back = (lengths.unsqueeze(1) - 1 - torch.arange(steps, device=e.device)).clamp(min=0)
+            e = e + self.position(back) * real.unsqueeze(2).to(e.dtype)
         h = self.transformer(e, src_key_padding_mask=~keys)
         v = torch.cat([x.cand.unsqueeze(1).expand(-1, steps, -1), h], dim=2)  # V_t, Eq. 6
         r, alpha = self.ibim(v, real)
