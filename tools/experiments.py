@@ -53,11 +53,11 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"experiment: --seeds {text!r}: expected e.g. 0,1,2") from None
 
 
-def parse_variants(text: str, known) -> list[str]:
+def parse_variants(text: str, known, flag: str = "--variants") -> list[str]:
     variants = text.split(",")
     bad = [v for v in variants if v not in known]
     if bad:
-        raise ConfigError(f"experiment: --variants: unknown {bad[0]!r} (choose from {', '.join(known)})")
+        raise ConfigError(f"experiment: {flag}: unknown {bad[0]!r} (choose from {', '.join(known)})")
     return variants
 
 

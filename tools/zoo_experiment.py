@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     from trainer.data import resolve_paths
 
     seeds = parse_seeds(args.seeds)
-    models = parse_variants(args.models, NAMES)
+    models = parse_variants(args.models, NAMES, "--models")
     configs = {m: config_of(args.config, m) for m in models}
     for m, path in configs.items():
         if not Path(path).is_file():
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         "experiment": "zoo",
         "config": args.config,
         "data": base_cfg.data.train,
+        "models": models,
         "seeds": seeds,
         "overrides": args.overrides,
         "epochs": base_cfg.train.epochs,
@@ -182,11 +183,12 @@ def plot(out: dict, path: Path) -> None:
 
 def markdown(out: dict, plot_path: str | None) -> str:
     over = "".join(f" {o}" for o in out["overrides"])
+    subset = "" if list(out["models"]) == list(NAMES) else f" --models {','.join(out['models'])}"
     lines = [
         f"# The model zoo on `{out['config']}`",
         "",
         f"Regenerate: `dinrec experiment zoo --config {out['config']} "
-        f"--seeds {','.join(map(str, out['seeds']))}{over}` "
+        f"--seeds {','.join(map(str, out['seeds']))}{subset}{over}` "
         f"({out['minutes']} min on the machine that wrote this file). Data `{out['data']}`; batch "
         f"{out['batch_size']}, {out['epochs']} epoch(s), {len(out['seeds'])} seeds (init and row order), test "
         + (

@@ -35,6 +35,7 @@ def test_experiment_zoo_runs_every_model_and_writes_table_and_plot(tiny_zoo_data
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"model"')]
     assert [x["model"] for x in lines] == list(MODELS) * 2  # every model, each seed
     text = md.read_text()
+    assert "--models" not in text  # every model: the default
     for name in ("LR", "Wide&Deep", "PNN", "DeepFM", "Deep&Cross", "xDeepFM", "DIN", "DIEN", "MIAN"):
         assert f"| {name} |" in text
     assert "| BaseModel | " in text and "+0.00 % / +0.00 %" in text  # RelaImpr of BaseModel against itself
@@ -84,6 +85,7 @@ def test_with_a_validation_set_the_table_reports_the_epoch_chosen_on_it(tiny_zoo
     lines = {x["model"]: x for x in map(json.loads, capsys.readouterr().out.splitlines()) if "model" in x}
     text = md.read_text()
     assert "best validation GAUC" in text and "| best epoch (per seed) |" in text
+    assert "--seeds 0 --models base,din " in text  # the command that regenerates this table
     for m, name in (("base", "BaseModel"), ("din", "DIN")):
         log = [json.loads(x) for x in (runs / f"{m}_seed0" / "metrics.jsonl").read_text().splitlines()]
         epochs = [x["eval"]["epochs"] for x in log if "eval" in x and "epochs" in x["eval"]][-1]
