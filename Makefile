@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/din_synthetic.yaml
 DATA   := data/synthetic
 
-.PHONY: setup train test data clean lint reproduce-movielens reproduce-zoo-movielens reproduce-zoo-synthetic peers
+.PHONY: setup train test data clean lint reproduce-movielens reproduce-zoo-movielens reproduce-zoo-synthetic reproduce-zoo-synthetic-4epochs peers
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,12 @@ reproduce-zoo-movielens: setup data/movielens-valid/convert.json
 reproduce-zoo-synthetic: setup data/zoo/train/_SUCCESS
 	$(BIN)/dinrec experiment zoo --config configs/zoo_synthetic.yaml --seeds 0,1,2 \
 		--out docs/results-zoo.md --plot docs/zoo-synthetic.png --runs runs/zoo_synthetic
+
+# the sequence models and BaseModel trained longer (4 epochs; the best epoch still chosen on valid/)
+reproduce-zoo-synthetic-4epochs: setup data/zoo/train/_SUCCESS
+	$(BIN)/dinrec experiment zoo --config configs/zoo_synthetic.yaml --models base,din,dien,mian --seeds 0,1,2 \
+		train.epochs=4 --out docs/results-zoo-4epochs.md --plot docs/zoo-synthetic-4epochs.png \
+		--runs runs/zoo_synthetic_4epochs
 
 data/zoo/train/_SUCCESS: tools/generate.py
 	$(BIN)/dinrec generate --out data/zoo --users 30000 --valid-users 10000 --profile 1.0 --context 1.0
