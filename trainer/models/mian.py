@@ -150,6 +150,8 @@ class MIANTower(Tower):
         # added to e_b before the Transformer (N(0, 0.02²), the paper's initial scale)
         self.position = None
         if cfg.position == "recency":
+            if not self.max_steps:
+                raise ValueError("MIAN: model.position=recency needs the longest history (data.max_hist_len)")
             self.position = nn.Embedding(self.max_steps, d)
             nn.init.normal_(self.position.weight, std=0.02)
         a, product = cfg.score_hidden, cfg.score_product
