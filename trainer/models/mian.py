@@ -147,7 +147,8 @@ class MIANTower(Tower):
             d, cfg.heads, cfg.ffn, dropout=0.0, activation="relu", batch_first=True, norm_first=True
         )
         # model.position=recency: a learnt vector per place from the most recent behaviour back,
-        # added to e_b before the Transformer (N(0, 0.02²), the paper's initial scale)
+        # added to the behaviours before the Transformer (the GIM's e_b stays their raw sum;
+        # N(0, 0.02²), the paper's initial scale)
         self.position = None
         if cfg.position == "recency":
             if not self.max_steps:
@@ -179,11 +180,12 @@ class MIANTower(Tower):
         lengths = x.lengths.long()
         steps = max(history_steps(lengths, self.max_steps, self.static_steps), 1)
         e = padded(x.hist, lengths, steps)  # [B, T, D]
-        real = torch.arange(steps, device=e.device).unsqueeze(0) < lengths.unsqueeze(1)
+        places = torch.arange(steps, device=e.device)
+        real = places.unsqueeze(0) < lengths.unsqueeze(1)
         keys = real.clone()
         keys[:, 0] |= lengths == 0  # a row without behaviours attends to one zero position
         if self.position is not None:  # the place from the most recent back: padding does not move it
-            back = (lengths.unsqueeze(1) - 1 - torch.arange(steps, device=e.device)).clamp(min=0)
+            back = (lengths.unsqueeze(1) - 1 - places).clamp(min=0)
             e = e + self.position(back) * real.unsqueeze(2).to(e.dtype)
         h = self.transformer(e, src_key_padding_mask=~keys)
         v = torch.cat([x.cand.unsqueeze(1).expand(-1, steps, -1), h], dim=2)  # V_t, Eq. 6
