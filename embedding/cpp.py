@@ -33,7 +33,7 @@ def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
         tmp = build / f".{src.name}.{os.getpid()}"
         tmp.write_bytes(src.read_bytes())
         os.replace(tmp, source)
-    with _our_ninja():
+    with _build_lock(build), _our_ninja():
         return cpp_extension.load(
             name=name,
             sources=[str(source)],
@@ -42,6 +42,30 @@ def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
             build_directory=str(build),
             verbose=False,
         )
+
+
+@contextmanager
+def _build_lock(build: Path):
+    """Held while torch builds or loads the library in `build`, one process at a time.
+
+    torch's own lock is a file (`build/lock`) that a build killed by a signal (a preempted
+    worker, a CI job stopped mid-setup) leaves behind, and every later process then waits on it
+    forever. Ours is an flock, which the kernel drops with its process: whoever holds it knows
+    that no other build is running, so a torch lock file found then is stale and is removed.
+    """
+    import fcntl
+
+    with open(build / ".dinrec-build.lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"dinrec: waiting for another process building {build}", file=sys.stderr, flush=True)
+            fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            print(f"dinrec: removing {stale}, left by a build that was killed", file=sys.stderr, flush=True)
+            stale.unlink(missing_ok=True)
+        yield  # the flock goes with the file's closing
 
 
 @contextmanager

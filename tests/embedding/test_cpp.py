@@ -4,6 +4,11 @@ instead of compiling it again; an edited source builds a library of its own."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from embedding import cpp
@@ -33,3 +38,68 @@ def test_an_edited_source_is_another_library(tmp_path):
     built = library(jagged.kernel()).parent.name  # the build directory is named for the library
     assert cpp.name_of(a, "dinrec_jagged", jagged.FLAGS) == built
     assert cpp.name_of(b, "dinrec_jagged", jagged.FLAGS) != built
+
+
+# A module of no torch code: it compiles in a second or two, so the lock tests build for real.
+TINY = b"""#include <Python.h>
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, STR(TORCH_EXTENSION_NAME), NULL, -1, NULL};
+PyMODINIT_FUNC CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&def); }
+"""
+
+
+def _tiny(tmp_path) -> tuple[Path, Path, dict]:
+    src = tmp_path / "tiny.cpp"
+    src.write_bytes(TINY)
+    root = tmp_path / "extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    return src, root / cpp.name_of(src, "dinrec_tiny"), env
+
+
+def _load(src: Path, env: dict) -> subprocess.Popen:
+    load = f"cpp.load(Path({str(src)!r}), 'dinrec_tiny')"
+    code = f"from pathlib import Path; from embedding import cpp; print({load}.__file__)"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next(tmp_path):
+    """torch waits on its lock file for as long as it exists; a build killed by a signal leaves
+    it, and without our lock every later build would wait forever (the timeout fails it here)."""
+    src, build, env = _tiny(tmp_path)
+    build.mkdir(parents=True)
+    (build / "lock").touch()  # what a build killed by SIGKILL or SIGTERM leaves
+    proc = _load(src, env)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert Path(out.strip()).parent == build
+    assert not (build / "lock").exists()
+
+
+def test_a_build_in_progress_is_waited_for(tmp_path):
+    """While another process holds the build (our lock), its torch lock file is live: the second
+    process waits, and builds (or loads) once the first lets go."""
+    src, build, env = _tiny(tmp_path)
+    build.mkdir(parents=True)
+    with open(build / ".dinrec-build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build / "lock").touch()  # the first process's torch lock, live
+        proc = _load(src, env)
+        assert "waiting for another process" in proc.stderr.readline()
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting
+        assert (build / "lock").exists()  # not taken for stale
+        (build / "lock").unlink()  # the first process ends its build
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert Path(out.strip()).parent == build
