@@ -61,6 +61,14 @@ def _build_lock(build: Path):
         except BlockingIOError:
             print(f"dinrec: waiting for another process building {build}", file=sys.stderr, flush=True)
             fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks: torch's lock file alone, as before
+            print(
+                f"dinrec: cannot lock {held.name} ({e.strerror}); building under torch's lock file only",
+                file=sys.stderr,
+                flush=True,
+            )
+            yield
+            return
         stale = build / "lock"
         if stale.exists():
             print(f"dinrec: removing {stale}, left by a build that was killed", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ instead of compiling it again; an edited source builds a library of its own."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -103,3 +104,16 @@ def test_a_build_in_progress_is_waited_for(tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert Path(out.strip()).parent == build
+
+
+def test_without_file_locks_the_build_runs_under_torchs_lock_and_says_so(tmp_path, monkeypatch, capsys):
+    src, build, env = _tiny(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    module = cpp.load(src, "dinrec_tiny")
+    assert Path(module.__file__).parent == build
+    assert "cannot lock" in capsys.readouterr().err
