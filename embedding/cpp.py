@@ -57,10 +57,9 @@ def _build_lock(build: Path):
 
     with open(build / ".dinrec-build.lock", "a") as held:
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"dinrec: waiting for another process building {build}", file=sys.stderr, flush=True)
-            fcntl.flock(held, fcntl.LOCK_EX)
+            if not _locked_within(held, seconds=2.0):  # workers starting together load in turn quietly
+                print(f"dinrec: waiting for another process building {build}", file=sys.stderr, flush=True)
+                fcntl.flock(held, fcntl.LOCK_EX)
         except OSError as e:  # a file system without locks: torch's lock file alone, as before
             print(
                 f"dinrec: cannot lock {held.name} ({e.strerror}); building under torch's lock file only",
@@ -74,6 +73,22 @@ def _build_lock(build: Path):
             print(f"dinrec: removing {stale}, left by a build that was killed", file=sys.stderr, flush=True)
             stale.unlink(missing_ok=True)
         yield  # the flock goes with the file's closing
+
+
+def _locked_within(held, seconds: float) -> bool:
+    """Whether the exclusive flock on `held` was taken within `seconds` (polled)."""
+    import fcntl
+    import time
+
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
 
 
 @contextmanager
