@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,12 +62,10 @@ def _tiny(tmp_path) -> tuple[Path, Path, dict]:
     return src, root / cpp.name_of(src, "dinrec_tiny"), env
 
 
-def _load(src: Path, env: dict) -> subprocess.Popen:
+def _load(src: Path, env: dict, stdout=subprocess.PIPE) -> subprocess.Popen:
     load = f"cpp.load(Path({str(src)!r}), 'dinrec_tiny')"
     code = f"from pathlib import Path; from embedding import cpp; print({load}.__file__)"
-    return subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_lock_left_by_a_killed_build_does_not_stop_the_next(tmp_path):
@@ -92,18 +92,26 @@ def test_a_build_in_progress_is_waited_for(tmp_path):
     with open(build / ".dinrec-build.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (build / "lock").touch()  # the first process's torch lock, live
-        proc = _load(src, env)
-        assert "waiting for another process" in proc.stderr.readline()
+        out = tmp_path / "stdout"
+        proc = _load(src, env, stdout=out.open("w"))
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+        try:  # a bounded wait: a test of waiting must not wait forever itself
+            while "waiting for another process" not in lines.get(timeout=60):
+                pass
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError("no line saying that the second process waits") from None
         time.sleep(1.0)
         assert proc.poll() is None  # still waiting
         assert (build / "lock").exists()  # not taken for stale
         (build / "lock").unlink()  # the first process ends its build
     try:
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert Path(out.strip()).parent == build
+    assert proc.returncode == 0
+    assert Path(out.read_text().strip()).parent == build
 
 
 def test_without_file_locks_the_build_runs_under_torchs_lock_and_says_so(tmp_path, monkeypatch, capsys):
