@@ -27,6 +27,9 @@
 // at run time), without the dispatcher's cost per call, or ATen's mm where those are absent.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -121,6 +124,140 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t
   at::Tensor C = at::mm(ta ? A.t() : A, tb ? B.t() : B);
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::dtype(c10::CppTypeToScalarType<T>::value));
   if (add) out.add_(C); else out.copy_(C);
+}
+
+
+// ---- small products of one batch row (layer 1 with the candidate folded in) ----------------------
+//
+// C[m, n] (= or +=) op(A)·B, row-major, op(A)[i, kk] = ta ? a[kk·lda + i] : a[i·lda + kk]. A batch
+// row's behaviours (about 50) by a [D, H1] matrix are too small for a BLAS call each; these loops
+// keep 4 rows × up to 80 columns of C in registers (float with AVX-512), or let the compiler
+// vectorize over the columns (double, or a CPU without AVX-512).
+
+#if defined(__AVX512F__)
+template <bool TA, int R, int NV>
+void micro_f32(int64_t k, const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+               float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* bk = b + kk * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bk + 16 * v) : _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(TA ? a[kk * lda + r] : a[r * lda + kk]);
+#pragma GCC unroll 5
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + r * ldc + 16 * v;
+      const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
+      const __m512 sum = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[r][v]) : acc[r][v];
+      _mm512_mask_storeu_ps(out, mask, sum);
+    }
+}
+
+template <bool TA, int R>
+void micro_rows_f32(int nv, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                    int64_t ldc, __mmask16 last, bool add) {
+  switch (nv) {
+    case 1: return micro_f32<TA, R, 1>(k, a, lda, b, ldb, c, ldc, last, add);
+    case 2: return micro_f32<TA, R, 2>(k, a, lda, b, ldb, c, ldc, last, add);
+    case 3: return micro_f32<TA, R, 3>(k, a, lda, b, ldb, c, ldc, last, add);
+    case 4: return micro_f32<TA, R, 4>(k, a, lda, b, ldb, c, ldc, last, add);
+    default: return micro_f32<TA, R, 5>(k, a, lda, b, ldb, c, ldc, last, add);
+  }
+}
+
+template <bool TA>
+void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, bool add) {
+  for (int64_t j0 = 0; j0 < n; j0 += 80) {
+    const int64_t cols = std::min<int64_t>(80, n - j0);
+    const int nv = int((cols + 15) / 16);
+    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
+    for (int64_t i = 0; i < m; i += 4) {
+      const float* ai = TA ? a + i : a + i * lda;
+      float* ci = c + i * ldc + j0;
+      switch (std::min<int64_t>(4, m - i)) {
+        case 4: micro_rows_f32<TA, 4>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
+        case 3: micro_rows_f32<TA, 3>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
+        case 2: micro_rows_f32<TA, 2>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
+        default: micro_rows_f32<TA, 1>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
+      }
+    }
+  }
+}
+#endif
+
+template <typename T>
+void small_gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* __restrict a, int64_t lda, const T* __restrict b,
+                int64_t ldb, T* __restrict c, int64_t ldc, bool add) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (ta) small_gemm_f32<true>(m, n, k, a, lda, b, ldb, c, ldc, add);
+    else small_gemm_f32<false>(m, n, k, a, lda, b, ldb, c, ldc, add);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (!add) std::fill(ci, ci + n, T(0));
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const T av = ta ? a[kk * lda + i] : a[i * lda + kk];
+      const T* bk = b + kk * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += av * bk[j];
+    }
+  }
+}
+
+// layer 1 of batch row s with its candidate folded in: [h, h ⊙ c]·W1ᵀ = h·M with
+// M[j, k] = W1[k, j] + c[j]·W1[k, D + j] ([D, H1]), and Mt = Mᵀ ([H1, D]) for the backward
+template <typename T>
+void fold_m(const T* __restrict w1, const T* __restrict c, T* __restrict m, T* __restrict mt, int64_t d, int64_t h1) {
+  for (int64_t k = 0; k < h1; ++k) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const T v = w1[k * 2 * d + j] + c[j] * w1[k * 2 * d + d + j];
+      if (m) m[j * h1 + k] = v;
+      if (mt) mt[k * d + j] = v;
+    }
+  }
+}
+
+// the backward of one batch row's folded layer 1, given ∂z1 [n, H1]: G = hᵀ·∂z1 ([D, H1]);
+// ∂W1[k, j] += G[j, k], ∂W1[k, D + j] += c[j]·G[j, k]; ∂c[j] += Σ_k G[j, k]·W1[k, D + j];
+// ∂h += ∂z1·Mᵀ; ∂P += Σ_i ∂z1_i
+template <typename T>
+void fold_back(const T* __restrict w1, const T* __restrict h, const T* __restrict c, const T* __restrict dz,
+               int64_t n, int64_t d, int64_t h1, T* __restrict g, T* __restrict mt, T* __restrict gw,
+               T* __restrict gh, T* __restrict gc, T* __restrict gp) {
+  small_gemm<T>(true, d, h1, n, h, d, dz, h1, g, h1, false);
+  for (int64_t k = 0; k < h1; ++k) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const T gjk = g[j * h1 + k];
+      gw[k * 2 * d + j] += gjk;
+      gw[k * 2 * d + d + j] += c[j] * gjk;
+      gc[j] += gjk * w1[k * 2 * d + d + j];
+    }
+  }
+  fold_m<T>(w1, c, nullptr, mt, d, h1);
+  small_gemm<T>(false, n, d, h1, dz, h1, mt, d, gh, d, true);
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < h1; ++k) gp[k] += dz[i * h1 + k];
 }
 
 // ---- blocks -------------------------------------------------------------------------------------
@@ -277,6 +414,11 @@ Layers layers_of(const std::vector<at::Tensor>& weights, const std::vector<at::T
   return ly;
 }
 
+// layer 1 folded (small_gemm per batch row) where the products are in T; with bfloat16 operands
+// the block products of [h, h ⊙ c] stay
+template <typename S, typename T>
+constexpr bool FOLD = std::is_same_v<S, T>;
+
 template <typename S, typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& cand, const at::Tensor& p,
                                      const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
@@ -305,18 +447,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     // per thread: x, then each layer's activation (S, the next product's operand), and one
     // product result (T); rows past a block's stay zero or stale: no real row reads them
-    std::vector<S> x(m * 2 * d, S(0)), act0(m * widest, S(0)), act1(m * widest, S(0));
-    std::vector<T> zf(m * widest);
+    std::vector<S> x(FOLD<S, T> ? 0 : m * 2 * d, S(0)), act0(m * widest, S(0)), act1(m * widest, S(0));
+    std::vector<T> zf(m * widest), mf(FOLD<S, T> ? d * ly.width[0] : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
       const int64_t rows = off[s1] - base;
-      for (int64_t s = s0; s < s1; ++s)
-        fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
+      if constexpr (!FOLD<S, T>)
+        for (int64_t s = s0; s < s1; ++s)
+          fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
       const S* below = x.data();
       S* a = act0.data();
       for (int64_t k = 0; k < nl; ++k) {
         const int64_t w = ly.width[k];
-        gemm<S, T>(false, true, rows, w, ly.in[k], below, ly.in[k], ly.w[k].data_ptr<S>(), ly.in[k], zf.data(), w);
+        if constexpr (FOLD<S, T>) {
+          if (k == 0) {  // per batch row: h·M_s
+            for (int64_t s = s0; s < s1; ++s) {
+              fold_m<T>(ly.w[0].data_ptr<T>(), c + s * d, mf.data(), nullptr, d, w);
+              small_gemm<T>(false, off[s + 1] - off[s], w, d, h + off[s] * d, d, mf.data(), w,
+                            zf.data() + (off[s] - base) * w, w, false);
+            }
+          }
+        }
+        if (!FOLD<S, T> || k > 0)
+          gemm<S, T>(false, true, rows, w, ly.in[k], below, ly.in[k], ly.w[k].data_ptr<S>(), ly.in[k], zf.data(), w);
         S* keep = save ? zs[k].data_ptr<S>() + base * w : nullptr;
         const T* al = static_cast<const T*>(ly.alpha[k]);
         if (k == 0) {  // P per batch row
@@ -390,20 +543,22 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
 
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     // per thread: x and every layer's activation (S), ∂a (T, a product's result), ∂z (S)
-    std::vector<S> x(m * 2 * d, S(0)), dz(m * widest, S(0));
+    std::vector<S> x(FOLD<S, T> ? 0 : m * 2 * d, S(0)), dz(m * widest, S(0));
     std::vector<std::vector<S>> act(nl);
     for (int64_t k = 0; k < nl; ++k) act[k].assign(m * ly.width[k], S(0));
-    std::vector<T> da(m * widest, T(0));
+    std::vector<T> da(m * widest, T(0)), g(FOLD<S, T> ? d * w1 : 0), mt(FOLD<S, T> ? d * w1 : 0);
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t first = pi * nb / np, last = (pi + 1) * nb / np;  // the part's blocks
       T* part = sh + pi * share;
       std::fill(part + at_small, part + share, T(0));
+      if constexpr (FOLD<S, T>) std::fill(part + at_w[0], part + at_w[0] + w1 * 2 * d, T(0));  // summed per row
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
         const int64_t rows = off[s1] - base;
         const bool opens = blk == first;  // the part's first block: its products write, not add
-        for (int64_t s = s0; s < s1; ++s)
-          fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
+        if constexpr (!FOLD<S, T>)
+          for (int64_t s = s0; s < s1; ++s)
+            fill_x<S, T>(x.data() + (off[s] - base) * 2 * d, h + off[s] * d, c + s * d, off[s + 1] - off[s], d);
         for (int64_t k = 0; k < nl; ++k)
           reactivate_rows<S, T>(zs[k].data_ptr<S>() + base * ly.width[k], static_cast<const T*>(ly.alpha[k]),
                                 act[k].data(), rows, ly.width[k]);
@@ -416,11 +571,21 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
           const int64_t w = ly.width[k], in = ly.in[k];
           through_prelu<S, T>(da.data(), zs[k].data_ptr<S>() + base * w, static_cast<const T*>(ly.alpha[k]), dz.data(),
                               part + at_a[k], part + at_a[k] + w, rows, w);
+          if constexpr (FOLD<S, T>) {
+            if (k == 0) {
+              for (int64_t s = s0; s < s1; ++s)
+                fold_back<T>(ly.w[0].data_ptr<T>(), h + off[s] * d, c + s * d, dz.data() + (off[s] - base) * w,
+                             off[s + 1] - off[s], d, w, g.data(), mt.data(), part + at_w[0], gh + off[s] * d,
+                             gc + s * d, gp + s * w);
+              break;
+            }
+          }
           const S* below = k ? act[k - 1].data() : x.data();
           gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in, !opens);  // ∂W_k += ∂zᵀ·below
           gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
         }
-        // da holds ∂x now
+        // da holds ∂x now (unfolded)
+        if constexpr (!FOLD<S, T>)
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t r = off[s] - base;
           into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
