@@ -9,8 +9,10 @@ computes the same one:
 Unfused, every layer's [N, H] output is written and read again by each elementwise pass (the
 gather of P, the add, PReLU, and their backwards). The kernel takes blocks of whole histories
 (about 256 behaviours) through every layer while they are in cache and writes only z_k, which
-its backward reads to recompute the activations. Same parameters, same function: the tests
-check it against the unfused unit and float64 autograd.
+its backward reads to recompute the activations. Layer 1 takes the candidate into its weights
+per batch row, [h, h ⊙ c]·W1ᵀ = h·M_s with M_s = W_aᵀ + diag(c_s)·W_bᵀ (W1 = [W_a, W_b]): half
+its multiply-adds. Same parameters, same function: the tests check it against the unfused unit
+and float64 autograd.
 
 `bf16`: the products' operands in bfloat16 (accumulated in float) and z_k stored in bfloat16, as
 autocast runs the unfused unit; everything else in float. LocalActivationUnit's `auto` leaves the
