@@ -133,7 +133,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t
   if (add) out.add_(C); else out.copy_(C);
 }
 
-
 // ---- small products of one batch row (layer 1 with the candidate folded in) ----------------------
 //
 // C[m, n] (= or +=) op(A)·B, row-major, op(A)[i, kk] = ta ? a[kk·lda + i] : a[i·lda + kk]. A batch
@@ -466,17 +465,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
       S* a = act0.data();
       for (int64_t k = 0; k < nl; ++k) {
         const int64_t w = ly.width[k];
-        if constexpr (FOLD<S, T>) {
-          if (k == 0) {  // per batch row: h·M_s
-            for (int64_t s = s0; s < s1; ++s) {
-              fold_m<T>(ly.w[0].data_ptr<T>(), c + s * d, mf.data(), nullptr, d, w);
-              small_gemm<T>(false, off[s + 1] - off[s], w, d, h + off[s] * d, d, mf.data(), w,
-                            zf.data() + (off[s] - base) * w, w, false);
-            }
+        if (FOLD<S, T> && k == 0) {  // per batch row: h·M_s
+          for (int64_t s = s0; s < s1; ++s) {
+            fold_m<T>(ly.w[0].data_ptr<T>(), c + s * d, mf.data(), nullptr, d, w);
+            small_gemm<T>(false, off[s + 1] - off[s], w, d, h + off[s] * d, d, mf.data(), w,
+                          zf.data() + (off[s] - base) * w, w, false);
           }
-        }
-        if (!FOLD<S, T> || k > 0)
+        } else {
           gemm<S, T>(false, true, rows, w, ly.in[k], below, ly.in[k], ly.w[k].data_ptr<S>(), ly.in[k], zf.data(), w);
+        }
         S* keep = save ? zs[k].data_ptr<S>() + base * w : nullptr;
         const T* al = static_cast<const T*>(ly.alpha[k]);
         if (k == 0) {  // P per batch row
@@ -591,12 +588,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
           gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in, !opens);  // ∂W_k += ∂zᵀ·below
           gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
         }
-        // da holds ∂x now (unfolded)
-        if constexpr (!FOLD<S, T>)
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t r = off[s] - base;
-          into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
-                           gh + off[s] * d, gc + s * d, off[s + 1] - off[s], w1, d);
+        if constexpr (!FOLD<S, T>) {  // da holds ∂x now
+          for (int64_t s = s0; s < s1; ++s) {
+            const int64_t r = off[s] - base;
+            into_input<S, T>(dz.data() + r * w1, da.data() + r * 2 * d, h + off[s] * d, c + s * d, gp + s * w1,
+                             gh + off[s] * d, gc + s * d, off[s + 1] - off[s], w1, d);
+          }
         }
       }
     }
