@@ -118,14 +118,16 @@ def _fused_attention_products(name: str, args) -> list[tuple[int, int, int, int,
     """The products that trainer.models.attention's fused op runs inside its C++ (by block, on
     BLAS directly, out of the dispatcher's sight), as the whole [N, ·] products they add up to,
     the output layer's [N, H_L]·u included (a product in the layer-by-layer unit): forward x·W_kᵀ
-    per layer; backward ∂W_k = ∂z_kᵀ·x and ∂x = ∂z_k·W_k per layer. Outside bf16 the op folds the
-    candidate into layer 1 (h·M_s, trainer/models/csrc/attention.cpp): its products are D wide,
-    not 2D."""
+    per layer; backward ∂W_k = ∂z_kᵀ·x and ∂x = ∂z_k·W_k per layer. The op folds the candidate
+    into layer 1 (h·M_s, trainer/models/csrc/attention.cpp) outside bf16, and in bf16 where the
+    kernel has AVX512-BF16 pair products: layer 1's products are D wide there, not 2D."""
+    from trainer.models.attention import bf16_pairs
+
     forward = name == "din_attention"
     hist, weights, u, bf16 = (args[0], args[4], args[7], args[9]) if forward else (args[1], args[4], args[6], args[9])
     n, dtype = hist.shape[0], torch.bfloat16 if bf16 else hist.dtype
     shapes = [(w.shape[0], w.shape[1]) for w in weights] + [(1, u.shape[0])]  # (out, in) per layer
-    if not bf16:
+    if not bf16 or bf16_pairs():
         shapes[0] = (shapes[0][0], hist.shape[1])  # layer 1 over h alone
     if forward:
         return [(1, n, i, o, dtype) for o, i in shapes]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainer.models.attention import bf16_pairs
 from trainer.models.layers import LocalActivationUnit
 
 
@@ -90,18 +91,20 @@ def test_fused_unit_float32_matches_the_layers_and_does_not_depend_on_threads():
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_unit_in_bfloat16_is_within_its_rounding_of_float64():
-    """Under bf16 autocast the products run in bfloat16 (z_k stored rounded). bfloat16's 8 bits
-    move the gradients far from float64 in either path (up to about 20 % of a tensor's largest
-    entry for ∂hist layer by layer here): the fused unit's error, output and every gradient, is
-    at most 1.5 times the layer-by-layer unit's under the same autocast (plus 0.5 % of the
-    largest entry), and the output within 1 %."""
-    lau = _unit(16, [80, 40], torch.float32, kernel="fused")  # "auto" takes the layers under bf16
-    ref = _unit(16, [80, 40], torch.float64)
+@pytest.mark.parametrize(("dim", "hidden"), [(16, [80, 40]), (3, [5, 3]), (7, [9])])
+def test_fused_unit_in_bfloat16_is_within_its_rounding_of_float64(dim, hidden):
+    """Under bf16 autocast the products run in bfloat16 (z_k stored rounded); on a CPU with
+    AVX512-BF16 as pair products (odd widths: a last pair of one value). bfloat16's 8 bits move
+    the gradients far from float64 in either path (up to about 20 % of a tensor's largest entry
+    for ∂hist layer by layer here): the fused unit's error, output and every gradient, is at most
+    1.5 times the layer-by-layer unit's under the same autocast (plus 0.5 % of the largest
+    entry), and the output within 1 %."""
+    lau = _unit(dim, hidden, torch.float32, kernel="fused")
+    ref = _unit(dim, hidden, torch.float64)
     ref.load_state_dict({k: v.double() for k, v in lau.state_dict().items()})
-    layers = _unit(16, [80, 40], torch.float32, kernel="layers")
+    layers = _unit(dim, hidden, torch.float32, kernel="layers")
     layers.load_state_dict(lau.state_dict())
-    hist, cand, lengths = _inputs(LENGTHS, 16, torch.float32)
+    hist, cand, lengths = _inputs(LENGTHS, dim, torch.float32)
     h64, c64 = hist.detach().double().requires_grad_(), cand.detach().double().requires_grad_()
     want = _value_and_grads(ref, lambda: naive(ref, h64, c64, lengths), h64, c64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -128,7 +131,8 @@ def test_which_units_are_fused():
     assert not _unit(4, [5], torch.float32, kernel="layers")._fused(hist)
     assert not LocalActivationUnit(4, [5], "dice")._fused(hist)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _unit(4, [5], torch.float32)._fused(hist)  # auto: bf16 stays layer by layer
+        # auto: fused where bf16 products run as AVX512-BF16 pairs, else layer by layer
+        assert _unit(4, [5], torch.float32)._fused(hist) == bf16_pairs()
         assert _unit(4, [5], torch.float32, kernel="fused")._fused(hist)
     with pytest.raises(ValueError, match="runs on the CPU"):
         _unit(4, [5], torch.float32, kernel="fused")._fused(torch.zeros(3, 4, device="meta"))

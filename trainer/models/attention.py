@@ -40,6 +40,13 @@ def kernel():
     return cpp.load(SOURCE, "dinrec_attention", FLAGS)
 
 
+@functools.cache
+def bf16_pairs() -> bool:
+    """Whether the kernel runs bfloat16 products as AVX512-BF16 pair products (it is built for
+    the CPU it runs on: -march=native)."""
+    return kernel().pairs()
+
+
 @torch.library.custom_op("dinrec::din_attention", mutates_args=())
 def din_attention(
     hist: torch.Tensor,

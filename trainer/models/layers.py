@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embedding.layout import FeatureLayout, jagged_rows
 from embedding.tables import embedding_bag_configs, embedding_configs
 from trainer.models.activations import PReLU, activation
-from trainer.models.attention import fused_unit
+from trainer.models.attention import bf16_pairs, fused_unit
 from trainer.models.jagged import gather_rows, segment_sum
 
 
@@ -90,7 +90,7 @@ class LocalActivationUnit(nn.Module):
             if not applies:
                 raise ValueError(f"the fused attention kernel runs on the CPU, the behaviours are on {hist.device}")
             return True
-        return applies and not torch.is_autocast_enabled("cpu")
+        return applies and (not torch.is_autocast_enabled("cpu") or bf16_pairs())
 
     def _weights(self, hist: torch.Tensor, cand: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         first = self.mlp[0]

@@ -242,14 +242,11 @@ void fold_m(const T* __restrict w1, const T* __restrict c, T* __restrict m, T* _
   }
 }
 
-// the backward of one batch row's folded layer 1, given ∂z1 [n, H1]: G = hᵀ·∂z1 ([D, H1]);
-// ∂W1[k, j] += G[j, k], ∂W1[k, D + j] += c[j]·G[j, k]; ∂c[j] += Σ_k G[j, k]·W1[k, D + j];
-// ∂h += ∂z1·Mᵀ; ∂P += Σ_i ∂z1_i
+// ∂W1 and ∂c of one batch row's folded layer 1 from G = hᵀ·∂z1 ([D, H1]):
+// ∂W1[k, j] += G[j, k], ∂W1[k, D + j] += c[j]·G[j, k]; ∂c[j] += Σ_k G[j, k]·W1[k, D + j]
 template <typename T>
-void fold_back(const T* __restrict w1, const T* __restrict h, const T* __restrict c, const T* __restrict dz,
-               int64_t n, int64_t d, int64_t h1, T* __restrict g, T* __restrict mt, T* __restrict gw,
-               T* __restrict gh, T* __restrict gc, T* __restrict gp) {
-  small_gemm<T>(true, d, h1, n, h, d, dz, h1, g, h1, false);
+void fold_grads(const T* __restrict w1, const T* __restrict c, const T* __restrict g, int64_t d, int64_t h1,
+                T* __restrict gw, T* __restrict gc) {
   for (int64_t k = 0; k < h1; ++k) {
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
@@ -259,11 +256,187 @@ void fold_back(const T* __restrict w1, const T* __restrict h, const T* __restric
       gc[j] += gjk * w1[k * 2 * d + d + j];
     }
   }
-  fold_m<T>(w1, c, nullptr, mt, d, h1);
-  small_gemm<T>(false, n, d, h1, dz, h1, mt, d, gh, d, true);
+}
+
+// ∂P += Σ_i ∂z1_i
+template <typename S, typename T>
+void sum_rows(const S* __restrict dz, int64_t n, int64_t h1, T* __restrict gp) {
   for (int64_t i = 0; i < n; ++i)
 #pragma omp simd
-    for (int64_t k = 0; k < h1; ++k) gp[k] += dz[i * h1 + k];
+    for (int64_t k = 0; k < h1; ++k) gp[k] += widen(dz[i * h1 + k]);
+}
+
+// the backward of one batch row's folded layer 1, given ∂z1 [n, H1]: G = hᵀ·∂z1, ∂W1 and ∂c from
+// G, ∂h += ∂z1·Mᵀ, ∂P += Σ_i ∂z1_i
+template <typename T>
+void fold_back(const T* __restrict w1, const T* __restrict h, const T* __restrict c, const T* __restrict dz,
+               int64_t n, int64_t d, int64_t h1, T* __restrict g, T* __restrict mt, T* __restrict gw,
+               T* __restrict gh, T* __restrict gc, T* __restrict gp) {
+  small_gemm<T>(true, d, h1, n, h, d, dz, h1, g, h1, false);
+  fold_grads<T>(w1, c, g, d, h1, gw, gc);
+  fold_m<T>(w1, c, nullptr, mt, d, h1);
+  small_gemm<T>(false, n, d, h1, dz, h1, mt, d, gh, d, true);
+  sum_rows<T, T>(dz, n, h1, gp);
+}
+
+// ---- bfloat16 pair products (AVX512-BF16) ---------------------------------------------------------
+//
+// vdpbf16ps multiplies pairs of bfloat16 and adds both products to one float lane, twice the
+// multiply-adds of a float FMA per instruction. C[i, j] (= or +=) Σ_p A(i, p)·B(p, j) over the
+// pairs p of the inner dimension k: A(i, p) the two values at a + i·ra + p·pa (a row-major A:
+// ra = lda, pa = 2; A packed by pack_pairs: ra = 2, pa = 2·ldo); B packed by pack_pairs, pair p
+// of column j at b + p·2·ldb + 2·j. With k odd the last pair's second value is taken as zero.
+// Used where the CPU has AVX512-BF16 (HAVE_DP), for every product of the unit under bfloat16.
+
+#if defined(__AVX512BF16__)
+constexpr bool HAVE_DP = true;
+
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+inline __m256i bf16x16(const float* p, __mmask16 mk) {
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, p));  // round to nearest even
+}
+inline __m256i bf16x16(const at::BFloat16* p, __mmask16 mk) { return _mm256_maskz_loadu_epi16(mk, p); }
+
+// out[p·2·ldo + 2·j + e] = x[(2p + e)·ldx + j] in bfloat16, for the k rows and n columns of x;
+// a missing last row (k odd) and the columns n .. ldo (a multiple of 16) are zero
+template <typename X>
+void pack_pairs(const X* __restrict x, int64_t k, int64_t n, int64_t ldx, at::BFloat16* __restrict out, int64_t ldo) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t p = 0; p < (k + 1) / 2; ++p) {
+    const X* r0 = x + 2 * p * ldx;
+    const bool second = 2 * p + 1 < k;
+    at::BFloat16* o = out + p * 2 * ldo;
+    for (int64_t j = 0; j < ldo; j += 16) {
+      const int64_t left = n - j;
+      const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+      const __m256i v0 = bf16x16(r0 + j, mk);
+      const __m256i v1 = second ? bf16x16(r0 + ldx + j, mk) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+      _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// out[i] = x[i] in bfloat16, i < n
+void to_bf16(const float* __restrict x, int64_t n, at::BFloat16* __restrict out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(out + i, mk, bf16x16(x + i, mk));
+  }
+}
+
+template <int R, int NV>
+void micro_dp(int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b, int64_t ldb2,
+              float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  auto step = [&](int64_t p, auto pair_of) {
+    const at::BFloat16* bp = b + p * ldb2;
+    __m512bh bv[NV];
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 32 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair_of(a + r * ra + p * pa));
+#pragma GCC unroll 5
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  };
+  for (int64_t p = 0; p < k / 2; ++p)
+    step(p, [](const at::BFloat16* q) {
+      int32_t v;
+      std::memcpy(&v, q, 4);
+      return v;
+    });
+  if (k % 2)  // the last pair has one value (read no further)
+    step(k / 2, [](const at::BFloat16* q) { return int32_t(q->x); });
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + r * ldc + 16 * v;
+      const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
+      const __m512 sum = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[r][v]) : acc[r][v];
+      _mm512_mask_storeu_ps(out, mask, sum);
+    }
+}
+
+template <int R>
+void micro_rows_dp(int nv, int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b,
+                   int64_t ldb2, float* c, int64_t ldc, __mmask16 last, bool add) {
+  switch (nv) {
+    case 1: return micro_dp<R, 1>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
+    case 2: return micro_dp<R, 2>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
+    case 3: return micro_dp<R, 3>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
+    case 4: return micro_dp<R, 4>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
+    default: return micro_dp<R, 5>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
+  }
+}
+
+// C[m, n] (= or +=) A·B over an inner dimension k, A and B as above (ldb: B's padded columns)
+void dp_gemm(int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b,
+             int64_t ldb, float* c, int64_t ldc, bool add) {
+  for (int64_t j0 = 0; j0 < n; j0 += 80) {
+    const int64_t cols = std::min<int64_t>(80, n - j0);
+    const int nv = int((cols + 15) / 16);
+    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
+    for (int64_t i = 0; i < m; i += 4) {
+      const at::BFloat16* ai = a + i * ra;
+      float* ci = c + i * ldc + j0;
+      const at::BFloat16* bj = b + 2 * j0;
+      switch (std::min<int64_t>(4, m - i)) {
+        case 4: micro_rows_dp<4>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
+        case 3: micro_rows_dp<3>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
+        case 2: micro_rows_dp<2>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
+        default: micro_rows_dp<1>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
+      }
+    }
+  }
+}
+#else
+constexpr bool HAVE_DP = false;  // never called: the bfloat16 unit keeps its block products
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+template <typename X>
+void pack_pairs(const X*, int64_t, int64_t, int64_t, at::BFloat16*, int64_t) { TORCH_CHECK(false, "attention: no AVX512-BF16"); }
+inline void to_bf16(const float*, int64_t, at::BFloat16*) { TORCH_CHECK(false, "attention: no AVX512-BF16"); }
+inline void dp_gemm(int64_t, int64_t, int64_t, const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, int64_t, float*,
+                    int64_t, bool) { TORCH_CHECK(false, "attention: no AVX512-BF16"); }
+#endif
+
+// packed B operands of the weights, per layer k ≥ 2 (index k - 1): W_kᵀ for the forward (z = a·W_kᵀ),
+// W_k for the backward (∂a = ∂z·W_k)
+std::vector<std::vector<at::BFloat16>> packed_weights(const std::vector<at::Tensor>& weights, bool transposed) {
+  std::vector<std::vector<at::BFloat16>> out(weights.size());
+  for (size_t k = 1; k < weights.size(); ++k) {
+    const at::Tensor w = (transposed ? weights[k].t() : weights[k]).to(at::kFloat).contiguous();
+    const int64_t rows = w.size(0), cols = w.size(1);
+    out[k].resize((rows + 1) / 2 * 2 * pad16(cols));
+    pack_pairs<float>(w.data_ptr<float>(), rows, cols, cols, out[k].data(), pad16(cols));
+  }
+  return out;
+}
+
+// fold_back with bfloat16 pair products (dz: the batch row's ∂z1 in bfloat16, n rows); pa holds
+// max(n + 1, H1 + 1)·pad16(D) values, pb (n + 1)·pad16(H1)
+void fold_back_dp(const float* __restrict w1, const float* __restrict h, const float* __restrict c,
+                  const at::BFloat16* __restrict dz, int64_t n, int64_t d, int64_t h1, float* __restrict g,
+                  float* __restrict mt, at::BFloat16* __restrict pa, at::BFloat16* __restrict pb,
+                  float* __restrict gw, float* __restrict gh, float* __restrict gc, float* __restrict gp) {
+  const int64_t ld = pad16(d), lh = pad16(h1);
+  pack_pairs<float>(h, n, d, d, pa, ld);  // G = hᵀ·∂z1: pairs of behaviours on both sides
+  pack_pairs<at::BFloat16>(dz, n, h1, h1, pb, lh);
+  dp_gemm(d, h1, n, pa, 2, 2 * ld, pb, lh, g, h1, false);
+  fold_grads<float>(w1, c, g, d, h1, gw, gc);
+  fold_m<float>(w1, c, nullptr, mt, d, h1);
+  pack_pairs<float>(mt, h1, d, d, pa, ld);  // ∂h += ∂z1·Mᵀ
+  dp_gemm(n, d, h1, dz, h1, 2, pa, ld, gh, d, true);
+  sum_rows<at::BFloat16, float>(dz, n, h1, gp);
 }
 
 // ---- blocks -------------------------------------------------------------------------------------
@@ -345,6 +518,60 @@ void through_prelu(const T* __restrict da, const S* __restrict z, const T* __res
   }
 }
 
+#if defined(__AVX512BF16__)
+// the same three steps with bfloat16 S, in vectors (the scalar rounding above does not vectorize):
+// vcvtneps2bf16 rounds to nearest even, as narrow does
+inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+inline __m512 widen16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+inline __m256i round16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+inline __m512 prelu16(__m512 t, __m512 al) {
+  const __m512 zero = _mm512_setzero_ps();
+  return _mm512_add_ps(_mm512_max_ps(t, zero), _mm512_mul_ps(al, _mm512_min_ps(t, zero)));
+}
+
+template <>
+void activate<at::BFloat16, float>(const float* __restrict zf, const float* __restrict add, const float* __restrict al,
+                                   at::BFloat16* __restrict keep, at::BFloat16* __restrict a, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < w; j += 16) {
+      const __mmask16 mk = tail16(w - j);
+      const __m256i zr = round16(_mm512_add_ps(_mm512_maskz_loadu_ps(mk, zf + i * w + j), _mm512_maskz_loadu_ps(mk, add + j)));
+      if (keep) _mm256_mask_storeu_epi16(keep + i * w + j, mk, zr);
+      _mm256_mask_storeu_epi16(a + i * w + j, mk, round16(prelu16(widen16(zr), _mm512_maskz_loadu_ps(mk, al + j))));
+    }
+}
+
+template <>
+void reactivate_rows<at::BFloat16, float>(const at::BFloat16* __restrict z, const float* __restrict al,
+                                          at::BFloat16* __restrict a, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < w; j += 16) {
+      const __mmask16 mk = tail16(w - j);
+      const __m512 t = widen16(_mm256_maskz_loadu_epi16(mk, z + i * w + j));
+      _mm256_mask_storeu_epi16(a + i * w + j, mk, round16(prelu16(t, _mm512_maskz_loadu_ps(mk, al + j))));
+    }
+}
+
+template <>
+void through_prelu<at::BFloat16, float>(const float* __restrict da, const at::BFloat16* __restrict z,
+                                        const float* __restrict al, at::BFloat16* __restrict dz, float* __restrict ga,
+                                        float* __restrict gb, int64_t rows, int64_t w) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < w; j += 16) {
+      const __mmask16 mk = tail16(w - j);
+      const __m512 g = _mm512_maskz_loadu_ps(mk, da + i * w + j);
+      const __m512 t = widen16(_mm256_maskz_loadu_epi16(mk, z + i * w + j));
+      const __mmask16 pos = _mm512_cmp_ps_mask(t, zero, _CMP_GT_OQ);
+      const __m512 d = _mm512_mask_blend_ps(pos, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, al + j), g), g);
+      const __m512 gt = _mm512_maskz_mul_ps(__mmask16(~pos), g, t);
+      _mm512_mask_storeu_ps(ga + j, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, ga + j), gt));
+      _mm512_mask_storeu_ps(gb + j, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, gb + j), d));
+      _mm256_mask_storeu_epi16(dz + i * w + j, mk, round16(d));
+    }
+}
+#endif
+
 // the weight of each behaviour, w_i = a_i·u + b_u, and out += Σ w_i·h_i (one batch row)
 template <typename S, typename T>
 void weigh(const S* __restrict a, const T* __restrict u, T bu, const T* __restrict h, T* __restrict wg,
@@ -400,6 +627,7 @@ void into_input(const S* __restrict dz, const T* __restrict dx, const T* __restr
 
 struct Layers {  // the parameters as the kernels read them
   std::vector<at::Tensor> w;  // W_k [out, in] in S
+  at::Tensor w1;              // W1 in T (the folded layer 1 builds M_s from it)
   std::vector<const void*> bias, alpha;  // T*: b_k (k ≥ 2; b1 is in P), α_k
   std::vector<int64_t> width, in;  // H_k, in_k
   int64_t widest = 0;              // the widest layer input or output: the buffers' row width
@@ -409,6 +637,7 @@ template <typename S, typename T>
 Layers layers_of(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
                  const std::vector<at::Tensor>& alphas, at::ScalarType st) {
   Layers ly;
+  ly.w1 = weights[0].detach().contiguous();
   for (size_t k = 0; k < weights.size(); ++k) {
     ly.w.push_back(weights[k].detach().to(st).contiguous());
     ly.alpha.push_back(alphas[k].data_ptr<T>());
@@ -420,10 +649,13 @@ Layers layers_of(const std::vector<at::Tensor>& weights, const std::vector<at::T
   return ly;
 }
 
-// layer 1 folded (small_gemm per batch row) where the products are in T; with bfloat16 operands
-// the block products of [h, h ⊙ c] stay
+// every product in bfloat16 pairs (dp_gemm) where S is bfloat16 and the CPU has AVX512-BF16
 template <typename S, typename T>
-constexpr bool FOLD = std::is_same_v<S, T>;
+constexpr bool DP = HAVE_DP && std::is_same_v<S, at::BFloat16> && std::is_same_v<T, float>;
+// layer 1 folded where the products are in T (small_gemm per batch row) or in bfloat16 pairs;
+// under bfloat16 without AVX512-BF16 the block products of x = [h, h ⊙ c] stay
+template <typename S, typename T>
+constexpr bool FOLD = std::is_same_v<S, T> || DP<S, T>;
 
 template <typename S, typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& cand, const at::Tensor& p,
@@ -450,11 +682,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
   T* o = out.data_ptr<T>();
   T* wg = wgt.data_ptr<T>();
 
+  const auto wtp = DP<S, T> ? packed_weights(weights, true) : std::vector<std::vector<at::BFloat16>>();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     // per thread: x, then each layer's activation (S, the next product's operand), and one
-    // product result (T); rows past a block's stay zero or stale: no real row reads them
+    // product result (T); rows past a block's stay zero or stale: no real row reads them. With
+    // DP: the block's h in bfloat16 and one batch row's M_s packed
     std::vector<S> x(FOLD<S, T> ? 0 : m * 2 * d, S(0)), act0(m * widest, S(0)), act1(m * widest, S(0));
     std::vector<T> zf(m * widest), mf(FOLD<S, T> ? d * ly.width[0] : 0);
+    std::vector<at::BFloat16> hb(DP<S, T> ? m * d : 0), mp(DP<S, T> ? (d + 1) * pad16(ly.width[0]) : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s0 = bl.first[blk], s1 = bl.first[blk + 1], base = off[s0];
       const int64_t rows = off[s1] - base;
@@ -466,11 +701,19 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hist, const at::Tensor& c
       for (int64_t k = 0; k < nl; ++k) {
         const int64_t w = ly.width[k];
         if (FOLD<S, T> && k == 0) {  // per batch row: h·M_s
+          if constexpr (DP<S, T>) to_bf16(h + base * d, rows * d, hb.data());
           for (int64_t s = s0; s < s1; ++s) {
-            fold_m<T>(ly.w[0].data_ptr<T>(), c + s * d, mf.data(), nullptr, d, w);
-            small_gemm<T>(false, off[s + 1] - off[s], w, d, h + off[s] * d, d, mf.data(), w,
-                          zf.data() + (off[s] - base) * w, w, false);
+            const int64_t r = off[s] - base, len = off[s + 1] - off[s];
+            fold_m<T>(ly.w1.data_ptr<T>(), c + s * d, mf.data(), nullptr, d, w);
+            if constexpr (DP<S, T>) {
+              pack_pairs<float>(mf.data(), d, w, w, mp.data(), pad16(w));
+              dp_gemm(len, w, d, hb.data() + r * d, d, 2, mp.data(), pad16(w), zf.data() + r * w, w, false);
+            } else {
+              small_gemm<T>(false, len, w, d, h + off[s] * d, d, mf.data(), w, zf.data() + r * w, w, false);
+            }
           }
+        } else if constexpr (DP<S, T>) {
+          dp_gemm(rows, w, ly.in[k], below, ly.in[k], 2, wtp[k].data(), pad16(w), zf.data(), w, false);
         } else {
           gemm<S, T>(false, true, rows, w, ly.in[k], below, ly.in[k], ly.w[k].data_ptr<S>(), ly.in[k], zf.data(), w);
         }
@@ -545,12 +788,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
   T* gp = dp.data_ptr<T>();
   T* sh = shares.data_ptr<T>();
 
+  const auto wp = DP<S, T> ? packed_weights(weights, false) : std::vector<std::vector<at::BFloat16>>();
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     // per thread: x and every layer's activation (S), ∂a (T, a product's result), ∂z (S)
     std::vector<S> x(FOLD<S, T> ? 0 : m * 2 * d, S(0)), dz(m * widest, S(0));
     std::vector<std::vector<S>> act(nl);
     for (int64_t k = 0; k < nl; ++k) act[k].assign(m * ly.width[k], S(0));
     std::vector<T> da(m * widest, T(0)), g(FOLD<S, T> ? d * w1 : 0), mt(FOLD<S, T> ? d * w1 : 0);
+    // with DP: two products' operands packed in pairs (pack_pairs)
+    const int64_t packed = DP<S, T> ? (std::max(m, widest) + 1) * pad16(widest) : 0;
+    std::vector<at::BFloat16> pa(packed), pb(packed);
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t first = pi * nb / np, last = (pi + 1) * nb / np;  // the part's blocks
       T* part = sh + pi * share;
@@ -577,16 +824,28 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gout, const at::Tensor& 
                               part + at_a[k], part + at_a[k] + w, rows, w);
           if constexpr (FOLD<S, T>) {
             if (k == 0) {
-              for (int64_t s = s0; s < s1; ++s)
-                fold_back<T>(ly.w[0].data_ptr<T>(), h + off[s] * d, c + s * d, dz.data() + (off[s] - base) * w,
-                             off[s + 1] - off[s], d, w, g.data(), mt.data(), part + at_w[0], gh + off[s] * d,
-                             gc + s * d, gp + s * w);
+              for (int64_t s = s0; s < s1; ++s) {
+                const int64_t r = off[s] - base, len = off[s + 1] - off[s];
+                if constexpr (DP<S, T>)
+                  fold_back_dp(ly.w1.data_ptr<T>(), h + off[s] * d, c + s * d, dz.data() + r * w, len, d, w, g.data(),
+                               mt.data(), pa.data(), pb.data(), part + at_w[0], gh + off[s] * d, gc + s * d, gp + s * w);
+                else
+                  fold_back<T>(ly.w1.data_ptr<T>(), h + off[s] * d, c + s * d, dz.data() + r * w, len, d, w, g.data(),
+                               mt.data(), part + at_w[0], gh + off[s] * d, gc + s * d, gp + s * w);
+              }
               break;
             }
           }
           const S* below = k ? act[k - 1].data() : x.data();
-          gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in, !opens);  // ∂W_k += ∂zᵀ·below
-          gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
+          if constexpr (DP<S, T>) {  // ∂W_k += ∂zᵀ·below: pairs of behaviours on both sides; ∂below
+            pack_pairs<S>(dz.data(), rows, w, w, pa.data(), pad16(w));
+            pack_pairs<S>(below, rows, in, in, pb.data(), pad16(in));
+            dp_gemm(w, in, rows, pa.data(), 2, 2 * pad16(w), pb.data(), pad16(in), part + at_w[k], in, !opens);
+            dp_gemm(rows, in, w, dz.data(), w, 2, wp[k].data(), pad16(in), da.data(), in, false);
+          } else {
+            gemm<S, T>(true, false, w, in, rows, dz.data(), w, below, in, part + at_w[k], in, !opens);  // ∂W_k += ∂zᵀ·below
+            gemm<S, T>(false, false, rows, in, w, dz.data(), w, ly.w[k].data_ptr<S>(), in, da.data(), in);  // ∂below
+          }
         }
         if constexpr (!FOLD<S, T>) {  // da holds ∂x now
           for (int64_t s = s0; s < s1; ++s) {
@@ -701,4 +960,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const Blas& f = blas();
     return std::vector<bool>{f.s != nullptr, f.d != nullptr, f.b != nullptr};
   }, "whether torch's BLAS exports sgemm_, dgemm_, cblas_gemm_bf16bf16f32 (else ATen's mm)");
+  m.def("pairs", [] { return HAVE_DP; }, "whether bfloat16 products run as AVX512-BF16 pair products (built for this CPU)");
 }
