@@ -91,8 +91,9 @@ class ModelConfig:
     compile: bool = False
     # DIN's local activation unit: `fused`, with PReLU on the CPU one op forward and backward
     # (blocks of about 256 behaviours through every layer while in cache; trainer/models/attention.py);
-    # `layers`, layer by layer (the reference); `auto`, fused on the CPU with PReLU in fp32, else
-    # layers (bf16's fused speed is not measured yet); docs/results.md "CPU speed"
+    # `layers`, layer by layer (the reference); `auto`, fused on the CPU with PReLU in fp32, and
+    # under bf16 where the CPU has AVX512-BF16 (the products as its bf16 pair products), else
+    # layers; docs/results.md "CPU speed"
     attention_kernel: Literal["auto", "fused", "layers"] = "auto"
     # Dropout on behaviour ids (DIN §6.5 "randomly discard 50% of feature ids"): in training, each
     # id of the hist_* features is dropped with this probability.

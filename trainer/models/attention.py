@@ -15,9 +15,12 @@ its multiply-adds. Same parameters, same function: the tests check it against th
 and float64 autograd.
 
 `bf16`: the products' operands in bfloat16 (accumulated in float) and z_k stored in bfloat16, as
-autocast runs the unfused unit; everything else in float. LocalActivationUnit's `auto` leaves the
-unit unfused under bf16 autocast: the fused op's bf16 speed has not been measured on a CPU with
-bf16 instructions.
+autocast runs the unfused unit; everything else in float. On a CPU with AVX512-BF16 every product
+runs on our own loops of its pair instruction (vdpbf16ps: two bfloat16 products added to a float
+per lane, twice a float FMA's work), layer 1 folded as in float; LocalActivationUnit's `auto`
+fuses under bf16 autocast there only (`bf16_pairs`). Without them the bf16 op runs its block
+products on MKL's bf16 GEMM (on the AMD EPYC of docs/results.md, before the pair products: a
+slower DIN step than the layers under autocast).
 """
 
 from __future__ import annotations

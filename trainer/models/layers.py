@@ -63,8 +63,9 @@ class LocalActivationUnit(nn.Module):
 
     `kernel`: "fused", the unit with PReLU on the CPU as one op (trainer.models.attention: blocks
     of histories through every layer while in cache); "layers", layer by layer as written here;
-    "auto", fused where it applies (PReLU, the CPU) except under bf16 autocast, whose fused speed
-    has not been measured on a CPU with bf16 instructions (docs/results.md, "CPU speed").
+    "auto", fused where it applies (PReLU, the CPU), under bf16 autocast only where the kernel runs
+    bf16 products as AVX512-BF16 pair products (its bf16 blocks on MKL were slower than the layers;
+    docs/results.md, "CPU speed").
     """
 
     def __init__(self, dim: int, hidden: list[int], act: str, kernel: str = "auto"):

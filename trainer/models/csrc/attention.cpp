@@ -24,14 +24,18 @@
 //
 // The products are many small ones (a block's rows by at most a few hundred columns), each on one
 // thread: they call the BLAS that torch links (MKL's sgemm_/dgemm_/cblas_gemm_bf16bf16f32, found
-// at run time), without the dispatcher's cost per call, or ATen's mm where those are absent.
+// at run time), without the dispatcher's cost per call, or ATen's mm where those are absent. Where
+// the CPU has AVX512-BF16, every bfloat16 product runs on our own loops of its pair instruction
+// instead (dp_gemm; on the AMD EPYC of docs/results.md MKL's bfloat16 GEMM made the unit slower
+// than the unfused one).
 //
 // Layer 1 folded (S = T): x_i·W1ᵀ = h_i·M_s with M_s[j, k] = W1[k, j] + c_s[j]·W1[k, D + j], one
 // [D, H1] matrix per batch row, so layer 1 multiplies D columns instead of 2D, forward and
 // backward (∂W1 from G_s = Σ_i h_iᵀ·∂z1_i, ∂h_i = ∂z1_i·M_sᵀ, ∂c_s from G_s). A batch row's
 // products (about 50 behaviours) are too small for a BLAS call each: small_gemm keeps 4 rows by up
 // to 80 columns in registers (float with AVX-512), else leaves the loop to the vectorizer. Under
-// bfloat16 the block products of x stay.
+// bfloat16 the same with pair products where the CPU has AVX512-BF16; without them the block
+// products of x stay.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #if defined(__AVX512F__)
