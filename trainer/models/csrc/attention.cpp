@@ -46,6 +46,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -145,14 +146,67 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t
 // vectorize over the columns (double, or a CPU without AVX-512).
 
 #if defined(__AVX512F__)
-template <bool TA, int R, int NV>
-void micro_f32(int64_t k, const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
-               float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
-  __m512 acc[R][NV];
+// A tile of C in registers: R rows (at most 4) by NV vectors of 16 floats (at most 5, 80 columns),
+// the last vector's columns masked by `last`. Shared by the float loops here and the bfloat16 pair
+// loops below.
+template <int R, int NV>
+inline void zero_tile(__m512 (&acc)[R][NV]) {
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 5
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+}
+
+// C's tile = acc, or += acc with `add`
+template <int R, int NV>
+inline void store_tile(__m512 (&acc)[R][NV], float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + r * ldc + 16 * v;
+      const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
+      const __m512 sum = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[r][v]) : acc[r][v];
+      _mm512_mask_storeu_ps(out, mask, sum);
+    }
+}
+
+template <int N>
+using Const = std::integral_constant<int, N>;
+
+// C [m, n] tile by tile: tile(i, j0, R, NV, last) for the tile at row i and column j0, R and NV as
+// Const<…> (the loops' template arguments)
+template <typename Tile>
+void each_tile(int64_t m, int64_t n, Tile&& tile) {
+  for (int64_t j0 = 0; j0 < n; j0 += 80) {
+    const int64_t cols = std::min<int64_t>(80, n - j0);
+    const int nv = int((cols + 15) / 16);
+    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
+    for (int64_t i = 0; i < m; i += 4) {
+      auto with_rows = [&](auto r) {
+        switch (nv) {
+          case 1: return tile(i, j0, r, Const<1>{}, last);
+          case 2: return tile(i, j0, r, Const<2>{}, last);
+          case 3: return tile(i, j0, r, Const<3>{}, last);
+          case 4: return tile(i, j0, r, Const<4>{}, last);
+          default: return tile(i, j0, r, Const<5>{}, last);
+        }
+      };
+      switch (std::min<int64_t>(4, m - i)) {
+        case 4: with_rows(Const<4>{}); break;
+        case 3: with_rows(Const<3>{}); break;
+        case 2: with_rows(Const<2>{}); break;
+        default: with_rows(Const<1>{}); break;
+      }
+    }
+  }
+}
+
+template <bool TA, int R, int NV>
+void micro_f32(int64_t k, const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+               float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
+  __m512 acc[R][NV];
+  zero_tile<R, NV>(acc);
   for (int64_t kk = 0; kk < k; ++kk) {
     const float* bk = b + kk * ldb;
     __m512 bv[NV];
@@ -166,47 +220,16 @@ void micro_f32(int64_t k, const float* __restrict a, int64_t lda, const float* _
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) {
-      float* out = c + r * ldc + 16 * v;
-      const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
-      const __m512 sum = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[r][v]) : acc[r][v];
-      _mm512_mask_storeu_ps(out, mask, sum);
-    }
-}
-
-template <bool TA, int R>
-void micro_rows_f32(int nv, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                    int64_t ldc, __mmask16 last, bool add) {
-  switch (nv) {
-    case 1: return micro_f32<TA, R, 1>(k, a, lda, b, ldb, c, ldc, last, add);
-    case 2: return micro_f32<TA, R, 2>(k, a, lda, b, ldb, c, ldc, last, add);
-    case 3: return micro_f32<TA, R, 3>(k, a, lda, b, ldb, c, ldc, last, add);
-    case 4: return micro_f32<TA, R, 4>(k, a, lda, b, ldb, c, ldc, last, add);
-    default: return micro_f32<TA, R, 5>(k, a, lda, b, ldb, c, ldc, last, add);
-  }
+  store_tile<R, NV>(acc, c, ldc, last, add);
 }
 
 template <bool TA>
 void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                     float* c, int64_t ldc, bool add) {
-  for (int64_t j0 = 0; j0 < n; j0 += 80) {
-    const int64_t cols = std::min<int64_t>(80, n - j0);
-    const int nv = int((cols + 15) / 16);
-    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
-    for (int64_t i = 0; i < m; i += 4) {
-      const float* ai = TA ? a + i : a + i * lda;
-      float* ci = c + i * ldc + j0;
-      switch (std::min<int64_t>(4, m - i)) {
-        case 4: micro_rows_f32<TA, 4>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
-        case 3: micro_rows_f32<TA, 3>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
-        case 2: micro_rows_f32<TA, 2>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
-        default: micro_rows_f32<TA, 1>(nv, k, ai, lda, b + j0, ldb, ci, ldc, last, add); break;
-      }
-    }
-  }
+  each_tile(m, n, [&](int64_t i, int64_t j0, auto r, auto v, __mmask16 last) {
+    micro_f32<TA, decltype(r)::value, decltype(v)::value>(k, TA ? a + i : a + i * lda, lda, b + j0, ldb,
+                                                          c + i * ldc + j0, ldc, last, add);
+  });
 }
 #endif
 
@@ -292,10 +315,10 @@ void fold_back(const T* __restrict w1, const T* __restrict h, const T* __restric
 // of column j at b + p·2·ldb + 2·j. With k odd the last pair's second value is taken as zero.
 // Used where the CPU has AVX512-BF16 (HAVE_DP), for every product of the unit under bfloat16.
 
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
 #if defined(__AVX512BF16__)
 constexpr bool HAVE_DP = true;
-
-inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 inline __m256i bf16x16(const float* p, __mmask16 mk) {
   return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, p));  // round to nearest even
@@ -336,10 +359,7 @@ template <int R, int NV>
 void micro_dp(int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b, int64_t ldb2,
               float* __restrict c, int64_t ldc, __mmask16 last, bool add) {
   __m512 acc[R][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  zero_tile<R, NV>(acc);
   auto step = [&](int64_t p, auto pair_of) {
     const at::BFloat16* bp = b + p * ldb2;
     __m512bh bv[NV];
@@ -360,52 +380,19 @@ void micro_dp(int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at
     });
   if (k % 2)  // the last pair has one value (read no further)
     step(k / 2, [](const at::BFloat16* q) { return int32_t(q->x); });
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) {
-      float* out = c + r * ldc + 16 * v;
-      const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
-      const __m512 sum = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[r][v]) : acc[r][v];
-      _mm512_mask_storeu_ps(out, mask, sum);
-    }
-}
-
-template <int R>
-void micro_rows_dp(int nv, int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b,
-                   int64_t ldb2, float* c, int64_t ldc, __mmask16 last, bool add) {
-  switch (nv) {
-    case 1: return micro_dp<R, 1>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
-    case 2: return micro_dp<R, 2>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
-    case 3: return micro_dp<R, 3>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
-    case 4: return micro_dp<R, 4>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
-    default: return micro_dp<R, 5>(k, a, ra, pa, b, ldb2, c, ldc, last, add);
-  }
+  store_tile<R, NV>(acc, c, ldc, last, add);
 }
 
 // C[m, n] (= or +=) A·B over an inner dimension k, A and B as above (ldb: B's padded columns)
 void dp_gemm(int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t ra, int64_t pa, const at::BFloat16* b,
              int64_t ldb, float* c, int64_t ldc, bool add) {
-  for (int64_t j0 = 0; j0 < n; j0 += 80) {
-    const int64_t cols = std::min<int64_t>(80, n - j0);
-    const int nv = int((cols + 15) / 16);
-    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
-    for (int64_t i = 0; i < m; i += 4) {
-      const at::BFloat16* ai = a + i * ra;
-      float* ci = c + i * ldc + j0;
-      const at::BFloat16* bj = b + 2 * j0;
-      switch (std::min<int64_t>(4, m - i)) {
-        case 4: micro_rows_dp<4>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
-        case 3: micro_rows_dp<3>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
-        case 2: micro_rows_dp<2>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
-        default: micro_rows_dp<1>(nv, k, ai, ra, pa, bj, 2 * ldb, ci, ldc, last, add); break;
-      }
-    }
-  }
+  each_tile(m, n, [&](int64_t i, int64_t j0, auto r, auto v, __mmask16 last) {
+    micro_dp<decltype(r)::value, decltype(v)::value>(k, a + i * ra, ra, pa, b + 2 * j0, 2 * ldb, c + i * ldc + j0, ldc,
+                                                     last, add);
+  });
 }
 #else
 constexpr bool HAVE_DP = false;  // never called: the bfloat16 unit keeps its block products
-inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 template <typename X>
 void pack_pairs(const X*, int64_t, int64_t, int64_t, at::BFloat16*, int64_t) { TORCH_CHECK(false, "attention: no AVX512-BF16"); }
 inline void to_bf16(const float*, int64_t, at::BFloat16*) { TORCH_CHECK(false, "attention: no AVX512-BF16"); }
