@@ -75,7 +75,9 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     that reports the failure, and the progress bar is drawn here from out_dir/metrics.jsonl."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from launch.rendezvous import TorchConfig  # Ray's, with the rendezvous store on rank 0's address only
 
     env = {"GLOO_SOCKET_IFNAME": "lo"} if address is None else {}
     if address is None:  # local workers need not share the driver's working directory

@@ -3,6 +3,7 @@ generator, a free loopback port, the CUDA skip, and a whole-model gather for com
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -41,6 +42,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listeners() -> set[tuple]:
+    """(address, port) of every listening TCP socket on this machine, from /proc/net/tcp{,6}."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":
+                continue
+            hexip, port = local.split(":")
+            raw = bytes.fromhex(hexip)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            out.add((getattr(ip, "ipv4_mapped", None) or ip, int(port, 16)))
+    return out
+
+
+def outward(before: set[tuple]) -> list[str]:
+    """The listening sockets opened since `before` on an address other than loopback."""
+    return sorted(f"{a}:{p}" for a, p in listeners() - before if not a.is_loopback)
 
 
 def torchrun(module: str, *argv: str, ranks: int = 2, env: dict | None = None, timeout: int = 600):

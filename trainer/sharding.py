@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -63,6 +64,19 @@ def backend(cfg: Config) -> str:
     return "nccl" if cfg.launch.use_gpu else "gloo"
 
 
+def store_on(addr: str, port: int, world_size: int, server: bool, timeout: float = 1800) -> dist.TCPStore:
+    """A TCPStore whose server listens on `addr` only: torch's own takes no address to bind and
+    listens on every interface. The server (port 0: a free one; `.port` says which), or a client."""
+    wait = timedelta(seconds=timeout)
+    if not server:
+        return dist.TCPStore(addr, port, world_size, is_master=False, timeout=wait)
+    sock = socket.create_server((addr, port), family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    port = sock.getsockname()[1]
+    fd = sock.detach()  # the store owns (and closes) the socket; the libuv backend takes one
+    kwargs = {"wait_for_workers": False, "master_listen_fd": fd, "use_libuv": True}
+    return dist.TCPStore(addr, port, world_size, is_master=True, timeout=wait, **kwargs)
+
+
 @contextmanager
 def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
     """The process group of this worker: the launcher's (Ray Train sets one up), one from
@@ -81,12 +95,9 @@ def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
         dist.init_process_group(
             backend(cfg), store=dist.PrefixStore(f"dinrec/attempt-{attempt}", store), rank=rank, world_size=world
         )
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    else:  # one process: an in-process store, no server
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-process group stays on loopback
-        dist.init_process_group(backend(cfg), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group(backend(cfg), store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:

@@ -120,13 +120,13 @@ def worker(rank, world, port, opts, batches, w0, counts0, out):
     from embedding import mba_tbe
     from embedding.planner import sharders_for
     from trainer.config import SparseOptimizerConfig
-    from trainer.sharding import SPARSE_OPTIMIZERS
+    from trainer.sharding import SPARSE_OPTIMIZERS, store_on
 
     device = torch.device(opts["device"], rank) if opts["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(backend, store=store_on("127.0.0.1", port, world, rank == 0), rank=rank, world_size=world)
     try:
         meta = torch.device("meta")
 

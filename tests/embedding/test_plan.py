@@ -34,9 +34,9 @@ def shard_layout(model):
 
 def worker(rank, world, port, overrides, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    from trainer.sharding import build_model
+    from trainer.sharding import build_model, store_on
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=store_on("127.0.0.1", port, world, rank == 0), rank=rank, world_size=world)
     try:
         layouts = [shard_layout(build_model(load_config(TINY, o), world, torch.device("cpu"))) for o in overrides]
         if rank == 0:

@@ -4,7 +4,7 @@ the second node is killed mid-run (after a checkpoint) and a replacement joins: 
 `launch.max_failures=1` the run comes back from the S3 checkpoint and ends with the weights and
 metrics of the uninterrupted run of the same two ranks on one node (torchrun, local files).
 
-Each node is a `ray start` with one CPU and its own temp dir; everything listens on 127.0.0.1.
+Each node has one CPU; every server listens on 127.0.0.1 (tests/launch/ray_nodes.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, make_bucket, torchrun, upload
+from tests.conftest import ROOT, free_port, listeners, make_bucket, outward, torchrun, upload
 from trainer import checkpoint, storage
 
 pytestmark = pytest.mark.ray
@@ -32,7 +31,8 @@ RUN = ["train.epochs=2", "train.checkpoint_every=5", "train.keep_checkpoints=0",
 
 
 class Cluster:
-    """A head and extra nodes started with `ray start`, each with its own temp dir."""
+    """A head and extra nodes of one CPU each, every server on 127.0.0.1: started, killed and
+    stopped by a helper process (tests/launch/ray_nodes.py, which says why not `ray start`)."""
 
     def __init__(self) -> None:
         self.port, self.dash = free_port(), free_port()
@@ -45,46 +45,33 @@ class Cluster:
             "RAY_health_check_period_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
         }
-        # a local Ray started earlier in this process (launch.ray_train.start_local_ray) turns
-        # Ray's cluster mode off in os.environ: these nodes form a cluster
-        self.env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        self.nodes: list[Path] = []
+        self.log = Path(f"{self.base}.log")
+        self.nodes: subprocess.Popen | None = None
 
-    def start(self, head: bool = False) -> Path:
-        temp = self.base / f"n{len(self.nodes)}"
-        cmd = [
-            RAY,
-            "start",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ]
+    def start(self, head: bool = False) -> int:
+        """The head (first) or one more node; its index (the head is 0)."""
         if head:
-            cmd += [
-                "--head",
-                f"--port={self.port}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dash}",
-            ]
-        else:
-            cmd += [f"--address=127.0.0.1:{self.port}"]
-        p = subprocess.run(cmd, env={**self.env, "RAY_TMPDIR": str(temp)}, capture_output=True, text=True, timeout=180)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        self.nodes.append(temp)
-        return temp
+            cmd = [sys.executable, "-m", "tests.launch.ray_nodes", str(self.base), str(self.port), str(self.dash)]
+            with self.log.open("w") as log:
+                pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": log, "text": True}
+                self.nodes = subprocess.Popen(cmd, cwd=ROOT, env=self.env, **pipes)
+            assert self.answer() == "ready"
+            return 0
+        return int(self.ask("add"))
 
-    def kill(self, temp: Path) -> None:
-        """SIGKILL every process of the node that `temp` is the temp dir of (its raylet first):
-        a machine lost, as far as the cluster can tell."""
-        out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
-        assert out, f"no process of the node at {temp}"
-        for pid in map(int, out):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def kill(self, node: int) -> None:
+        """SIGKILL every process of the node: a machine lost, as far as the cluster can tell."""
+        assert self.ask(f"kill {node}") == "killed"
+
+    def ask(self, command: str) -> str:
+        self.nodes.stdin.write(command + "\n")
+        self.nodes.stdin.flush()
+        return self.answer()
+
+    def answer(self) -> str:
+        line = self.nodes.stdout.readline().strip()
+        assert line, self.log.read_text()[-3000:]  # the helper ended
+        return line
 
     def job(self, *args: str, env_vars: dict, wait: bool = True, submission_id: str | None = None):
         cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{self.dash}", "--working-dir", str(ROOT)]
@@ -117,9 +104,13 @@ class Cluster:
             time.sleep(2)
 
     def stop(self) -> None:
-        for temp in self.nodes[::-1]:
-            subprocess.run([RAY, "stop", "--force"], env={**self.env, "RAY_TMPDIR": str(temp)}, capture_output=True)
+        if self.nodes is not None:
+            try:
+                self.nodes.communicate("stop\n", timeout=120)
+            except subprocess.TimeoutExpired:
+                self.nodes.kill()
         shutil.rmtree(self.base, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
 
 
 def final_json(text: str) -> dict:
@@ -144,7 +135,7 @@ def test_two_nodes_on_s3_then_a_node_lost_and_replaced(s3_server, tiny_data, tmp
     p = torchrun("launch.cli", "train", *config[:3], *local, *RUN, env=env_vars)
     one_node = final_json(p.stdout)
 
-    cluster = Cluster()
+    cluster, before = Cluster(), listeners()
     try:
         cluster.start(head=True)
         second = cluster.start()
@@ -166,6 +157,7 @@ def test_two_nodes_on_s3_then_a_node_lost_and_replaced(s3_server, tiny_data, tmp
             assert time.monotonic() < deadline, cluster.job_cli("logs", "lost")[-3000:]
             time.sleep(0.5)
         assert [storage.name(c) for c in checkpoint.list_checkpoints(f"{out}/checkpoints")] == ["step-000000005"]
+        assert not outward(before)  # the nodes, the job and its workers listen on 127.0.0.1 only
         cluster.kill(second)
         cluster.start()  # the replacement
         assert cluster.wait("lost", timeout=300) == "SUCCEEDED", cluster.job_cli("logs", "lost")[-3000:]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.cli import main
-from tests.conftest import ROOT, tiny_argv, torchrun
+from tests.conftest import ROOT, listeners, outward, tiny_argv, torchrun
 
 BIN = Path(sys.executable).parent
 TEST_ROWS = 900  # tiny data: 300 users x 3 test impressions
@@ -27,12 +28,34 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+class Listening:
+    """The listening TCP sockets opened while the block runs, polled 5 times a second: `new`, and
+    `outward` (those on an address other than loopback)."""
+
+    def __enter__(self):
+        self.before, self.new, self.outward, self.done = listeners(), set(), set(), threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def poll(self) -> None:
+        while not self.done.wait(0.2):
+            self.new |= listeners() - self.before
+            self.outward |= set(outward(self.before))
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 @pytest.mark.ray
 def test_local_ray_two_workers(tiny_data, tmp_path, capsys):
     """Two local Ray workers train and evaluate exactly (every model's 2 ranks = 1 rank is
     tests/trainer/test_distributed.py's check, on the same worker function)."""
     args = tiny_args(tiny_data, tmp_path / "r", "launch.launcher=ray", "launch.workers=2", "model.name=din")
-    assert main(["train", *args]) == 0
+    with Listening() as seen:
+        assert main(["train", *args]) == 0
+    assert seen.new and not seen.outward  # every server of the run (Ray's, torch's store, gloo's) on loopback
     r = last_json(capsys.readouterr().out)
     assert r["samples"] == TEST_ROWS  # exact eval over both ranks, padding removed
     assert r["model"] == "din" and 0 < r["auc"] < 1
@@ -117,35 +140,16 @@ def test_entry_points_have_help(module):
 
 @pytest.mark.ray
 def test_local_ray_listens_on_loopback_only():
-    import ipaddress
-
     import ray
 
     from launch.ray_train import start_local_ray
-
-    def listeners():  # (address, port) of every listening TCP socket, from /proc/net/tcp{,6}
-        out = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                if state != "0A":
-                    continue
-                hexip, port = local.split(":")
-                raw = bytes.fromhex(hexip)
-                # the kernel prints each 32-bit word in host (little-endian) order
-                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                ip = ipaddress.ip_address(raw)
-                out.add((getattr(ip, "ipv4_mapped", None) or ip, int(port, 16)))
-        return out
 
     before = listeners()
     start_local_ray(2, {})
     try:
         assert ray.get(ray.remote(lambda: 1).remote()) == 1
-        new = listeners() - before
-        assert new, "Ray started no listener?"
-        outward = sorted(str(a) for a in new if not a[0].is_loopback)
-        assert not outward, outward
+        assert listeners() - before, "Ray started no listener?"
+        assert not outward(before)
         assert ray.util.get_node_ip_address() == "127.0.0.1"
     finally:
         ray.shutdown()

@@ -42,10 +42,10 @@ def concat(a: Batch, b: Batch) -> Batch:
 def worker(rank, world, port, cfg, batches, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     from tests.conftest import full_state_dict
-    from trainer.sharding import build_model, dense_optimizer
+    from trainer.sharding import build_model, dense_optimizer, store_on
     from trainer.step import Steps
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=store_on("127.0.0.1", port, world, rank == 0), rank=rank, world_size=world)
     try:
         model = build_model(cfg, world, torch.device("cpu"))
         plan = {k: v.sharding_type for m in model.plan.plan.values() for k, v in m.items()}
