@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from launch.process import quiet_libraries
+from launch.rendezvous import torch_config
 from trainer import checkpoint, storage
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.data import DataError
@@ -77,8 +78,6 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from launch.rendezvous import TorchConfig  # Ray's, with the rendezvous store on rank 0's address only
-
     env = {"GLOO_SOCKET_IFNAME": "lo"} if address is None else {}
     if address is None:  # local workers need not share the driver's working directory
         cfg = _absolute_paths(cfg)
@@ -105,7 +104,7 @@ def run(cfg: Config, address: str | None, progress: bool = True) -> dict:
                 use_gpu=cfg.launch.use_gpu,
                 resources_per_worker=None if cfg.launch.use_gpu else {"CPU": cpus},
             ),
-            torch_config=TorchConfig(backend=backend(cfg)),
+            torch_config=torch_config(backend(cfg)),  # its store on rank 0's address only
             run_config=RunConfig(
                 storage_path=storage.join(storage.absolute(cfg.train.out_dir), "ray"),
                 name="train",
