@@ -41,6 +41,8 @@ class Batch(Pipelineable):
         return Batch(**{k.name: f(v) if isinstance(v := getattr(self, k.name), _MOVABLE) else v for k in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        if torch.device(device) == self.labels.device:
+            return self  # nothing moves (the CPU path): the same batch, its KJTs' caches kept
         return self._map(lambda v: v.to(device=device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:

@@ -295,3 +295,19 @@ def test_loader_workers_deliver_the_same_batches_in_the_same_order(tmp_path):
     with pytest.raises(DataError, match=re.escape(message)):
         for _ in make_stream(tmp_path, paths=[bad_file(tmp_path, mutate)], shuffle=False, loader_workers=1).epoch(0):
             pass
+
+
+def test_a_batch_moved_to_its_own_device_is_itself_and_to_another_a_copy():
+    """The pipeline calls `batch.to(device)` every step: on the CPU that must not rebuild the KJTs
+    (their offsets and per-key caches go with the batch); to another device every field moves."""
+    import torch
+
+    from trainer.batch import Batch, features_kjt
+
+    kjt = features_kjt(["a"], [torch.tensor([2, 1], dtype=torch.int32)], [torch.tensor([3, 4, 5])])
+    b = Batch(sparse=kjt, dense=torch.zeros(2, 0), labels=torch.tensor([0.0, 1.0]), users=torch.tensor([7, 8]))
+    assert b.to("cpu") is b and b.to(torch.device("cpu")) is b
+    m = b.to("meta")
+    assert m is not b and {
+        t.device.type for t in (m.sparse.values(), m.sparse.lengths(), m.dense, m.labels, m.users)
+    } == {"meta"}
