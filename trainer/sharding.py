@@ -79,9 +79,10 @@ def store_on(addr: str, port: int, world_size: int, server: bool, timeout: float
 
 @contextmanager
 def process_group(cfg: Config) -> Iterator[tuple[int, int]]:
-    """The process group of this worker: the launcher's (Ray Train sets one up), one from
-    torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a 1-process group on
-    loopback for a local run. Groups made here are destroyed on exit."""
+    """The process group of this worker: the launcher's (launch.rendezvous sets one up under Ray
+    Train), one from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a
+    1-process group on an in-process store for a local run (nothing listens). Groups made here are
+    destroyed on exit."""
     if dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
