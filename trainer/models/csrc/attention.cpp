@@ -171,6 +171,11 @@ inline void store_tile(__m512 (&acc)[R][NV], float* __restrict c, int64_t ldc, _
     }
 }
 
+// the lanes of 16 floats that `left` values fill (all 16 from 16 on, none from 0 down)
+inline __mmask16 tail16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+}
+
 template <int N>
 using Const = std::integral_constant<int, N>;
 
@@ -181,7 +186,7 @@ void each_tile(int64_t m, int64_t n, Tile&& tile) {
   for (int64_t j0 = 0; j0 < n; j0 += 80) {
     const int64_t cols = std::min<int64_t>(80, n - j0);
     const int nv = int((cols + 15) / 16);
-    const __mmask16 last = cols % 16 ? __mmask16((1u << (cols % 16)) - 1) : __mmask16(0xFFFF);
+    const __mmask16 last = tail16(cols - 16 * (nv - 1));  // the last vector's columns
     for (int64_t i = 0; i < m; i += 4) {
       auto with_rows = [&](auto r) {
         switch (nv) {
@@ -337,8 +342,7 @@ void pack_pairs(const X* __restrict x, int64_t k, int64_t n, int64_t ldx, at::BF
     const bool second = 2 * p + 1 < k;
     at::BFloat16* o = out + p * 2 * ldo;
     for (int64_t j = 0; j < ldo; j += 16) {
-      const int64_t left = n - j;
-      const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+      const __mmask16 mk = tail16(n - j);
       const __m256i v0 = bf16x16(r0 + j, mk);
       const __m256i v1 = second ? bf16x16(r0 + ldx + j, mk) : _mm256_setzero_si256();
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
@@ -350,7 +354,7 @@ void pack_pairs(const X* __restrict x, int64_t k, int64_t n, int64_t ldx, at::BF
 // out[i] = x[i] in bfloat16, i < n
 void to_bf16(const float* __restrict x, int64_t n, at::BFloat16* __restrict out) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __mmask16 mk = tail16(n - i);
     _mm256_mask_storeu_epi16(out + i, mk, bf16x16(x + i, mk));
   }
 }
@@ -512,7 +516,6 @@ void through_prelu(const T* __restrict da, const S* __restrict z, const T* __res
 #if defined(__AVX512BF16__)
 // the same three steps with bfloat16 S, in vectors (the scalar rounding above does not vectorize):
 // vcvtneps2bf16 rounds to nearest even, as narrow does
-inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 inline __m512 widen16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 inline __m256i round16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 inline __m512 prelu16(__m512 t, __m512 al) {
