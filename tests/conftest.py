@@ -61,9 +61,10 @@ def listeners() -> set[tuple]:
     return out
 
 
-def outward(before: set[tuple]) -> list[str]:
-    """The listening sockets opened since `before` on an address other than loopback."""
-    return sorted(f"{a}:{p}" for a, p in listeners() - before if not a.is_loopback)
+def outward(before: set[tuple], now: set[tuple] | None = None) -> list[str]:
+    """The listening sockets opened since `before` (until `now`, else until this call) on an
+    address other than loopback."""
+    return sorted(f"{a}:{p}" for a, p in (listeners() if now is None else now) - before if not a.is_loopback)
 
 
 def torchrun(module: str, *argv: str, ranks: int = 2, env: dict | None = None, timeout: int = 600):

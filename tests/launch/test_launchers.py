@@ -40,8 +40,9 @@ class Listening:
 
     def poll(self) -> None:
         while not self.done.wait(0.2):
-            self.new |= listeners() - self.before
-            self.outward |= set(outward(self.before))
+            now = listeners()
+            self.new |= now - self.before
+            self.outward |= set(outward(self.before, now))
 
     def __exit__(self, *exc) -> None:
         self.done.set()
