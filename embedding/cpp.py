@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from contextlib import contextmanager
 from functools import cache
@@ -20,7 +21,8 @@ def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
     rewriting a library that running processes have loaded, and the same source at another path
     (another checkout, the copy of the working directory that `ray job submit` gives every job)
     loads the library already built instead of compiling again (ninja rebuilds when a source path
-    in its command line changes).
+    in its command line changes). The headers that `src` includes with quotes (`#include "x.h"`,
+    beside it) are part of its content: they are copied with it and hashed into the name.
     """
     from torch.utils import cpp_extension
 
@@ -28,11 +30,13 @@ def load(src: Path, prefix: str, flags: tuple[str, ...] = ()):
     name = name_of(src, prefix, flags)
     build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     build.mkdir(parents=True, exist_ok=True)
+    for file in _files(src):  # each written once, atomically: a newer mtime would make ninja rebuild
+        copy = build / file.name
+        if not copy.exists():
+            tmp = build / f".{file.name}.{os.getpid()}"
+            tmp.write_bytes(file.read_bytes())
+            os.replace(tmp, copy)
     source = build / src.name
-    if not source.exists():  # written once, atomically: a newer mtime would make ninja rebuild
-        tmp = build / f".{src.name}.{os.getpid()}"
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, source)
     with _build_lock(build), _our_ninja():
         return cpp_extension.load(
             name=name,
@@ -111,15 +115,33 @@ def _flags(flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 
 def name_of(src: Path, prefix: str, flags: tuple[str, ...] = ()) -> str:
-    """The library's name: `prefix`, then a hash of the source, the flags, torch's and Python's
-    versions and, with `-march=native`, the CPU's model and instruction sets (so that machines of
-    another kind that share the cache build their own); not the source's path."""
+    """The library's name: `prefix`, then a hash of the source and its headers, the flags, torch's
+    and Python's versions and, with `-march=native`, the CPU's model and instruction sets (so that
+    machines of another kind that share the cache build their own); not the source's path."""
     import torch
 
     cflags, ldflags = _flags(flags)
     cpu = _cpu_kind() if "-march=native" in flags else ""
     key = repr((cflags, ldflags, cpu, torch.__version__, sys.version_info[:2])).encode()
-    return f"{prefix}_{hashlib.sha256(src.read_bytes() + key).hexdigest()[:12]}"
+    digest = hashlib.sha256(key)
+    for file in _files(src):
+        digest.update(f"\0{file.name}\0".encode() + file.read_bytes())
+    return f"{prefix}_{digest.hexdigest()[:12]}"
+
+
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"/]+)"', re.M)
+
+
+def _files(src: Path) -> list[Path]:
+    """`src`, then the headers it includes with quotes from its own directory, and theirs."""
+    files, todo = [src], [src]
+    while todo:
+        for name in _LOCAL_INCLUDE.findall(todo.pop().read_bytes()):
+            header = src.with_name(name.decode())
+            if header not in files:
+                files.append(header)
+                todo.append(header)
+    return files
 
 
 def _cpu_kind() -> str:

@@ -22,25 +22,33 @@ def library(module) -> Path:
     return Path(module.__file__)
 
 
+HEADER = jagged.SOURCE.with_name("bf16.h")  # the kernel's own header, included with quotes
+
+
+def _copy(dst: Path, source: bytes = jagged.SOURCE.read_bytes(), header: bytes = HEADER.read_bytes()) -> Path:
+    dst.mkdir(parents=True)
+    (dst / HEADER.name).write_bytes(header)
+    (dst / "jagged.cpp").write_bytes(source)
+    return dst / "jagged.cpp"
+
+
 def test_the_same_source_at_another_path_reuses_the_built_library(tmp_path):
+    assert b'#include "bf16.h"' in jagged.SOURCE.read_bytes()
     built = library(jagged.kernel())
     mtime = built.stat().st_mtime_ns
-    copy = tmp_path / "elsewhere" / "jagged.cpp"
-    copy.parent.mkdir()
-    copy.write_bytes(jagged.SOURCE.read_bytes())
-    again = library(cpp.load(copy, "dinrec_jagged", jagged.FLAGS))
+    again = library(cpp.load(_copy(tmp_path / "elsewhere"), "dinrec_jagged", jagged.FLAGS))
     assert again == built
     assert built.stat().st_mtime_ns == mtime  # not rebuilt
 
 
-def test_an_edited_source_is_another_library(tmp_path):
-    src = jagged.SOURCE.read_bytes()
-    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
-    a.write_bytes(src)
-    b.write_bytes(src + b"\n// edited\n")
+def test_an_edited_source_or_header_is_another_library(tmp_path):
     built = library(jagged.kernel()).parent.name  # the build directory is named for the library
-    assert cpp.name_of(a, "dinrec_jagged", jagged.FLAGS) == built
-    assert cpp.name_of(b, "dinrec_jagged", jagged.FLAGS) != built
+    same = _copy(tmp_path / "same")
+    source = _copy(tmp_path / "source", source=jagged.SOURCE.read_bytes() + b"\n// edited\n")
+    header = _copy(tmp_path / "header", header=HEADER.read_bytes() + b"\n// edited\n")
+    assert cpp.name_of(same, "dinrec_jagged", jagged.FLAGS) == built
+    assert cpp.name_of(source, "dinrec_jagged", jagged.FLAGS) != built
+    assert cpp.name_of(header, "dinrec_jagged", jagged.FLAGS) != built
 
 
 # A module of no torch code: it compiles in a second or two, so the lock tests build for real.

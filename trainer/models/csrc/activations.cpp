@@ -16,36 +16,19 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t BLOCK = 512;
 
-// bfloat16 <-> float on the bits (c10's conversions do not vectorize here); round to nearest
-// even, NaN kept NaN
-template <typename T>
-inline T widen(T v) { return v; }
-inline float widen(at::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-template <typename S, typename T>
-inline S narrow(T v) { return S(v); }
-template <>
-inline at::BFloat16 narrow<at::BFloat16, float>(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof f);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  return at::BFloat16(uint16_t(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
-}
+using dinrec::narrow;
+using dinrec::widen;
 
 int64_t blocks(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
 

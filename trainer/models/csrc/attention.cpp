@@ -43,6 +43,8 @@
 #endif
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -55,24 +57,8 @@ constexpr int64_t BLOCK = 256;  // behaviours per block (whole histories are add
 constexpr int64_t ROW_PAD = 16;  // per-thread buffers hold a multiple of this many rows (products use a block's own)
 constexpr int64_t PARTS = 32;    // the backward sums the weights' gradients in this many parts of consecutive blocks
 
-template <typename T>
-inline T widen(T v) { return v; }
-inline float widen(at::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-template <typename S, typename T>
-inline S narrow(T v) { return S(v); }
-template <>
-inline at::BFloat16 narrow<at::BFloat16, float>(float f) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof f);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  return at::BFloat16(uint16_t(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
-}
+using dinrec::narrow;
+using dinrec::widen;
 
 // ---- products: C[M, N] (row-major, T) = op(A)·op(B) with A, B row-major in S ------------------
 

@@ -7,20 +7,14 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 namespace {
 
-template <typename T>
-inline T widen(T v) { return v; }
-inline float widen(at::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using dinrec::widen;
 
 template <typename S, typename T>
 void segment_sum_impl(const at::Tensor& values_, const int64_t* rows, at::Tensor& out_) {
