@@ -23,7 +23,6 @@ jagged behaviours needs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,12 +151,14 @@ class FeatureLayout:
         """The width of each candidate feature (pair order): how Lookups.cand and a behaviour split."""
         return [self.table_of(c).dim for c, _ in self.pairs]
 
-    @functools.cached_property
+    # plain properties, not functools.cached_property: that takes a lock on Python 3.11, which
+    # torch.compile cannot trace (a graph break in every tower that reads them)
+    @property
     def pooled_dims(self) -> list[int]:
         """The width of each other pooled feature (other_pooled_features order): how Lookups.pooled splits."""
         return [self.table_of(f).dim for f in self.other_pooled_features]
 
-    @functools.cached_property
+    @property
     def _fields(self) -> dict[str, tuple[str, int, int]]:
         out, start = {}, 0
         for f, d in zip(self.other_pooled_features, self.pooled_dims, strict=True):

@@ -87,7 +87,9 @@ class ModelConfig:
     # the model's dense part through torch.compile (inductor, dynamic shapes): its elementwise work
     # (casts, masks, the products and sums around the GEMMs) fused into generated C++ loops, with
     # our PReLU/Dice kernels, the GEMMs and the row gathers as calls between; the first steps
-    # compile (tens of seconds, cached on disk for later runs); see docs/results.md
+    # compile (tens of seconds, cached on disk for later runs); one graph per tower (tested),
+    # except DIEN's and MIAN's, which read the batch's longest history on the host; see
+    # docs/results.md
     compile: bool = False
     # DIN's local activation unit: `fused`, with PReLU on the CPU one op forward and backward
     # (blocks of about 256 behaviours through every layer while in cache; trainer/models/attention.py);

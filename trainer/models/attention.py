@@ -44,9 +44,11 @@ def kernel():
 
 
 @functools.cache
+@torch.compiler.assume_constant_result
 def bf16_pairs() -> bool:
     """Whether the kernel runs bfloat16 products as AVX512-BF16 pair products (it is built for
-    the CPU it runs on: -march=native)."""
+    the CPU it runs on: -march=native). A constant to torch.compile: traced, it reached the
+    kernel's loader (file reads) and broke the tower's graph in two."""
     return kernel().pairs()
 
 
