@@ -381,7 +381,7 @@ ONE_GRAPH = ("base", "lr", "wide_deep", "pnn", "deepfm", "dcn", "xdeepfm")
 @pytest.mark.parametrize("name,activation", [("din", "prelu"), ("din", "dice"), *((m, "prelu") for m in ONE_GRAPH)])
 def test_compiled_tower_is_one_graph(zoo_cfg, name, activation):
     """model.compile under bf16 autocast: the tower's forward compiles to one graph, without a
-    graph break (a break runs the code around it eagerly every step and splits the fusion). Not
+    graph break (the call at a break runs eagerly, every step, between two graphs). Not
     here: DIEN and MIAN, which read the batch's longest history on the host to pad to it, and
     whose sequence kernels run outside the graph."""
     from torch._dynamo.utils import counters
