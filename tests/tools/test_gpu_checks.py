@@ -52,14 +52,16 @@ def _check_dinrec(argv: list[str]) -> str:
     return args.command
 
 
-def test_every_dinrec_command_of_the_script_parses_and_its_overrides_load():
+def test_every_dinrec_command_of_the_script_parses_and_its_overrides_load(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the script runs from the project root: its config paths are relative
     commands = [_check_dinrec(argv) for argv in _invocations("launch.cli")]
     assert sorted(set(commands)) == ["bench", "generate", "train"], commands
 
 
-def test_the_checkpoint_section_s_commands_parse_and_load():
+def test_the_checkpoint_section_s_commands_parse_and_load(monkeypatch):
     """The checkpoint section runs dinrec from inline Python (argument lists built from `base`
     and `big`): each list is evaluated as the script would and parsed."""
+    monkeypatch.chdir(ROOT)
     source = SCRIPT.read_text().split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     tree = ast.parse(source)
     names: dict = {}
