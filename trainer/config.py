@@ -88,8 +88,9 @@ class ModelConfig:
     # (casts, masks, the products and sums around the GEMMs) fused into generated C++ loops, with
     # our PReLU/Dice kernels, the GEMMs and the row gathers as calls between; the first steps
     # compile (tens of seconds, cached on disk for later runs); one graph per tower (tested),
-    # except DIEN's and MIAN's, which read the batch's longest history on the host; see
-    # docs/results.md
+    # except DIEN's and MIAN's on the CPU, which read the batch's longest history (on a GPU they
+    # pad to data.max_hist_len: MIAN's is one graph, DIEN's breaks only around its GRU kernels);
+    # see docs/results.md
     compile: bool = False
     # DIN's local activation unit: `fused`, with PReLU on the CPU one op forward and backward
     # (blocks of about 256 behaviours through every layer while in cache; trainer/models/attention.py);

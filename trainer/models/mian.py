@@ -193,9 +193,11 @@ class MIANTower(Tower):
         return r, alpha, real
 
     def _parts(self, x: Lookups, dense: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """-> the parts of Eq. 15, and the attention weights (behaviours padded, [B, T], with
+        "real" [B, T]: the jagged ones are a data-dependent selection, a host sync on a GPU)."""
         r_ibim, a_b, real = self._ibim(x)
         parts = {"e_i": x.cand, "e_b": history_sum(x), "R_ibim": r_ibim}
-        weights = {"behaviours": a_b[real]}
+        weights = {"behaviours": a_b, "real": real}
         for name, module in (("u", self.iuim), ("c", self.icim)):
             if module is not None:
                 r, alpha, raw = module(x, dense)
@@ -225,6 +227,7 @@ class MIANTower(Tower):
         """Every attention weight of the model: behaviours [N] (jagged), profile [B, J],
         context [B, K] (Eq. 10, 13) and the GIM parts [B, L] (Eq. 15, `parts` order)."""
         parts, weights = self._parts(x, dense)
+        weights["behaviours"] = weights["behaviours"][weights.pop("real")]
         weights["global"] = self._global(parts)[1]
         return weights
 
